@@ -1,0 +1,29 @@
+"""lrzoo: a parameter-efficient fine-tuning adapter zoo for Hugging Face models, built on PEFT.
+
+>>> import lrzoo
+>>> peft_model = lrzoo.wrap(model, "dora", r=8, alpha=16)      # doctest: +SKIP
+"""
+
+from . import methods  # noqa: F401  (registers every adapter)
+from .export import export_lora
+from .kernels.backend import requested_backend as get_backend
+from .layer import AdapterConfig, AdapterLayer
+from .load import load
+from .registry import get_adapter, list_adapters, register_adapter
+from .train.optim import make_optimizer
+from .wrap import wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterLayer",
+    "export_lora",
+    "get_adapter",
+    "get_backend",
+    "list_adapters",
+    "load",
+    "make_optimizer",
+    "register_adapter",
+    "wrap",
+]

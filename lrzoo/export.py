@@ -1,0 +1,213 @@
+"""``lrzoo.export_lora``: write any adapter as a plain PEFT LoRA adapter that stock PEFT loads.
+
+Each adapted layer contributes ΔW (against the *original* base weight):
+
+* layers whose ΔW is low-rank by construction give exact factors ``B'A' = ΔW`` (LoRA, LoRA-XS,
+  LoLDU, SVFit, FLoRA...), written as they are: exact up to fp error;
+* the others (DoRA, RandLoRA, TeRA) are truncated by SVD to the requested rank and the relative
+  Frobenius error ``‖ΔW − B'A'‖ / ‖ΔW‖`` is reported per layer.
+
+The checkpoint uses ``lora_alpha = r`` (scale 1), one ``target_modules`` entry per layer path, and
+``rank_pattern``/``alpha_pattern`` where layers differ in rank. Conv layers become PEFT LoRA-conv
+(``lora_A`` a k×k conv to r channels, ``lora_B`` a 1×1 conv). Task heads (``modules_to_save``) are
+copied as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from peft.utils.other import ModulesToSaveWrapper, transpose
+from safetensors.torch import save_file
+
+from .io import atomic_directory
+from .layer import AdapterLayer
+
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+@dataclass
+class ExportedLayer:
+    name: str
+    rank: int
+    exact: bool
+    relative_error: float
+
+
+def lora_view(layer: BaseTunerLayer, adapter: str) -> tuple[Optional[tuple[torch.Tensor, torch.Tensor]], Optional[torch.Tensor]]:
+    """``(exact (B, A) or None, dense ΔW or None)`` for one layer, in ``(d_out, d_in[, k...])`` layout."""
+    if isinstance(layer, AdapterLayer):
+        factors = layer.lora_factors(adapter)
+        return (factors, None) if factors is not None else (None, layer.delta_weight(adapter))
+    if isinstance(layer, LoraLayer):
+        B = layer.lora_B[adapter].weight * layer.scaling[adapter]
+        A = layer.lora_A[adapter].weight
+        if adapter not in getattr(layer, "lora_variant", {}):
+            return (B, A), None
+        return None, _dora_delta(layer, adapter)
+    delta = layer.get_delta_weight(adapter)
+    return None, transpose(delta, getattr(layer, "fan_in_fan_out", False))
+
+
+def _dora_delta(layer: LoraLayer, adapter: str) -> torch.Tensor:
+    """DoRA's full update ``m/‖W+sBA‖ ⊙ (W+sBA) − W`` (PEFT's get_delta_weight gives only sBA)."""
+    weight = transpose(layer.get_base_layer().weight, layer.fan_in_fan_out).float()
+    adapted = weight + transpose(layer.get_delta_weight(adapter), layer.fan_in_fan_out).float()
+    norm = layer.lora_magnitude_vector[adapter].get_weight_norm(weight, adapted - weight, scaling=1).float()
+    scale = layer.lora_magnitude_vector[adapter].weight.float() / norm
+    return scale.view(-1, *([1] * (weight.dim() - 1))) * adapted - weight
+
+
+def truncate(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` factors of ``delta`` (flattened to 2-D) and the relative error."""
+    flat = delta.detach().float().reshape(delta.shape[0], -1)
+    U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
+    k = min(rank, S.numel())
+    B = U[:, :k] * S[:k]
+    A = Vh[:k]
+    total = torch.linalg.vector_norm(S)
+    error = float(torch.linalg.vector_norm(S[k:]) / total) if total > 0 else 0.0
+    return B, A, error
+
+
+def refactor(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Rank-``rank`` factors of ``B·A`` through two QRs and an r×r SVD (no d_out×d_in temporary)."""
+    B2, A2 = B.detach().float().reshape(B.shape[0], -1), A.detach().float().reshape(A.shape[0], -1)
+    QB, RB = torch.linalg.qr(B2)
+    QA, RA = torch.linalg.qr(A2.T)
+    U, S, Vh = torch.linalg.svd(RB @ RA.T)
+    k = min(rank, S.numel())
+    total = torch.linalg.vector_norm(S)
+    error = float(torch.linalg.vector_norm(S[k:]) / total) if total > 0 else 0.0
+    return (QB @ U[:, :k]) * S[:k], Vh[:k] @ QA.T, error
+
+
+def _as_peft_shapes(B: torch.Tensor, A: torch.Tensor, weight_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape 2-D factors into PEFT LoRA's layout for the base layer (linear or conv)."""
+    r = A.shape[0]
+    if len(weight_shape) > 2:  # conv: A is a k×k conv to r channels, B a 1×1 conv
+        A = A.reshape(r, *weight_shape[1:])
+        B = B.reshape(weight_shape[0], r, *([1] * (len(weight_shape) - 2)))
+    return B.contiguous(), A.contiguous()
+
+
+def export_lora(
+    peft_model: PeftModel,
+    out_dir: str,
+    rank: Optional[int] = None,
+    adapter_name: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> dict:
+    """Write ``peft_model``'s adapter as a plain PEFT LoRA adapter in ``out_dir``.
+
+    Args:
+        peft_model: a model returned by :func:`lrzoo.wrap` (or loaded with PEFT).
+        out_dir: where to write ``adapter_config.json``, ``adapter_model.safetensors`` and
+            ``export_report.json`` (written atomically: a failed export leaves no partial folder).
+        rank: export rank. ``None``: exact factors at their own rank, and the adapter's ``r`` for
+            layers that need an SVD. An int: every layer at that rank (SVD where needed).
+        adapter_name: which adapter (default: the active one).
+        dtype: dtype of the written tensors (default: the adapter's own).
+
+    Returns:
+        The report: per-layer rank, exactness and relative error, and the maximum error.
+    """
+    adapter = adapter_name or peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    state: dict[str, torch.Tensor] = {}
+    layers: list[ExportedLayer] = []
+    ranks: dict[str, int] = {}
+    base_model = peft_model.get_base_model()
+    for name, module in base_model.named_modules():
+        if not isinstance(module, BaseTunerLayer) or adapter not in _adapters_of(module):
+            continue
+        if any(isinstance(parent, ModulesToSaveWrapper) for parent in _parents(base_model, name)):
+            continue
+        with torch.no_grad():
+            factors, delta = lora_view(module, adapter)
+            default_rank = getattr(config, "r", 8)
+            if factors is not None and rank is None:
+                B, A, error = factors[0].float(), factors[1].float(), 0.0
+                B, A = B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1)
+            elif factors is not None:
+                B, A, error = refactor(*factors, rank)
+            else:
+                B, A, error = truncate(delta, rank or default_rank)
+        weight_shape = transpose(module.get_base_layer().weight, getattr(module, "fan_in_fan_out", False)).shape
+        B, A = _as_peft_shapes(B, A, weight_shape)
+        out_dtype = dtype or _adapter_dtype(module, adapter)
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = A.to(out_dtype)
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = B.to(out_dtype)
+        ranks[name] = A.shape[0]
+        layers.append(ExportedLayer(name, A.shape[0], factors is not None and (rank is None or error < 1e-6), error))
+    if not layers:
+        raise ValueError(f"Adapter {adapter!r} has no adapted layers to export.")
+    state.update(_modules_to_save_state(peft_model, adapter))
+
+    common_rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    odd = {name: r for name, r in ranks.items() if r != common_rank}
+    lora_config = LoraConfig(
+        r=common_rank,
+        lora_alpha=common_rank,
+        target_modules=sorted(ranks),
+        rank_pattern={f"^{name}$": r for name, r in odd.items()},
+        alpha_pattern={f"^{name}$": r for name, r in odd.items()},
+        modules_to_save=getattr(config, "modules_to_save", None),
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in base_model.modules() if isinstance(m, BaseTunerLayer)),
+    )
+    report = {
+        "source_method": getattr(peft_model, "lrzoo_training", {}).get("method") or str(config.peft_type),
+        "exact": all(layer.exact for layer in layers),
+        "max_relative_error": max(layer.relative_error for layer in layers),
+        "layers": [layer.__dict__ for layer in layers],
+    }
+    with atomic_directory(out_dir) as tmp:
+        lora_config.save_pretrained(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                  os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "export_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def _adapters_of(module: BaseTunerLayer) -> set[str]:
+    names = set()
+    for attr in module.adapter_layer_names:
+        container = getattr(module, attr, None)
+        if container is not None:
+            names.update(container.keys())
+    return names
+
+
+def _adapter_dtype(module: BaseTunerLayer, adapter: str) -> torch.dtype:
+    for attr in module.adapter_layer_names:
+        container = getattr(module, attr, {})
+        if adapter in container:
+            item = container[adapter]
+            return item.dtype if isinstance(item, torch.Tensor) else next(item.parameters()).dtype
+    return torch.float32
+
+
+def _parents(root: torch.nn.Module, name: str):
+    parts = name.split(".")
+    module = root
+    for part in parts[:-1]:
+        module = getattr(module, part)
+        yield module
+
+
+def _modules_to_save_state(peft_model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
+    """The saved task-head tensors, in the key format PEFT writes for ``modules_to_save``."""
+    saved = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+    heads = [name for name, m in peft_model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    return {k: v for k, v in saved.items() if any(k.startswith(f"{PEFT_KEY_PREFIX}{h}.") for h in heads)}

@@ -1,0 +1,36 @@
+"""Adapter matmuls: one entry point per operation, dispatching to Triton or the torch reference.
+
+Callers (the adapter layers) never choose an implementation themselves; see
+:mod:`lrzoo.kernels.backend` for the rule. Kernel families register themselves in ``TRITON_OPS``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from . import reference
+from .backend import requested_backend, use_triton
+
+#: op name -> Triton implementation with the same signature as the reference function.
+TRITON_OPS: dict[str, Callable] = {}
+
+
+def _dispatch(op: str, reference_fn: Callable, x, *args, **kwargs):
+    if use_triton(op, x, op in TRITON_OPS):
+        return TRITON_OPS[op](x, *args, **kwargs)
+    return reference_fn(x, *args, **kwargs)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False):
+    """``x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ``; see :func:`lrzoo.kernels.reference.lora_linear`."""
+    return _dispatch("lora_linear", reference.lora_linear, x, weight, bias, lora_A, lora_B, scaling,
+                     dropout_p, training)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False):
+    """DoRA linear; see :func:`lrzoo.kernels.reference.dora_linear`."""
+    return _dispatch("dora_linear", reference.dora_linear, x, weight, bias, lora_A, lora_B, magnitude,
+                     scaling, dropout_p, training)
+
+
+__all__ = ["TRITON_OPS", "dora_linear", "lora_linear", "reference", "requested_backend"]

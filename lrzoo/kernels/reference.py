@@ -1,0 +1,188 @@
+"""Efficient pure-PyTorch adapter matmuls with hand-written backward passes.
+
+These are the ``torch`` backend and the reference every Triton kernel is tested against. They beat
+PEFT's eager modules by saving less and fusing the adds into GEMMs:
+
+* **LoRA** ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ``: the expand is an ``addmm_`` into the base output
+  (no N×d_out temporary for the branch, no separate scale pass). Saved: ``x``, the N×r tensor
+  ``xa = drop(x) Aᵀ`` and, with dropout, a 1-byte mask (PEFT keeps the dropped copy of x).
+* **DoRA** ``y = g ⊙ (x Wᵀ + s·xa Bᵀ) + b`` with ``g = m / ‖W + sBA‖_row`` (norm detached, fp32,
+  clamped by ``DORA_EPS``): the row norm is computed from ``W Aᵀ`` and ``A Aᵀ`` so ``B·A`` is never
+  formed, and only ``x`` and ``xa`` are saved; the base product needed by ``∂m`` is recomputed in
+  the backward (one extra GEMM) instead of keeping two N×d_out tensors alive like PEFT does.
+
+Shapes: ``x: (..., d_in)``, ``W: (d_out, d_in)``, ``A: (r, d_in)``, ``B: (d_out, r)``, ``m: (d_out,)``.
+Matmuls run in the activation dtype; adapter gradients are returned in the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+#: Floor of DoRA's row norm; an all-zero row of W (+ΔW) gives g = m / eps instead of 0/0 = NaN.
+DORA_EPS = 1e-6
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _dropout_mask(x2: torch.Tensor, p: float, training: bool) -> Optional[torch.Tensor]:
+    if p <= 0.0 or not training:
+        return None
+    return torch.rand_like(x2, dtype=torch.float32) >= p
+
+
+def _apply_mask(x2: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
+    if mask is None:
+        return x2
+    return x2 * mask.to(x2.dtype) * (1.0 / (1.0 - p))
+
+
+def _base_out(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if bias is not None:
+        return torch.addmm(bias.to(x2.dtype), x2, weight.t())
+    return x2 @ weight.t()
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with a backward that reuses the saved ``xa``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool):
+        x2 = _flatten(x)
+        mask = _dropout_mask(x2, dropout_p, training)
+        A = lora_A.to(x2.dtype)
+        B = lora_B.to(x2.dtype)
+        xa = _apply_mask(x2, mask, dropout_p) @ A.t()
+        out = _base_out(x2, weight.to(x2.dtype), bias)
+        out.addmm_(xa, B.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, mask)
+        ctx.scaling, ctx.dropout_p, ctx.x_shape, ctx.has_bias = scaling, dropout_p, x.shape, bias is not None
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        dy = _flatten(grad_out).to(x2.dtype)
+        A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+        need_x, need_b, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        ds = (dy @ B) * s if (need_x or need_A) else None  # (N, r): grad of xa
+        grad_x = grad_bias = grad_A = grad_B = None
+        if need_B:
+            grad_B = (dy.t() @ xa).mul_(s).to(lora_B.dtype)
+        if need_A:
+            grad_A = (ds.t() @ _apply_mask(x2, mask, p)).to(lora_A.dtype)
+        if need_x:
+            if mask is None:
+                grad_x = torch.addmm(dy @ weight.to(dy.dtype), ds, A)
+            else:
+                grad_x = dy @ weight.to(dy.dtype) + _apply_mask(ds @ A, mask, p)
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if need_b and ctx.has_bias:
+            grad_bias = dy.sum(0)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """LoRA linear, torch path. The base weight and bias never receive gradients (they are frozen)."""
+    return LoraLinearFunction.apply(x, weight.detach(), None if bias is None else bias.detach(),
+                                    lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``‖W + s·B A‖`` per output row in fp32, without forming ``B A``, clamped at ``DORA_EPS``.
+
+    ``‖W_i + s B_i A‖² = ‖W_i‖² + 2s·B_i·(W Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ``: one read of W and an r×r
+    Gram matrix instead of a d_out×d_in temporary. Detached, as in DoRA §4.3.
+    """
+    with torch.no_grad():
+        W = weight.float()
+        A = lora_A.float()
+        B = lora_B.float()
+        sq = W.square().sum(1)
+        sq += (2.0 * scaling) * (B * (W @ A.t())).sum(1)
+        sq += (scaling * scaling) * ((B @ (A @ A.t())) * B).sum(1)
+        return sq.clamp_min(0.0).sqrt().clamp_min(DORA_EPS)
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """``g ⊙ (x Wᵀ + s·xa Bᵀ) + b`` with ``g = m / n`` and a detached row norm ``n``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float, training: bool):
+        x2 = _flatten(x)
+        mask = _dropout_mask(x2, dropout_p, training)
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+        g = (magnitude.float() / norm).to(x2.dtype)
+        A = lora_A.to(x2.dtype)
+        B = lora_B.to(x2.dtype)
+        W = weight.to(x2.dtype)
+        xa = _apply_mask(x2, mask, dropout_p) @ A.t()
+        out = x2 @ W.t()
+        out.addmm_(xa, B.t(), alpha=scaling)
+        out.mul_(g)
+        if bias is not None:
+            out.add_(bias.to(out.dtype))
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, magnitude, xa, mask, norm)
+        ctx.scaling, ctx.dropout_p, ctx.x_shape, ctx.has_bias = scaling, dropout_p, x.shape, bias is not None
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, lora_A, lora_B, magnitude, xa, mask, norm = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        dy = _flatten(grad_out).to(x2.dtype)
+        W, A, B = weight.to(dy.dtype), lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+        g = (magnitude.float() / norm).to(dy.dtype)
+        need_x, need_b, need_A, need_B, need_m = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5))
+        grad_x = grad_bias = grad_A = grad_B = grad_m = None
+        if need_m:
+            # ∂m_j = Σ_N dy_Nj z_Nj / n_j with z = x Wᵀ + s·xa Bᵀ. The base product is recomputed
+            # (one GEMM) rather than saved; the low-rank part folds into the r-wide product dyᵀ·xa.
+            dyt_xa = dy.t() @ xa
+            zsum = (dy * (x2 @ W.t())).sum(0, dtype=torch.float32) + s * (dyt_xa.float() * B.float()).sum(1)
+            grad_m = (zsum / norm).to(magnitude.dtype)
+        dz = dy * g  # grad of z
+        ds = (dz @ B) * s if (need_x or need_A) else None
+        if need_B:
+            grad_B = (dz.t() @ xa).mul_(s).to(lora_B.dtype)
+        if need_A:
+            grad_A = (ds.t() @ _apply_mask(x2, mask, p)).to(lora_A.dtype)
+        if need_x:
+            if mask is None:
+                grad_x = torch.addmm(dz @ W, ds, A)
+            else:
+                grad_x = dz @ W + _apply_mask(ds @ A, mask, p)
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if need_b and ctx.has_bias:
+            grad_bias = dy.sum(0)
+        return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None, None
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """DoRA linear, torch path (weight and bias frozen)."""
+    return DoraLinearFunction.apply(x, weight.detach(), None if bias is None else bias.detach(), lora_A, lora_B,
+                                    magnitude, float(scaling), float(dropout_p), bool(training))

@@ -1,0 +1,34 @@
+"""``lrzoo.load``: load any adapter lrzoo or PEFT saved, with lrzoo's fast layers where it has them.
+
+``PeftModel.from_pretrained`` works too once ``lrzoo`` is imported; the difference is only that a
+plain LORA checkpoint loaded that way uses PEFT's own LoRA layers instead of :class:`FastLoraLinear`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch.nn as nn
+from peft import LoraConfig, PeftConfig, PeftModel
+
+from .methods.lora import attach_fast_layers
+
+
+def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs) -> PeftModel:
+    """Load the adapter saved in ``path`` onto ``model`` and return the ``PeftModel``.
+
+    Args:
+        model: the base model the adapter was trained on.
+        path: a directory written by ``save_pretrained`` (or :func:`lrzoo.export_lora`).
+        adapter_name: the name to give the loaded adapter.
+        is_trainable: load for further training instead of inference.
+    """
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise FileNotFoundError(
+            f"{path!r} has no adapter_config.json; point lrzoo.load at the directory save_pretrained wrote."
+        )
+    config = PeftConfig.from_pretrained(path)
+    if isinstance(config, LoraConfig):
+        attach_fast_layers(config)
+    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                     config=config, **kwargs)

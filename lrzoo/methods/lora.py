@@ -1,0 +1,159 @@
+"""LoRA (arXiv 2106.09685), LoRA+ (arXiv 2402.12354) and DoRA (arXiv 2402.09353).
+
+All three keep PEFT's own ``LoraConfig`` and checkpoint layout, so what ``lrzoo.wrap`` saves is a
+native ``LORA`` adapter (``use_dora=True`` for DoRA) that stock PEFT loads without lrzoo.
+
+* LoRA:  ``W' = W + s·B A``, ``s = α/r``; A Kaiming-uniform(a=√5), B = 0.
+* LoRA+: the same layer; only the optimizer differs (``η_B = λ·η_A``, λ = 16 by default), built
+  by :func:`lrzoo.make_optimizer`.
+* DoRA:  ``W' = m ⊙ (W + sBA) / ‖W + sBA‖_row`` with the norm detached (paper §4.3), computed in
+  fp32 and clamped at ``DORA_EPS`` so zero rows of W give no NaN (PEFT divides 0/0, peft#2049).
+
+What lrzoo adds over PEFT's layer is the forward: :class:`FastLoraLinear` subclasses PEFT's
+``lora.Linear`` (same parameters, same state dict, same merge) and routes the common case (one
+active adapter, unmerged) through :mod:`lrzoo.kernels`, which saves fewer activations and, on
+CUDA, runs fused Triton kernels. Everything else falls back to PEFT's forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from peft import LoraConfig
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.variants import DoraLinearVariant
+from peft.utils.other import transpose
+from transformers.pytorch_utils import Conv1D
+
+from .. import kernels
+from ..kernels.reference import DORA_EPS
+from ..registry import register_adapter
+
+
+class StableDoraLinearLayer(DoraLinearLayer):
+    """PEFT's DoRA magnitude module with the row norm taken in fp32 and clamped at ``DORA_EPS``.
+
+    Used by PEFT's own DoRA paths (merge, mixed-batch forward), so they agree with lrzoo's fast path.
+    """
+
+    def get_weight_norm(self, weight, lora_weight, scaling, adapter_name: Optional[str] = None) -> torch.Tensor:
+        weight = transpose(weight, self.fan_in_fan_out).float() + scaling * lora_weight.float()
+        return torch.linalg.norm(weight, dim=1).clamp_min(DORA_EPS)
+
+
+class StableDoraLinearVariant(DoraLinearVariant):
+    """PEFT's DoRA variant using :class:`StableDoraLinearLayer`, with an unmerge that survives m = 0.
+
+    A row whose magnitude is 0 (a zero row of W at init) merges to a zero row, from which
+    ``W'/g − ΔW`` cannot recover W; those rows are stashed at merge time and restored at unmerge.
+    """
+
+    @staticmethod
+    def init(module, adapter_name: str, **kwargs: Any) -> None:
+        DoraLinearVariant.init(module, adapter_name=adapter_name, **kwargs)
+        module.lora_magnitude_vector[adapter_name].__class__ = StableDoraLinearLayer
+
+    @staticmethod
+    def _stash_zero_rows(module, active_adapter: str, weight: torch.Tensor) -> None:
+        zero = (module.lora_magnitude_vector[active_adapter].weight == 0).nonzero().flatten()
+        rows = transpose(weight, module.fan_in_fan_out)[zero].clone()
+        module._cache_store(f"{active_adapter}-zero_rows", (zero, rows))
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        StableDoraLinearVariant._stash_zero_rows(module, active_adapter, orig_weight)
+        return DoraLinearVariant.merge_safe(module, active_adapter, orig_weight)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        StableDoraLinearVariant._stash_zero_rows(module, active_adapter, orig_weight)
+        DoraLinearVariant.merge_unsafe(module, active_adapter, orig_weight)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        restored = DoraLinearVariant.unmerge(module, active_adapter, orig_weight)
+        zero, rows = module._cache_pop(f"{active_adapter}-zero_rows")
+        if zero.numel():
+            transpose(restored, module.fan_in_fan_out)[zero] = rows.to(restored.dtype)
+        return restored
+
+
+class FastLoraLinear(PeftLoraLinear):
+    """PEFT's LoRA ``Linear`` whose common-case forward runs through :mod:`lrzoo.kernels`."""
+
+    @property
+    def lora_variants(self):
+        variants = dict(super().lora_variants)
+        variants[("use_dora",)] = StableDoraLinearVariant
+        return variants
+
+    def _fast_path_adapter(self, args: tuple, kwargs: dict) -> Optional[str]:
+        """The single adapter the fast path can serve, or ``None`` to use PEFT's forward."""
+        if args or kwargs or self.disable_adapters or self.merged:
+            return None
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if len(active) != 1:
+            return None
+        name = active[0]
+        variant = self.lora_variant.get(name)
+        if variant is not None and variant is not StableDoraLinearVariant:
+            return None
+        if self.lora_B[name].bias is not None or not isinstance(self.lora_A[name], nn.Linear):
+            return None
+        return name
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self._fast_path_adapter(args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if name in self.lora_variant:
+            magnitude = self.lora_magnitude_vector[name].weight
+            return kernels.dora_linear(x, weight, base.bias, A, B, magnitude, self.scaling[name], p, self.training)
+        return kernels.lora_linear(x, weight, base.bias, A, B, self.scaling[name], p, self.training)
+
+
+def build_lora_config(use_dora: bool = False, **kwargs: Any) -> LoraConfig:
+    """A stock ``LoraConfig`` whose nn.Linear/Conv1D targets get :class:`FastLoraLinear`.
+
+    The custom-module mapping is not written to ``adapter_config.json``: the checkpoint stays a
+    plain LORA adapter. :func:`lrzoo.load` re-applies it when loading.
+    """
+    config = LoraConfig(use_dora=use_dora, **kwargs)
+    attach_fast_layers(config)
+    return config
+
+
+def attach_fast_layers(config: LoraConfig) -> LoraConfig:
+    config._register_custom_module({nn.Linear: FastLoraLinear, Conv1D: FastLoraLinear})
+    return config
+
+
+LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+register_adapter(
+    "lora",
+    build_config=build_lora_config,
+    aliases=LORA_ALIASES,
+    summary="LoRA: W + (α/r)·B A, A Kaiming, B = 0 (native PEFT LORA checkpoint).",
+)
+register_adapter(
+    "loraplus",
+    build_config=build_lora_config,
+    aliases=LORA_ALIASES,
+    training_defaults={"loraplus_lr_ratio": 16.0, "loraplus_lr_embedding": 1e-6},
+    summary="LoRA+: LoRA with η_B = λ·η_A (λ = 16); use lrzoo.make_optimizer.",
+)
+register_adapter(
+    "dora",
+    build_config=lambda **kw: build_lora_config(use_dora=True, **kw),
+    aliases=LORA_ALIASES,
+    summary="DoRA: m ⊙ (W + sBA)/‖W + sBA‖_row, detached fp32 norm (native PEFT use_dora).",
+)

@@ -1,0 +1,122 @@
+"""The adapter registry: one name per method, the public contract of the project.
+
+A method is registered once, in its own file under ``lrzoo/methods/``, with
+:func:`register_adapter`. Everything else (``wrap``, the Hydra ``adapter`` group, the contract
+tests, the benchmarks) looks methods up here by name.
+
+Two kinds of entries exist:
+
+* **lrzoo-native methods** (LoRA-XS, LoLDU, ...) give a config class derived from
+  :class:`lrzoo.layer.AdapterConfig` and a layer class derived from
+  :class:`lrzoo.layer.AdapterLayer`; registration turns them into a PEFT tuner with its own
+  ``peft_type`` (see :mod:`lrzoo.peft_bridge`).
+* **PEFT-native methods** (LoRA, LoRA+, DoRA, RandLoRA, ...) give a ``build_config`` callable that
+  returns a stock PEFT config, so their checkpoints stay in PEFT's own format.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from peft import PeftConfig
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What the registry knows about one method."""
+
+    name: str
+    #: Builds the PEFT config from ``wrap``'s keyword arguments (already alias-resolved).
+    build_config: Callable[..., PeftConfig]
+    #: The lrzoo layer class for native methods, ``None`` for PEFT-native ones.
+    layer_cls: Optional[type] = None
+    #: ``wrap`` keyword -> config field, e.g. ``{"alpha": "lora_alpha"}`` for PEFT's LoraConfig.
+    aliases: dict[str, str] = field(default_factory=dict)
+    #: Defaults applied before the user's keywords (the paper's defaults live in adapters/*.yaml).
+    defaults: dict[str, Any] = field(default_factory=dict)
+    #: Training-procedure options ``wrap`` accepts but the layer does not (LoRA+'s λ, ReLoRA's
+    #: reset interval...), with defaults; stored on the model as ``peft_model.lrzoo_training``.
+    training_defaults: dict[str, Any] = field(default_factory=dict)
+    #: Called as ``post_wrap(peft_model, adapter_name)`` after injection (e.g. to tag the model).
+    post_wrap: Optional[Callable[..., None]] = None
+    #: One line for ``list_adapters(verbose=True)`` and error messages.
+    summary: str = ""
+
+
+_REGISTRY: dict[str, AdapterSpec] = {}
+
+
+def register_adapter(
+    name: str,
+    config_cls: Optional[type] = None,
+    layer_cls: Optional[type] = None,
+    *,
+    build_config: Optional[Callable[..., PeftConfig]] = None,
+    aliases: Optional[dict[str, str]] = None,
+    defaults: Optional[dict[str, Any]] = None,
+    training_defaults: Optional[dict[str, Any]] = None,
+    post_wrap: Optional[Callable[..., None]] = None,
+    summary: str = "",
+) -> AdapterSpec:
+    """Add a method to the registry and, for lrzoo-native methods, to PEFT.
+
+    Args:
+        name: lower-case registry name, e.g. ``"lora_xs"``.
+        config_cls: an :class:`~lrzoo.layer.AdapterConfig` subclass (native methods).
+        layer_cls: an :class:`~lrzoo.layer.AdapterLayer` subclass (native methods).
+        build_config: for PEFT-native methods, a callable returning the PEFT config.
+        aliases: ``wrap`` keyword -> config field renames.
+        defaults: keyword defaults applied before the user's.
+        training_defaults: training-procedure options (see :class:`AdapterSpec`).
+        post_wrap: hook run on the new ``PeftModel``.
+        summary: one-line description.
+    """
+    if name != name.lower() or not name.replace("_", "").isalnum():
+        raise ValueError(f"Adapter names are lower-case identifiers, got {name!r}.")
+    if name in _REGISTRY:
+        raise ValueError(f"An adapter named {name!r} is already registered.")
+    if config_cls is not None:
+        if layer_cls is None:
+            raise ValueError(f"register_adapter({name!r}, config_cls, layer_cls): layer_cls is missing.")
+        from .peft_bridge import register_native_method
+
+        register_native_method(name, config_cls, layer_cls)
+        build_config = config_cls
+    elif build_config is None:
+        raise ValueError(f"register_adapter({name!r}): give config_cls and layer_cls, or build_config.")
+    spec = AdapterSpec(
+        name=name,
+        build_config=build_config,
+        layer_cls=layer_cls,
+        aliases=dict(aliases or {}),
+        defaults=dict(defaults or {}),
+        training_defaults=dict(training_defaults or {}),
+        post_wrap=post_wrap,
+        summary=summary or _first_line(config_cls.__doc__ if config_cls else ""),
+    )
+    _REGISTRY[name] = spec
+    return spec
+
+
+def _first_line(text: Optional[str]) -> str:
+    return (text or "").strip().split("\n")[0]
+
+
+def list_adapters() -> list[str]:
+    """The registered adapter names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_adapter(name: str) -> AdapterSpec:
+    """Look a method up by name; unknown names fail with the list of known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown adapter {name!r}.{hint} Known adapters: {', '.join(list_adapters())}. "
+            "Register new methods with lrzoo.register_adapter."
+        ) from None

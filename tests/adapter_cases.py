@@ -1,0 +1,71 @@
+"""The contract table: one row per registered adapter.
+
+Each row names a tiny model, the ``wrap`` keywords, and two things written *independently of the
+method's code*, straight from ../shared/spec/adapters.md:
+
+* ``reference_delta(layer, adapter) -> ΔW`` in (d_out, d_in) layout, built from the layer's raw
+  tensors with plain torch ops (differentiable, so gradients can be checked against it);
+* ``param_count(d_out, d_in, kwargs) -> int``, the spec's trainable-parameter formula per matrix.
+
+``test_contract.py`` runs every shared behaviour on every row; adding a method adds a row here, and
+a registered method without a row fails ``test_every_adapter_has_a_contract_row``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass
+class Case:
+    method: str
+    model: str  # key of conftest.TINY_MODELS
+    kwargs: dict[str, Any]
+    reference_delta: Callable[[Any, str], torch.Tensor]
+    param_count: Callable[[int, int, dict], int]
+    #: ΔW = 0 right after wrap with the paper's init (False for LoRA-SB, by design).
+    zero_init: bool = True
+    #: keywords that give a random, non-zero ΔW for numerics tests.
+    random_init: dict[str, Any] = field(default_factory=lambda: {"init_weights": False})
+    #: export_lora is exact (ΔW low-rank by construction).
+    exact_export: bool = True
+    #: trainable parameters outside the adapted matrices (e.g. ReLoRA trains everything else too).
+    extra_trainable: Optional[Callable[[Any], int]] = None
+    #: kwargs for a short training run that must lower the loss.
+    train_lr: float = 1e-2
+
+
+def _lora_delta(layer, adapter):
+    return layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight * layer.scaling[adapter]
+
+
+def _base_weight(layer):
+    weight = layer.get_base_layer().weight
+    return weight.T if getattr(layer, "fan_in_fan_out", False) else weight
+
+
+def _dora_delta(layer, adapter):
+    weight = _base_weight(layer)
+    adapted = weight + _lora_delta(layer, adapter)
+    norm = torch.linalg.norm(adapted.detach().float(), dim=1).clamp_min(1e-6)
+    magnitude = layer.lora_magnitude_vector[adapter].weight
+    return (magnitude / norm)[:, None] * adapted - weight
+
+
+def _lora_count(d_out, d_in, kw):
+    return kw["r"] * (d_in + d_out)
+
+
+LORA_RANDOM = {"init_lora_weights": False}
+
+CASES: list[Case] = [
+    Case("lora", "llama", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM),
+    Case("loraplus", "bert", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM),
+    Case("dora", "llama", {"r": 4, "alpha": 8}, _dora_delta, lambda o, i, kw: kw["r"] * (i + o) + o,
+         random_init=LORA_RANDOM, exact_export=False),
+]
+
+CASES_BY_METHOD = {case.method: case for case in CASES}
