@@ -28,6 +28,7 @@ from peft.mapping import (
 )
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+from .layer import weights_fingerprint
 from .targets import DEFAULT_TARGET_MODULES
 
 PEFT_TYPE_PREFIX = "LRZOO_"
@@ -56,9 +57,34 @@ class LrzooTuner(BaseTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        self._check_base_weights(model, config)
         # Methods with frozen tensors shared across layers (RandLoRA, TeRA) build them here, on the
         # tuner, so they are saved once rather than per layer.
         self.tuner_layer_cls.prepare_shared(self, model, config, adapter_name)
+
+    def _check_base_weights(self, model: nn.Module, config) -> None:
+        """Fingerprint the targeted base weights at wrap time; refuse a different base at load time.
+
+        Adapters whose frozen factors come from W (SVD, LU) or that rewrite W are only correct on
+        the exact weights they were made from; loading them elsewhere would be silently wrong.
+        """
+        if config.target_modules is None:
+            return
+        named = [
+            (name, module.weight)
+            for name, module in model.named_modules()
+            if isinstance(module, self.tuner_layer_cls.supported_layer_types)
+            and self._check_target_module_exists(config, name)
+        ]
+        fingerprint = weights_fingerprint(named)
+        if config.base_weights_hash is None:
+            config.base_weights_hash = fingerprint
+        elif config.base_weights_hash != fingerprint:
+            raise ValueError(
+                f"This {config.lrzoo_method} adapter was made for different base weights (fingerprint "
+                f"{config.base_weights_hash}, this model's targeted weights give {fingerprint}). Load it on the "
+                "base model it was trained on (same checkpoint, not merged), or re-train it for this one."
+            )
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         if peft_config.target_modules is None:

@@ -34,6 +34,8 @@ class Case:
     exact_export: bool = True
     #: trainable parameters outside the adapted matrices (e.g. ReLoRA trains everything else too).
     extra_trainable: Optional[Callable[[Any], int]] = None
+    #: tolerance of the no-op init check (LoRA-XS starts at ΔW ≈ 0, not exactly 0).
+    init_atol: float = 1e-5
     #: kwargs for a short training run that must lower the loss.
     train_lr: float = 1e-2
 
@@ -67,5 +69,13 @@ CASES: list[Case] = [
     Case("dora", "llama", {"r": 4, "alpha": 8}, _dora_delta, lambda o, i, kw: kw["r"] * (i + o) + o,
          random_init=LORA_RANDOM, exact_export=False),
 ]
+
+def _xs_delta(layer, adapter):
+    return layer.scaling[adapter] * layer.xs_B[adapter] @ layer.xs_R[adapter] @ layer.xs_A[adapter]
+
+
+CASES.extend([
+    Case("lora_xs", "bert", {"r": 4, "alpha": 8}, _xs_delta, lambda o, i, kw: kw["r"] ** 2, init_atol=1e-4),
+])
 
 CASES_BY_METHOD = {case.method: case for case in CASES}

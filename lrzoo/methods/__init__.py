@@ -7,6 +7,7 @@ from importlib import import_module
 
 METHOD_MODULES = (
     "lora",
+    "lora_xs",
 )
 
 for _module in METHOD_MODULES:
