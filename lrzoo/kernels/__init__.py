@@ -33,4 +33,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
                      scaling, dropout_p, training)
 
 
-__all__ = ["TRITON_OPS", "dora_linear", "lora_linear", "reference", "requested_backend"]
+def core_linear(x, weight, bias, lora_A, core, lora_B, scaling, dropout_p=0.0, training=False):
+    """``x Wᵀ + b + s·((drop(x) Aᵀ) Cᵀ) Bᵀ``; see :func:`lrzoo.kernels.reference.core_linear`."""
+    return _dispatch("core_linear", reference.core_linear, x, weight, bias, lora_A, core, lora_B, scaling,
+                     dropout_p, training)
+
+
+__all__ = ["TRITON_OPS", "core_linear", "dora_linear", "lora_linear", "reference", "requested_backend"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..layer import AdapterConfig, AdapterLayer
 from ..registry import register_adapter
 
@@ -65,6 +66,13 @@ class LoraXSLayer(AdapterLayer):
     def delta_forward(self, x, adapter_name):
         B, R, A = (t.to(x.dtype) for t in (self.xs_B[adapter_name], self.xs_R[adapter_name], self.xs_A[adapter_name]))
         return F.linear(F.linear(F.linear(self.adapter_dropout[adapter_name](x), A), R), B) * self.scaling[adapter_name]
+
+    def fused_forward(self, x, adapter_name):
+        dropout = self.adapter_dropout[adapter_name]
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+        return kernels.core_linear(x, self.base_weight_out_in(), self.get_base_layer().bias, self.xs_A[adapter_name],
+                                   self.xs_R[adapter_name], self.xs_B[adapter_name], self.scaling[adapter_name], p,
+                                   self.training)
 
     def lora_factors(self, adapter_name):
         B, R, A = self.xs_B[adapter_name], self.xs_R[adapter_name], self.xs_A[adapter_name]
