@@ -11,6 +11,7 @@ import re
 from typing import Iterable, Optional, Union
 
 import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
@@ -84,13 +85,8 @@ def resolve_targets(
     """
     if target_modules is None:
         target_modules = default_targets(model)
-    excluded = tuple(exclude)
-    named = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and not any(name == e or name.startswith(e + ".") for e in excluded)
-    ]
-    available = ", ".join(leaf_names(model, supported_types)) or "(none)"
+    named = _candidate_modules(model, tuple(exclude))
+    available = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, supported_types)})) or "(none)"
 
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
@@ -126,6 +122,20 @@ def resolve_targets(
             f"(adaptable layers are named: {available})."
         )
     return selected
+
+
+def _candidate_modules(model: nn.Module, excluded: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` pairs a target can name; an already adapted layer stands for its base layer
+    (so a second adapter can target it) and its internals are hidden."""
+    candidates, hidden = [], []
+    for name, module in model.named_modules():
+        if not name or any(name == e or name.startswith(e + ".") for e in excluded + tuple(hidden)):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            hidden.append(name)
+            module = module.get_base_layer()
+        candidates.append((name, module))
+    return candidates
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:

