@@ -115,6 +115,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     other_param_names: tuple[str, ...] = ()
     #: layer types the method can replace.
     supported_layer_types: tuple[type, ...] = LINEAR_TYPES
+    #: True for methods that replace the base weight by a residual at init (see :meth:`base_offset`).
+    replaces_base_weight: bool = False
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterConfig, *, tuner=None, key=None):
         nn.Module.__init__(self)
@@ -167,6 +169,19 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     def lora_factors(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """``(B, A)`` with ΔW = B·A exactly, or ``None`` if ΔW is not low-rank by construction."""
         return None
+
+    def base_offset(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """``W_original − W_live`` in ``(d_out, d_in)`` layout for methods that replaced the base weight
+        by a residual at init (LoLDU, SVFit; they set ``replaces_base_weight``), ``None`` otherwise.
+
+        Such a method's ``delta_forward`` adds ``(W_adapted − W_live) x = (ΔW + offset) x``; merge,
+        unmerge, a disabled adapter and unloading add the offset back so the base model is the original.
+        """
+        return None
+
+    def offset_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``offset · x`` (used while the adapter is disabled); methods override it with a factored path."""
+        return F.linear(x, self.base_offset(adapter_name).to(x.dtype))
 
     # ----------------------------------------------------------------- shared mechanics
     def add_trainable(self, container: str, adapter_name: str, tensor: torch.Tensor) -> None:
@@ -222,13 +237,21 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
 
+    def _merge_weight(self, adapter: str) -> torch.Tensor:
+        """What merging adds to the live base weight: ΔW, plus the offset a residual method removed."""
+        delta = self.get_delta_weight(adapter)
+        if self.replaces_base_weight:
+            offset = self.base_offset(adapter)
+            delta = delta + (offset.T if self.fan_in_fan_out else offset).to(delta.dtype)
+        return delta
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.adapter_config:
                 continue
-            delta = self.get_delta_weight(name).to(base.weight.dtype)
+            delta = self._merge_weight(name).to(base.weight.dtype)
             if safe_merge:
                 merged = base.weight.data + delta
                 if not torch.isfinite(merged).all():
@@ -242,13 +265,31 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+            base.weight.data -= self._merge_weight(name).to(base.weight.dtype)
+
+    def _restore_base(self, adapter_name: str) -> None:
+        """Give an unmerged residual adapter's offset back to the base weight (unload, delete)."""
+        if self.replaces_base_weight and adapter_name not in self.merged_adapters:
+            offset = self.base_offset(adapter_name)
+            weight = self.get_base_layer().weight
+            weight.data += (offset.T if self.fan_in_fan_out else offset).to(weight.dtype)
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
+        """PEFT's unload hook: merge if asked, and always hand back the *original* base for residual methods."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        for name in self.adapter_names:
+            self._restore_base(name)
+        return self.get_base_layer()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
+            for name in self.adapter_names if self.replaces_base_weight else ():
+                result = result + self.offset_forward(x, name).to(result.dtype)
+            return result
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.adapter_config]
@@ -265,6 +306,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         return result + self.delta_forward(x, adapter_name).to(result.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.adapter_config:
+            self._restore_base(adapter_name)
         super().delete_adapter(adapter_name)
         self.adapter_config.pop(adapter_name, None)
         self.scaling.pop(adapter_name, None)

@@ -48,34 +48,47 @@ def top_singular_triplets(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, t
 
 
 class LoraXSLayer(AdapterLayer):
+    """Frozen ``B (d_out×r)``, trainable core ``R (r×r)``, frozen ``A (r×d_in)``; LoRA-SB reuses it.
+
+    Tensors are named ``<prefix>B/R/A`` so a subclass with another prefix keeps its own checkpoint keys.
+    """
+
     prefix = "xs_"
     adapter_layer_names = ("xs_R",)
     other_param_names = ("xs_A", "xs_B")
 
     def init_adapter(self, adapter_name, config, weight, tuner=None):
         U, S, Vh = top_singular_triplets(weight, config.r)
-        self.add_frozen("xs_B", adapter_name, U.float().contiguous())
-        self.add_frozen("xs_A", adapter_name, (S[:, None] * Vh).float().contiguous())
         std = config.init_std if config.init_weights else 0.1
-        self.add_trainable("xs_R", adapter_name, torch.randn(config.r, config.r) * std)
+        self.set_factors(adapter_name, U, torch.randn(config.r, config.r) * std, S[:, None] * Vh)
+
+    def set_factors(self, adapter_name: str, B: torch.Tensor, R: torch.Tensor, A: torch.Tensor) -> None:
+        """Store frozen ``B``, ``A`` and the trainable core ``R`` (float32, contiguous)."""
+        self.add_frozen(self.prefix + "B", adapter_name, B.float().contiguous())
+        self.add_frozen(self.prefix + "A", adapter_name, A.float().contiguous())
+        self.add_trainable(self.prefix + "R", adapter_name, R.float().contiguous())
+
+    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B, R, A)`` of one adapter."""
+        return tuple(getattr(self, self.prefix + name)[adapter_name] for name in "BRA")
 
     def delta_weight(self, adapter_name):
-        B, R, A = self.xs_B[adapter_name], self.xs_R[adapter_name], self.xs_A[adapter_name]
+        B, R, A = self.factors(adapter_name)
         return self.scaling[adapter_name] * (B @ R.to(B.dtype) @ A)
 
     def delta_forward(self, x, adapter_name):
-        B, R, A = (t.to(x.dtype) for t in (self.xs_B[adapter_name], self.xs_R[adapter_name], self.xs_A[adapter_name]))
+        B, R, A = (t.to(x.dtype) for t in self.factors(adapter_name))
         return F.linear(F.linear(F.linear(self.adapter_dropout[adapter_name](x), A), R), B) * self.scaling[adapter_name]
 
     def fused_forward(self, x, adapter_name):
         dropout = self.adapter_dropout[adapter_name]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
-        return kernels.core_linear(x, self.base_weight_out_in(), self.get_base_layer().bias, self.xs_A[adapter_name],
-                                   self.xs_R[adapter_name], self.xs_B[adapter_name], self.scaling[adapter_name], p,
-                                   self.training)
+        B, R, A = self.factors(adapter_name)
+        return kernels.core_linear(x, self.base_weight_out_in(), self.get_base_layer().bias, A, R, B,
+                                   self.scaling[adapter_name], p, self.training)
 
     def lora_factors(self, adapter_name):
-        B, R, A = self.xs_B[adapter_name], self.xs_R[adapter_name], self.xs_A[adapter_name]
+        B, R, A = self.factors(adapter_name)
         return self.scaling[adapter_name] * (B @ R.to(B.dtype)), A
 
 
