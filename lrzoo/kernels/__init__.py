@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import reference
+from . import randlora_ref, reference
 from .backend import requested_backend, use_triton
 
 #: op name -> Triton implementation with the same signature as the reference function.
@@ -34,9 +34,16 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
 
 
 def core_linear(x, weight, bias, lora_A, core, lora_B, scaling, dropout_p=0.0, training=False):
-    """``x Wᵀ + b + s·((drop(x) Aᵀ) Cᵀ) Bᵀ``; see :func:`lrzoo.kernels.reference.core_linear`."""
-    return _dispatch("core_linear", reference.core_linear, x, weight, bias, lora_A, core, lora_B, scaling,
-                     dropout_p, training)
+    """``x Wᵀ + b + s·((drop(x) Aᵀ) Cᵀ) Bᵀ``: :func:`lora_linear` with ``B' = B C``; see
+    :func:`lrzoo.kernels.reference.core_linear`."""
+    return lora_linear(x, weight, bias, lora_A, reference.fold_core(lora_B, core), scaling, dropout_p, training)
 
 
-__all__ = ["TRITON_OPS", "core_linear", "dora_linear", "lora_linear", "reference", "requested_backend"]
+def randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, dropout_p=0.0, training=False):
+    """RandLoRA linear ``x (W + ΔW)ᵀ + b``; see :func:`lrzoo.kernels.randlora_ref.randlora_linear`."""
+    return _dispatch("randlora_linear", randlora_ref.randlora_linear, x, weight, bias, basis_A, basis_B, lam, gamma,
+                     scaling, dropout_p, training)
+
+
+__all__ = ["TRITON_OPS", "core_linear", "dora_linear", "lora_linear", "randlora_linear", "randlora_ref", "reference",
+           "requested_backend"]

@@ -59,7 +59,8 @@ class LoraLinearFunction(torch.autograd.Function):
         xa = _apply_mask(x2, mask, dropout_p) @ A.t()
         out = _base_out(x2, weight.to(x2.dtype), bias)
         out.addmm_(xa, B.t(), alpha=scaling)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, mask)
+        # x is needed only for ∂A; a frozen A (the r×r-core family) keeps just the N×r tensor xa.
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, xa, mask)
         ctx.scaling, ctx.dropout_p, ctx.x_shape, ctx.has_bias = scaling, dropout_p, x.shape, bias is not None
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -67,7 +68,7 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
-        dy = _flatten(grad_out).to(x2.dtype)
+        dy = _flatten(grad_out).to(xa.dtype)
         A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
         need_x, need_b, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
         ds = (dy @ B) * s if (need_x or need_A) else None  # (N, r): grad of xa
@@ -188,64 +189,19 @@ def dora_linear(
                                     magnitude, float(scaling), float(dropout_p), bool(training))
 
 
-def _core_apply(t: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
-    """``t Cᵀ`` for an r×r core, ``t ⊙ c`` for a diagonal core given as a vector ``c: (r,)``."""
-    return t * core if core.dim() == 1 else t @ core.t()
 
+def fold_core(lora_B: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """``B' = B C`` (``B ⊙ c`` for a diagonal core ``c: (r,)``): a differentiable d_out×r product.
 
-def _core_apply_t(t: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
-    """``t C`` (the transpose of :func:`_core_apply`, used in the backward)."""
-    return t * core if core.dim() == 1 else t @ core
-
-
-class CoreLinearFunction(torch.autograd.Function):
-    """``x Wᵀ + b + s·((drop(x) Aᵀ) Cᵀ) Bᵀ`` for the r×r-core family (LoRA-XS/SB, FLoRA, LoLDU, SVFit).
-
-    Split at the N×r tensor ``xa = drop(x) Aᵀ``, the only activation saved when just the core is
-    trained: ``∂C = (s·dy B)ᵀ xa`` (diagonal: ``Σ_N s·(dy B) ⊙ xa``) and
-    ``∂x = dy W + drop((s·dy B) C A)`` need no x. x itself is saved only when A is trainable
-    (FLoRA's linear case), B's gradient ``s·dyᵀ (xa Cᵀ)`` is rebuilt from xa.
+    ``s·((x Aᵀ) Cᵀ) Bᵀ = s·(x Aᵀ)(B C)ᵀ``, so the r×r-core family runs on the LoRA function with B'
+    and autograd carries ``∂B'`` (``s·dyᵀ xa``, built from the saved N×r tensor) to
+    ``∂C = Bᵀ ∂B'`` in O(d_out·r²). Nothing N-sized is added, and x is not needed unless A trains.
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, core, lora_B, scaling: float, dropout_p: float, training: bool):
-        x2 = _flatten(x)
-        mask = _dropout_mask(x2, dropout_p, training)
-        A, C, B = lora_A.to(x2.dtype), core.to(x2.dtype), lora_B.to(x2.dtype)
-        xa = _apply_mask(x2, mask, dropout_p) @ A.t()
-        out = _base_out(x2, weight.to(x2.dtype), bias)
-        out.addmm_(_core_apply(xa, C), B.t(), alpha=scaling)
-        need_A = ctx.needs_input_grad[3]
-        ctx.save_for_backward(x2 if need_A else None, weight, lora_A, core, lora_B, xa, mask)
-        ctx.scaling, ctx.dropout_p, ctx.x_shape, ctx.has_bias = scaling, dropout_p, x.shape, bias is not None
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2, weight, lora_A, core, lora_B, xa, mask = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
-        dy = _flatten(grad_out).to(xa.dtype)
-        A, C, B = lora_A.to(dy.dtype), core.to(dy.dtype), lora_B.to(dy.dtype)
-        need_x, need_b, need_A, need_C, need_B = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5))
-        grad_x = grad_bias = grad_A = grad_C = grad_B = None
-        du = (dy @ B).mul_(s)  # (N, r): grad of u = xa Cᵀ
-        if need_C:
-            grad_C = (du * xa).sum(0) if core.dim() == 1 else du.t() @ xa
-            grad_C = grad_C.to(core.dtype)
-        if need_B:
-            grad_B = (dy.t() @ _core_apply(xa, C)).mul_(s).to(lora_B.dtype)
-        dxa = _core_apply_t(du, C) if (need_x or need_A) else None  # (N, r): grad of xa
-        if need_A:
-            grad_A = (dxa.t() @ _apply_mask(x2, mask, p)).to(lora_A.dtype)
-        if need_x:
-            if mask is None:
-                grad_x = torch.addmm(dy @ weight.to(dy.dtype), dxa, A)
-            else:
-                grad_x = dy @ weight.to(dy.dtype) + _apply_mask(dxa @ A, mask, p)
-            grad_x = grad_x.reshape(ctx.x_shape)
-        if need_b and ctx.has_bias:
-            grad_bias = dy.sum(0)
-        return grad_x, None, grad_bias, grad_A, grad_C, grad_B, None, None, None
+    if core.dim() not in (1, 2) or core.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"core of shape {tuple(core.shape)} does not fit B {tuple(lora_B.shape)}: expected an "
+                         f"({lora_B.shape[1]}, r') matrix or a ({lora_B.shape[1]},) diagonal.")
+    core = core.to(lora_B.dtype)
+    return lora_B * core if core.dim() == 1 else lora_B @ core
 
 
 def core_linear(
@@ -259,15 +215,10 @@ def core_linear(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """r×r-core linear, torch path: ``x Wᵀ + b + s·((drop(x) Aᵀ) Cᵀ) Bᵀ``.
+    """r×r-core linear, torch path: ``x Wᵀ + b + s·((drop(x) Aᵀ) Cᵀ) Bᵀ`` (LoRA-XS/SB, FLoRA, LoLDU, SVFit).
 
-    Shapes: ``x: (..., d_in)``, ``W: (d_out, d_in)``, ``A: (r, d_in)``, ``core: (r, r)`` or a
-    diagonal ``(r,)``, ``B: (d_out, r)``. W and b are frozen; A and B get gradients only if they
-    require them (FLoRA trains them, LoRA-XS/SB, LoLDU and SVFit do not).
+    Shapes: ``x: (..., d_in)``, ``W: (d_out, d_in)``, ``A: (r', d_in)``, ``core: (r, r')`` or a
+    diagonal ``(r,)``, ``B: (d_out, r)``. Saved: the N×r tensor ``xa`` (plus a dropout mask); x
+    only when A requires a gradient (FLoRA trains A and B, the others train the core alone).
     """
-    expected = (lora_A.shape[0],) if core.dim() == 1 else (lora_B.shape[1], lora_A.shape[0])
-    if tuple(core.shape) != expected:
-        raise ValueError(f"core of shape {tuple(core.shape)} does not fit A {tuple(lora_A.shape)} and "
-                         f"B {tuple(lora_B.shape)}; expected {expected}.")
-    return CoreLinearFunction.apply(x, weight.detach(), None if bias is None else bias.detach(), lora_A, core,
-                                    lora_B, float(scaling), float(dropout_p), bool(training))
+    return lora_linear(x, weight, bias, lora_A, fold_core(lora_B, core), scaling, dropout_p, training)
