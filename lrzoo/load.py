@@ -1,7 +1,7 @@
 """``lrzoo.load``: load any adapter lrzoo or PEFT saved, with lrzoo's fast layers where it has them.
 
 ``PeftModel.from_pretrained`` works too once ``lrzoo`` is imported; the difference is only that a
-plain LORA checkpoint loaded that way uses PEFT's own LoRA layers instead of :class:`FastLoraLinear`.
+plain LORA (or RANDLORA) checkpoint loaded that way uses PEFT's own layers instead of lrzoo's faster ones.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 
 import torch.nn as nn
-from peft import LoraConfig, PeftConfig, PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel, RandLoraConfig
 
+from .methods import randlora
 from .methods.lora import attach_fast_layers
 
 
@@ -30,5 +31,8 @@ def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainabl
     config = PeftConfig.from_pretrained(path)
     if isinstance(config, LoraConfig):
         attach_fast_layers(config)
-    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
-                                     config=config, **kwargs)
+    peft_model = PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                           config=config, **kwargs)
+    if isinstance(config, RandLoraConfig):  # PEFT builds its own layers; give them lrzoo's forward
+        randlora.attach_fast_layers(peft_model)
+    return peft_model

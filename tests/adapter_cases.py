@@ -78,4 +78,27 @@ CASES.extend([
     Case("lora_xs", "bert", {"r": 4, "alpha": 8}, _xs_delta, lambda o, i, kw: kw["r"] ** 2, init_atol=1e-4),
 ])
 
+
+def _randlora_delta(layer, adapter):
+    """Spec §RandLoRA with PEFT's flattening: Bf column j·r+k pairs with Af row k·n+j."""
+    lam, gamma = layer.randlora_lambda[adapter], layer.randlora_gamma[adapter]
+    (r, n), d = lam.shape, gamma.shape[1]
+    d_out, d_in = _base_weight(layer).shape
+    D = max(d_out, d_in)
+    B = layer.randlora_B[adapter][:D, :n, :].float().reshape(D, r, n)  # Bf = B.reshape(D, n·r), viewed as (r, n)
+    A = layer.randlora_A[adapter][:, 0, :d].float()
+    M = torch.einsum("pkj,kj,kq,jq->pq", B, lam, A, gamma) * layer.scaling[adapter]
+    return M if d_in <= d_out else M.T
+
+
+def _randlora_count(d_out, d_in, kw):
+    d = min(d_out, d_in)
+    n = -(-d // kw["r"])
+    return n * (kw["r"] + d)
+
+
+CASES.extend([
+    Case("randlora", "llama", {"r": 4, "alpha": 8}, _randlora_delta, _randlora_count, exact_export=False),
+])
+
 CASES_BY_METHOD = {case.method: case for case in CASES}

@@ -8,6 +8,7 @@ from importlib import import_module
 METHOD_MODULES = (
     "lora",
     "lora_xs",
+    "randlora",
 )
 
 for _module in METHOD_MODULES:

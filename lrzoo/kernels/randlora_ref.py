@@ -1,0 +1,147 @@
+"""RandLoRA linear, torch path: ΔW materialised once per call where that is cheaper than two thin GEMMs.
+
+RandLoRA (arXiv 2502.00987) in PEFT's layout, with ``d = min(d_in, d_out)``, ``D = max(d_in, d_out)``,
+``n = ⌈d/r⌉`` bases and ``P = n·r``:
+
+    Af[(k, j), :] = λ[k, j] · A[k, :d] ⊙ γ[j, :]          (P, d)   k < r, j < n
+    Bf            = B[:D, :n, :].reshape(D, P)            (D, P)   column j·r + k
+    M  = Bf · Af                                          (D, d)
+    ΔW = s·M if d_in ≤ d_out else s·Mᵀ                    (d_out, d_in)
+
+``A: (r, 1, ≥d)`` and ``B: (≥D, ≥n, r)`` are PEFT's shared bases (sliced per layer). Note that ``Af``
+is flattened over (k, j) and ``Bf`` over (j, k); PEFT pairs them that way, and checkpoints are only
+interchangeable if lrzoo does the same.
+
+Why materialise: PEFT applies ΔW as ``(x·firstᵀ)·secondᵀ``, two GEMMs of about the base GEMM's size
+each (P ≈ d), so its forward + backward costs about 7 base GEMMs (U). With ``W' = W + ΔW`` built once
+the layer costs: build ΔW (U·P/N), ``x·W'ᵀ`` (U), ``dX = dY·W'`` (U), ``dM = dYᵀ·x`` (U) and
+``dAf = Bfᵀ·dM`` (U·P/N): 3U + 2U·P/N, 4U at N = 2P. Saved for backward: ``x`` and ``W'`` (weight
+sized, only when x needs a gradient), instead of x, the N×P product and the P×d factor.
+With few tokens (decoding) the two thin GEMMs are cheaper; :func:`materialize_wins` picks by FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .reference import _apply_mask, _dropout_mask, _flatten
+
+
+def randlora_factors(basis_A: torch.Tensor, basis_B: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor,
+                     max_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Bf (D, P), Af (P, d), A_k (r, d))`` in ``dtype`` for one layer (differentiable in λ, γ)."""
+    r, n = lam.shape
+    d = gamma.shape[1]
+    A_k = basis_A[:r, 0, :d].to(dtype)
+    Af = (lam.to(dtype)[:, :, None] * A_k[:, None, :] * gamma.to(dtype)[None]).reshape(r * n, d)
+    Bf = basis_B[:max_dim, :n, :r].to(dtype).reshape(max_dim, n * r)
+    return Bf, Af, A_k
+
+
+def materialize_wins(tokens: int, d_in: int, d_out: int, num_products: int, training: bool) -> bool:
+    """Whether building ΔW beats the two thin GEMMs, by multiply-add count (see the module docstring)."""
+    d, D, P = min(d_in, d_out), max(d_in, d_out), num_products
+    if training:
+        return 2 * D * d * P + tokens * D * d < tokens * P * (2 * (d_in + d_out) + d)
+    return D * d * P < tokens * P * (d_in + d_out)
+
+
+class RandLoraLinearFunction(torch.autograd.Function):
+    """``x (W + ΔW)ᵀ + b`` (or ``x Wᵀ + drop(x) ΔWᵀ + b`` with dropout), ΔW built once, hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, basis_A, basis_B, lam, gamma, scaling: float, in_is_min: bool,
+                dropout_p: float, training: bool):
+        x2 = _flatten(x)
+        dtype = x2.dtype
+        with torch.no_grad():
+            Bf, Af, _ = randlora_factors(basis_A, basis_B, lam, gamma, max(weight.shape), dtype)
+            M = Bf @ Af
+            delta = (M if in_is_min else M.t()).mul_(scaling)
+        mask = _dropout_mask(x2, dropout_p, training)
+        W = weight.to(dtype)
+        if mask is None:
+            merged = delta.add_(W)  # W' = W + ΔW: one GEMM forward, one backward
+            out = x2 @ merged.t()
+            keep = merged if ctx.needs_input_grad[0] else None
+        else:
+            out = x2 @ W.t()
+            out.addmm_(_apply_mask(x2, mask, dropout_p), delta.t())
+            keep = delta if ctx.needs_input_grad[0] else None
+        if bias is not None:
+            out.add_(bias.to(dtype))
+        ctx.save_for_backward(x2, weight, keep, basis_A, basis_B, lam, gamma, mask)
+        ctx.scaling, ctx.in_is_min, ctx.dropout_p = scaling, in_is_min, dropout_p
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, keep, basis_A, basis_B, lam, gamma, mask = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        dy = _flatten(grad_out).to(x2.dtype)
+        need_x, need_b, need_lam, need_gamma = (ctx.needs_input_grad[i] for i in (0, 2, 5, 6))
+        grad_x = grad_bias = grad_lam = grad_gamma = None
+        if need_x:
+            if mask is None:
+                grad_x = dy @ keep
+            else:
+                grad_x = dy @ weight.to(dy.dtype) + _apply_mask(dy @ keep, mask, p)
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if need_lam or need_gamma:
+            xin = _apply_mask(x2, mask, p)
+            # dM = s·dΔW (or its transpose), then dAf = Bfᵀ·dM: two weight-sized GEMMs, no N×P tensor.
+            dM = (dy.t() @ xin) if ctx.in_is_min else (xin.t() @ dy)
+            Bf, _, A_k = randlora_factors(basis_A, basis_B, lam, gamma, max(weight.shape), dy.dtype)
+            r, n = lam.shape
+            dAf = (Bf.t() @ dM).mul_(s).reshape(r, n, -1) * A_k[:, None, :]
+            if need_lam:
+                grad_lam = (dAf * gamma.to(dAf.dtype)[None]).sum(-1).to(lam.dtype)
+            if need_gamma:
+                grad_gamma = (dAf * lam.to(dAf.dtype)[:, :, None]).sum(0).to(gamma.dtype)
+        if need_b and ctx.has_bias:
+            grad_bias = dy.sum(0)
+        return grad_x, None, grad_bias, None, None, grad_lam, grad_gamma, None, None, None, None
+
+
+def _factored(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, in_is_min, dropout_p, training):
+    """The low-token path: ``x Wᵀ + b + s·(drop(x)·firstᵀ)·secondᵀ`` through autograd."""
+    Bf, Af, _ = randlora_factors(basis_A, basis_B, lam, gamma, max(weight.shape), x.dtype)
+    first, second = (Af, Bf) if in_is_min else (Bf.t(), Af.t())
+    dropped = torch.nn.functional.dropout(x, dropout_p, training) if dropout_p > 0 else x
+    out = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return out + scaling * ((dropped @ first.t()) @ second.t())
+
+
+def randlora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    basis_A: torch.Tensor,
+    basis_B: torch.Tensor,
+    lam: torch.Tensor,
+    gamma: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """RandLoRA linear, torch path: ``x (W + ΔW)ᵀ + b`` with ΔW as in the module docstring.
+
+    Args:
+        x: ``(..., d_in)``.
+        weight: ``(d_out, d_in)`` (frozen); bias ``(d_out,)`` or ``None`` (frozen).
+        basis_A: shared ``(r, 1, ≥d)``; basis_B: shared ``(≥D, ≥n, r)`` (frozen).
+        lam: ``(r, n)`` and gamma: ``(n, d)``, the trained diagonals.
+        scaling: ``randlora_alpha / r``.
+    """
+    d_out, d_in = weight.shape
+    in_is_min = d_in <= d_out
+    r, n = lam.shape
+    tokens = x.numel() // d_in
+    args = (x, weight.detach(), None if bias is None else bias.detach(), basis_A.detach(), basis_B.detach(),
+            lam, gamma, float(scaling), in_is_min, float(dropout_p), bool(training))
+    if materialize_wins(tokens, d_in, d_out, r * n, torch.is_grad_enabled()):
+        return RandLoraLinearFunction.apply(*args)
+    return _factored(*args)
