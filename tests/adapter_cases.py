@@ -101,4 +101,15 @@ CASES.extend([
     Case("randlora", "llama", {"r": 4, "alpha": 8}, _randlora_delta, _randlora_count, exact_export=False),
 ])
 
+
+def _relora_extra(model):
+    """ReLoRA trains every parameter that is not an adapted weight matrix (embeddings, norms, lm_head)."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and not n.endswith("base_layer.weight"))
+
+
+CASES.extend([
+    Case("relora", "llama", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM,
+         extra_trainable=_relora_extra, train_lr=1e-3),
+])
+
 CASES_BY_METHOD = {case.method: case for case in CASES}

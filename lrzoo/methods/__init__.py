@@ -9,6 +9,7 @@ METHOD_MODULES = (
     "lora",
     "lora_xs",
     "randlora",
+    "relora",
 )
 
 for _module in METHOD_MODULES:
