@@ -1,0 +1,165 @@
+"""``lrzoo-train``: the Hydra app that runs a recipe (model × adapter × task × trainer × logger).
+
+    lrzoo-train adapter=dora task=glue/rte trainer.lr=4e-4 task.data_dir=../shared/data
+    lrzoo-train -m adapter=lora,dora,lora_xs task=glue/rte seed=0,1,2      # a sweep
+    torchrun --nproc_per_node 2 -m lrzoo.train experiment=demo              # DDP, one run dir
+
+The config tree is ``recipes/`` (root ``config.yaml``); the ``adapter`` group is the top-level
+``adapters/`` directory, registered into Hydra's ConfigStore at startup because its folder name
+differs from the group's. Everything the run needs is checked before the first step: the task and
+its data, the model, and the adapter's keywords.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..configs import config_dir
+
+#: keys that do not change what a run computes: excluded from the config hash, so a resumed
+#: run (which differs in them) still matches its checkpoint.
+_HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_after", "trainer.progress")
+
+
+def register_adapter_configs() -> None:
+    """Store every ``adapters/*.yaml`` in Hydra's ConfigStore as option ``adapter=<stem>``."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for path in sorted(config_dir("adapters").glob("*.yaml")):
+        store.store(group="adapter", name=path.stem, node=OmegaConf.load(path))
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short digest of the resolved config, minus :data:`_HASH_EXCLUDED`."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    for dotted in _HASH_EXCLUDED:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
+    """Build task, data, model, adapter and trainer from ``cfg``; train; return the results.
+
+    Usable without Hydra (tests compose a config and call this). Returns ``None`` when the run
+    stopped early (``trainer.stop_after``) and can be resumed.
+    """
+    import lrzoo
+    from lrzoo.models import load_model
+    from lrzoo.tasks import get_task
+    from lrzoo.train.callbacks import make_logger, prepare_procedure
+    from lrzoo.train.trainer import Trainer, TrainerConfig, latest_checkpoint, seed_everything
+
+    is_main = _rank() == 0
+    digest = config_hash(cfg)
+    done = os.path.join(run_dir, "results.json")
+    if str(cfg.get("resume", "auto")) == "auto" and os.path.isfile(done):
+        with open(done) as handle:
+            previous = json.load(handle)
+        if previous.get("config_hash") == digest:  # re-running a finished sweep skips what is done
+            if is_main:
+                print(f"[lrzoo] {run_dir} already finished with this configuration; resume=never re-runs it")
+            return previous
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    model_cfg, task_cfg, adapter = plain["model"], plain["task"], dict(plain["adapter"])
+    seed_everything(plain["seed"])
+    # Cheap checks first: task, data and trainer options fail before the model is loaded.
+    task = get_task(task_cfg["name"])
+    trainer_options = {**plain["trainer"], "seed": plain["seed"]}
+    trainer_options["max_length"] = (trainer_options.get("max_length") or task_cfg.get("max_length")
+                                     or model_cfg.get("max_length") or 128)
+    # The task's protocol decoding settings (task.generation), then the trainer's overrides.
+    trainer_options["generation"] = {**(task_cfg.get("generation") or {}), **(trainer_options.get("generation") or {})}
+    config = TrainerConfig.from_dict(trainer_options)
+    data_dir = task_cfg.get("data_dir")
+    eval_split = task_cfg.get("eval_split") or ("test" if task.kind == "generation" else "validation")
+    train_rows = task.load_split("train", data_dir, limit=plain.get("train_limit"))
+    eval_sets = {}
+    for name in getattr(task, "eval_tasks", (task.name,)):
+        eval_task = task if name == task.name else get_task(name)
+        eval_sets[name] = (eval_task, eval_task.load_split(eval_split, data_dir, limit=plain.get("eval_limit")))
+
+    model, tokenizer = load_model(model_cfg["source"], task.kind, task.num_labels, dtype=model_cfg.get("dtype"),
+                                  config_overrides=model_cfg.get("config_overrides"))
+    method = adapter.pop("name")
+    if adapter.get("target_modules") is None and model_cfg.get("adapter_targets") is not None:
+        adapter["target_modules"] = list(model_cfg["adapter_targets"])
+    peft_model = lrzoo.wrap(model, method, **adapter)
+
+    procedure = prepare_procedure(method, peft_model, train_rows, task, tokenizer, config)
+    logger_options = dict(plain["logger"])
+    logger = make_logger(logger_options.pop("name"), run_dir, is_main, **logger_options)
+    run_info = {"adapter": method, "adapter_config": adapter, "model": model_cfg["name"], "seed": plain["seed"],
+                "config_hash": digest, "lrzoo_version": lrzoo.__version__}
+    trainer = Trainer(peft_model, tokenizer, task, train_rows, eval_sets, config, run_dir,
+                      callbacks=[cb for cb in (*procedure.callbacks, logger) if cb is not None],
+                      run_info=run_info, scheduler_factory=procedure.scheduler_factory)
+    if is_main:
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in peft_model.parameters())
+        print(f"[lrzoo] {method} on {model_cfg['name']}: {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.3f}%); run dir {run_dir}")
+
+    resume = str(plain.get("resume", "auto"))
+    checkpoint = None if resume == "never" else latest_checkpoint(run_dir) if resume == "auto" else resume
+    if checkpoint is not None:
+        if not os.path.isfile(os.path.join(checkpoint, "trainer_state.pt")):
+            raise FileNotFoundError(f"resume={resume!r}: {checkpoint} holds no trainer_state.pt. Use resume=auto "
+                                    "(latest checkpoint of this run dir), resume=never, or a checkpoint directory.")
+        trainer.load_checkpoint(checkpoint)
+        if is_main:
+            print(f"[lrzoo] resumed from {checkpoint} at step {trainer.start_step}")
+    return trainer.fit()
+
+
+def _summary(results: dict[str, Any], run_dir: str) -> str:
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in results["metrics"].items() if k != "score")
+    return (f"[lrzoo] {results['task']} / {results['adapter']} / {results['model']} seed {results['seed']}: "
+            f"{metrics}\n[lrzoo] {results['primary_metric']} = {100 * results['score']:.2f}  "
+            f"({results['steps']} steps, {results['wall_time_s']:.0f} s, {results['train_tokens_per_s']:.0f} tokens/s); "
+            f"results in {os.path.join(run_dir, 'results.json')}")
+
+
+def _hydra_task(cfg: DictConfig) -> Optional[float]:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    results = run_recipe(cfg, run_dir)
+    if results is None:
+        if _rank() == 0:
+            print(f"[lrzoo] stopped early (trainer.stop_after); run the same command again to resume from {run_dir}")
+        return None
+    if _rank() == 0:
+        print(_summary(results, run_dir))
+    return results["score"]
+
+
+def main() -> None:
+    """Console entry point of ``lrzoo-train`` (and ``python -m lrzoo.train``)."""
+    import hydra
+
+    register_adapter_configs()
+    if _rank() != 0:
+        # One run directory for all ranks (hydra#2070): only rank 0 writes .hydra/ and the log.
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    app = hydra.main(config_path=str(config_dir("recipes")), config_name="config", version_base="1.3")(_hydra_task)
+    app()
+
+
+if __name__ == "__main__":
+    main()
