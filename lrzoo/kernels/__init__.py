@@ -10,9 +10,10 @@ from typing import Callable
 
 from . import randlora_ref, reference
 from .backend import requested_backend, use_triton
+from .triton_ops import TRITON_ENTRIES
 
 #: op name -> Triton implementation with the same signature as the reference function.
-TRITON_OPS: dict[str, Callable] = {}
+TRITON_OPS: dict[str, Callable] = dict(TRITON_ENTRIES)
 
 
 def _dispatch(op: str, reference_fn: Callable, x, *args, **kwargs):

@@ -1,0 +1,194 @@
+"""Triton RandLoRA linear: ``W' = W + s·ΔW`` built by one fused kernel, then one GEMM.
+
+Same math and layout as :mod:`lrzoo.kernels.randlora_ref` (``M = Bf·Af``, ``ΔW = s·M`` or its
+transpose when ``d_in > d_out``). The merge kernel forms each (D×d) tile of M as ``Σ_c Bf[:, c]·Af[c]``
+with the pieces of ``Af[c] = λ·A⊙γ`` gathered from the shared bases on the fly (neither ``Af`` nor
+``Bf`` is materialised), adds W and writes ``W'`` once in the activation dtype.
+
+backward  ``∂x = dy W'``                                     one GEMM with the saved W'
+          ``G = dyᵀ x``                                       the weight-gradient-sized GEMM RandLoRA
+                                                               cannot avoid (performance.md §2)
+          ``∂Af = s·Bfᵀ G`` contracted to ``∂λ = Σ_i ∂Af⊙A⊙γ``     one fused kernel per (product chunk,
+          and ``∂γ = Σ_k ∂Af⊙λ⊙A``                              column tile): ∂Af stays in registers
+
+Saved: x and W' (weight-sized, only when x needs a gradient). Dropout and few-token calls take the
+torch path (see :mod:`lrzoo.kernels.triton_ops` and :func:`randlora_ref.materialize_wins`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import interpreter_on
+from .randlora_ref import materialize_wins, randlora_linear as torch_randlora_linear
+from .triton_gemm import fused_mm
+
+
+#: chunk of the P = n·r products per step; rows of Af are gathered, so P need not be a multiple.
+BLOCK_C = 32
+
+
+def _blocks() -> tuple[int, int]:
+    return (64, 64) if interpreter_on() else (64, 128)
+
+
+# PEFT's pairing of the flattened factors: column ``c`` of Bf is ``B[:, c // r, c % r]``; row ``c`` of
+# Af is ``λ[k, j]·A[k]⊙γ[j]`` with ``k = c // n``, ``j = c % n``. Both are gathered tile by tile.
+@triton.jit
+def _bf_tile(b_ptr, rD, rc, D, R, P, stride_bD, stride_bj, stride_bk):
+    return tl.load(b_ptr + rD[:, None] * stride_bD + (rc // R)[None, :] * stride_bj + (rc % R)[None, :] * stride_bk,
+                   mask=(rD < D)[:, None] & (rc < P)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _af_pieces(a_ptr, lam_ptr, gamma_ptr, rc, rd, d, NB, P, stride_ak, stride_ad, stride_lk, stride_lj, stride_gj,
+               stride_gd):
+    """``(A[k] tile, γ[j] tile, λ[k, j])`` for rows ``rc`` of Af and columns ``rd``."""
+    k, j = rc // NB, rc % NB
+    c_ok = rc < P
+    tile = c_ok[:, None] & (rd < d)[None, :]
+    a = tl.load(a_ptr + k[:, None] * stride_ak + rd[None, :] * stride_ad, mask=tile, other=0.0).to(tl.float32)
+    g = tl.load(gamma_ptr + j[:, None] * stride_gj + rd[None, :] * stride_gd, mask=tile, other=0.0).to(tl.float32)
+    lam = tl.load(lam_ptr + k * stride_lk + j * stride_lj, mask=c_ok, other=0.0).to(tl.float32)
+    return a, g, lam
+
+
+@triton.jit
+def _merge_kernel(
+    w_ptr, out_ptr, a_ptr, b_ptr, lam_ptr, gamma_ptr,
+    D, d, R, NB, scaling,
+    stride_wD, stride_wd, stride_oD, stride_od, stride_ak, stride_ad, stride_bD, stride_bj, stride_bk,
+    stride_lk, stride_lj, stride_gj, stride_gd,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
+):
+    rD = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rd = tl.program_id(1) * BLOCK_d + tl.arange(0, BLOCK_d)
+    P = R * NB
+    acc = tl.zeros((BLOCK_D, BLOCK_d), dtype=tl.float32)
+    for c0 in range(0, P, BLOCK_C):
+        rc = c0 + tl.arange(0, BLOCK_C)
+        a, g, lam = _af_pieces(a_ptr, lam_ptr, gamma_ptr, rc, rd, d, NB, P, stride_ak, stride_ad, stride_lk,
+                               stride_lj, stride_gj, stride_gd)
+        bf = _bf_tile(b_ptr, rD, rc, D, R, P, stride_bD, stride_bj, stride_bk)
+        acc += tl.dot(bf, lam[:, None] * a * g, input_precision="ieee")
+    tile = (rD < D)[:, None] & (rd < d)[None, :]
+    w = tl.load(w_ptr + rD[:, None] * stride_wD + rd[None, :] * stride_wd, mask=tile, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rD[:, None] * stride_oD + rd[None, :] * stride_od,
+             (w + scaling * acc).to(out_ptr.dtype.element_ty), mask=tile)
+
+
+@triton.jit
+def _diag_grad_kernel(
+    g_ptr, a_ptr, b_ptr, lam_ptr, gamma_ptr, dlam_ptr, dgamma_ptr,
+    D, d, R, NB, scaling,
+    stride_gD, stride_gd, stride_ak, stride_ad, stride_bD, stride_bj, stride_bk,
+    stride_lk, stride_lj, stride_gj, stride_gdd,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
+):
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rd = tl.program_id(1) * BLOCK_d + tl.arange(0, BLOCK_d)
+    P = R * NB
+    t = tl.zeros((BLOCK_C, BLOCK_d), dtype=tl.float32)  # rows rc of ∂Af/s = Bfᵀ·∂M, this column tile
+    for D0 in range(0, D, BLOCK_D):
+        rD = D0 + tl.arange(0, BLOCK_D)
+        bf = _bf_tile(b_ptr, rD, rc, D, R, P, stride_bD, stride_bj, stride_bk)
+        gm = tl.load(g_ptr + rD[:, None] * stride_gD + rd[None, :] * stride_gd,
+                     mask=(rD < D)[:, None] & (rd < d)[None, :], other=0.0).to(tl.float32)
+        t += tl.dot(tl.trans(bf), gm, input_precision="ieee")
+    a, g, lam = _af_pieces(a_ptr, lam_ptr, gamma_ptr, rc, rd, d, NB, P, stride_ak, stride_ad, stride_lk, stride_lj,
+                           stride_gj, stride_gdd)
+    daf = scaling * t * a  # ∂Af ⊙ A: what ∂λ and ∂γ contract
+    k, j = rc // NB, rc % NB
+    c_ok = rc < P
+    # several rows c share a λ entry's column j or a γ row: accumulate with atomics
+    tl.atomic_add(dlam_ptr + k * stride_lk + j * stride_lj, tl.sum(daf * g, axis=1), mask=c_ok)
+    tl.atomic_add(dgamma_ptr + j[:, None] * stride_gj + rd[None, :] * stride_gdd, daf * lam[:, None],
+                  mask=c_ok[:, None] & (rd < d)[None, :])
+
+
+def _bases(basis_A, basis_B, lam, gamma):
+    r, n = lam.shape
+    d = gamma.shape[1]
+    return basis_A[:r, 0, :d], basis_B[:, :n, :r], r, n, d
+
+
+def merged_weight(weight, basis_A, basis_B, lam, gamma, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """``W + s·ΔW`` as a new ``(d_out, d_in)`` tensor in ``dtype`` (one fused kernel)."""
+    A, B, r, n, d = _bases(basis_A, basis_B, lam, gamma)
+    d_out, d_in = weight.shape
+    D = max(d_out, d_in)
+    out = torch.empty(d_out, d_in, device=weight.device, dtype=dtype)
+    # M is (D, d); stored as ΔW = M when d_in ≤ d_out, else as Mᵀ: swap the strides, not the data.
+    w_s, o_s = (weight.stride(), out.stride()) if d_in <= d_out else (weight.stride()[::-1], out.stride()[::-1])
+    block_D, block_d = _blocks()
+    _merge_kernel[(triton.cdiv(D, block_D), triton.cdiv(d, block_d))](
+        weight, out, A, B, lam, gamma, D, d, r, n, float(scaling),
+        *w_s, *o_s, A.stride(0), A.stride(1), B.stride(0), B.stride(1), B.stride(2),
+        lam.stride(0), lam.stride(1), gamma.stride(0), gamma.stride(1),
+        BLOCK_C=BLOCK_C, BLOCK_D=block_D, BLOCK_d=block_d,
+    )
+    return out
+
+
+def diag_grads(grad_w: torch.Tensor, basis_A, basis_B, lam, gamma, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂λ, ∂γ)`` from ``grad_w = ∂W' = dyᵀ x`` (d_out, d_in), in fp32."""
+    lam, gamma = lam.contiguous(), gamma.contiguous()  # ∂λ, ∂γ are written with the same strides
+    A, B, r, n, d = _bases(basis_A, basis_B, lam, gamma)
+    d_out, d_in = grad_w.shape
+    D = max(d_out, d_in)
+    g_s = grad_w.stride() if d_in <= d_out else grad_w.stride()[::-1]
+    dlam = torch.zeros(r, n, device=lam.device, dtype=torch.float32)
+    dgamma = torch.zeros(n, d, device=gamma.device, dtype=torch.float32)
+    block_D, block_d = _blocks()
+    _diag_grad_kernel[(triton.cdiv(r * n, BLOCK_C), triton.cdiv(d, block_d))](
+        grad_w, A, B, lam, gamma, dlam, dgamma, D, d, r, n, float(scaling),
+        *g_s, A.stride(0), A.stride(1), B.stride(0), B.stride(1), B.stride(2),
+        dlam.stride(0), dlam.stride(1), dgamma.stride(0), dgamma.stride(1),
+        BLOCK_C=BLOCK_C, BLOCK_D=block_D, BLOCK_d=block_d,
+    )
+    return dlam, dgamma
+
+
+class TritonRandLoraFunction(torch.autograd.Function):
+    """``x W'ᵀ + b`` with ``W' = W + s·ΔW`` from :func:`merged_weight`; λ, γ get fused gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, basis_A, basis_B, lam, gamma, scaling: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        merged = merged_weight(weight, basis_A, basis_B, lam, gamma, scaling, x2.dtype)
+        out = fused_mm(x2, merged, bias=bias)
+        ctx.save_for_backward(x2, merged if ctx.needs_input_grad[0] else None, basis_A, basis_B, lam, gamma)
+        ctx.scaling, ctx.x_shape, ctx.has_bias = scaling, x.shape, bias is not None
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, merged, basis_A, basis_B, lam, gamma = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
+        need_x, need_b, need_lam, need_gamma = (ctx.needs_input_grad[i] for i in (0, 2, 5, 6))
+        grad_x = grad_bias = grad_lam = grad_gamma = None
+        if need_x:
+            grad_x = fused_mm(dy, merged.t()).reshape(ctx.x_shape)
+        if need_lam or need_gamma:
+            grad_w = fused_mm(dy.t(), x2.t(), out_dtype=torch.float32)
+            dlam, dgamma = diag_grads(grad_w, basis_A, basis_B, lam, gamma, ctx.scaling)
+            grad_lam = dlam.to(lam.dtype) if need_lam else None
+            grad_gamma = dgamma.to(gamma.dtype) if need_gamma else None
+        if need_b and ctx.has_bias:
+            grad_bias = dy.sum(0)
+        return grad_x, None, grad_bias, None, None, grad_lam, grad_gamma, None
+
+
+def randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, dropout_p=0.0, training=False):
+    """Triton RandLoRA linear; same contract as :func:`lrzoo.kernels.randlora_ref.randlora_linear`.
+
+    With few tokens the two thin GEMMs beat building W' (by FLOPs): that case runs the torch path.
+    """
+    d_out, d_in = weight.shape
+    r, n = lam.shape
+    if not materialize_wins(x.numel() // d_in, d_in, d_out, r * n, torch.is_grad_enabled()):
+        return torch_randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, dropout_p, training)
+    return TritonRandLoraFunction.apply(x, weight.detach(), None if bias is None else bias.detach(),
+                                        basis_A.detach(), basis_B.detach(), lam, gamma, float(scaling))
