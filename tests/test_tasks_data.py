@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -50,6 +52,20 @@ def test_unknown_split_names_the_valid_ones(tmp_path):
 def test_bad_limit_is_an_error(tmp_path, limit):
     with pytest.raises(ValueError, match="limit"):
         get_task("glue/rte").load_split("train", tmp_path, limit=limit)
+
+
+def test_tasks_know_nothing_about_adapters():
+    import lrzoo.tasks
+
+    forbidden = {"methods", "layer", "registry", "peft_bridge", "wrap", "peft", "kernels"}
+    for path in Path(lrzoo.tasks.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    modules += [a.name for a in node.names]
+                parts = {part for module in modules for part in module.split(".")}
+                assert not parts & forbidden, f"{path.name} imports {modules}"
 
 
 # ---- GLUE TSVs --------------------------------------------------------------------------------
