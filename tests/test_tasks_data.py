@@ -283,3 +283,56 @@ def test_metamathqa_train_rows(tmp_path):
     row = get_task("math/math500").load_split("train", tmp_path)[0]
     assert row["prompt"].endswith("### Instruction:\nWhat is 2+2?\n\n### Response:")
     assert (row["target"], row["answer"]) == (" 2+2 is 4.\nThe answer is: 4", "4")
+
+
+# ---- public sources (data_dir=None): which hub id / split / columns are read ----------------------
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Replace datasets.load_dataset with a recorder serving one given row."""
+    calls, served = [], {}
+
+    def load_dataset(path, name=None, split=None, data_files=None):
+        calls.append((path, name, split, data_files))
+        return datasets.Dataset.from_list([served["row"]])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls, served
+
+
+@pytest.mark.parametrize("task, split, row, call, expected", [
+    ("glue/mnli", "test", {"premise": "p", "hypothesis": "h", "label": 2},
+     ("nyu-mll/glue", "mnli", "validation_matched", None), {"text_a": "p", "text_b": "h", "label": 2}),
+    ("glue/qqp", "train", {"question1": "a", "question2": "b", "label": 1},
+     ("nyu-mll/glue", "qqp", "train", None), {"text_a": "a", "text_b": "b", "label": 1}),
+    ("glue/cola", "validation", {"sentence": "s", "label": 0},
+     ("nyu-mll/glue", "cola", "validation", None), {"text_a": "s", "text_b": None, "label": 0}),
+    ("math/gsm8k", "test", {"question": "q", "answer": "1+1=2\n#### 2"},
+     ("openai/gsm8k", "main", "test", None), {"answer": "2"}),
+    ("math/math500", "test", {"problem": "p", "solution": "\\boxed{3}"},
+     ("HuggingFaceH4/MATH-500", None, "test", None), {"answer": "3"}),
+])
+def test_hub_source_and_columns(fake_hub, task, split, row, call, expected):
+    calls, served = fake_hub
+    served["row"] = row
+    loaded = get_task(task).load_split(split)[0]
+    assert calls == [call]
+    assert {k: loaded[k] for k in expected} == expected
+
+
+def test_hub_test_labels_are_refused(fake_hub):
+    _, served = fake_hub
+    served["row"] = {"sentence": "s", "label": -1}
+    with pytest.raises(ValueError, match="label -1 is out of range.*evaluate on dev"):
+        get_task("glue/sst2").load_split("train")
+
+
+def test_commonsense_public_source_is_llm_adapters_json_at_a_pinned_commit(fake_hub):
+    calls, served = fake_hub
+    served["row"] = cs_item("option2")
+    assert get_task("commonsense/winogrande").load_split("test")["answer"] == ["option2"]
+    (path, _, split, url), = calls
+    assert (path, split) == ("json", "train")
+    assert url.startswith("https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/8166572")
+    assert url.endswith("/dataset/winogrande/test.json")
