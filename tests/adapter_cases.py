@@ -112,4 +112,28 @@ CASES.extend([
          extra_trainable=_relora_extra, train_lr=1e-3),
 ])
 
+
+def _balanced_pair(dim):
+    """(a, b), a·b = dim, a ≥ b, as close as possible: TeRA's 2-mode split of one side."""
+    b = max(f for f in range(1, int(dim ** 0.5) + 1) if dim % f == 0)
+    return dim // b, b
+
+
+def _tera_delta(layer, adapter):
+    """Spec §TeRA, order 4: ΔW[o1 o2, i1 i2] = s·Σ G[abcd] U1[o1 a]λ1[a] U2[o2 b]λ2[b] U3[i1 c]λ3[c] U4[i2 d]λ4[d]."""
+    d_out, d_in = _base_weight(layer).shape
+    (o1, o2), (i1, i2) = _balanced_pair(d_out), _balanced_pair(d_in)
+    G = layer._tera_tuner.tera_core[adapter].float()
+    U = layer._tera_tuner.tera_factors[adapter].float()
+    lam = layer.tera_lambda[adapter]
+    sizes = (o1, o2, i1, i2)
+    M = [U[n, :size] * lam[n] for n, size in enumerate(sizes)]
+    delta = torch.einsum("abcd,wa,xb,yc,zd->wxyz", G, *M).reshape(d_out, d_in)
+    return delta * layer.adapter_config[adapter].alpha / d_in ** 0.5
+
+
+CASES.extend([
+    Case("tera", "llama", {"r": 4, "alpha": 1.0}, _tera_delta, lambda o, i, kw: 4 * kw["r"], exact_export=False),
+])
+
 CASES_BY_METHOD = {case.method: case for case in CASES}

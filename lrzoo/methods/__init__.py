@@ -10,6 +10,7 @@ METHOD_MODULES = (
     "lora_xs",
     "randlora",
     "relora",
+    "tera",
 )
 
 for _module in METHOD_MODULES:
