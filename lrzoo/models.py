@@ -90,11 +90,11 @@ def smollm2_dir() -> Path:
 # --------------------------------------------------------------------------------------------
 
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<s>", "</s>"]
-TINY_VOCAB = 128  # specials + printable ASCII, rounded up
+TINY_VOCAB = 128  # specials, newline, tab and printable ASCII, rounded up
 
 
 def char_tokenizer(pair_template: bool) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over printable ASCII, built in memory.
+    """A character-level tokenizer over printable ASCII plus newline and tab, built in memory.
 
     Args:
         pair_template: BERT-style ``[CLS] a [SEP] b [SEP]`` framing (encoders); otherwise a
@@ -102,7 +102,7 @@ def char_tokenizer(pair_template: bool) -> PreTrainedTokenizerFast:
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = {token: i for i, token in enumerate(_SPECIALS + [chr(c) for c in range(32, 127)])}
+    vocab = {token: i for i, token in enumerate(_SPECIALS + ["\n", "\t"] + [chr(c) for c in range(32, 127)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()

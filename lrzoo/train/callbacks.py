@@ -50,6 +50,7 @@ class CSVLogger(Callback):
     def on_train_begin(self, trainer: Any) -> None:
         if not self.is_main:
             return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         kept = []
         if trainer.start_step > 0 and os.path.exists(self.path):
             with open(self.path, newline="") as handle:
