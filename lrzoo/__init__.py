@@ -9,6 +9,7 @@ from .export import export_lora
 from .kernels.backend import requested_backend as get_backend
 from .layer import AdapterConfig, AdapterLayer
 from .load import load
+from .methods.lora_sb import init_lora_sb
 from .registry import get_adapter, list_adapters, register_adapter
 from .train.optim import make_optimizer
 from .wrap import wrap
@@ -21,6 +22,7 @@ __all__ = [
     "export_lora",
     "get_adapter",
     "get_backend",
+    "init_lora_sb",
     "list_adapters",
     "load",
     "make_optimizer",

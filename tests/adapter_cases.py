@@ -136,4 +136,45 @@ CASES.extend([
     Case("tera", "llama", {"r": 4, "alpha": 1.0}, _tera_delta, lambda o, i, kw: 4 * kw["r"], exact_export=False),
 ])
 
+
+# Decomposition methods (issue 3). LoLDU and SVFit replace the base weight by a residual, so their
+# reference is W' − W_live (what the layer adds to its live base), straight from the spec's forward.
+def _sb_delta(layer, adapter):
+    return layer.scaling[adapter] * layer.sb_B[adapter] @ layer.sb_R[adapter] @ layer.sb_A[adapter]
+
+
+def _loldu_delta(layer, adapter):
+    P = torch.eye(layer.loldu_L[adapter].shape[0])[layer.loldu_rows[adapter]]  # P·M = M[rows]
+    diag_z = torch.diag(layer.loldu_z[adapter])
+    return layer.loldu_sigma[adapter] * P @ layer.loldu_L[adapter] @ diag_z @ layer.loldu_U[adapter]
+
+
+def _svfit_delta(layer, adapter):
+    return layer.svfit_U[adapter] @ torch.diag(layer.svfit_sigma[adapter]) @ layer.svfit_Vh[adapter]
+
+
+def _flora_delta(layer, adapter):
+    """s·G ×₁ F_out ×₂ F_in ×₃ F_k1 …, as one einsum over however many modes the layer has."""
+    core = layer.flora_G[adapter]
+    names = ["flora_out", "flora_in", "flora_k1", "flora_k2", "flora_k3"][:core.dim()]
+    ranks, dims = "abcde"[:core.dim()], "oiklm"[:core.dim()]
+    spec = f"{ranks}," + ",".join(f"{d}{r}" for d, r in zip(dims, ranks)) + f"->{dims}"
+    return layer.scaling[adapter] * torch.einsum(spec, core, *(getattr(layer, n)[adapter] for n in names))
+
+
+def _sb_init_batches():
+    """Data for LoRA-SB's gradient init on the tiny BERT: 6 labelled samples in two batches."""
+    from conftest import tiny_inputs
+
+    return [{"input_ids": tiny_inputs(seed=s, batch=3), "labels": torch.tensor([0, 1, 2])} for s in (5, 6)]
+
+
+CASES.extend([
+    Case("lora_sb", "bert", {"r": 4, "init_data": _sb_init_batches(), "init_lr": 1e-2}, _sb_delta,
+         lambda o, i, kw: kw["r"] ** 2, zero_init=False),
+    Case("loldu", "llama", {"r": 4}, _loldu_delta, lambda o, i, kw: kw["r"] + 1, train_lr=5e-2),
+    Case("svfit", "bert", {"r": 4}, _svfit_delta, lambda o, i, kw: kw["r"], train_lr=5e-2),
+    Case("flora", "bert", {"r": 4, "alpha": 8}, _flora_delta, lambda o, i, kw: kw["r"] * (i + o) + kw["r"] ** 2),
+])
+
 CASES_BY_METHOD = {case.method: case for case in CASES}

@@ -8,6 +8,10 @@ from importlib import import_module
 METHOD_MODULES = (
     "lora",
     "lora_xs",
+    "lora_sb",
+    "loldu",
+    "svfit",
+    "flora",
     "randlora",
     "relora",
     "tera",
