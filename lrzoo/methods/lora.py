@@ -99,7 +99,7 @@ class FastLoraLinear(PeftLoraLinear):
             return None
         name = active[0]
         variant = self.lora_variant.get(name)
-        if variant is not None and variant is not StableDoraLinearVariant:
+        if variant is not None and not isinstance(variant, StableDoraLinearVariant):
             return None
         if self.lora_B[name].bias is not None or not isinstance(self.lora_A[name], nn.Linear):
             return None

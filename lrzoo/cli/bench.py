@@ -1,0 +1,260 @@
+"""``lrzoo-bench``: per-layer adapter cost relative to a frozen ``F.linear``, against eager PEFT.
+
+For each method and shape it times one adapted ``nn.Linear`` in training mode (input needing a
+gradient, frozen base) and prints:
+
+* fwd and fwd+bwd time as a ratio to a frozen ``F.linear`` timed in the same run;
+* the speed-up over eager PEFT where PEFT has the method (LoRA, DoRA, RandLoRA);
+* saved-activation bytes per layer: every tensor autograd saves during the forward
+  (``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage, parameters and buffers
+  excluded.
+
+Protocol (performance.md §5): on CUDA, CUDA events, ≥100 warm-up and ≥200 timed iterations, the L2
+cache flushed before each, median and IQR; on CPU, ``perf_counter`` with fewer iterations. The
+backend is whatever ``LRZOO_BACKEND`` selects (auto: Triton on CUDA, torch on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: method -> wrap keywords (lrzoo) for the benchmarked layer; the rank comes from --r.
+METHODS = ("lora", "dora", "lora_xs", "lora_sb", "loldu", "svfit", "flora", "randlora", "tera")
+#: methods PEFT implements, with the config that builds its eager layer.
+PEFT_METHODS = ("lora", "dora", "randlora")
+#: targets of issue 5 item 5 for the torch path (CPU shape tokens=2048, d=1024, r=16).
+TORCH_TARGETS = {"lora": ("time", 1.0), "dora": ("bytes", 0.5), "randlora": ("time", 0.6)}
+QUICK_METHODS = ("lora", "dora", "lora_xs", "randlora")
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    iqr_ms: float
+
+
+@dataclass
+class Row:
+    method: str
+    impl: str
+    shape: tuple[int, int, int]
+    fwd: Timing
+    fwd_bwd: Timing
+    saved_bytes: int
+
+
+def _quantiles(samples: list[float]) -> Timing:
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return Timing(q[1], q[2] - q[0])
+
+
+def time_fn(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> Timing:
+    """Median and IQR of ``fn`` in milliseconds (CUDA events and an L2 flush on GPU)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device.type == "cuda":
+        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+        for _ in range(iters):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(samples)
+
+
+def saved_activation_bytes(forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes autograd keeps for the backward of ``forward()``, one count per storage, minus ``exclude``."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values())
+
+
+def _base_linear(d_in: int, d_out: int, device, dtype, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_out, bias=True)).to(device=device, dtype=dtype)
+
+
+def build_layer(method: str, impl: str, d_in: int, d_out: int, r: int, device, dtype, dropout: float) -> nn.Module:
+    """One adapted linear: ``impl`` is ``"lrzoo"`` (lrzoo.wrap) or ``"peft"`` (stock get_peft_model)."""
+    import lrzoo
+    from peft import LoraConfig, RandLoraConfig, get_peft_model
+
+    model = _base_linear(d_in, d_out, device, dtype)
+    if impl == "peft":
+        if method == "randlora":
+            config = RandLoraConfig(r=r, target_modules=["0"], randlora_dropout=dropout)
+        else:
+            config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=dropout,
+                                use_dora=method == "dora", init_lora_weights=False)
+        peft_model = get_peft_model(model, config)
+    else:
+        kwargs = {"r": r, "target_modules": ["0"], "dropout": dropout}
+        if method in ("lora", "dora"):
+            kwargs["init_lora_weights"] = False  # non-zero B: the same work as a trained adapter
+        peft_model = lrzoo.wrap(model, method, **kwargs)
+    layer = peft_model.base_model.model[0]
+    layer.to(device=device, dtype=dtype)
+    layer.train()
+    return layer
+
+
+def measure(layer: Optional[nn.Module], weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
+            device: torch.device, warmup: int, iters: int) -> tuple[Timing, Timing, int]:
+    """(fwd, fwd+bwd, saved bytes) of ``layer`` (``None``: the frozen ``F.linear``)."""
+    forward = (lambda: F.linear(x, weight, bias)) if layer is None else (lambda: layer(x))
+    grad = torch.randn(*x.shape[:-1], weight.shape[0], device=device, dtype=x.dtype)
+
+    def fwd_bwd():
+        forward().backward(grad)
+        x.grad = None
+        if layer is not None:
+            layer.zero_grad(set_to_none=True)
+
+    def fwd():
+        forward()
+
+    exclude = [weight, bias] + ([] if layer is None else [*layer.parameters(), *layer.buffers()])
+    saved = saved_activation_bytes(forward, exclude)
+    return time_fn(fwd, device, warmup, iters), time_fn(fwd_bwd, device, warmup, iters), saved
+
+
+def run(methods, shapes, r, device, dtype, dropout, warmup, iters, out=sys.stdout) -> list[Row]:
+    import lrzoo
+
+    available = set(lrzoo.list_adapters())
+    rows: list[Row] = []
+    for tokens, d_in, d_out in shapes:
+        base = _base_linear(d_in, d_out, device, dtype)[0]
+        weight, bias = base.weight.detach(), base.bias.detach()
+        x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
+        frozen = Row("frozen F.linear", "torch", (tokens, d_in, d_out), *measure(None, weight, bias, x, device,
+                                                                                   warmup, iters))
+        rows.append(frozen)
+        for method in methods:
+            if method not in available:
+                continue
+            for impl in ("lrzoo", "peft") if method in PEFT_METHODS else ("lrzoo",):
+                layer = build_layer(method, impl, d_in, d_out, r, device, dtype, dropout)
+                rows.append(Row(method, impl, (tokens, d_in, d_out), *measure(layer, weight, bias, x, device,
+                                                                                warmup, iters)))
+                del layer
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    frozen = {row.shape: row for row in rows if row.impl == "torch"}
+    peft = {(row.method, row.shape): row for row in rows if row.impl == "peft"}
+    lines = ["| method | impl | N, d_in→d_out | fwd ms (IQR) | fwd ×frozen | fwd+bwd ms (IQR) | fwd+bwd ×frozen "
+             "| speed-up vs PEFT | saved MiB |", "|" + "---|" * 9]
+    for row in rows:
+        base = frozen[row.shape]
+        ref = peft.get((row.method, row.shape)) if row.impl == "lrzoo" else None
+        speedup = f"{ref.fwd_bwd.median_ms / row.fwd_bwd.median_ms:.2f}×" if ref else "–"
+        n, i, o = row.shape
+        lines.append(
+            f"| {row.method} | {row.impl} | {n}, {i}→{o} | {row.fwd.median_ms:.3f} ({row.fwd.iqr_ms:.3f}) "
+            f"| {row.fwd.median_ms / base.fwd.median_ms:.2f} | {row.fwd_bwd.median_ms:.3f} ({row.fwd_bwd.iqr_ms:.3f}) "
+            f"| {row.fwd_bwd.median_ms / base.fwd_bwd.median_ms:.2f} | {speedup} | {row.saved_bytes / 2**20:.2f} |")
+    return "\n".join(lines)
+
+
+def check_torch_targets(rows: list[Row]) -> list[str]:
+    """Issue 5 item 5: lrzoo vs eager PEFT per layer; one line per method, PASS or FAIL."""
+    lines = []
+    by_key = {(row.method, row.impl, row.shape): row for row in rows}
+    for (method, impl, shape), row in by_key.items():
+        if impl != "lrzoo" or method not in TORCH_TARGETS or (method, "peft", shape) not in by_key:
+            continue
+        peft = by_key[(method, "peft", shape)]
+        t_ratio = row.fwd_bwd.median_ms / peft.fwd_bwd.median_ms
+        b_ratio = row.saved_bytes / max(peft.saved_bytes, 1)
+        kind, bound = TORCH_TARGETS[method]
+        ok = (t_ratio <= bound and b_ratio <= 1.0) if kind == "time" else (b_ratio <= bound and t_ratio <= 1.0)
+        target = f"time ≤ {bound:.2f}× PEFT" if kind == "time" else f"saved bytes ≤ {bound:.2f}× PEFT"
+        lines.append(f"{'PASS' if ok else 'FAIL'} {method} {shape}: fwd+bwd {t_ratio:.2f}× PEFT, saved bytes "
+                     f"{b_ratio:.2f}× PEFT (target: {target}, the other ≤ 1)")
+    return lines
+
+
+def default_shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
+    if quick:
+        return [(256, 256, 256)]
+    if device.type == "cuda":  # performance.md §5: d=4096 set at N ∈ {2048, 8192, 16384}, Llama-8B shapes at 8192
+        return [(2048, 4096, 4096), (8192, 4096, 4096), (16384, 4096, 4096), (8192, 4096, 1024),
+                (8192, 4096, 14336), (8192, 14336, 4096)]
+    return [(2048, 1024, 1024)]  # issue 5 item 5's CPU shape
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lrzoo-bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small shape, few methods (CI smoke test, < 1 min)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)}")
+    parser.add_argument("--shape", nargs=3, type=int, action="append", metavar=("N", "D_IN", "D_OUT"),
+                        help="tokens, d_in, d_out (repeatable); default: performance.md §5 on CUDA, 2048 1024 1024 on CPU")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    methods = args.methods or (QUICK_METHODS if args.quick else METHODS)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"lrzoo-bench: unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}.")
+    shapes = [tuple(s) for s in args.shape] if args.shape else default_shapes(device, args.quick)
+    warmup = args.warmup if args.warmup is not None else (100 if cuda else (1 if args.quick else 3))
+    iters = args.iters if args.iters is not None else (200 if cuda else (3 if args.quick else 10))
+    from lrzoo.kernels import requested_backend
+
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+    print(f"# lrzoo-bench on {name}; {dtype}; r={args.r}; dropout={args.dropout}; LRZOO_BACKEND={requested_backend()}; "
+          f"warm-up {warmup}, timed {iters}; median (IQR) ms{'; L2 flushed' if cuda else ''}")
+    rows = run(methods, shapes, args.r, device, dtype, args.dropout, warmup, iters)
+    print(format_table(rows))
+    for line in check_torch_targets(rows):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
