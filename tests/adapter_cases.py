@@ -13,6 +13,7 @@ a registered method without a row fails ``test_every_adapter_has_a_contract_row`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -162,6 +163,14 @@ def _flora_delta(layer, adapter):
     return layer.scaling[adapter] * torch.einsum(spec, core, *(getattr(layer, n)[adapter] for n in names))
 
 
+def _flora_count(d_out, d_in, kw):
+    """Σ d_m r_m + ∏ r_m over the modes (d_out, d_in, k…); channel ranks r, kernel ranks kernel_r, each ≤ its mode."""
+    kernel = kw.get("kernel_size", ())
+    dims = [d_out, d_in, *kernel]
+    ranks = [min(kw["r"], d) for d in (d_out, d_in)] + [min(kw.get("kernel_r", 2), k) for k in kernel]
+    return sum(d * r for d, r in zip(dims, ranks)) + math.prod(ranks)
+
+
 def _sb_init_batches():
     """Data for LoRA-SB's gradient init on the tiny BERT: 6 labelled samples in two batches."""
     from conftest import tiny_inputs
@@ -174,7 +183,9 @@ CASES.extend([
          lambda o, i, kw: kw["r"] ** 2, zero_init=False),
     Case("loldu", "llama", {"r": 4}, _loldu_delta, lambda o, i, kw: kw["r"] + 1, train_lr=5e-2),
     Case("svfit", "bert", {"r": 4}, _svfit_delta, lambda o, i, kw: kw["r"], train_lr=5e-2),
-    Case("flora", "bert", {"r": 4, "alpha": 8}, _flora_delta, lambda o, i, kw: kw["r"] * (i + o) + kw["r"] ** 2),
+    Case("flora", "bert", {"r": 4, "alpha": 8}, _flora_delta, _flora_count),
+    Case("flora", "conv", {"r": 4, "alpha": 8, "kernel_r": 2, "target_modules": ["conv1d", "conv2d", "conv3d"]},
+         _flora_delta, _flora_count),
 ])
 
 CASES_BY_METHOD = {case.method: case for case in CASES}

@@ -37,7 +37,45 @@ def tiny_bert(seed: int = 0, num_labels: int = 3, **overrides):
     return AutoModelForSequenceClassification.from_config(config).eval()
 
 
-TINY_MODELS = {"llama": tiny_llama, "bert": tiny_bert}
+class TinyConvNet(torch.nn.Module):
+    """Token ids -> Conv1d -> Conv2d -> Conv3d -> 3-way logits: a config-less model whose adaptable layers
+    are N-d convolutions (kernels 3, 3×3, 3×3×3; one strided), for adapters that support conv layers."""
+
+    def __init__(self, vocab: int = 96, channels: int = 6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, channels)
+        self.conv1d = torch.nn.Conv1d(channels, 8, 3, padding=1)
+        self.conv2d = torch.nn.Conv2d(8, 8, 3, stride=(2, 1), padding=1)
+        self.conv3d = torch.nn.Conv3d(8, 5, 3, padding=1, bias=False)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, input_ids, labels=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        h = torch.relu(self.conv1d(self.embed(input_ids).transpose(1, 2)))  # (B, C, L)
+        h = torch.relu(self.conv2d(h[..., None]))  # (B, C, L', 1)
+        h = self.conv3d(h[..., None])  # (B, C, L', 1, 1)
+        logits = self.head(h.flatten(2).mean(-1))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def save_pretrained(self, path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), Path(path) / "model.pt")
+
+    @classmethod
+    def from_pretrained(cls, path) -> "TinyConvNet":
+        model = cls()
+        model.load_state_dict(torch.load(Path(path) / "model.pt"))
+        return model
+
+
+def tiny_conv(seed: int = 0) -> TinyConvNet:
+    torch.manual_seed(seed)
+    return TinyConvNet().eval()
+
+
+TINY_MODELS = {"llama": tiny_llama, "bert": tiny_bert, "conv": tiny_conv}
 
 
 def tiny_inputs(seed: int = 1, batch: int = 2, length: int = 7, vocab: int = 96) -> torch.Tensor:

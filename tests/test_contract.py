@@ -16,7 +16,9 @@ from conftest import REPO, TINY_MODELS, tiny_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
-MODEL_CLASSES = {"llama": "AutoModelForCausalLM", "bert": "AutoModelForSequenceClassification"}
+#: how a fresh process re-creates each tiny model from its save_pretrained folder: "module:Class".
+MODEL_CLASSES = {"llama": "transformers:AutoModelForCausalLM", "bert": "transformers:AutoModelForSequenceClassification",
+                 "conv": "conftest:TinyConvNet"}
 
 
 @pytest.fixture(params=CASES, ids=lambda case: case.method)
@@ -47,6 +49,23 @@ def logits(model, x):
 def base_weight(layer):
     weight = layer.get_base_layer().weight
     return weight.T if getattr(layer, "fan_in_fan_out", False) else weight
+
+
+def is_conv(layer) -> bool:
+    return isinstance(layer.get_base_layer(), torch.nn.modules.conv._ConvNd)
+
+
+def layer_input(layer, batch: int, generator=None) -> torch.Tensor:
+    """A random input for one adapted layer: ``(batch, 5, d_in)``, or ``(batch, C_in, 5, …)`` for a conv."""
+    weight = base_weight(layer)
+    shape = (batch, weight.shape[1], *[5] * (weight.dim() - 2)) if is_conv(layer) else (batch, 5, weight.shape[1])
+    return torch.randn(*shape, generator=generator)
+
+
+def reference_forward(layer, x, weight):
+    """The base layer's own op with ``weight`` in place of its weight (linear or conv)."""
+    base = layer.get_base_layer()
+    return base._conv_forward(x, weight, base.bias) if is_conv(layer) else F.linear(x, weight, base.bias)
 
 
 def test_every_adapter_has_a_contract_row():
@@ -81,11 +100,11 @@ def test_forward_matches_materialised_delta(case):
     generator = torch.Generator().manual_seed(3)
     for name, layer in adapted_layers(model):
         weight = base_weight(layer)
-        x = torch.randn(3, 5, weight.shape[1], generator=generator)
+        x = layer_input(layer, 3, generator)
         with torch.no_grad():
-            expected = F.linear(x, weight + case.reference_delta(layer, "default"), layer.get_base_layer().bias)
+            expected = reference_forward(layer, x, weight + case.reference_delta(layer, "default"))
             actual = layer(x)
-        assert (actual - x[..., :1]).abs().max() > 0  # not trivially zero
+        assert actual.abs().max() > 0  # not trivially zero
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=f"layer {name}")
 
 
@@ -99,11 +118,12 @@ def test_gradients_match_materialised_delta(case):
     weight = base_weight(layer)
     trainable = [p for p in layer.parameters() if p.requires_grad]
     assert trainable, f"{name} has no trainable tensors"
-    x = torch.randn(4, 3, weight.shape[1], requires_grad=True)
-    grad_out = torch.randn(4, 3, weight.shape[0])
+    x = layer_input(layer, 4).requires_grad_(True)
+    out = layer(x)
+    grad_out = torch.randn_like(out)
 
-    grads = torch.autograd.grad((layer(x) * grad_out).sum(), [x, *trainable])
-    reference = F.linear(x, weight + case.reference_delta(layer, "default"), layer.get_base_layer().bias)
+    grads = torch.autograd.grad((out * grad_out).sum(), [x, *trainable])
+    reference = reference_forward(layer, x, weight + case.reference_delta(layer, "default"))
     expected = torch.autograd.grad((reference * grad_out).sum(), [x, *trainable])
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -135,8 +155,8 @@ def test_trainable_parameter_count_matches_the_spec(case):
     model = wrapped(case)
     expected = 0
     for _, layer in adapted_layers(model):
-        d_out, d_in = base_weight(layer).shape[:2]
-        expected += case.param_count(d_out, d_in, case.kwargs)
+        d_out, d_in, *kernel = base_weight(layer).shape
+        expected += case.param_count(d_out, d_in, {**case.kwargs, "kernel_size": tuple(kernel)})
     heads = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
     expected += sum(p.numel() for head in heads for p in head.modules_to_save["default"].parameters())
     if case.extra_trainable is not None:
@@ -188,10 +208,12 @@ def _save_case(case, tmp_path, perturb_head: bool = True):
 
 
 LOAD_SNIPPET = """
-import torch, transformers
+import importlib, sys, torch
+sys.path.insert(0, {tests_dir!r})
 {imports}
 from peft import PeftModel
-base = getattr(transformers, {model_class!r}).from_pretrained({base_dir!r}).eval()
+module_name, class_name = {model_class!r}.split(":")
+base = getattr(importlib.import_module(module_name), class_name).from_pretrained({base_dir!r}).eval()
 model = {load}
 x = torch.load({inputs!r})
 with torch.no_grad():
@@ -203,6 +225,7 @@ print(type(model).__name__)
 def test_save_then_load_in_a_fresh_process(case, tmp_path, fresh_python):
     _, expected, base_dir, adapter_dir = _save_case(case, tmp_path)
     code = LOAD_SNIPPET.format(imports="import lrzoo", model_class=MODEL_CLASSES[case.model],
+                               tests_dir=str(REPO / "tests"),
                                base_dir=str(base_dir), load=f"PeftModel.from_pretrained(base, {str(adapter_dir)!r})",
                                inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "out.pt"))
     fresh_python(code, cwd=REPO)
@@ -216,7 +239,8 @@ def test_export_lora_loads_in_stock_peft(case, tmp_path, fresh_python):
     assert report["max_relative_error"] < 1e-5
     assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     code = LOAD_SNIPPET.format(imports="import sys; assert 'lrzoo' not in sys.modules",
-                               model_class=MODEL_CLASSES[case.model], base_dir=str(base_dir),
+                               model_class=MODEL_CLASSES[case.model], tests_dir=str(REPO / "tests"),
+                               base_dir=str(base_dir),
                                load=f"PeftModel.from_pretrained(base, {str(tmp_path / 'export')!r})",
                                inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "out.pt"))
     code += "import sys; assert 'lrzoo' not in sys.modules\n"
