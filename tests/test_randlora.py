@@ -1,0 +1,145 @@
+"""RandLoRA: interchangeable with PEFT's RandLoraConfig both ways; the torch path matches PEFT's layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, RandLoraConfig, get_peft_model
+from peft.tuners.randlora.layer import Linear as PeftRandLoraLinear
+
+import lrzoo
+from conftest import REPO, tiny_inputs, tiny_llama
+from lrzoo.kernels import randlora_linear
+from lrzoo.kernels.randlora_ref import RandLoraLinearFunction, materialize_wins
+from lrzoo.methods.randlora import FastRandLoraLinear
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # square, wide (32→16) and tall (48→32) layers
+
+
+def peft_randlora(seed: int = 0, **kwargs):
+    config = RandLoraConfig(r=4, randlora_alpha=8, target_modules=TARGETS, init_weights=False, **kwargs)
+    return get_peft_model(tiny_llama(seed), config)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_trainable_count_equals_peft_for_the_same_config():
+    ours = lrzoo.wrap(tiny_llama(0), "randlora", r=4, alpha=8, target_modules=TARGETS)
+    theirs = get_peft_model(tiny_llama(0), RandLoraConfig(r=4, randlora_alpha=8, target_modules=TARGETS))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_a_peft_checkpoint_loads_into_lrzoo_with_equal_outputs(tmp_path):
+    peft_model = peft_randlora().eval()
+    peft_model.save_pretrained(tmp_path)
+    x = tiny_inputs()
+    loaded = lrzoo.load(tiny_llama(0), str(tmp_path)).eval()
+    layers = [m for m in loaded.modules() if isinstance(m, PeftRandLoraLinear)]
+    assert layers and all(type(m) is FastRandLoraLinear for m in layers)
+    torch.testing.assert_close(logits(loaded, x), logits(peft_model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_lrzoo_checkpoint_loads_in_stock_peft(tmp_path, fresh_python):
+    model = lrzoo.wrap(tiny_llama(0), "randlora", r=4, alpha=8, target_modules=TARGETS, init_weights=False).eval()
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    x = tiny_inputs()
+    torch.save(x, tmp_path / "x.pt")
+    fresh_python(f"""
+        import sys, torch, transformers
+        from peft import PeftModel
+        base = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r}).eval()
+        model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r})
+        assert model.peft_config["default"].peft_type == "RANDLORA"
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+        assert "lrzoo" not in sys.modules
+    """, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d_in,d_out,r", [(24, 40, 4), (40, 24, 4), (33, 33, 5), (17, 50, 3)])
+@pytest.mark.parametrize("materialize", [True, False])
+def test_randlora_linear_matches_peft_values_and_gradients(d_in, d_out, r, materialize, monkeypatch):
+    monkeypatch.setattr("lrzoo.kernels.randlora_ref.materialize_wins", lambda *a: materialize)
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)),
+                           RandLoraConfig(r=r, randlora_alpha=2 * r, target_modules=["0"], init_weights=False))
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 7, d_in, requires_grad=True)
+    dy = torch.randn(3, 7, d_out)
+    params = [x, layer.randlora_lambda["default"], layer.randlora_gamma["default"]]
+    expected = layer(x)
+    grads_expected = torch.autograd.grad((expected * dy).sum(), params)
+    base = layer.get_base_layer()
+    actual = randlora_linear(x, base.weight, base.bias, layer.randlora_A["default"], layer.randlora_B["default"],
+                             *params[1:], layer.scaling["default"])
+    grads = torch.autograd.grad((actual * dy).sum(), params)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, grads_expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_path_applies_one_mask_to_the_adapter_branch_only():
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 40)),
+                           RandLoraConfig(r=4, target_modules=["0"], init_weights=False))
+    layer = model.base_model.model[0]
+    base = layer.get_base_layer()
+    args = (base.weight, base.bias, layer.randlora_A["default"], layer.randlora_B["default"],
+            layer.randlora_lambda["default"], layer.randlora_gamma["default"], 2.0)
+    x = torch.randn(64, 24, requires_grad=True)
+    out = RandLoraLinearFunction.apply(x, *args[:2], *args[2:6], 2.0, True, 0.5, True)
+    no_drop = RandLoraLinearFunction.apply(x, *args[:2], *args[2:6], 2.0, True, 0.0, False)
+    base_out = torch.nn.functional.linear(x, base.weight, base.bias)
+    # where dropout kept a whole row the branch is doubled, where it dropped it the base alone remains
+    branch, full = out - base_out, no_drop - base_out
+    ratio = (branch.abs().sum() / full.abs().sum()).item()
+    assert 0.5 < ratio < 1.5 and not torch.allclose(out, no_drop)
+    torch.autograd.grad(out.sum(), [x, layer.randlora_lambda["default"]])  # backward runs with the mask
+
+
+def test_materialising_is_chosen_when_tokens_exceed_width():
+    assert materialize_wins(2048, 1024, 1024, 1024, training=True)
+    assert not materialize_wins(1, 1024, 1024, 1024, training=False)
+    assert not materialize_wins(64, 1024, 1024, 1024, training=True)
+
+
+def saved_bytes(fn) -> int:
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        if not isinstance(tensor, torch.nn.Parameter):
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_saves_no_more_activation_bytes_than_peft_on_a_square_layer():
+    """Both keep one N×d tensor (PEFT the N×P product, lrzoo x) plus weight-sized tensors."""
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), RandLoraConfig(r=8, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    x = torch.randn(512, 64, requires_grad=True)
+    peft_bytes = saved_bytes(lambda: PeftRandLoraLinear.forward(layer, x))
+    layer.__class__ = FastRandLoraLinear  # the class swap lrzoo.wrap and lrzoo.load do
+    ours = saved_bytes(lambda: layer(x))
+    assert ours <= peft_bytes, (ours, peft_bytes)
+
+
+def test_wrap_uses_the_fast_layer_and_peft_from_pretrained_keeps_peft_layers(tmp_path):
+    model = lrzoo.wrap(tiny_llama(0), "randlora", r=4, target_modules=TARGETS)
+    assert {type(m) for m in model.modules() if isinstance(m, PeftRandLoraLinear)} == {FastRandLoraLinear}
+    model.save_pretrained(tmp_path)
+    plain = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path))
+    assert {type(m) for m in plain.modules() if isinstance(m, PeftRandLoraLinear)} == {PeftRandLoraLinear}
