@@ -60,27 +60,33 @@ def _quantiles(samples: list[float]) -> Timing:
     return Timing(q[1], q[2] - q[0])
 
 
-def time_fn(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> Timing:
-    """Median and IQR of ``fn`` in milliseconds (CUDA events and an L2 flush on GPU)."""
+def time_round_robin(fns: list[Callable[[], None]], device: torch.device, warmup: int, iters: int) -> list[Timing]:
+    """Median and IQR (ms) of each of ``fns``, timed in turn within every round.
+
+    Interleaving puts every candidate under the same machine load (a shared CPU drifts over
+    seconds), so the ratios stay meaningful when the absolute times do not. On CUDA each sample
+    is bracketed by CUDA events after an L2 flush.
+    """
     for _ in range(warmup):
-        fn()
-    samples = []
-    if device.type == "cuda":
-        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-        for _ in range(iters):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        for fn in fns:
             fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(samples)
+    samples: list[list[float]] = [[] for _ in fns]
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    for _ in range(iters):
+        for fn, out in zip(fns, samples):
+            if flush is not None:
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                out.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+    return [_quantiles(s) for s in samples]
 
 
 def saved_activation_bytes(forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
@@ -129,11 +135,10 @@ def build_layer(method: str, impl: str, d_in: int, d_out: int, r: int, device, d
     return layer
 
 
-def measure(layer: Optional[nn.Module], weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
-            device: torch.device, warmup: int, iters: int) -> tuple[Timing, Timing, int]:
-    """(fwd, fwd+bwd, saved bytes) of ``layer`` (``None``: the frozen ``F.linear``)."""
+def candidate(layer: Optional[nn.Module], weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
+              grad: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None], int]:
+    """(fwd, fwd+bwd, saved bytes) for ``layer`` (``None``: the frozen ``F.linear``)."""
     forward = (lambda: F.linear(x, weight, bias)) if layer is None else (lambda: layer(x))
-    grad = torch.randn(*x.shape[:-1], weight.shape[0], device=device, dtype=x.dtype)
 
     def fwd_bwd():
         forward().backward(grad)
@@ -141,15 +146,11 @@ def measure(layer: Optional[nn.Module], weight: torch.Tensor, bias: torch.Tensor
         if layer is not None:
             layer.zero_grad(set_to_none=True)
 
-    def fwd():
-        forward()
-
     exclude = [weight, bias] + ([] if layer is None else [*layer.parameters(), *layer.buffers()])
-    saved = saved_activation_bytes(forward, exclude)
-    return time_fn(fwd, device, warmup, iters), time_fn(fwd_bwd, device, warmup, iters), saved
+    return forward, fwd_bwd, saved_activation_bytes(forward, exclude)
 
 
-def run(methods, shapes, r, device, dtype, dropout, warmup, iters, out=sys.stdout) -> list[Row]:
+def run(methods, shapes, r, device, dtype, dropout, warmup, iters) -> list[Row]:
     import lrzoo
 
     available = set(lrzoo.list_adapters())
@@ -158,17 +159,17 @@ def run(methods, shapes, r, device, dtype, dropout, warmup, iters, out=sys.stdou
         base = _base_linear(d_in, d_out, device, dtype)[0]
         weight, bias = base.weight.detach(), base.bias.detach()
         x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
-        frozen = Row("frozen F.linear", "torch", (tokens, d_in, d_out), *measure(None, weight, bias, x, device,
-                                                                                   warmup, iters))
-        rows.append(frozen)
-        for method in methods:
-            if method not in available:
-                continue
+        grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
+        labels = [("frozen F.linear", "torch")]
+        layers: list[Optional[nn.Module]] = [None]
+        for method in (m for m in methods if m in available):
             for impl in ("lrzoo", "peft") if method in PEFT_METHODS else ("lrzoo",):
-                layer = build_layer(method, impl, d_in, d_out, r, device, dtype, dropout)
-                rows.append(Row(method, impl, (tokens, d_in, d_out), *measure(layer, weight, bias, x, device,
-                                                                                warmup, iters)))
-                del layer
+                labels.append((method, impl))
+                layers.append(build_layer(method, impl, d_in, d_out, r, device, dtype, dropout))
+        fwds, fwd_bwds, saved = zip(*(candidate(layer, weight, bias, x, grad) for layer in layers))
+        fwd_t = time_round_robin(list(fwds), device, warmup, iters)
+        fwd_bwd_t = time_round_robin(list(fwd_bwds), device, warmup, iters)
+        rows += [Row(m, i, (tokens, d_in, d_out), f, fb, s) for (m, i), f, fb, s in zip(labels, fwd_t, fwd_bwd_t, saved)]
     return rows
 
 
