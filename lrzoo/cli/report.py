@@ -1,0 +1,129 @@
+"""``lrzoo-report DIR``: aggregate the ``results.json`` of runs under DIR into tables and a plot.
+
+    lrzoo-report runs/ --out runs/report
+
+writes ``results.md`` (adapter × task, mean ± std over seeds of the primary metric ×100, with
+trainable parameters), ``results.csv`` (one row per adapter, model and task) and ``results.png``
+(score against trainable parameters, log scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+CSV_FIELDS = ("model", "adapter", "task", "metric", "n_seeds", "mean", "std", "trainable_params")
+
+
+def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
+    """One row per ``results.json`` under ``root``; ``select="best"`` takes the best evaluation."""
+    rows = []
+    for path in sorted(root.rglob("results.json")):
+        result = json.loads(path.read_text())
+        score = result.get("best", {}).get("score") if select == "best" else result.get("score")
+        if score is None:
+            continue
+        rows.append({"model": result.get("model", "?"), "adapter": result["adapter"], "task": result["task"],
+                     "metric": result["primary_metric"], "seed": result.get("seed"), "score": 100 * score,
+                     "trainable_params": result["trainable_params"]})
+    return rows
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds per (model, adapter, task)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["model"], row["adapter"], row["task"])].append(row)
+    table = []
+    for (model, adapter, task), runs in sorted(groups.items()):
+        scores = [run["score"] for run in runs]
+        table.append({"model": model, "adapter": adapter, "task": task, "metric": runs[0]["metric"],
+                      "n_seeds": len(scores), "mean": statistics.fmean(scores),
+                      "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                      "trainable_params": runs[0]["trainable_params"]})
+    return table
+
+
+def _params(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count / 1e3:.1f}K"
+
+
+def markdown(table: Sequence[dict[str, Any]]) -> str:
+    """One table per model: rows = adapters, columns = tasks, cells = mean ± std (n seeds)."""
+    parts = []
+    for model in sorted({row["model"] for row in table}):
+        rows = [row for row in table if row["model"] == model]
+        tasks = sorted({row["task"] for row in rows})
+        cells = {(row["adapter"], row["task"]): row for row in rows}
+        metric_of = {row["task"]: row["metric"] for row in rows}
+        header = ["adapter", "trainable params", *(f"{t} ({metric_of[t]})" for t in tasks)]
+        lines = [f"### {model}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for adapter in sorted({row["adapter"] for row in rows}):
+            params = next(r["trainable_params"] for r in rows if r["adapter"] == adapter)
+            values = [f"{c['mean']:.2f} ± {c['std']:.2f} ({c['n_seeds']})" if (c := cells.get((adapter, t))) else "–"
+                      for t in tasks]
+            lines.append("| " + " | ".join([adapter, _params(params), *values]) + " |")
+        parts.append("\n".join(lines))
+    note = "Scores ×100, mean ± sample std over seeds (number of seeds in brackets)."
+    return "\n\n".join(parts + [note]) + "\n"
+
+
+def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
+    """Score vs trainable parameters (log x): one colour per task, each point labelled by adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for task in sorted({row["task"] for row in table}):
+        rows = [row for row in table if row["task"] == task]
+        ax.errorbar([r["trainable_params"] for r in rows], [r["mean"] for r in rows],
+                    yerr=[r["std"] for r in rows], fmt="o", capsize=3, label=task)
+        for r in rows:
+            ax.annotate(r["adapter"], (r["trainable_params"], r["mean"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("score (primary metric ×100)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point of ``lrzoo-report``."""
+    parser = argparse.ArgumentParser(prog="lrzoo-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="directory searched recursively for results.json")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: ROOT)")
+    parser.add_argument("--select", choices=("final", "best"), default="final",
+                        help="score of each run: its final evaluation or its best one (GLUE protocol)")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"{args.root} is not a directory")
+    rows = collect(args.root, args.select)
+    if not rows:
+        parser.error(f"no finished runs (results.json) under {args.root}; run lrzoo-train first")
+    out = args.out or args.root
+    out.mkdir(parents=True, exist_ok=True)
+    table = aggregate(rows)
+    text = markdown(table)
+    (out / "results.md").write_text(text)
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in CSV_FIELDS} for row in table)
+    plot(table, out / "results.png")
+    print(text)
+    print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'} ({len(rows)} runs)")
+
+
+if __name__ == "__main__":
+    main()
