@@ -1,0 +1,107 @@
+"""lrzoo-train's config tree and command line: groups, presets, run directories, bad input, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import lrzoo
+from lrzoo.cli.train import config_hash, run_recipe
+from lrzoo.configs import config_dir
+from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+ADAPTER_FILES = sorted(p.stem for p in config_dir("adapters").glob("*.yaml"))
+EXPERIMENTS = sorted(str(p.relative_to(config_dir("recipes") / "experiment").with_suffix(""))
+                     for p in (config_dir("recipes") / "experiment").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", ADAPTER_FILES)
+def test_every_adapter_yaml_is_an_adapter_option_naming_a_registered_method(name):
+    cfg = compose([f"adapter={name}"])
+    assert cfg.adapter.name in lrzoo.list_adapters()
+    assert cfg.adapter == OmegaConf.load(config_dir("adapters") / f"{name}.yaml")
+
+
+def test_defaults_and_rank_safe_run_directory():
+    cfg = compose([], return_hydra_config=True)
+    assert (cfg.model.name, cfg.adapter.name, cfg.task.name, cfg.logger.name) == ("minilm", "lora", "glue/sst2", "csv")
+    # No timestamps: every rank of a distributed job (and a re-run, which resumes) gets the same path.
+    assert cfg.hydra.run.dir == "runs/glue/sst2/minilm/lora/seed0"
+    assert cfg.hydra.sweep.dir == "runs" and cfg.hydra.sweep.subdir == "glue/sst2/minilm/lora/seed0"
+    assert cfg.hydra.job.chdir is False
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_composes(experiment):
+    cfg = compose([f"experiment={experiment}"])
+    assert cfg.trainer.lr > 0 and cfg.adapter.name in lrzoo.list_adapters()
+
+
+def test_lora_paper_preset_pins_table_9():
+    cfg = compose(["experiment=paper/lora/roberta_base_cola"])
+    assert (cfg.model.source, cfg.task.name, cfg.adapter.name) == ("FacebookAI/roberta-base", "glue/cola", "lora")
+    assert (cfg.adapter.r, cfg.adapter.alpha, list(cfg.model.adapter_targets)) == (8, 8, ["query", "value"])
+    assert (cfg.trainer.lr, cfg.trainer.batch_size, cfg.trainer.epochs) == (4e-4, 32, 80)
+    assert (cfg.trainer.warmup_ratio, cfg.trainer.weight_decay, cfg.trainer.max_length) == (0.06, 0.1, 512)
+
+
+def test_config_hash_ignores_only_bookkeeping_keys():
+    base = config_hash(compose([]))
+    assert config_hash(compose(["trainer.stop_after=3", "resume=never", "logger=none"])) == base
+    assert config_hash(compose(["trainer.lr=1e-3"])) != base
+    assert config_hash(compose(["adapter=dora"])) != base
+
+
+def test_unknown_adapter_is_refused_with_the_options():
+    with pytest.raises(Exception, match="(?s)adapter.*lora_xs"):
+        compose(["adapter=lorra"])
+
+
+@pytest.mark.parametrize("override, error, message", [
+    (["model.source=/no/such/model"], OSError, "built-in"),
+    (["+adapter.rank=4"], TypeError, "unexpected keyword argument 'rank'"),
+    (["+trainer.learning_rate=1e-3"], ValueError, "Unknown trainer option"),
+])
+def test_bad_input_fails_before_training(override, error, message, tmp_path):
+    data = write_sst2(tmp_path / "data")
+    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *override))
+    with pytest.raises(error, match=message):
+        run_recipe(cfg, run_dir_of(cfg))
+    assert not (Path(run_dir_of(cfg)) / "checkpoints").exists()
+
+
+def test_missing_data_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
+    import lrzoo.models
+
+    monkeypatch.setattr(lrzoo.models, "load_model", lambda *a, **k: pytest.fail("model loaded before data check"))
+    cfg = compose(tiny_run_overrides(tmp_path, tmp_path / "runs"))
+    with pytest.raises(FileNotFoundError, match="SST-2"):
+        run_recipe(cfg, run_dir_of(cfg))
+
+
+@pytest.mark.slow
+def test_sweep_from_the_command_line_then_report(tmp_path):
+    data = write_sst2(tmp_path / "data")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    overrides = tiny_run_overrides(data, tmp_path / "runs", "trainer.max_steps=2")
+    sweep = subprocess.run([sys.executable, "-m", "lrzoo.train", "-m", "adapter=lora,dora", "seed=0,1", *overrides],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    found = sorted(str(p.parent.relative_to(tmp_path / "runs")) for p in (tmp_path / "runs").rglob("results.json"))
+    assert found == [f"glue/sst2/tiny_bert/{a}/seed{s}" for a in ("dora", "lora") for s in (0, 1)]
+    assert "accuracy =" in sweep.stdout
+
+    report = subprocess.run([sys.executable, "-m", "lrzoo.cli.report", str(tmp_path / "runs")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| dora |" in report.stdout and "(2) |" in report.stdout
+    seeds = [json.loads((tmp_path / "runs" / f / "results.json").read_text())["seed"] for f in found]
+    assert seeds == [0, 1, 0, 1]
