@@ -68,7 +68,7 @@ RESUME_CASES = {
     # dropout in the base and the adapter: the resumed run must restore the RNG exactly
     "lora": ["adapter.dropout=0.1"],
     # a reset at step 3 (before the checkpoint at 4) merges into the frozen base, one at 6 after it
-    "relora": ["adapter.relora_steps=3", "adapter.restart_warmup_steps=1"],
+    "relora": ["adapter.r=4", "adapter.relora_steps=3", "adapter.restart_warmup_steps=1"],
     # the data-dependent init runs again on resume and must agree with the checkpoint
     "lora_sb": ["adapter.r=4"],
 }

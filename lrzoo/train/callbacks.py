@@ -150,8 +150,8 @@ class ReLoRAHook(Callback):
     the pruning RNG, so a resume after a reset is exact.
     """
 
-    def __init__(self, relora: Any):
-        self.relora = relora
+    def __init__(self, relora: Any, model: Any):
+        self.relora, self.model = relora, model
 
     def on_step_end(self, step: int, model: Any, optimizer: Any, scheduler: Any) -> None:
         self.relora.on_step_end(step, model, optimizer)
@@ -161,9 +161,6 @@ class ReLoRAHook(Callback):
 
         layers = {name: m for name, m in model.named_modules() if m in lora_layers(model, self.relora.adapter_name)}
         return {name: layer.get_base_layer().weight for name, layer in layers.items()}
-
-    def on_train_begin(self, trainer: Any) -> None:
-        self.model = trainer.peft_model
 
     def state_dict(self) -> dict[str, Any]:
         return {"resets": self.relora.resets, "generator": self.relora._generator.get_state(),
@@ -201,7 +198,7 @@ def prepare_procedure(method: str, peft_model: Any, train_rows: Any, task: Any, 
                 optimizer, total_steps, round(config.warmup_ratio * total_steps), relora_steps=relora.relora_steps,
                 restart_warmup_steps=training["restart_warmup_steps"], min_lr_ratio=training["min_lr_ratio"])
 
-        return Procedure([ReLoRAHook(relora)], scheduler_factory)
+        return Procedure([ReLoRAHook(relora, peft_model)], scheduler_factory)
     if method == "lora_sb":
         from ..methods.lora_sb import init_lora_sb
         from .trainer import collate, encode_rows, planned_steps
