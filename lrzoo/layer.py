@@ -311,7 +311,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self.adapter_config.pop(adapter_name, None)
         self.scaling.pop(adapter_name, None)
-        self.adapter_dropout.pop(adapter_name, None)
+        if adapter_name in self.adapter_dropout:  # ModuleDict.pop takes no default
+            del self.adapter_dropout[adapter_name]
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}." + super().__repr__()
