@@ -65,13 +65,22 @@ def attach_fast_layers(model: nn.Module) -> int:
     return switched
 
 
+def build_randlora_config(r: int = 32, randlora_alpha: Optional[float] = None, **kwargs: Any) -> RandLoraConfig:
+    """PEFT's ``RandLoraConfig``; without an explicit alpha, α = 2r (the official repo's LLM example).
+
+    PEFT's own default (α = 640 whatever r, i.e. s = 20 at r = 32) diverges at ordinary learning
+    rates on small ranks (s = 80 at r = 8); pass ``alpha=`` to use it.
+    """
+    return RandLoraConfig(r=r, randlora_alpha=2 * r if randlora_alpha is None else randlora_alpha, **kwargs)
+
+
 def _post_wrap(peft_model: PeftModel, adapter_name: str) -> None:
     attach_fast_layers(peft_model)
 
 
 register_adapter(
     "randlora",
-    build_config=RandLoraConfig,
+    build_config=build_randlora_config,
     aliases={"alpha": "randlora_alpha", "dropout": "randlora_dropout", "seed": "projection_prng_key"},
     post_wrap=_post_wrap,
     summary="RandLoRA: full-rank ΔW = s·Σ_j B_j Λ_j A Γ_j over shared random bases (native PEFT RANDLORA).",
