@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 # one, and where a local CPU wheel of it is configured pip takes that instead (seconds). GPU users
 # with another torch: install it into the venv first, or override TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?=
+# Two workers for the two cores of the reference machine, one BLAS thread each (tiny models gain
+# nothing from more, and oversubscription slows everything down).
+PYTEST_ARGS ?= -n 2
 BENCH_ARGS ?= --quick
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -25,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/lrzoo-train experiment=demo
