@@ -111,7 +111,9 @@ def char_tokenizer(pair_template: bool) -> PreTrainedTokenizerFast:
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
-        specials = dict(cls_token="[CLS]", sep_token="[SEP]")
+        # BERT reads segment ids; ask the fast tokenizer to return them.
+        specials = dict(cls_token="[CLS]", sep_token="[SEP]",
+                        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     else:
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])],
