@@ -37,6 +37,8 @@ class Case:
     extra_trainable: Optional[Callable[[Any], int]] = None
     #: tolerance of the no-op init check (LoRA-XS starts at ΔW ≈ 0, not exactly 0).
     init_atol: float = 1e-5
+    #: save_pretrained writes one of PEFT's own formats (LORA, RANDLORA): stock PEFT loads it as is.
+    native_peft_format: bool = False
     #: kwargs for a short training run that must lower the loss.
     train_lr: float = 1e-2
 
@@ -65,9 +67,12 @@ def _lora_count(d_out, d_in, kw):
 LORA_RANDOM = {"init_lora_weights": False}
 
 CASES: list[Case] = [
-    Case("lora", "llama", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM),
-    Case("loraplus", "bert", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM),
+    Case("lora", "llama", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM,
+         native_peft_format=True),
+    Case("loraplus", "bert", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM,
+         native_peft_format=True),
     Case("dora", "llama", {"r": 4, "alpha": 8}, _dora_delta, lambda o, i, kw: kw["r"] * (i + o) + o,
+         native_peft_format=True,
          random_init=LORA_RANDOM, exact_export=False),
 ]
 
@@ -99,7 +104,8 @@ def _randlora_count(d_out, d_in, kw):
 
 
 CASES.extend([
-    Case("randlora", "llama", {"r": 4, "alpha": 8}, _randlora_delta, _randlora_count, exact_export=False),
+    Case("randlora", "llama", {"r": 4, "alpha": 8}, _randlora_delta, _randlora_count, exact_export=False,
+         native_peft_format=True),
 ])
 
 
@@ -110,7 +116,7 @@ def _relora_extra(model):
 
 CASES.extend([
     Case("relora", "llama", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM,
-         extra_trainable=_relora_extra, train_lr=1e-3),
+         extra_trainable=_relora_extra, train_lr=1e-3, native_peft_format=True),
 ])
 
 

@@ -246,3 +246,16 @@ def test_export_lora_loads_in_stock_peft(case, tmp_path, fresh_python):
     code += "import sys; assert 'lrzoo' not in sys.modules\n"
     fresh_python(code, cwd=tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("native_case", [c for c in CASES if c.native_peft_format], ids=lambda c: c.method)
+def test_native_checkpoint_loads_in_stock_peft(native_case, tmp_path, fresh_python):
+    """LoRA, LoRA+, DoRA, ReLoRA and RandLoRA save PEFT's own format: no export, no lrzoo needed."""
+    _, expected, base_dir, adapter_dir = _save_case(native_case, tmp_path)
+    code = LOAD_SNIPPET.format(imports="import sys; assert 'lrzoo' not in sys.modules",
+                               model_class=MODEL_CLASSES[native_case.model], tests_dir=str(REPO / "tests"),
+                               base_dir=str(base_dir), load=f"PeftModel.from_pretrained(base, {str(adapter_dir)!r})",
+                               inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "out.pt"))
+    code += "import sys; assert 'lrzoo' not in sys.modules\n"
+    fresh_python(code, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-5)
