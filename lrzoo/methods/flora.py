@@ -6,8 +6,9 @@ For a weight with modes (d_out, d_in, k₁, …, k_n) (PyTorch layout; a linear 
     ΔW = s · G ×₁ F_out ×₂ F_in ×₃ F_k₁ … ×_{n+2} F_kₙ,     s = α / r
     G ∈ R^{r_out×r_in×r_k₁…}  (core),   F_m ∈ R^{d_m×r_m}  (one factor per mode)
 
-Every factor and the core are trained, per layer; nothing is shared. Init (official code): G = 0,
-so ΔW = 0, and every F_m Kaiming-normal with a = √3. Trainable parameters: Σ_m d_m r_m + ∏_m r_m,
+Every factor and the core are trained, per layer; nothing is shared. Init: G = 0, so ΔW = 0; conv
+factors Kaiming-normal with a = √3 (official vision code), linear factors as the official NLP code
+(Subspace-Tuning): Kaiming-uniform(a=√5) on A = F_inᵀ and B = F_out, like LoRA's A. Trainable parameters: Σ_m d_m r_m + ∏_m r_m,
 i.e. r(d_in + d_out) + r² for a linear layer, where ΔW = s·B G A with B = F_out, A = F_inᵀ (the
 2-mode special case, and the shape of the r×r-core kernels).
 
@@ -77,11 +78,27 @@ class FLoRALayer(AdapterLayer):
         sizes = (weight.shape[0], weight.shape[1], *kernel)
         ranks = [min(config.r, d) for d in sizes[:2]] + [min(config.kernel_r, k) for k in kernel]
         for name, d, r in zip(self._factor_names(len(kernel)), sizes, ranks):
-            factor = torch.empty(d, r)
-            nn.init.kaiming_normal_(factor, a=math.sqrt(3))  # official init_parameters
-            self.add_trainable(name, adapter_name, factor)
+            self.add_trainable(name, adapter_name, self._init_factor(name, d, r, conv=bool(kernel)))
         core = torch.zeros(ranks) if config.init_weights else torch.randn(ranks) * 0.5
         self.add_trainable("flora_G", adapter_name, core)
+
+    @staticmethod
+    def _init_factor(name: str, d: int, r: int, conv: bool) -> torch.Tensor:
+        """A factor ``F: (d, r)``. Convs: Kaiming-normal(a=√3) as the official (vision) code. Linear
+        layers: the NLP code's LoRA-style Kaiming-uniform(a=√5) on A = F_inᵀ (r×d_in, entries
+        ~1/√d_in) and on B = F_out (d_out×r). The conv init on a linear layer makes F_in entries
+        ~1/√r, so ΔW grows ~√(d_in/r) times faster per step than LoRA's and training stalls."""
+        if conv:
+            factor = torch.empty(d, r)
+            nn.init.kaiming_normal_(factor, a=math.sqrt(3))
+            return factor
+        if name == "flora_in":
+            a_matrix = torch.empty(r, d)
+            nn.init.kaiming_uniform_(a_matrix, a=math.sqrt(5))
+            return a_matrix.T.contiguous()
+        factor = torch.empty(d, r)
+        nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
+        return factor
 
     @staticmethod
     def _factor_names(kernel_modes: int) -> tuple[str, ...]:
