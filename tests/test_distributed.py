@@ -23,13 +23,22 @@ NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
               "+model.config_overrides.attention_probs_dropout_prob=0.0"]
 
 
-def test_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # accelerate's `--cpu` multi-process launch goes through mpirun; `--multi_gpu` is its torchrun path,
+    # which also runs on CPU-only machines (the trainer then uses gloo).
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path, launcher):
     data = write_sst2(tmp_path / "data")
     overrides = tiny_run_overrides(data, tmp_path / "two", *NO_DROPOUT, "trainer.max_steps=6")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "lrzoo.train", *overrides],
+        [*LAUNCHERS[launcher], "-m", "lrzoo.train", *overrides],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert launched.returncode == 0, launched.stderr[-4000:]
