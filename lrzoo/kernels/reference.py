@@ -47,6 +47,27 @@ def _base_out(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return x2 @ weight.t()
 
 
+def _lora_grads(ctx, dz, x2, weight, lora_A, lora_B, xa, mask):
+    """``(∂x, ∂A, ∂B)`` of ``z = x Wᵀ + s·(drop(x) Aᵀ) Bᵀ`` given ``∂z: (N, d_out)``, each ``None`` where
+    ``ctx.needs_input_grad`` (x at 0, A at 3, B at 4) does not ask for it. Reads x only for ∂A."""
+    s, p = ctx.scaling, ctx.dropout_p
+    need_x, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+    A, B = lora_A.to(dz.dtype), lora_B.to(dz.dtype)
+    ds = (dz @ B) * s if (need_x or need_A) else None  # (N, r): grad of xa
+    grad_x = grad_A = grad_B = None
+    if need_B:
+        grad_B = (dz.t() @ xa).mul_(s).to(lora_B.dtype)
+    if need_A:
+        grad_A = (ds.t() @ _apply_mask(x2, mask, p)).to(lora_A.dtype)
+    if need_x:
+        if mask is None:
+            grad_x = torch.addmm(dz @ weight, ds, A)
+        else:
+            grad_x = dz @ weight + _apply_mask(ds @ A, mask, p)
+        grad_x = grad_x.reshape(ctx.x_shape)
+    return grad_x, grad_A, grad_B
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with a backward that reuses the saved ``xa``."""
 
@@ -67,24 +88,10 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
         dy = _flatten(grad_out).to(xa.dtype)
-        A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
-        need_x, need_b, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
-        ds = (dy @ B) * s if (need_x or need_A) else None  # (N, r): grad of xa
-        grad_x = grad_bias = grad_A = grad_B = None
-        if need_B:
-            grad_B = (dy.t() @ xa).mul_(s).to(lora_B.dtype)
-        if need_A:
-            grad_A = (ds.t() @ _apply_mask(x2, mask, p)).to(lora_A.dtype)
-        if need_x:
-            if mask is None:
-                grad_x = torch.addmm(dy @ weight.to(dy.dtype), ds, A)
-            else:
-                grad_x = dy @ weight.to(dy.dtype) + _apply_mask(ds @ A, mask, p)
-            grad_x = grad_x.reshape(ctx.x_shape)
-        if need_b and ctx.has_bias:
-            grad_bias = dy.sum(0)
+        need_b = ctx.needs_input_grad[2]
+        grad_x, grad_A, grad_B = _lora_grads(ctx, dy, x2, weight.to(dy.dtype), lora_A, lora_B, xa, mask)
+        grad_bias = dy.sum(0) if (need_b and ctx.has_bias) else None
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
 
 
@@ -144,30 +151,20 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2, weight, lora_A, lora_B, magnitude, xa, mask, norm = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
+        s = ctx.scaling
         dy = _flatten(grad_out).to(x2.dtype)
-        W, A, B = weight.to(dy.dtype), lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+        W, B = weight.to(dy.dtype), lora_B.to(dy.dtype)
         g = (magnitude.float() / norm).to(dy.dtype)
-        need_x, need_b, need_A, need_B, need_m = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5))
-        grad_x = grad_bias = grad_A = grad_B = grad_m = None
+        need_b, need_m = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
+        grad_bias = grad_m = None
         if need_m:
             # ∂m_j = Σ_N dy_Nj z_Nj / n_j with z = x Wᵀ + s·xa Bᵀ. The base product is recomputed
             # (one GEMM) rather than saved; the low-rank part folds into the r-wide product dyᵀ·xa.
             dyt_xa = dy.t() @ xa
             zsum = (dy * (x2 @ W.t())).sum(0, dtype=torch.float32) + s * (dyt_xa.float() * B.float()).sum(1)
             grad_m = (zsum / norm).to(magnitude.dtype)
-        dz = dy * g  # grad of z
-        ds = (dz @ B) * s if (need_x or need_A) else None
-        if need_B:
-            grad_B = (dz.t() @ xa).mul_(s).to(lora_B.dtype)
-        if need_A:
-            grad_A = (ds.t() @ _apply_mask(x2, mask, p)).to(lora_A.dtype)
-        if need_x:
-            if mask is None:
-                grad_x = torch.addmm(dz @ W, ds, A)
-            else:
-                grad_x = dz @ W + _apply_mask(ds @ A, mask, p)
-            grad_x = grad_x.reshape(ctx.x_shape)
+        # z's gradient is dy scaled per output channel; from there the grads are LoRA's.
+        grad_x, grad_A, grad_B = _lora_grads(ctx, dy * g, x2, W, lora_A, lora_B, xa, mask)
         if need_b and ctx.has_bias:
             grad_bias = dy.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None, None
@@ -187,7 +184,6 @@ def dora_linear(
     """DoRA linear, torch path (weight and bias frozen)."""
     return DoraLinearFunction.apply(x, weight.detach(), None if bias is None else bias.detach(), lora_A, lora_B,
                                     magnitude, float(scaling), float(dropout_p), bool(training))
-
 
 
 def fold_core(lora_B: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
