@@ -13,7 +13,7 @@ BENCH_ARGS ?= --quick
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench docs clean
+.PHONY: install test demo bench docs clean results-glue
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ demo: install
 
 bench: install
 	$(VENV)/bin/lrzoo-bench $(BENCH_ARGS)
+
+# docs/results.md's GLUE table: every line of recipes/sweeps/glue_cpu.txt x 5 tasks x 3 seeds on the
+# glue_cpu budget, two runs at a time with one thread each (about an hour on 2 cores); finished runs
+# are skipped and interrupted ones resume, so re-running continues where it stopped.
+GLUE_TASKS ?= glue/sst2,glue/cola,glue/mrpc,glue/stsb,glue/rte
+results-glue: install
+	grep -v '^#' recipes/sweeps/glue_cpu.txt | OMP_NUM_THREADS=1 xargs -P 2 -L 1 sh -c \
+	  '$(VENV)/bin/lrzoo-train -m experiment=glue_cpu adapter="$$0" "$$@" seed=0,1,2 task=$(GLUE_TASKS) > /dev/null'
+	$(VENV)/bin/lrzoo-report runs/glue-cpu
 
 docs: install
 	$(PY) -m pytest -q tests/test_docs.py

@@ -105,3 +105,21 @@ def test_sweep_from_the_command_line_then_report(tmp_path):
     assert "| dora |" in report.stdout and "(2) |" in report.stdout
     seeds = [json.loads((tmp_path / "runs" / f / "results.json").read_text())["seed"] for f in found]
     assert seeds == [0, 1, 0, 1]
+
+
+def test_train_tasks_interleave_a_union_and_eval_tasks_override(tmp_path):
+    from lrzoo.cli.train import _train_rows
+    from lrzoo.tasks import get_task
+
+    data = write_sst2(tmp_path / "data", train=6)
+    cola = tmp_path / "data" / "glue" / "CoLA"
+    cola.mkdir(parents=True)
+    (cola / "train.tsv").write_text("".join(f"src\t{i % 2}\t\tsentence number {i}\n" for i in range(3)))
+    sst2 = list(get_task("glue/sst2").load_split("train", data))
+    colas = list(get_task("glue/cola").load_split("train", data))
+    union = _train_rows(get_task("glue/sst2"), ["glue/sst2", "glue/cola"], data, None)
+    assert union == [sst2[0], colas[0], sst2[1], colas[1], sst2[2], colas[2], *sst2[3:]]
+    assert _train_rows(get_task("glue/sst2"), ["glue/sst2", "glue/cola"], data, 4) == union[:4]
+    assert list(_train_rows(get_task("glue/sst2"), None, data, 2)) == sst2[:2]
+    cfg = compose(["experiment=cs_cpu"])
+    assert "commonsense/hellaswag" not in cfg.task.eval_tasks and len(cfg.task.train_tasks) == 4

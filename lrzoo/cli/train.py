@@ -13,6 +13,7 @@ its data, the model, and the adapter's keywords.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -62,6 +63,7 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
     import lrzoo
     from lrzoo.models import load_model
     from lrzoo.tasks import get_task
+    from lrzoo.train.baselines import BASELINES, prepare_baseline
     from lrzoo.train.callbacks import make_logger, prepare_procedure
     from lrzoo.train.trainer import Trainer, TrainerConfig, latest_checkpoint, seed_everything
 
@@ -88,18 +90,21 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
     config = TrainerConfig.from_dict(trainer_options)
     data_dir = task_cfg.get("data_dir")
     eval_split = task_cfg.get("eval_split") or ("test" if task.kind == "generation" else "validation")
-    train_rows = task.load_split("train", data_dir, limit=plain.get("train_limit"))
+    train_rows = _train_rows(task, task_cfg.get("train_tasks"), data_dir, plain.get("train_limit"))
     eval_sets = {}
-    for name in getattr(task, "eval_tasks", (task.name,)):
+    for name in task_cfg.get("eval_tasks") or getattr(task, "eval_tasks", (task.name,)):
         eval_task = task if name == task.name else get_task(name)
         eval_sets[name] = (eval_task, eval_task.load_split(eval_split, data_dir, limit=plain.get("eval_limit")))
 
     model, tokenizer = load_model(model_cfg["source"], task.kind, task.num_labels, dtype=model_cfg.get("dtype"),
                                   config_overrides=model_cfg.get("config_overrides"))
     method = adapter.pop("name")
-    if adapter.get("target_modules") is None and model_cfg.get("adapter_targets") is not None:
-        adapter["target_modules"] = list(model_cfg["adapter_targets"])
-    peft_model = lrzoo.wrap(model, method, **adapter)
+    if method in BASELINES:
+        peft_model = prepare_baseline(model, method)
+    else:
+        if adapter.get("target_modules") is None and model_cfg.get("adapter_targets") is not None:
+            adapter["target_modules"] = list(model_cfg["adapter_targets"])
+        peft_model = lrzoo.wrap(model, method, **adapter)
 
     procedure = prepare_procedure(method, peft_model, train_rows, task, tokenizer, config)
     logger_options = dict(plain["logger"])
@@ -125,6 +130,18 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
         if is_main:
             print(f"[lrzoo] resumed from {checkpoint} at step {trainer.start_step}")
     return trainer.fit()
+
+
+def _train_rows(task: Any, train_tasks: Optional[list[str]], data_dir: Optional[str], limit: Optional[int]) -> list:
+    """The task's own training split, or the union of ``task.train_tasks``' splits (e.g. the commonsense
+    tasks whose training files are at hand), interleaved so that ``train_limit`` takes from every one."""
+    if not train_tasks:
+        return task.load_split("train", data_dir, limit=limit)
+    from lrzoo.tasks import get_task
+
+    parts = [list(get_task(name).load_split("train", data_dir)) for name in train_tasks]
+    mixed = [row for group in itertools.zip_longest(*parts) for row in group if row is not None]
+    return mixed[:limit] if limit else mixed
 
 
 def _summary(results: dict[str, Any], run_dir: str) -> str:

@@ -50,7 +50,7 @@ def make_optimizer(
 
     head_names = {
         name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)
-    }
+    } or set(getattr(model, "lrzoo_head_modules", ()))  # baselines (lrzoo.train.baselines) mark their head
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -271,6 +271,8 @@ class Trainer:
         self.steps_per_epoch = len(self.train_features) // config.batch_size
 
         self.peft_model = model
+        # a PeftModel, or a plain model for the baselines (lrzoo.train.baselines): saved whole
+        self._is_peft = isinstance(model, PeftModel)
         self.model = self.accelerator.prepare(model)
         self.optimizer = self.accelerator.prepare(
             make_optimizer(self.accelerator.unwrap_model(self.model), lr=config.lr,
@@ -320,7 +322,7 @@ class Trainer:
                 "step": step,
                 "config_hash": self.run_info.get("config_hash"),
                 "world_size": self.world,
-                "adapter": get_peft_model_state_dict(self.peft_model),
+                "adapter": get_peft_model_state_dict(self.peft_model) if self._is_peft else None,
                 "trainable": self._trainable_state(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -351,7 +353,8 @@ class Trainer:
                 f"vs {expected}). Resume with the same settings, pick a new run directory (run_name=...), "
                 "or start over with resume=never."
             )
-        set_peft_model_state_dict(self.peft_model, state["adapter"])
+        if state["adapter"] is not None:
+            set_peft_model_state_dict(self.peft_model, state["adapter"])
         params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():

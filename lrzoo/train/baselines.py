@@ -1,0 +1,29 @@
+"""Reference points for the adapter tables: full fine-tuning and a trained head on a frozen model.
+
+They are recipe options (``adapter=full_finetune`` / ``adapter=head_only``), not adapters: ``lrzoo.wrap``
+does not know them, the trainer runs the plain ``transformers`` model and saves it with
+``save_pretrained`` (the whole model for full fine-tuning).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..wrap import task_head_modules
+
+BASELINES = ("full_finetune", "head_only")
+
+
+def prepare_baseline(model: nn.Module, name: str) -> nn.Module:
+    """Set ``requires_grad`` for baseline ``name`` and record the head for ``make_optimizer``'s ``head_lr``."""
+    if name not in BASELINES:
+        raise ValueError(f"Unknown baseline {name!r}; choose one of {list(BASELINES)}.")
+    heads = task_head_modules(model)
+    if name == "head_only" and not heads:
+        raise ValueError(f"adapter=head_only needs a task head, but {type(model).__name__} has none outside its "
+                         "backbone (a causal LM's head is the tied embedding); use full_finetune or an adapter.")
+    for param_name, param in model.named_parameters():
+        in_head = any(param_name.startswith(head + ".") for head in heads)
+        param.requires_grad_(name == "full_finetune" or in_head)
+    model.lrzoo_head_modules = heads
+    return model
