@@ -49,3 +49,43 @@ def test_dropout_backward_matches_autograd_on_the_same_mask(method):
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _tera_delta(factors, core, lam, modes, scaling):
+    """ΔW from the definition: contract every mode of G with U_n diag λ_n, then read the tensor as a matrix."""
+    letters = "abcdefgh"[:len(modes)]
+    outs = "ABCDEFGH"[:len(modes)]
+    operands = [core] + [factors[n, :size] * lam[n] for n, size in enumerate(modes)]
+    spec = letters + "," + ",".join(f"{o}{a}" for o, a in zip(outs, letters)) + "->" + outs
+    k = len(modes) // 2
+    rows = int(torch.tensor(modes[:k]).prod())
+    return scaling * torch.einsum(spec, *operands).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("modes,rank,tokens,form", [
+    ((4, 4, 4, 4), 4, 40, "merged"),       # Q = R² = 16 = width: building W' wins
+    ((8, 8, 8, 8), 2, 40, "low-rank"),     # Q = 4 ≪ 64: two thin GEMMs win
+    ((2, 3, 4, 2, 2, 3), 2, 9, "low-rank"),  # K = 3, uneven modes, rectangular layer
+])
+def test_tera_linear_matches_the_materialised_update_in_both_forms(modes, rank, tokens, form):
+    from lrzoo.kernels import randlora_ref, tera_ref
+
+    g = torch.Generator().manual_seed(0)
+    k = len(modes) // 2
+    d_out, d_in = int(torch.tensor(modes[:k]).prod()), int(torch.tensor(modes[k:]).prod())
+    factors = torch.randn(len(modes), max(modes) + 1, rank, generator=g)
+    core = torch.randn((rank,) * len(modes), generator=g)
+    lam = torch.randn(len(modes), rank, generator=g).requires_grad_()
+    x = torch.randn(tokens, d_in, generator=g).requires_grad_()
+    weight, bias = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
+    assert randlora_ref.materialize_wins(tokens, d_in, d_out, rank ** k, True) == (form == "merged")
+
+    out = tera_ref.tera_linear(x, weight, bias, factors, core, lam, modes, 0.3)
+    x_ref, lam_ref = x.detach().clone().requires_grad_(), lam.detach().clone().requires_grad_()
+    expected = F.linear(x_ref, weight + _tera_delta(factors, core, lam_ref, modes, 0.3), bias)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    dy = torch.randn(out.shape, generator=g)
+    out.backward(dy)
+    expected.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lam.grad, lam_ref.grad, atol=1e-4, rtol=1e-4)

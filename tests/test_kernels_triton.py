@@ -158,6 +158,21 @@ def test_randlora_matches_the_torch_path(monkeypatch, d_in, d_out):
                   torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("modes,rank", [
+    ((4, 4, 4, 4), 4),   # Q = 16 = width: the fused merge kernel, then one GEMM
+    ((8, 8, 8, 8), 2),   # Q = 4: the LoRA kernel with A = Rcᵀ, B = T
+])
+def test_tera_matches_the_torch_path(monkeypatch, dtype, modes, rank):
+    d_out, d_in = modes[0] * modes[1], modes[2] * modes[3]
+    inputs = dict(x=_rand(2, 20, d_in, dtype=dtype), weight=_rand(d_out, d_in, dtype=dtype, scale=0.2, seed=1),
+                  bias=_rand(d_out, dtype=dtype, seed=2), factors=_rand(4, max(modes) + 2, rank, seed=3, scale=0.5),
+                  core=_rand(*(rank,) * 4, seed=4), lam=_rand(4, rank, seed=5), modes=modes, scaling=0.4)
+    wins = randlora_ref.materialize_wins(40, d_in, d_out, rank ** 2, True)
+    assert wins == (rank ** 2 == d_in), "each case must take the path its comment names"
+    _assert_close(*_both_paths(kernels.tera_linear, monkeypatch, inputs, ["x", "bias", "lam"]), dtype)
+
+
 def test_bfloat16_is_computed_in_float32_inside_the_kernels(monkeypatch):
     inputs = _lora_inputs((16,), 32, 24, 4, torch.bfloat16)
     out = kernels.lora_linear(**inputs)

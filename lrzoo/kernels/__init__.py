@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import randlora_ref, reference
+from . import randlora_ref, reference, tera_ref
 from .backend import requested_backend, use_triton
 from .triton_ops import TRITON_ENTRIES
 
@@ -46,5 +46,11 @@ def randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, drop
                      scaling, dropout_p, training)
 
 
+def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
+    """TeRA linear ``x (W + ΔW)ᵀ + b`` with ``ΔW = s·T·Rcᵀ`` of rank ≤ R^K; see :mod:`lrzoo.kernels.tera_ref`."""
+    return _dispatch("tera_linear", tera_ref.tera_linear, x, weight, bias, factors, core, lam, tuple(modes), scaling,
+                     dropout_p, training)
+
+
 __all__ = ["TRITON_OPS", "core_linear", "dora_linear", "lora_linear", "randlora_linear", "randlora_ref", "reference",
-           "requested_backend"]
+           "requested_backend", "tera_linear", "tera_ref"]

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import randlora_ref, reference
+from . import randlora_ref, reference, tera_ref
 from .backend import warn_once
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,4 +54,5 @@ TRITON_ENTRIES: dict[str, Callable] = {
     "lora_linear": _lazy("lora_linear", "triton_lora", "lora_linear", reference.lora_linear, 6),
     "dora_linear": _lazy("dora_linear", "triton_lora", "dora_linear", reference.dora_linear, 7),
     "randlora_linear": _lazy("randlora_linear", "triton_randlora", "randlora_linear", randlora_ref.randlora_linear, 8),
+    "tera_linear": _lazy("tera_linear", "triton_tera", "tera_linear", tera_ref.tera_linear, 8),
 }

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners._buffer_dict import BufferDict
 
+from .. import kernels
 from ..layer import AdapterConfig, AdapterLayer
 from ..registry import register_adapter
 from ..targets import weight_shape
@@ -138,13 +138,14 @@ class TeraLayer(AdapterLayer):
         return self.scaling[adapter_name] * tensor.reshape(self.out_features, self.in_features)
 
     def fused_forward(self, x, adapter_name):
-        """``x (W + ΔW)ᵀ + b``: ΔW is dense, so one GEMM with the merged weight beats two (tokens ≫ R)."""
-        if not isinstance(self.adapter_dropout[adapter_name], nn.Identity):
-            return super().fused_forward(x, adapter_name)
-        base = self.get_base_layer()
-        merged = self.base_weight_out_in() + self.delta_weight(adapter_name).to(base.weight.dtype)
-        bias = None if base.bias is None else base.bias.to(x.dtype)
-        return F.linear(x, merged.to(x.dtype), bias)
+        """``x (W + ΔW)ᵀ + b`` through :func:`lrzoo.kernels.tera_linear`: ΔW = s·T·Rcᵀ has rank ≤ R^K, so it
+        is applied as two thin GEMMs, or merged into W by one kernel when R^K nears the width."""
+        tuner, base = self._tera_tuner, self.get_base_layer()
+        dropout = self.adapter_dropout[adapter_name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return kernels.tera_linear(x, self.base_weight_out_in(), base.bias, tuner.tera_factors[adapter_name],
+                                   tuner.tera_core[adapter_name], self.tera_lambda[adapter_name],
+                                   self.tera_modes[adapter_name], self.scaling[adapter_name], p, self.training)
 
 
 register_adapter("tera", TeraConfig, TeraLayer)

@@ -1,0 +1,96 @@
+"""Triton TeRA linear. Same factorisation as :mod:`lrzoo.kernels.tera_ref` (``ΔW = s·T·Rcᵀ``, rank Q):
+
+* few tokens per weight or dropout: the Triton LoRA kernel with ``A = Rcᵀ`` and ``B = T`` (the
+  rank-Q expand fused into the base GEMM, dropout mask recomputed from its seed);
+* otherwise (Q near the layer width): one fused kernel writes ``W' = W + s·T·Rcᵀ`` once, in the
+  activation dtype, and one GEMM applies it. Backward: ``∂x = dy·W'`` and ``∂T = s·(dyᵀx)·Rc``; the
+  λ gradients follow from ``T = L·Gλ`` by autograd on (Q, Q)-sized tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import interpreter_on
+from .randlora_ref import materialize_wins
+from .tera_ref import tera_factors
+from .triton_gemm import fused_mm
+from .triton_lora import lora_linear as triton_lora_linear
+
+
+def _blocks() -> tuple[int, int, int]:
+    return (64, 64, 64) if interpreter_on() else (64, 128, 32)
+
+
+@triton.jit
+def _merge_kernel(w_ptr, t_ptr, rc_ptr, out_ptr, D_OUT, D_IN, Q, scaling,
+                  stride_wm, stride_wn, stride_tm, stride_tq, stride_rn, stride_rq, stride_om, stride_on,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        rq = q0 + tl.arange(0, BLOCK_Q)
+        t = tl.load(t_ptr + rm[:, None] * stride_tm + rq[None, :] * stride_tq,
+                    mask=(rm < D_OUT)[:, None] & (rq < Q)[None, :], other=0.0).to(tl.float32)
+        rc = tl.load(rc_ptr + rn[:, None] * stride_rn + rq[None, :] * stride_rq,
+                     mask=(rn < D_IN)[:, None] & (rq < Q)[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(t, tl.trans(rc), input_precision="ieee")
+    tile = (rm < D_OUT)[:, None] & (rn < D_IN)[None, :]
+    w = tl.load(w_ptr + rm[:, None] * stride_wm + rn[None, :] * stride_wn, mask=tile, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+             (w + scaling * acc).to(out_ptr.dtype.element_ty), mask=tile)
+
+
+def merged_weight(weight: torch.Tensor, T: torch.Tensor, Rc: torch.Tensor, scaling: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``W + s·T·Rcᵀ`` as a new ``(d_out, d_in)`` tensor in ``dtype`` (one kernel; ΔW never stored)."""
+    d_out, d_in = weight.shape
+    out = torch.empty(d_out, d_in, device=weight.device, dtype=dtype)
+    block_m, block_n, block_q = _blocks()
+    _merge_kernel[(triton.cdiv(d_out, block_m), triton.cdiv(d_in, block_n))](
+        weight, T, Rc, out, d_out, d_in, T.shape[1], float(scaling),
+        *weight.stride(), *T.stride(), *Rc.stride(), *out.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q,
+    )
+    return out
+
+
+class TritonTeraMergedFunction(torch.autograd.Function):
+    """``x W'ᵀ + b`` with ``W' = W + s·T·Rcᵀ`` from :func:`merged_weight`; gradients for x, b and T."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, T, Rc, scaling: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        merged = merged_weight(weight, T, Rc, scaling, x2.dtype)
+        out = fused_mm(x2, merged, bias=bias)
+        ctx.save_for_backward(x2, merged if ctx.needs_input_grad[0] else None, T, Rc)
+        ctx.scaling, ctx.x_shape, ctx.has_bias = scaling, x.shape, bias is not None
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, merged, T, Rc = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
+        grad_x = grad_bias = grad_T = None
+        if ctx.needs_input_grad[0]:
+            grad_x = fused_mm(dy, merged.t()).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_w = fused_mm(dy.t(), x2.t(), out_dtype=torch.float32)  # (d_out, d_in)
+            grad_T = (fused_mm(grad_w, Rc.float().t(), out_dtype=torch.float32) * ctx.scaling).to(T.dtype)
+        if ctx.needs_input_grad[2] and ctx.has_bias:
+            grad_bias = dy.sum(0)
+        return grad_x, None, grad_bias, grad_T, None, None
+
+
+def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
+    """Triton TeRA linear; same contract as :func:`lrzoo.kernels.tera_ref.tera_linear`."""
+    d_out, d_in = weight.shape
+    T, Rc = tera_factors(factors, core, lam, tuple(modes), x.dtype)
+    dropout = dropout_p > 0 and training
+    if dropout or not materialize_wins(x.numel() // d_in, d_in, d_out, T.shape[1], torch.is_grad_enabled()):
+        return triton_lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
+    return TritonTeraMergedFunction.apply(x, weight.detach(), None if bias is None else bias.detach(), T,
+                                          Rc.detach(), float(scaling))
