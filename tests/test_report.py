@@ -25,7 +25,8 @@ def runs(tmp_path):
             (run / "results.json").write_text(json.dumps({
                 "task": task, "adapter": adapter, "model": "minilm", "seed": seed, "primary_metric": metric,
                 "score": score, "metrics": {metric: score, "score": score}, "trainable_params": PARAMS[adapter],
-                "best": {"step": 1, "score": score + 0.01}}))
+                "best": {"step": 1, "score": score + 0.01}, "peak_memory_mb": 1000.0 + 10 * seed,
+                "wall_time_s": 30.0 + seed}))
     (tmp_path / "runs" / "unfinished").mkdir()  # no results.json: ignored
     return tmp_path / "runs"
 
@@ -46,8 +47,9 @@ def test_report_aggregates_seeds_into_markdown_csv_and_png(runs, tmp_path, capsy
         assert int(row["trainable_params"]) == PARAMS[key[0]]
 
     text = (out / "results.md").read_text()
-    assert "| lora | 74.5K | 55.00 ± 0.00 (1) | 71.00 ± 2.65 (3) |" in text
-    assert "| dora | 80.0K | – | 73.00 ± 2.83 (2) |" in text
+    # columns: cola, rte, average over tasks, params, peak memory (max over runs), train time (mean of task means)
+    assert "| lora | 55.00 ± 0.00 (1) | 71.00 ± 2.65 (3) | 63.00 | 74.5K | 1020 | 30 |" in text
+    assert "| dora | – | 73.00 ± 2.83 (2) | – | 80.0K | 1010 | 30 |" in text
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "results.md" in capsys.readouterr().out
 
@@ -63,3 +65,16 @@ def test_report_without_runs_says_what_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "run lrzoo-train first" in capsys.readouterr().err
+
+
+def test_a_run_on_several_eval_sets_gives_one_column_per_set(tmp_path):
+    run = tmp_path / "runs" / "cs" / "seed0"
+    run.mkdir(parents=True)
+    metrics = {"commonsense/boolq/accuracy": 0.5, "commonsense/piqa/accuracy": 0.25, "score": 0.375}
+    (run / "results.json").write_text(json.dumps({
+        "task": "commonsense/all", "adapter": "lora", "model": "smollm2", "seed": 0, "primary_metric": "accuracy",
+        "score": 0.375, "metrics": metrics, "trainable_params": 460_800, "peak_memory_mb": 2000.0,
+        "wall_time_s": 100.0}))
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "| lora | 50.00 ± 0.00 (1) | 25.00 ± 0.00 (1) | 37.50 | 0.46M | 2000 | 100 |" in text

@@ -2,9 +2,10 @@
 
     lrzoo-report runs/ --out runs/report
 
-writes ``results.md`` (adapter × task, mean ± std over seeds of the primary metric ×100, with
-trainable parameters), ``results.csv`` (one row per adapter, model and task) and ``results.png``
-(score against trainable parameters, log scale).
+writes ``results.md`` (adapter × task, mean ± std over seeds of the primary metric ×100, the average
+over tasks, trainable parameters, peak memory and training time), ``results.csv`` (one row per
+adapter, model and task) and ``results.png`` (score against trainable parameters, log scale).
+A run scored on several eval sets (``commonsense/all``) gives one column per set.
 """
 
 from __future__ import annotations
@@ -17,20 +18,28 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-CSV_FIELDS = ("model", "adapter", "task", "metric", "n_seeds", "mean", "std", "trainable_params")
+CSV_FIELDS = ("model", "adapter", "task", "metric", "n_seeds", "mean", "std", "trainable_params", "peak_memory_mb",
+              "wall_time_s")
 
 
 def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
-    """One row per ``results.json`` under ``root``; ``select="best"`` takes the best evaluation."""
+    """One row per ``results.json`` under ``root`` and eval set; ``select="best"`` takes the best evaluation."""
     rows = []
     for path in sorted(root.rglob("results.json")):
         result = json.loads(path.read_text())
-        score = result.get("best", {}).get("score") if select == "best" else result.get("score")
-        if score is None:
+        chosen = result.get("best", {}) if select == "best" else {"score": result.get("score"),
+                                                                   "metrics": result.get("metrics", {})}
+        if chosen.get("score") is None:
             continue
-        rows.append({"model": result.get("model", "?"), "adapter": result["adapter"], "task": result["task"],
-                     "metric": result["primary_metric"], "seed": result.get("seed"), "score": 100 * score,
-                     "trainable_params": result["trainable_params"]})
+        common = {"model": result.get("model", "?"), "adapter": result["adapter"], "seed": result.get("seed"),
+                  "trainable_params": result["trainable_params"], "peak_memory_mb": result.get("peak_memory_mb"),
+                  "wall_time_s": result.get("wall_time_s")}
+        metric = result["primary_metric"]
+        # several eval sets: metrics are "<eval task>/<metric>"; report each set, not their mean
+        per_set = {key[:-len(metric) - 1]: value for key, value in (chosen.get("metrics") or {}).items()
+                   if key.endswith("/" + metric)}
+        for task, score in (per_set or {result["task"]: chosen["score"]}).items():
+            rows.append({**common, "task": task, "metric": metric, "score": 100 * score})
     return rows
 
 
@@ -42,11 +51,25 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for (model, adapter, task), runs in sorted(groups.items()):
         scores = [run["score"] for run in runs]
+        memory = [run["peak_memory_mb"] for run in runs if run.get("peak_memory_mb") is not None]
+        walls = [run["wall_time_s"] for run in runs if run.get("wall_time_s") is not None]
         table.append({"model": model, "adapter": adapter, "task": task, "metric": runs[0]["metric"],
                       "n_seeds": len(scores), "mean": statistics.fmean(scores),
                       "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                      "trainable_params": runs[0]["trainable_params"]})
+                      "trainable_params": runs[0]["trainable_params"],
+                      "peak_memory_mb": max(memory) if memory else None,
+                      "wall_time_s": statistics.fmean(walls) if walls else None})
     return table
+
+
+def averages(table: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """Mean over tasks of the per-task means, for each (model, adapter) scored on every task of its model."""
+    tasks_of: dict[str, set[str]] = defaultdict(set)
+    means: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for row in table:
+        tasks_of[row["model"]].add(row["task"])
+        means[(row["model"], row["adapter"])].append(row["mean"])
+    return {key: statistics.fmean(values) for key, values in means.items() if len(values) == len(tasks_of[key[0]])}
 
 
 def _params(count: int) -> str:
@@ -54,22 +77,35 @@ def _params(count: int) -> str:
 
 
 def markdown(table: Sequence[dict[str, Any]]) -> str:
-    """One table per model: rows = adapters, columns = tasks, cells = mean ± std (n seeds)."""
+    """One table per model: rows = adapters, columns = tasks (cells = mean ± std (n seeds)), then the
+    average over tasks, trainable parameters (range over tasks: heads differ), peak memory and time."""
     parts = []
+    avg = averages(table)
     for model in sorted({row["model"] for row in table}):
         rows = [row for row in table if row["model"] == model]
         tasks = sorted({row["task"] for row in rows})
         cells = {(row["adapter"], row["task"]): row for row in rows}
         metric_of = {row["task"]: row["metric"] for row in rows}
-        header = ["adapter", "trainable params", *(f"{t} ({metric_of[t]})" for t in tasks)]
+        header = ["adapter", *(f"{t} ({metric_of[t]})" for t in tasks)]
+        header += ["average"] if len(tasks) > 1 else []
+        header += ["trainable params", "peak memory (MB)", "train time / run (s)"]
         lines = [f"### {model}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for adapter in sorted({row["adapter"] for row in rows}):
-            params = next(r["trainable_params"] for r in rows if r["adapter"] == adapter)
+            mine = [r for r in rows if r["adapter"] == adapter]
             values = [f"{c['mean']:.2f} ± {c['std']:.2f} ({c['n_seeds']})" if (c := cells.get((adapter, t))) else "–"
                       for t in tasks]
-            lines.append("| " + " | ".join([adapter, _params(params), *values]) + " |")
+            if len(tasks) > 1:
+                values.append(f"{avg[(model, adapter)]:.2f}" if (model, adapter) in avg else "–")
+            params = sorted({r["trainable_params"] for r in mine})
+            memory = [r["peak_memory_mb"] for r in mine if r["peak_memory_mb"] is not None]
+            walls = [r["wall_time_s"] for r in mine if r["wall_time_s"] is not None]
+            values += ["–".join(dict.fromkeys(_params(p) for p in (params[0], params[-1]))),
+                       f"{max(memory):.0f}" if memory else "–", f"{statistics.fmean(walls):.0f}" if walls else "–"]
+            lines.append("| " + " | ".join([adapter, *values]) + " |")
         parts.append("\n".join(lines))
-    note = "Scores ×100, mean ± sample std over seeds (number of seeds in brackets)."
+    note = ("Scores ×100, mean ± sample std over seeds (number of seeds in brackets); average = mean over the "
+            "tasks of those means. Peak memory: the largest over the adapter's runs (CPU: process max RSS; "
+            "CUDA: max allocated). Train time: wall time of the training loop per run, averaged over seeds then tasks.")
     return "\n\n".join(parts + [note]) + "\n"
 
 
@@ -81,13 +117,23 @@ def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for task in sorted({row["task"] for row in table}):
+    tasks = sorted({row["task"] for row in table})
+    labelled = len(tasks) == 1  # with several tasks only the averages carry labels
+    for task in tasks:
         rows = [row for row in table if row["task"] == task]
         ax.errorbar([r["trainable_params"] for r in rows], [r["mean"] for r in rows],
-                    yerr=[r["std"] for r in rows], fmt="o", capsize=3, label=task)
-        for r in rows:
+                    yerr=[r["std"] for r in rows], fmt="o", capsize=3, label=task,
+                    alpha=1.0 if labelled else 0.35, markersize=6 if labelled else 4)
+        for r in rows if labelled else ():
             ax.annotate(r["adapter"], (r["trainable_params"], r["mean"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
+    if not labelled:
+        params = {(r["model"], r["adapter"]): r["trainable_params"] for r in table}
+        for (model, adapter), value in averages(table).items():
+            ax.plot(params[(model, adapter)], value, "k*", markersize=10)
+            ax.annotate(adapter, (params[(model, adapter)], value), textcoords="offset points", xytext=(5, 3),
+                        fontsize=8)
+        ax.plot([], [], "k*", label="average over tasks")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("score (primary metric ×100)")
