@@ -78,3 +78,14 @@ def test_a_run_on_several_eval_sets_gives_one_column_per_set(tmp_path):
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     text = (tmp_path / "report" / "results.md").read_text()
     assert "| lora | 50.00 ± 0.00 (1) | 25.00 ± 0.00 (1) | 37.50 | 0.46M | 2000 | 100 |" in text
+
+
+def test_commands_come_from_hydra_overrides_without_seed_and_task(runs, tmp_path):
+    for seed in range(3):
+        hydra = runs / "glue/rte/minilm/lora" / f"seed{seed}" / ".hydra"
+        hydra.mkdir()
+        hydra.joinpath("overrides.yaml").write_text(f"- experiment=glue_cpu\n- adapter=lora\n- seed={seed}\n- task=glue/rte\n")
+    main([str(runs), "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "- minilm / lora: `lrzoo-train experiment=glue_cpu adapter=lora seed=0,1,2` on glue/rte" in text
+    assert "minilm / dora:" not in text  # its runs have no overrides file

@@ -32,6 +32,7 @@ def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
         if chosen.get("score") is None:
             continue
         common = {"model": result.get("model", "?"), "adapter": result["adapter"], "seed": result.get("seed"),
+                  "command": _command(path.parent),
                   "trainable_params": result["trainable_params"], "peak_memory_mb": result.get("peak_memory_mb"),
                   "wall_time_s": result.get("wall_time_s")}
         metric = result["primary_metric"]
@@ -41,6 +42,31 @@ def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
         for task, score in (per_set or {result["task"]: chosen["score"]}).items():
             rows.append({**common, "task": task, "metric": metric, "score": 100 * score})
     return rows
+
+
+def _command(run_dir: Path) -> Optional[str]:
+    """The ``lrzoo-train`` overrides of a run (Hydra's ``.hydra/overrides.yaml``), minus seed and task."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    kept = [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith(("seed=", "task="))]
+    return "lrzoo-train " + " ".join(kept)
+
+
+def commands(rows: Sequence[dict[str, Any]]) -> str:
+    """How each (model, adapter) was run: its command(s), with the seeds and tasks they covered."""
+    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("command"):
+            runs[(row["model"], row["adapter"], row["command"])].append(row)
+    lines = []
+    for (model, adapter, command), mine in sorted(runs.items()):
+        seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
+        tasks = ",".join(sorted({r["task"] for r in mine}))
+        lines.append(f"- {model} / {adapter}: `{command} seed={seeds}` on {tasks}")
+    return ("Commands:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -161,6 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(rows)
     text = markdown(table)
+    text += ("\n" + commands(rows)) if commands(rows) else ""
     (out / "results.md").write_text(text)
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
