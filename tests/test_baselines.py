@@ -13,7 +13,7 @@ import lrzoo
 from lrzoo.cli.train import run_recipe
 from lrzoo.train.baselines import prepare_baseline
 from lrzoo.train.optim import make_optimizer
-from conftest import tiny_bert
+from conftest import tiny_bert, tiny_llama
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -73,3 +73,5 @@ def test_baselines_are_recipe_options_not_adapters():
     with pytest.raises(ValueError, match="choose one of"):
         prepare_baseline(tiny_bert(0, num_labels=2), "linear_probe")
     assert compose(["adapter=full_finetune"]).adapter.name == "full_finetune"
+    with pytest.raises(ValueError, match="needs a task head"):
+        prepare_baseline(tiny_llama(0), "head_only")  # lm_head is the output embedding, not a task head

@@ -7,9 +7,10 @@ does not know them, the trainer runs the plain ``transformers`` model and saves 
 
 from __future__ import annotations
 
+from peft import TaskType
 from torch import nn
 
-from ..wrap import task_head_modules
+from ..wrap import infer_task_type, task_head_modules
 
 BASELINES = ("full_finetune", "head_only")
 
@@ -19,9 +20,10 @@ def prepare_baseline(model: nn.Module, name: str) -> nn.Module:
     if name not in BASELINES:
         raise ValueError(f"Unknown baseline {name!r}; choose one of {list(BASELINES)}.")
     heads = task_head_modules(model)
-    if name == "head_only" and not heads:
-        raise ValueError(f"adapter=head_only needs a task head, but {type(model).__name__} has none outside its "
-                         "backbone (a causal LM's head is the tied embedding); use full_finetune or an adapter.")
+    if name == "head_only" and (not heads or infer_task_type(model) == TaskType.CAUSAL_LM):
+        # a causal LM's "head" is its output embedding (often tied to the input one): not a task head
+        raise ValueError(f"adapter=head_only needs a task head, and {type(model).__name__} has none outside its "
+                         "backbone; use full_finetune or an adapter.")
     for param_name, param in model.named_parameters():
         in_head = any(param_name.startswith(head + ".") for head in heads)
         param.requires_grad_(name == "full_finetune" or in_head)
