@@ -186,8 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(rows)
-    text = markdown(table)
-    text += ("\n" + commands(rows)) if commands(rows) else ""
+    listed = commands(rows)
+    text = markdown(table) + (("\n" + listed) if listed else "")
     (out / "results.md").write_text(text)
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
