@@ -41,8 +41,9 @@ def tera_factors(factors: torch.Tensor, core: torch.Tensor, lam: torch.Tensor, m
     """
     n_modes, rank = lam.shape
     k = n_modes // 2
-    us = [factors[n, :size].to(dtype) for n, size in enumerate(modes)]
-    scaled = core.to(dtype)
+    like = dict(device=lam.device, dtype=dtype)  # the shared tensors live on the tuner
+    us = [factors[n, :size].to(**like) for n, size in enumerate(modes)]
+    scaled = core.to(**like)
     for n in range(n_modes):  # G ⊙ λ_1 ∘ … ∘ λ_N, one mode at a time
         shape = [1] * n_modes
         shape[n] = rank
@@ -51,13 +52,18 @@ def tera_factors(factors: torch.Tensor, core: torch.Tensor, lam: torch.Tensor, m
     return _kron_rows(us[:k]) @ scaled.reshape(q, q), _kron_rows(us[k:])
 
 
+def merge_wins(x: torch.Tensor, weight: torch.Tensor, rank_q: int, dropout_p: float, training: bool) -> bool:
+    """Whether building ``W' = W + ΔW`` beats the rank-Q LoRA form for this call (never with dropout on x)."""
+    if dropout_p > 0 and training:
+        return False
+    d_out, d_in = weight.shape
+    return materialize_wins(x.numel() // d_in, d_in, d_out, rank_q, torch.is_grad_enabled())
+
+
 def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
     """``x (W + ΔW)ᵀ + b`` (``x Wᵀ + drop(x) ΔWᵀ + b`` with dropout). The base weight and bias are frozen."""
-    d_out, d_in = weight.shape
     T, Rc = tera_factors(factors, core, lam, tuple(modes), x.dtype)
-    q = T.shape[1]
-    dropout = dropout_p > 0 and training
-    if dropout or not materialize_wins(x.numel() // d_in, d_in, d_out, q, torch.is_grad_enabled()):
+    if not merge_wins(x, weight, T.shape[1], dropout_p, training):
         return reference.lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
     merged = weight.detach().to(x.dtype) + scaling * (T @ Rc.t())
     return F.linear(x, merged, None if bias is None else bias.detach().to(x.dtype))

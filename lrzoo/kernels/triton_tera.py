@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_on
-from .randlora_ref import materialize_wins
-from .tera_ref import tera_factors
+from .tera_ref import merge_wins, tera_factors
 from .triton_gemm import fused_mm
 from .triton_lora import lora_linear as triton_lora_linear
 
@@ -87,10 +86,8 @@ class TritonTeraMergedFunction(torch.autograd.Function):
 
 def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
     """Triton TeRA linear; same contract as :func:`lrzoo.kernels.tera_ref.tera_linear`."""
-    d_out, d_in = weight.shape
     T, Rc = tera_factors(factors, core, lam, tuple(modes), x.dtype)
-    dropout = dropout_p > 0 and training
-    if dropout or not materialize_wins(x.numel() // d_in, d_in, d_out, T.shape[1], torch.is_grad_enabled()):
+    if not merge_wins(x, weight, T.shape[1], dropout_p, training):
         return triton_lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
     return TritonTeraMergedFunction.apply(x, weight.detach(), None if bias is None else bias.detach(), T,
                                           Rc.detach(), float(scaling))

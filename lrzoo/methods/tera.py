@@ -33,6 +33,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners._buffer_dict import BufferDict
 
 from .. import kernels
+from ..kernels import tera_ref
 from ..layer import AdapterConfig, AdapterLayer
 from ..registry import register_adapter
 from ..targets import weight_shape
@@ -127,15 +128,11 @@ class TeraLayer(AdapterLayer):
         self.add_trainable("tera_lambda", adapter_name, lam)
 
     def delta_weight(self, adapter_name):
-        """Contract the core with one scaled factor per mode; ``(d_out, d_in)`` in float32."""
+        """``s·T·Rcᵀ`` (:func:`lrzoo.kernels.tera_ref.tera_factors`): the contracted network, ``(d_out, d_in)`` in fp32."""
         tuner = self._tera_tuner
-        lam = self.tera_lambda[adapter_name].float()
-        factors = tuner.tera_factors[adapter_name].to(device=lam.device, dtype=torch.float32)
-        tensor = tuner.tera_core[adapter_name].to(device=lam.device, dtype=torch.float32)
-        for n, size in enumerate(self.tera_modes[adapter_name]):
-            # contracts the leading rank axis, appends mode n: after N steps the axes are (I_1..I_N)
-            tensor = torch.tensordot(tensor, factors[n, :size] * lam[n], dims=([0], [1]))
-        return self.scaling[adapter_name] * tensor.reshape(self.out_features, self.in_features)
+        T, Rc = tera_ref.tera_factors(tuner.tera_factors[adapter_name], tuner.tera_core[adapter_name],
+                                      self.tera_lambda[adapter_name], self.tera_modes[adapter_name], torch.float32)
+        return self.scaling[adapter_name] * (T @ Rc.t())
 
     def fused_forward(self, x, adapter_name):
         """``x (W + ΔW)ᵀ + b`` through :func:`lrzoo.kernels.tera_linear`: ΔW = s·T·Rcᵀ has rank ≤ R^K, so it
