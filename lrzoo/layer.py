@@ -34,6 +34,11 @@ from .targets import LINEAR_TYPES, weight_shape
 FROZEN_FACTOR_POLICIES = ("saved", "recomputed")
 
 
+
+def dropout_probability(dropout: nn.Module) -> float:
+    """``p`` of an adapter's dropout module, for the kernels (PEFT stores ``nn.Identity`` when p = 0)."""
+    return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
 @dataclass
 class AdapterConfig(PeftConfig):
     """Fields every lrzoo-native method shares. Method configs add their own below these."""

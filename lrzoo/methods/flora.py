@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..layer import AdapterConfig, AdapterLayer
+from ..layer import AdapterConfig, AdapterLayer, dropout_probability
 from ..registry import register_adapter
 from ..targets import LINEAR_TYPES
 
@@ -134,8 +134,7 @@ class FLoRALayer(AdapterLayer):
         core, factors = self.tucker(adapter_name)
         if core.dim() != 2:
             return super().fused_forward(x, adapter_name)
-        dropout = self.adapter_dropout[adapter_name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        p = dropout_probability(self.adapter_dropout[adapter_name])
         F_out, F_in = factors
         return kernels.core_linear(x, self.base_weight_out_in(), self.get_base_layer().bias, F_in.T, core, F_out,
                                    self.scaling[adapter_name], p, self.training)

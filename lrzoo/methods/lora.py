@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import kernels
 from ..kernels.reference import DORA_EPS
+from ..layer import dropout_probability
 from ..registry import register_adapter
 
 
@@ -111,8 +112,7 @@ class FastLoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         weight = base.weight.T if self.fan_in_fan_out else base.weight
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        p = dropout_probability(self.lora_dropout[name])
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         if name in self.lora_variant:
             magnitude = self.lora_magnitude_vector[name].weight

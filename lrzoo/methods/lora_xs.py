@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..layer import AdapterConfig, AdapterLayer
+from ..layer import AdapterConfig, AdapterLayer, dropout_probability
 from ..registry import register_adapter
 
 
@@ -81,8 +81,7 @@ class LoraXSLayer(AdapterLayer):
         return F.linear(F.linear(F.linear(self.adapter_dropout[adapter_name](x), A), R), B) * self.scaling[adapter_name]
 
     def fused_forward(self, x, adapter_name):
-        dropout = self.adapter_dropout[adapter_name]
-        p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+        p = dropout_probability(self.adapter_dropout[adapter_name])
         B, R, A = self.factors(adapter_name)
         return kernels.core_linear(x, self.base_weight_out_in(), self.get_base_layer().bias, A, R, B,
                                    self.scaling[adapter_name], p, self.training)

@@ -26,6 +26,7 @@ from peft import PeftModel, RandLoraConfig
 from peft.tuners.randlora.layer import Linear as PeftRandLoraLinear
 
 from .. import kernels
+from ..layer import dropout_probability
 from ..registry import register_adapter
 
 
@@ -45,8 +46,7 @@ class FastRandLoraLinear(PeftRandLoraLinear):
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         weight = base.weight.T if self.fan_in_fan_out else base.weight
-        dropout = self.randlora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        p = dropout_probability(self.randlora_dropout[name])
         return kernels.randlora_linear(x, weight, base.bias, self.randlora_A[name], self.randlora_B[name],
                                        self.randlora_lambda[name], self.randlora_gamma[name], self.scaling[name],
                                        p, self.training)

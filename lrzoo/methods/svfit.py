@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..layer import AdapterConfig, AdapterLayer
+from ..layer import AdapterConfig, AdapterLayer, dropout_probability
 from ..registry import register_adapter
 from .lora_xs import top_singular_triplets
 
@@ -70,8 +70,7 @@ class ResidualCoreLayer(AdapterLayer):
         return F.linear(F.linear(self.adapter_dropout[adapter_name](x), A) * c, B)
 
     def fused_forward(self, x, adapter_name):
-        dropout = self.adapter_dropout[adapter_name]
-        p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+        p = dropout_probability(self.adapter_dropout[adapter_name])
         B, c, _, A = self.diagonal_factors(adapter_name)
         return kernels.core_linear(x, self.base_weight_out_in(), self.get_base_layer().bias, A, c, B, 1.0, p,
                                    self.training)

@@ -34,7 +34,7 @@ from peft.tuners._buffer_dict import BufferDict
 
 from .. import kernels
 from ..kernels import tera_ref
-from ..layer import AdapterConfig, AdapterLayer
+from ..layer import AdapterConfig, AdapterLayer, dropout_probability
 from ..registry import register_adapter
 from ..targets import weight_shape
 
@@ -138,8 +138,7 @@ class TeraLayer(AdapterLayer):
         """``x (W + ΔW)ᵀ + b`` through :func:`lrzoo.kernels.tera_linear`: ΔW = s·T·Rcᵀ has rank ≤ R^K, so it
         is applied as two thin GEMMs, or merged into W by one kernel when R^K nears the width."""
         tuner, base = self._tera_tuner, self.get_base_layer()
-        dropout = self.adapter_dropout[adapter_name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        p = dropout_probability(self.adapter_dropout[adapter_name])
         return kernels.tera_linear(x, self.base_weight_out_in(), base.bias, tuner.tera_factors[adapter_name],
                                    tuner.tera_core[adapter_name], self.tera_lambda[adapter_name],
                                    self.tera_modes[adapter_name], self.scaling[adapter_name], p, self.training)
