@@ -36,7 +36,7 @@ bench: install
 	$(VENV)/bin/lrzoo-bench $(BENCH_ARGS)
 
 # docs/results.md's GLUE table: every line of recipes/sweeps/glue_cpu.txt x 5 tasks x 3 seeds on the
-# glue_cpu budget, two runs at a time with one thread each (about an hour on 2 cores); finished runs
+# glue_cpu budget, two runs at a time with one thread each (about 100 minutes on 2 cores); finished runs
 # are skipped and interrupted ones resume, so re-running continues where it stopped.
 GLUE_TASKS ?= glue/sst2,glue/cola,glue/mrpc,glue/stsb,glue/rte
 results-glue: install
