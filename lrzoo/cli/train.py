@@ -133,8 +133,9 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
 
 
 def _train_rows(task: Any, train_tasks: Optional[list[str]], data_dir: Optional[str], limit: Optional[int]) -> Any:
-    """The task's own training split (a ``datasets.Dataset``), or the union of ``task.train_tasks``' splits (e.g. the commonsense
-    tasks whose training files are at hand), interleaved so that ``train_limit`` takes from every one."""
+    """The task's own training split (a ``datasets.Dataset``), or the union of ``task.train_tasks``' splits
+    (e.g. the commonsense tasks whose training files are at hand), interleaved so that ``train_limit``
+    takes from every one."""
     if not train_tasks:
         return task.load_split("train", data_dir, limit=limit)
     from lrzoo.tasks import get_task
