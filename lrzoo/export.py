@@ -29,6 +29,7 @@ from peft.utils.other import ModulesToSaveWrapper, transpose
 from safetensors.torch import save_file
 
 from .io import atomic_directory
+from .kernels.reference import DORA_EPS
 from .layer import AdapterLayer
 
 PEFT_KEY_PREFIX = "base_model.model."
@@ -61,7 +62,9 @@ def _dora_delta(layer: LoraLayer, adapter: str) -> torch.Tensor:
     """DoRA's full update ``m/‖W+sBA‖ ⊙ (W+sBA) − W`` (PEFT's get_delta_weight gives only sBA)."""
     weight = transpose(layer.get_base_layer().weight, layer.fan_in_fan_out).float()
     adapted = weight + transpose(layer.get_delta_weight(adapter), layer.fan_in_fan_out).float()
-    norm = layer.lora_magnitude_vector[adapter].get_weight_norm(weight, adapted - weight, scaling=1).float()
+    # The norm of the adapted weight, taken here in (d_out, d_in) layout: PEFT's get_weight_norm expects
+    # the base layer's own layout and would transpose a Conv1D weight a second time.
+    norm = torch.linalg.vector_norm(adapted.reshape(adapted.shape[0], -1), dim=1).clamp_min(DORA_EPS)
     scale = layer.lora_magnitude_vector[adapter].weight.float() / norm
     return scale.view(-1, *([1] * (weight.dim() - 1))) * adapted - weight
 

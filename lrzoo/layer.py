@@ -12,7 +12,7 @@ Injection, activation, merge/unmerge, dtype/device moves, saving and loading liv
 
 Conventions: ``W`` is ``(d_out, d_in)`` in PyTorch layout (transformers' ``Conv1D`` stores its
 transpose; the layer hides that), ``y = x Wᵀ + b``, and ``delta_weight`` is always ΔW against the
-*original* base weight, even for methods that rewrite the base into a residual.
+base weight, which no lrzoo method rewrites (unload, delete and a disabled adapter give it back bit for bit).
 """
 
 from __future__ import annotations
@@ -120,8 +120,6 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     other_param_names: tuple[str, ...] = ()
     #: layer types the method can replace.
     supported_layer_types: tuple[type, ...] = LINEAR_TYPES
-    #: True for methods that replace the base weight by a residual at init (see :meth:`base_offset`).
-    replaces_base_weight: bool = False
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterConfig, *, tuner=None, key=None):
         nn.Module.__init__(self)
@@ -175,19 +173,6 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         """``(B, A)`` with ΔW = B·A exactly, or ``None`` if ΔW is not low-rank by construction."""
         return None
 
-    def base_offset(self, adapter_name: str) -> Optional[torch.Tensor]:
-        """``W_original − W_live`` in ``(d_out, d_in)`` layout for methods that replaced the base weight
-        by a residual at init (LoLDU, SVFit; they set ``replaces_base_weight``), ``None`` otherwise.
-
-        Such a method's ``delta_forward`` adds ``(W_adapted − W_live) x = (ΔW + offset) x``; merge,
-        unmerge, a disabled adapter and unloading add the offset back so the base model is the original.
-        """
-        return None
-
-    def offset_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``offset · x`` (used while the adapter is disabled); methods override it with a factored path."""
-        return F.linear(x, self.base_offset(adapter_name).to(x.dtype))
-
     # ----------------------------------------------------------------- shared mechanics
     def add_trainable(self, container: str, adapter_name: str, tensor: torch.Tensor) -> None:
         getattr(self, container)[adapter_name] = nn.Parameter(tensor)
@@ -213,14 +198,31 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
                 f"Layer {key or ''} has a {weight.dtype} weight; lrzoo adapters need a floating-point base "
                 "(dequantize the model, or use PEFT's quantized LoRA backends)."
             )
-        self.adapter_config[adapter_name] = config
-        self.scaling[adapter_name] = self.scale_for(config)
-        self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        with torch.no_grad():
-            self.init_adapter(adapter_name, config, weight.detach().float().clone(), tuner=tuner)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self._keep_trainable_in_fp32(adapter_name)
+        try:
+            self.adapter_config[adapter_name] = config
+            self.scaling[adapter_name] = self.scale_for(config)
+            self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+            with torch.no_grad():
+                self.init_adapter(adapter_name, config, weight.detach().float().clone(), tuner=tuner)
+            self._move_adapter_to_device_of_base_layer(adapter_name)
+            self._keep_trainable_in_fp32(adapter_name)
+        except BaseException:
+            # A refused adapter (a zero LU pivot, a bad shape...) must leave the layer as it was: no
+            # half-built tensors that a later save, merge or disable_adapter() would pick up.
+            self._discard(adapter_name)
+            raise
         self.set_adapter(self.active_adapters)
+
+    def _discard(self, adapter_name: str) -> None:
+        """Drop every tensor and setting of ``adapter_name`` from this layer (nothing else is touched)."""
+        for name in (*self.adapter_layer_names, *self.other_param_names):
+            container = getattr(self, name)
+            if adapter_name in container:  # (these dicts' pop takes no default)
+                del container[adapter_name]
+        self.adapter_config.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
+        if adapter_name in self.adapter_dropout:  # ModuleDict.pop takes no default
+            del self.adapter_dropout[adapter_name]
 
     def _keep_trainable_in_fp32(self, adapter_name: str) -> None:
         # Tiny trained tensors (an r×r core, a diagonal) lose updates in bf16; keep them in fp32 like
@@ -242,21 +244,13 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
 
-    def _merge_weight(self, adapter: str) -> torch.Tensor:
-        """What merging adds to the live base weight: ΔW, plus the offset a residual method removed."""
-        delta = self.get_delta_weight(adapter)
-        if self.replaces_base_weight:
-            offset = self.base_offset(adapter)
-            delta = delta + (offset.T if self.fan_in_fan_out else offset).to(delta.dtype)
-        return delta
-
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.adapter_config:
                 continue
-            delta = self._merge_weight(name).to(base.weight.dtype)
+            delta = self.get_delta_weight(name).to(base.weight.dtype)
             if safe_merge:
                 merged = base.weight.data + delta
                 if not torch.isfinite(merged).all():
@@ -270,35 +264,24 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            base.weight.data -= self._merge_weight(name).to(base.weight.dtype)
-
-    def _restore_base(self, adapter_name: str) -> None:
-        """Give an unmerged residual adapter's offset back to the base weight (unload, delete)."""
-        if self.replaces_base_weight and adapter_name not in self.merged_adapters:
-            offset = self.base_offset(adapter_name)
-            weight = self.get_base_layer().weight
-            weight.data += (offset.T if self.fan_in_fan_out else offset).to(weight.dtype)
+            base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
-        """PEFT's unload hook: merge if asked, and always hand back the *original* base for residual methods."""
+        """PEFT's unload hook: merge if asked, then hand back the base layer."""
         if merge:
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        for name in self.adapter_names:
-            self._restore_base(name)
         return self.get_base_layer()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            result = self.base_layer(x, *args, **kwargs)
-            for name in self.adapter_names if self.replaces_base_weight else ():
-                result = result + self.offset_forward(x, name).to(result.dtype)
-            return result
+            return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.adapter_config]
-        if len(active) == 1 and not args and not kwargs:
+        # The kernels treat W as frozen; a trained base weight takes the autograd path below.
+        if len(active) == 1 and not args and not kwargs and not self.get_base_layer().weight.requires_grad:
             return self.fused_forward(x, active[0])
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
@@ -311,13 +294,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         return result + self.delta_forward(x, adapter_name).to(result.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.adapter_config:
-            self._restore_base(adapter_name)
         super().delete_adapter(adapter_name)
-        self.adapter_config.pop(adapter_name, None)
-        self.scaling.pop(adapter_name, None)
-        if adapter_name in self.adapter_dropout:  # ModuleDict.pop takes no default
-            del self.adapter_dropout[adapter_name]
+        self._discard(adapter_name)
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}." + super().__repr__()

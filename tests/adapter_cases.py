@@ -144,20 +144,24 @@ CASES.extend([
 ])
 
 
-# Decomposition methods (issue 3). LoLDU and SVFit replace the base weight by a residual, so their
-# reference is W' − W_live (what the layer adds to its live base), straight from the spec's forward.
+# Decomposition methods (issue 3). LoLDU's and SVFit's W' = W_res + (trained core) equals W + ΔW with ΔW
+# against the initial core, straight from the spec's forward; lrzoo keeps W itself as the base.
 def _sb_delta(layer, adapter):
     return layer.scaling[adapter] * layer.sb_B[adapter] @ layer.sb_R[adapter] @ layer.sb_A[adapter]
 
 
 def _loldu_delta(layer, adapter):
+    """ΔW = W' − W = P L_r diag(σ z − σ₀ D_r) U_r with σ₀ = α/r."""
     P = torch.eye(layer.loldu_L[adapter].shape[0])[layer.loldu_rows[adapter]]  # P·M = M[rows]
-    diag_z = torch.diag(layer.loldu_z[adapter])
-    return layer.loldu_sigma[adapter] * P @ layer.loldu_L[adapter] @ diag_z @ layer.loldu_U[adapter]
+    sigma0 = layer.adapter_config[adapter].alpha / layer.adapter_config[adapter].r
+    core = layer.loldu_sigma[adapter] * layer.loldu_z[adapter] - sigma0 * layer.loldu_D[adapter]
+    return P @ layer.loldu_L[adapter] @ torch.diag(core) @ layer.loldu_U[adapter]
 
 
 def _svfit_delta(layer, adapter):
-    return layer.svfit_U[adapter] @ torch.diag(layer.svfit_sigma[adapter]) @ layer.svfit_Vh[adapter]
+    """ΔW = W' − W = U_r diag(σ − Σ_r) V_rᵀ."""
+    core = layer.svfit_sigma[adapter] - layer.svfit_S[adapter]
+    return layer.svfit_U[adapter] @ torch.diag(core) @ layer.svfit_Vh[adapter]
 
 
 def _flora_delta(layer, adapter):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from . import randlora_ref, reference, tera_ref
 from .backend import requested_backend, use_triton
 from .triton_ops import TRITON_ENTRIES
@@ -17,6 +19,14 @@ TRITON_OPS: dict[str, Callable] = dict(TRITON_ENTRIES)
 
 
 def _dispatch(op: str, reference_fn: Callable, x, *args, **kwargs):
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach inside a custom autograd Function (its in-place adds and casts would
+        # mix dtypes), so apply its rule for linear layers here: the activation runs in the autocast
+        # dtype, and every product inside follows it. Adapter tensors keep their own dtype (fp32) and
+        # get their gradients in it, as under PEFT's eager forward.
+        with torch.autocast(device_type, enabled=False):
+            return _dispatch(op, reference_fn, x.to(torch.get_autocast_dtype(device_type)), *args, **kwargs)
     if use_triton(op, x, op in TRITON_OPS):
         return TRITON_OPS[op](x, *args, **kwargs)
     return reference_fn(x, *args, **kwargs)
@@ -37,7 +47,9 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
 def core_linear(x, weight, bias, lora_A, core, lora_B, scaling, dropout_p=0.0, training=False):
     """``x Wᵀ + b + s·((drop(x) Aᵀ) Cᵀ) Bᵀ``: :func:`lora_linear` with ``B' = B C``; see
     :func:`lrzoo.kernels.reference.core_linear`."""
-    return lora_linear(x, weight, bias, lora_A, reference.fold_core(lora_B, core), scaling, dropout_p, training)
+    with torch.autocast(x.device.type, enabled=False):  # B' = B C in the adapter's dtype, not bf16
+        folded = reference.fold_core(lora_B, core)
+    return lora_linear(x, weight, bias, lora_A, folded, scaling, dropout_p, training)
 
 
 def randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, dropout_p=0.0, training=False):

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .reference import _apply_mask, _dropout_mask, _flatten
+from .reference import _apply_mask, _dropout_mask, _flatten, bias_grad, remember_bias
 
 
 def randlora_factors(basis_A: torch.Tensor, basis_B: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor,
@@ -74,7 +74,8 @@ class RandLoraLinearFunction(torch.autograd.Function):
             out.add_(bias.to(dtype))
         ctx.save_for_backward(x2, weight, keep, basis_A, basis_B, lam, gamma, mask)
         ctx.scaling, ctx.in_is_min, ctx.dropout_p = scaling, in_is_min, dropout_p
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        ctx.x_shape = x.shape
+        remember_bias(ctx, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -82,8 +83,8 @@ class RandLoraLinearFunction(torch.autograd.Function):
         x2, weight, keep, basis_A, basis_B, lam, gamma, mask = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
         dy = _flatten(grad_out).to(x2.dtype)
-        need_x, need_b, need_lam, need_gamma = (ctx.needs_input_grad[i] for i in (0, 2, 5, 6))
-        grad_x = grad_bias = grad_lam = grad_gamma = None
+        need_x, need_lam, need_gamma = (ctx.needs_input_grad[i] for i in (0, 5, 6))
+        grad_x = grad_lam = grad_gamma = None
         if need_x:
             if mask is None:
                 grad_x = dy @ keep
@@ -101,9 +102,7 @@ class RandLoraLinearFunction(torch.autograd.Function):
                 grad_lam = (dAf * gamma.to(dAf.dtype)[None]).sum(-1).to(lam.dtype)
             if need_gamma:
                 grad_gamma = (dAf * lam.to(dAf.dtype)[:, :, None]).sum(0).to(gamma.dtype)
-        if need_b and ctx.has_bias:
-            grad_bias = dy.sum(0)
-        return grad_x, None, grad_bias, None, None, grad_lam, grad_gamma, None, None, None, None
+        return grad_x, None, bias_grad(ctx, dy), None, None, grad_lam, grad_gamma, None, None, None, None
 
 
 def _factored(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, in_is_min, dropout_p, training):
@@ -131,7 +130,7 @@ def randlora_linear(
 
     Args:
         x: ``(..., d_in)``.
-        weight: ``(d_out, d_in)`` (frozen); bias ``(d_out,)`` or ``None`` (frozen).
+        weight: ``(d_out, d_in)`` (frozen); bias ``(d_out,)`` or ``None`` (gets its gradient when it trains).
         basis_A: shared ``(r, 1, ≥d)``; basis_B: shared ``(≥D, ≥n, r)`` (frozen).
         lam: ``(r, n)`` and gamma: ``(n, d)``, the trained diagonals.
         scaling: ``randlora_alpha / r``.
@@ -140,7 +139,7 @@ def randlora_linear(
     in_is_min = d_in <= d_out
     r, n = lam.shape
     tokens = x.numel() // d_in
-    args = (x, weight.detach(), None if bias is None else bias.detach(), basis_A.detach(), basis_B.detach(),
+    args = (x, weight.detach(), bias, basis_A.detach(), basis_B.detach(),
             lam, gamma, float(scaling), in_is_min, float(dropout_p), bool(training))
     if materialize_wins(tokens, d_in, d_out, r * n, torch.is_grad_enabled()):
         return RandLoraLinearFunction.apply(*args)

@@ -47,6 +47,22 @@ def _base_out(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return x2 @ weight.t()
 
 
+def remember_bias(ctx, bias: Optional[torch.Tensor]) -> None:
+    """Record what :func:`bias_grad` needs: whether there is a bias and its dtype (the tensor is not saved)."""
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def bias_grad(ctx, dy: torch.Tensor, index: int = 2) -> Optional[torch.Tensor]:
+    """``∂b = Σ_N dy`` (accumulated in fp32, returned in the bias dtype) when the bias trains.
+
+    A base bias trains under PEFT's ``bias="all"``/``"lora_only"`` and under ReLoRA, so the kernels
+    take it undetached and return its gradient; ``index`` is the bias's position in ``forward``.
+    """
+    if ctx.bias_dtype is None or not ctx.needs_input_grad[index]:
+        return None
+    return dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+
+
 def _lora_grads(ctx, dz, x2, weight, lora_A, lora_B, xa, mask):
     """``(∂x, ∂A, ∂B)`` of ``z = x Wᵀ + s·(drop(x) Aᵀ) Bᵀ`` given ``∂z: (N, d_out)``, each ``None`` where
     ``ctx.needs_input_grad`` (x at 0, A at 3, B at 4) does not ask for it. Reads x only for ∂A."""
@@ -82,17 +98,16 @@ class LoraLinearFunction(torch.autograd.Function):
         out.addmm_(xa, B.t(), alpha=scaling)
         # x is needed only for ∂A; a frozen A (the r×r-core family) keeps just the N×r tensor xa.
         ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, xa, mask)
-        ctx.scaling, ctx.dropout_p, ctx.x_shape, ctx.has_bias = scaling, dropout_p, x.shape, bias is not None
+        ctx.scaling, ctx.dropout_p, ctx.x_shape = scaling, dropout_p, x.shape
+        remember_bias(ctx, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
         dy = _flatten(grad_out).to(xa.dtype)
-        need_b = ctx.needs_input_grad[2]
         grad_x, grad_A, grad_B = _lora_grads(ctx, dy, x2, weight.to(dy.dtype), lora_A, lora_B, xa, mask)
-        grad_bias = dy.sum(0) if (need_b and ctx.has_bias) else None
-        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+        return grad_x, None, bias_grad(ctx, dy), grad_A, grad_B, None, None, None
 
 
 def lora_linear(
@@ -105,9 +120,9 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """LoRA linear, torch path. The base weight and bias never receive gradients (they are frozen)."""
-    return LoraLinearFunction.apply(x, weight.detach(), None if bias is None else bias.detach(),
-                                    lora_A, lora_B, float(scaling), float(dropout_p), bool(training))
+    """LoRA linear, torch path. The base weight is frozen; the bias gets its gradient when it trains."""
+    return LoraLinearFunction.apply(x, weight.detach(), bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                                    bool(training))
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -145,7 +160,8 @@ class DoraLinearFunction(torch.autograd.Function):
         if bias is not None:
             out.add_(bias.to(out.dtype))
         ctx.save_for_backward(x2, weight, lora_A, lora_B, magnitude, xa, mask, norm)
-        ctx.scaling, ctx.dropout_p, ctx.x_shape, ctx.has_bias = scaling, dropout_p, x.shape, bias is not None
+        ctx.scaling, ctx.dropout_p, ctx.x_shape = scaling, dropout_p, x.shape
+        remember_bias(ctx, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -155,8 +171,8 @@ class DoraLinearFunction(torch.autograd.Function):
         dy = _flatten(grad_out).to(x2.dtype)
         W, B = weight.to(dy.dtype), lora_B.to(dy.dtype)
         g = (magnitude.float() / norm).to(dy.dtype)
-        need_b, need_m = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
-        grad_bias = grad_m = None
+        need_m = ctx.needs_input_grad[5]
+        grad_m = None
         if need_m:
             # ∂m_j = Σ_N dy_Nj z_Nj / n_j with z = x Wᵀ + s·xa Bᵀ. The base product is recomputed
             # (one GEMM) rather than saved; the low-rank part folds into the r-wide product dyᵀ·xa.
@@ -165,9 +181,7 @@ class DoraLinearFunction(torch.autograd.Function):
             grad_m = (zsum / norm).to(magnitude.dtype)
         # z's gradient is dy scaled per output channel; from there the grads are LoRA's.
         grad_x, grad_A, grad_B = _lora_grads(ctx, dy * g, x2, W, lora_A, lora_B, xa, mask)
-        if need_b and ctx.has_bias:
-            grad_bias = dy.sum(0)
-        return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None, None
+        return grad_x, None, bias_grad(ctx, dy), grad_A, grad_B, grad_m, None, None, None
 
 
 def dora_linear(
@@ -181,9 +195,9 @@ def dora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """DoRA linear, torch path (weight and bias frozen)."""
-    return DoraLinearFunction.apply(x, weight.detach(), None if bias is None else bias.detach(), lora_A, lora_B,
-                                    magnitude, float(scaling), float(dropout_p), bool(training))
+    """DoRA linear, torch path (weight frozen; the bias gets its gradient when it trains)."""
+    return DoraLinearFunction.apply(x, weight.detach(), bias, lora_A, lora_B, magnitude, float(scaling),
+                                    float(dropout_p), bool(training))
 
 
 def fold_core(lora_B: torch.Tensor, core: torch.Tensor) -> torch.Tensor:

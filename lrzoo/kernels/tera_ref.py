@@ -61,10 +61,11 @@ def merge_wins(x: torch.Tensor, weight: torch.Tensor, rank_q: int, dropout_p: fl
 
 
 def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
-    """``x (W + ΔW)ᵀ + b`` (``x Wᵀ + drop(x) ΔWᵀ + b`` with dropout). The base weight and bias are frozen."""
+    """``x (W + ΔW)ᵀ + b`` (``x Wᵀ + drop(x) ΔWᵀ + b`` with dropout). The base weight is frozen; a trained
+    bias gets its gradient."""
     T, Rc = tera_factors(factors, core, lam, tuple(modes), x.dtype)
     if not merge_wins(x, weight, T.shape[1], dropout_p, training):
         return reference.lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
     merged = weight.detach().to(x.dtype) + scaling * (T @ Rc.t())
-    return F.linear(x, merged, None if bias is None else bias.detach().to(x.dtype))
+    return F.linear(x, merged, None if bias is None else bias.to(x.dtype))
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .reference import dora_weight_norm
+from .reference import bias_grad, dora_weight_norm, remember_bias
 from .triton_gemm import fused_mm, new_seed
 
 
@@ -46,7 +46,8 @@ class TritonLoraFunction(torch.autograd.Function):
         out = fused_mm(x2, weight, low_rank=(xa, lora_B, scaling), colscale=colscale, bias=bias)
         keep_x = ctx.needs_input_grad[3] or magnitude is not None
         ctx.save_for_backward(x2 if keep_x else None, weight, lora_A, lora_B, magnitude, xa, norm)
-        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape, ctx.has_bias = scaling, p, seed, x.shape, bias is not None
+        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
+        remember_bias(ctx, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -55,9 +56,9 @@ class TritonLoraFunction(torch.autograd.Function):
         s, p, seed = ctx.scaling, ctx.p, ctx.seed
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(xa.dtype)
         d_in = weight.shape[1]
-        need_x, need_b, need_A, need_B, need_m = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5))
+        need_x, need_A, need_B, need_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         g = None if magnitude is None else magnitude.float() / norm
-        grad_x = grad_bias = grad_A = grad_B = grad_m = None
+        grad_x = grad_A = grad_B = grad_m = None
         if need_m:
             zsum = fused_mm(x2, weight, low_rank=(xa, lora_B, s), reduce_with=dy)
             grad_m = (zsum / norm).to(magnitude.dtype)
@@ -72,18 +73,16 @@ class TritonLoraFunction(torch.autograd.Function):
             grad_x = fused_mm(dy, weight.t(), kscale=g, low_rank=(ds, lora_A.t(), 1.0),
                               dropout=_dropout(seed, p, "low_rank", d_in))
             grad_x = grad_x.reshape(ctx.x_shape)
-        if need_b and ctx.has_bias:
-            grad_bias = dy.sum(0)
-        return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None, None
+        return grad_x, None, bias_grad(ctx, dy), grad_A, grad_B, grad_m, None, None, None
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False):
     """Triton LoRA linear; same contract as :func:`lrzoo.kernels.reference.lora_linear`."""
-    return TritonLoraFunction.apply(x, weight.detach(), None if bias is None else bias.detach(), lora_A, lora_B, None,
-                                    float(scaling), float(dropout_p), bool(training))
+    return TritonLoraFunction.apply(x, weight.detach(), bias, lora_A, lora_B, None, float(scaling), float(dropout_p),
+                                    bool(training))
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False):
     """Triton DoRA linear; same contract as :func:`lrzoo.kernels.reference.dora_linear`."""
-    return TritonLoraFunction.apply(x, weight.detach(), None if bias is None else bias.detach(), lora_A, lora_B,
-                                    magnitude, float(scaling), float(dropout_p), bool(training))
+    return TritonLoraFunction.apply(x, weight.detach(), bias, lora_A, lora_B, magnitude, float(scaling),
+                                    float(dropout_p), bool(training))

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .backend import interpreter_on
 from .randlora_ref import materialize_wins, randlora_linear as torch_randlora_linear
+from .reference import bias_grad, remember_bias
 from .triton_gemm import fused_mm
 
 
@@ -160,15 +161,16 @@ class TritonRandLoraFunction(torch.autograd.Function):
         merged = merged_weight(weight, basis_A, basis_B, lam, gamma, scaling, x2.dtype)
         out = fused_mm(x2, merged, bias=bias)
         ctx.save_for_backward(x2, merged if ctx.needs_input_grad[0] else None, basis_A, basis_B, lam, gamma)
-        ctx.scaling, ctx.x_shape, ctx.has_bias = scaling, x.shape, bias is not None
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        remember_bias(ctx, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, merged, basis_A, basis_B, lam, gamma = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
-        need_x, need_b, need_lam, need_gamma = (ctx.needs_input_grad[i] for i in (0, 2, 5, 6))
-        grad_x = grad_bias = grad_lam = grad_gamma = None
+        need_x, need_lam, need_gamma = (ctx.needs_input_grad[i] for i in (0, 5, 6))
+        grad_x = grad_lam = grad_gamma = None
         if need_x:
             grad_x = fused_mm(dy, merged.t()).reshape(ctx.x_shape)
         if need_lam or need_gamma:
@@ -176,9 +178,7 @@ class TritonRandLoraFunction(torch.autograd.Function):
             dlam, dgamma = diag_grads(grad_w, basis_A, basis_B, lam, gamma, ctx.scaling)
             grad_lam = dlam.to(lam.dtype) if need_lam else None
             grad_gamma = dgamma.to(gamma.dtype) if need_gamma else None
-        if need_b and ctx.has_bias:
-            grad_bias = dy.sum(0)
-        return grad_x, None, grad_bias, None, None, grad_lam, grad_gamma, None
+        return grad_x, None, bias_grad(ctx, dy), None, None, grad_lam, grad_gamma, None
 
 
 def randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, dropout_p=0.0, training=False):
@@ -190,5 +190,5 @@ def randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, drop
     r, n = lam.shape
     if not materialize_wins(x.numel() // d_in, d_in, d_out, r * n, torch.is_grad_enabled()):
         return torch_randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, dropout_p, training)
-    return TritonRandLoraFunction.apply(x, weight.detach(), None if bias is None else bias.detach(),
-                                        basis_A.detach(), basis_B.detach(), lam, gamma, float(scaling))
+    return TritonRandLoraFunction.apply(x, weight.detach(), bias, basis_A.detach(), basis_B.detach(), lam, gamma,
+                                        float(scaling))

@@ -16,6 +16,7 @@ import triton.language as tl
 from .backend import interpreter_on
 from .tera_ref import merge_wins, tera_factors
 from .triton_gemm import fused_mm
+from .reference import bias_grad, remember_bias
 from .triton_lora import lora_linear as triton_lora_linear
 
 
@@ -66,22 +67,21 @@ class TritonTeraMergedFunction(torch.autograd.Function):
         merged = merged_weight(weight, T, Rc, scaling, x2.dtype)
         out = fused_mm(x2, merged, bias=bias)
         ctx.save_for_backward(x2, merged if ctx.needs_input_grad[0] else None, T, Rc)
-        ctx.scaling, ctx.x_shape, ctx.has_bias = scaling, x.shape, bias is not None
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        remember_bias(ctx, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, merged, T, Rc = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
-        grad_x = grad_bias = grad_T = None
+        grad_x = grad_T = None
         if ctx.needs_input_grad[0]:
             grad_x = fused_mm(dy, merged.t()).reshape(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             grad_w = fused_mm(dy.t(), x2.t(), out_dtype=torch.float32)  # (d_out, d_in)
             grad_T = (fused_mm(grad_w, Rc.float().t(), out_dtype=torch.float32) * ctx.scaling).to(T.dtype)
-        if ctx.needs_input_grad[2] and ctx.has_bias:
-            grad_bias = dy.sum(0)
-        return grad_x, None, grad_bias, grad_T, None, None
+        return grad_x, None, bias_grad(ctx, dy), grad_T, None, None
 
 
 def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
@@ -89,5 +89,4 @@ def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0
     T, Rc = tera_factors(factors, core, lam, tuple(modes), x.dtype)
     if not merge_wins(x, weight, T.shape[1], dropout_p, training):
         return triton_lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
-    return TritonTeraMergedFunction.apply(x, weight.detach(), None if bias is None else bias.detach(), T,
-                                          Rc.detach(), float(scaling))
+    return TritonTeraMergedFunction.apply(x, weight.detach(), bias, T, Rc.detach(), float(scaling))

@@ -2,15 +2,18 @@
 
     W = P L U (LU with partial pivoting),   D = diag(U),   U ← D⁻¹U (unit diagonal)
     L_r = L[:, :r] (d_out×r),   U_r = U[:r] (r×d_in),   D_r = D[:r]
-    base ← W_res = W − σ₀ · P L_r diag(D_r) U_r
+    W_res = W − σ₀ · P L_r diag(D_r) U_r
     W' = W_res + σ · P L_r diag(z) U_r,     z₀ = D_r,   σ₀ = α / r   (so W' = W at init)
     ΔW = W' − W = P L_r diag(σ z − σ₀ D_r) U_r                        (exact rank-r LoRA export)
+
+lrzoo applies ΔW beside the untouched base W (the same function as the paper's residual base; see
+:class:`~lrzoo.methods.svfit.DiagonalCoreLayer` for why W is never rewritten).
 
 Trained: the vector z (r) and the scalar σ, r + 1 parameters per matrix (the official code trains
 ``scaling_factor`` too). Frozen per layer: L_r, U_r, D_r and the row pivot P, stored as a
 permutation vector (the official code keeps a dense d_out×d_out P). The LU runs in float64 and is
-deterministic given W, so ``frozen_factors="recomputed"`` rebuilds everything, including the
-residual base, from the original W at load time.
+deterministic given W, so ``frozen_factors="recomputed"`` rebuilds every frozen factor from W at
+load time.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from ..layer import AdapterConfig
 from ..registry import register_adapter
-from .svfit import ResidualCoreLayer
+from .svfit import DiagonalCoreLayer
 
 
 @dataclass
@@ -56,7 +59,7 @@ def pivoted_ldu(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     return rows, L, D, U / D[:, None]
 
 
-class LoLDULayer(ResidualCoreLayer):
+class LoLDULayer(DiagonalCoreLayer):
     prefix = "loldu_"
     adapter_layer_names = ("loldu_z", "loldu_sigma")
     other_param_names = ("loldu_L", "loldu_U", "loldu_D", "loldu_rows")
@@ -72,7 +75,6 @@ class LoLDULayer(ResidualCoreLayer):
             z, sigma = z * (1 + 0.5 * torch.randn_like(z)), sigma * 1.5
         self.add_trainable("loldu_z", adapter_name, z)
         self.add_trainable("loldu_sigma", adapter_name, sigma)
-        self.replace_base(adapter_name, weight)
 
     def diagonal_factors(self, adapter_name):
         # self.scaling holds σ₀ = α/r (the frozen initial σ); the trained σ lives in loldu_sigma.

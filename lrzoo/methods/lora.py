@@ -17,6 +17,7 @@ CUDA, runs fused Triton kernels. Everything else falls back to PEFT's forward.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -25,6 +26,7 @@ from peft import LoraConfig
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.variants import DoraLinearVariant
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
@@ -85,6 +87,20 @@ class StableDoraLinearVariant(DoraLinearVariant):
 class FastLoraLinear(PeftLoraLinear):
     """PEFT's LoRA ``Linear`` whose common-case forward runs through :mod:`lrzoo.kernels`."""
 
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
+        # ``fan_in_fan_out`` describes the layer, not the model: transformers' Conv1D stores Wᵀ, nn.Linear
+        # does not, and one model may hold both. PEFT's default dispatch fixes the flag per layer (by
+        # mutating the shared config); custom modules are not dispatched that way, so decide it here
+        # from the layer, on a copy of the config.
+        kwargs.pop("fan_in_fan_out", None)
+        conv1d = isinstance(base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer,
+                            Conv1D)
+        if config.fan_in_fan_out != conv1d:
+            config = copy.copy(config)
+            config.fan_in_fan_out = conv1d
+        kwargs["is_target_conv_1d_layer"] = conv1d
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
     @property
     def lora_variants(self):
         variants = dict(super().lora_variants)
@@ -93,8 +109,8 @@ class FastLoraLinear(PeftLoraLinear):
 
     def _fast_path_adapter(self, args: tuple, kwargs: dict) -> Optional[str]:
         """The single adapter the fast path can serve, or ``None`` to use PEFT's forward."""
-        if args or kwargs or self.disable_adapters or self.merged:
-            return None
+        if args or kwargs or self.disable_adapters or self.merged or self.get_base_layer().weight.requires_grad:
+            return None  # (the kernels treat W as frozen; a trained W takes PEFT's autograd path)
         active = [name for name in self.active_adapters if name in self.lora_A]
         if len(active) != 1:
             return None

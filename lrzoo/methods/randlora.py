@@ -35,8 +35,8 @@ class FastRandLoraLinear(PeftRandLoraLinear):
 
     def _fast_path_adapter(self, args: tuple, kwargs: dict) -> Optional[str]:
         """The single adapter the fast path can serve, or ``None`` to use PEFT's forward."""
-        if args or kwargs or self.disable_adapters or self.merged:
-            return None
+        if args or kwargs or self.disable_adapters or self.merged or self.get_base_layer().weight.requires_grad:
+            return None  # (the kernels treat W as frozen; a trained W takes PEFT's autograd path)
         active = [name for name in self.active_adapters if name in self.randlora_lambda]
         return active[0] if len(active) == 1 else None
 

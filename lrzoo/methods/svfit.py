@@ -3,15 +3,16 @@
     W = U_r Σ_r V_rᵀ + W_e          (top-r SVD, W_e the frozen residual)
     W' = W_e + U_r diag(σ) V_rᵀ,    σ ∈ R^r trained, σ₀ = Σ_r,   so  ΔW = U_r diag(σ − Σ_r) V_rᵀ
 
-The base weight is *replaced* by the residual W_e (what PiSSA-style methods do); U_r (d_out×r)
-and V_rᵀ (r×d_in) are frozen per layer. Trainable parameters: r per matrix. ΔW against the
+lrzoo computes W' as ``W + U_r diag(σ − Σ_r) V_rᵀ`` beside the untouched base (the same function;
+see :class:`DiagonalCoreLayer` for why the base is not rewritten); U_r (d_out×r) and V_rᵀ (r×d_in)
+are frozen per layer. Trainable parameters: r per matrix. ΔW against the
 original W is an exact rank-r LoRA: B' = U_r diag(σ − Σ_r), A' = V_rᵀ. The paper's wording leaves
 open whether σ is trained directly or as a multiplicative scale (spec [?]); lrzoo trains σ
 directly. The SVD is exact with canonical signs (:func:`~lrzoo.methods.lora_xs.top_singular_triplets`),
 so ``frozen_factors="recomputed"`` rebuilds the same U_r, V_r from W at load time.
 
-:class:`ResidualCoreLayer` is the shared shape of "frozen B, trained diagonal core, frozen A, base
-replaced by the residual"; LoLDU builds on it with its own B (pivoted L) and core (σ·z).
+:class:`DiagonalCoreLayer` is the shared shape of "frozen B, trained diagonal core, frozen A, ΔW against
+the initial core"; LoLDU builds on it with its own B (pivoted L) and core (σ·z).
 """
 
 from __future__ import annotations
@@ -27,52 +28,35 @@ from ..registry import register_adapter
 from .lora_xs import top_singular_triplets
 
 
-class ResidualCoreLayer(AdapterLayer):
-    """``W' = W_live + B diag(c) A`` with ``W_live = W − B diag(c₀) A`` written into the base at init.
+class DiagonalCoreLayer(AdapterLayer):
+    """``ΔW = B diag(c − c₀) A`` beside the untouched base weight: frozen B and A, trained diagonal c.
 
-    A subclass supplies :meth:`diagonal_factors` ``(B: (d_out, r), c: (r,), c₀: (r,), A: (r, d_in))``
-    and calls :meth:`replace_base` from ``init_adapter``. ΔW against the original W is
-    ``B diag(c − c₀) A``; the offset the base lost is ``B diag(c₀) A``.
+    A subclass supplies :meth:`diagonal_factors` ``(B: (d_out, r), c: (r,), c₀: (r,), A: (r, d_in))``.
+
+    The papers write ``W' = W_res + B diag(c) A`` with the residual ``W_res = W − B diag(c₀) A`` stored
+    as the new base. That is the same function as ``W + B diag(c − c₀) A``; lrzoo computes the latter and
+    never writes the base weight, because rewriting it costs exactness everywhere else: ``(W − off) +
+    off ≠ W`` in floating point (1 ulp in fp32, ~1e-3 in bf16), a quantized base cannot be rewritten, and a
+    layer could hold only one such adapter. Here ΔW = 0 exactly at init (c = c₀), unload/delete/disable
+    give back the original W bit for bit, and several adapters can share a layer.
     """
-
-    replaces_base_weight = True
 
     def diagonal_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
-
-    def replace_base(self, adapter_name: str, weight: torch.Tensor, key=None) -> None:
-        """Write ``W − B diag(c₀) A`` into the base layer (``weight``: the original W, float32)."""
-        others = [name for name in self.adapter_config if name != adapter_name]
-        if others:
-            raise ValueError(
-                f"{type(self).__name__} replaces the base weight of {key or 'this layer'} by a residual, so a layer "
-                f"holds one such adapter; it already has {others}. Delete it (or merge_and_unload) first."
-            )
-        B, _, c0, A = self.diagonal_factors(adapter_name)
-        residual = weight - (B * c0) @ A
-        base = self.get_base_layer().weight
-        base.data.copy_((residual.T if self.fan_in_fan_out else residual).to(base.dtype))
 
     def delta_weight(self, adapter_name):
         B, c, c0, A = self.diagonal_factors(adapter_name)
         return (B * (c - c0).to(B.dtype)) @ A
 
-    def base_offset(self, adapter_name):
-        B, _, c0, A = self.diagonal_factors(adapter_name)
-        return (B * c0) @ A
-
-    def offset_forward(self, x, adapter_name):
-        B, _, c0, A = (t.to(x.dtype) for t in self.diagonal_factors(adapter_name))
-        return F.linear(F.linear(x, A) * c0, B)
-
     def delta_forward(self, x, adapter_name):
-        B, c, _, A = (t.to(x.dtype) for t in self.diagonal_factors(adapter_name))
-        return F.linear(F.linear(self.adapter_dropout[adapter_name](x), A) * c, B)
+        B, c, c0, A = self.diagonal_factors(adapter_name)
+        core = (c - c0).to(x.dtype)
+        return F.linear(F.linear(self.adapter_dropout[adapter_name](x), A.to(x.dtype)) * core, B.to(x.dtype))
 
     def fused_forward(self, x, adapter_name):
         p = dropout_probability(self.adapter_dropout[adapter_name])
-        B, c, _, A = self.diagonal_factors(adapter_name)
-        return kernels.core_linear(x, self.base_weight_out_in(), self.get_base_layer().bias, A, c, B, 1.0, p,
+        B, c, c0, A = self.diagonal_factors(adapter_name)
+        return kernels.core_linear(x, self.base_weight_out_in(), self.get_base_layer().bias, A, c - c0, B, 1.0, p,
                                    self.training)
 
     def lora_factors(self, adapter_name):
@@ -85,7 +69,7 @@ class SVFitConfig(AdapterConfig):
     """SVFit: W = W_e + U_r diag(σ) V_rᵀ with W_e the frozen residual, only the r singular values σ trained."""
 
 
-class SVFitLayer(ResidualCoreLayer):
+class SVFitLayer(DiagonalCoreLayer):
     prefix = "svfit_"
     adapter_layer_names = ("svfit_sigma",)
     other_param_names = ("svfit_U", "svfit_Vh", "svfit_S")
@@ -99,7 +83,6 @@ class SVFitLayer(ResidualCoreLayer):
         if not config.init_weights:  # random non-zero ΔW for tests
             sigma = sigma * (1 + 0.5 * torch.randn_like(sigma))
         self.add_trainable("svfit_sigma", adapter_name, sigma)
-        self.replace_base(adapter_name, weight)
 
     def scale_for(self, config):
         return 1.0  # SVFit has no scale: σ are the singular values themselves
