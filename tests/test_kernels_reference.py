@@ -89,3 +89,30 @@ def test_tera_linear_matches_the_materialised_update_in_both_forms(modes, rank, 
     expected.backward(dy)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lam.grad, lam_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["lora", "dora", "randlora", "tera_lora_form", "tera_merged"])
+def test_a_trained_bias_gets_its_gradient_on_every_torch_path(op):
+    """∂b = Σ_tokens ∂y, in the bias's own dtype, whatever the method (PEFT's bias="all", ReLoRA)."""
+    from lrzoo.kernels import randlora_ref, tera_ref
+
+    torch.manual_seed(0)
+    d_in = d_out = 16
+    x = torch.randn(2, 40, d_in)
+    W, b = torch.randn(d_out, d_in), torch.randn(d_out, requires_grad=True)
+    A, B, m = torch.randn(4, d_in), torch.randn(d_out, 4), torch.rand(d_out) + 0.5
+    if op == "lora":
+        out = reference.lora_linear(x, W, b, A, B, S)
+    elif op == "dora":
+        out = reference.dora_linear(x, W, b, A, B, m, S)
+    elif op == "randlora":
+        r, n = 4, 4
+        out = randlora_ref.randlora_linear(x, W, b, torch.randn(r, 1, d_in), torch.randn(d_out, n, r),
+                                           torch.randn(r, n), torch.randn(n, d_in), S)
+    else:  # rank 2 over (4, 4, 4, 4): Q = 4 takes the LoRA form; rank 4: Q = 16 = width merges W'
+        rank = 2 if op == "tera_lora_form" else 4
+        out = tera_ref.tera_linear(x, W, b, torch.randn(4, 4, rank), torch.randn(rank, rank, rank, rank),
+                                   torch.randn(4, rank), (4, 4, 4, 4), S)
+    grad_out = torch.randn_like(out)
+    (grad_b,) = torch.autograd.grad((out * grad_out).sum(), [b])
+    torch.testing.assert_close(grad_b, grad_out.sum((0, 1)), rtol=1e-5, atol=1e-5)

@@ -68,6 +68,9 @@ def _assert_close(triton_result, torch_result, dtype):
     (out_t, grads_t), (out_r, grads_r) = triton_result, torch_result
     torch.testing.assert_close(out_t, out_r, **TOL[dtype])
     for name in grads_r:
+        # every listed input must get a gradient on both paths (a detached bias used to get None on
+        # both, which compared equal)
+        assert grads_t[name] is not None and grads_r[name] is not None, f"no gradient for {name}"
         torch.testing.assert_close(grads_t[name], grads_r[name], **TOL[dtype], msg=lambda m: f"grad of {name}: {m}")
 
 
@@ -102,7 +105,7 @@ def test_dora_matches_the_torch_path(monkeypatch, dtype):
     inputs["magnitude"] = _rand(24, seed=5).abs() + 0.5
     fn = lambda **kw: kernels.dora_linear(**{k: kw[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")},  # noqa: E731
                                           magnitude=kw["magnitude"], scaling=kw["scaling"])
-    _assert_close(*_both_paths(fn, monkeypatch, inputs, ["x", "lora_A", "lora_B", "magnitude"]), dtype)
+    _assert_close(*_both_paths(fn, monkeypatch, inputs, ["x", "bias", "lora_A", "lora_B", "magnitude"]), dtype)
 
 
 @pytest.mark.parametrize("core_shape", [(6, 6), (6,)])
