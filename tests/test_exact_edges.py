@@ -287,3 +287,22 @@ def test_a_bf16_base_with_fp32_adapters_trains(case):
     with torch.no_grad():
         got = model(x).logits.float()
     assert (got - expected).abs().max() <= 5e-2 * expected.abs().max() + 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.method)
+def test_autocast_on_cuda_tracks_float32(case, dtype):
+    """The CUDA side of item 5: fp16 and bf16 autocast on the Triton path, against the fp32 loss."""
+    build = tiny_bert if case.model == "bert" else tiny_llama
+    x = tiny_inputs(batch=4, length=8).cuda()
+    labels = x if case.model == "llama" else torch.tensor([0, 1, 2, 1]).cuda()
+    losses = {}
+    for autocast in (False, True):
+        model = _no_dropout(lrzoo.wrap(build(), case.method, **_case_kwargs(case))).cuda().train()
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            loss = model(x, labels=labels).loss
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+        losses[autocast] = loss.item()
+    assert losses[True] == pytest.approx(losses[False], rel=3e-2, abs=3e-2)
