@@ -13,7 +13,7 @@ BENCH_ARGS ?= --quick
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench docs clean results-glue
+.PHONY: install test demo bench docs clean results-glue gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ results-glue: install
 	grep -v '^#' recipes/sweeps/glue_cpu.txt | OMP_NUM_THREADS=1 xargs -P 2 -L 1 sh -c \
 	  '$(VENV)/bin/lrzoo-train -m experiment=glue_cpu adapter="$$0" "$$@" seed=0,1,2 task=$(GLUE_TASKS) > /dev/null'
 	$(VENV)/bin/lrzoo-report runs/glue-cpu
+
+# Everything that needs CUDA (GPU-marked tests, Triton vs torch on the GPU, lrzoo-bench at the H100 shapes)
+# with one summary, in under 8 minutes; exits 2 with "no CUDA device" elsewhere. Uses the venv when there
+# is one, else the machine's python (a GPU box may come with its own CUDA torch and no network to install).
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
+GPU_CHECK_OUT ?= gpu-check.md
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m lrzoo.cli.gpu_check --out $(GPU_CHECK_OUT)
 
 docs: install
 	$(PY) -m pytest -q tests/test_docs.py
