@@ -14,24 +14,50 @@ finds the entry, and ``peft_type.value`` (used by transformers' ``load_adapter``
 ``import lrzoo``, ``PeftModel.from_pretrained`` and ``model.load_adapter`` therefore load lrzoo
 checkpoints; without the import they fail with ``KeyError: 'LRZOO_...'`` (nothing can fix that from
 the checkpoint side: use :func:`lrzoo.export_lora` for stock-PEFT consumers).
+
+Importing this module also wraps PEFT's load path once (:func:`_install_load_checks`), so that an
+lrzoo checkpoint (``LRZOO_*``, and the ``LORA``/``RANDLORA`` ones lrzoo's lora, dora and randlora
+save) with a missing or non-finite tensor, a missing weights file or an unknown ``LRZOO_*`` type
+fails loudly, naming the file and the fix, instead of loading half-initialised.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
+import json
+import os
+import warnings
+from typing import Optional
 
+import torch
 import torch.nn as nn
+from peft import PeftModel
+from peft.config import PeftConfigMixin
 from peft.mapping import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
     PEFT_TYPE_TO_PREFIX_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict
 
 from .layer import weights_fingerprint
 from .targets import DEFAULT_TARGET_MODULES
 
 PEFT_TYPE_PREFIX = "LRZOO_"
+#: PEFT's own types that lrzoo's lora/loraplus/dora/relora and randlora save; loads of these get
+#: lrzoo's checks too once lrzoo is imported.
+CHECKED_PEFT_TYPES = ("LORA", "RANDLORA")
+
+#: The checkpoint directory being loaded, while PEFT's load path runs (None otherwise).
+_LOADING: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lrzoo_loading", default=None)
+
+
+class UnverifiedBaseWeightsWarning(UserWarning):
+    """An lrzoo checkpoint without ``base_weights_hash`` was loaded: its base weights could not be checked."""
 
 
 def peft_type_for(name: str) -> enum.Enum:
@@ -56,11 +82,39 @@ class LrzooTuner(BaseTuner):
     tuner_layer_cls: type = BaseTunerLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
 
-    def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # Per-adapter preparation lives here, not in _pre_injection_hook: PEFT calls that hook only from
+        # BaseTuner.__init__, while PeftModel.add_adapter (and so load_adapter of a second adapter) goes
+        # straight to inject_adapter. Both paths pass here exactly once per adapter.
+        config = self.peft_config[adapter_name]
         self._check_base_weights(model, config)
-        # Methods with frozen tensors shared across layers (RandLoRA, TeRA) build them here, on the
-        # tuner, so they are saved once rather than per layer.
+        # Methods with frozen tensors shared across layers (TeRA) build them here, on the tuner, so
+        # they are saved once rather than per layer.
         self.tuner_layer_cls.prepare_shared(self, model, config, adapter_name)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:  # PEFT rolls back peft_config; drop the shared tensors built above too
+            for module in self.children():
+                if isinstance(module, BufferDict) and adapter_name in module:
+                    del module[adapter_name]
+            raise
+
+    def targeted_base_layers(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+        """``(name, base layer)`` of every layer ``config`` targets, in model order.
+
+        Sees through adapter layers already in the model, so a second adapter fingerprints (and TeRA
+        sizes its shared tensors for) the same weights, under the same names, as the first.
+        """
+        found, inside = [], None
+        for name, module in model.named_modules():  # pre-order: a layer's children follow it
+            if inside is not None and name.startswith(inside):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                inside, module = name + ".", module.get_base_layer()
+            if isinstance(module, self.tuner_layer_cls.supported_layer_types) and \
+                    self._check_target_module_exists(config, name):
+                found.append((name, module))
+        return found
 
     def _check_base_weights(self, model: nn.Module, config) -> None:
         """Fingerprint the targeted base weights at wrap time; refuse a different base at load time.
@@ -68,17 +122,28 @@ class LrzooTuner(BaseTuner):
         Adapters whose frozen factors come from W (SVD, LU) or that rewrite W are only correct on
         the exact weights they were made from; loading them elsewhere would be silently wrong.
         """
-        if config.target_modules is None:
-            return
-        named = [
-            (name, module.weight)
-            for name, module in model.named_modules()
-            if isinstance(module, self.tuner_layer_cls.supported_layer_types)
-            and self._check_target_module_exists(config, name)
-        ]
+        # Resolve target_modules=None to the architecture default first (inject_adapter would do it
+        # later), so no config leaves here without a fingerprint.
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        named = [(name, layer.weight) for name, layer in self.targeted_base_layers(model, config)]
         fingerprint = weights_fingerprint(named)
         if config.base_weights_hash is None:
-            config.base_weights_hash = fingerprint
+            source = _LOADING.get()
+            if source is None and not config.inference_mode:  # wrap time: record it
+                config.base_weights_hash = fingerprint
+                return
+            # A checkpoint without a fingerprint (older lrzoo, or a hand-made config) cannot be
+            # checked. Warn rather than raise: it is unverified, not known to be wrong, and raising
+            # would strand it. The hash is left empty so a re-save does not vouch for this base.
+            warnings.warn(
+                f"{os.path.join(source, CONFIG_NAME) if source else 'This checkpoint'}: no base_weights_hash, so "
+                f"lrzoo cannot check that this model has the base weights the {config.lrzoo_method} adapter was "
+                "made on (on other weights it is silently wrong). Re-save it from a model wrapped with this lrzoo "
+                "version on its base; to make this an error, warnings.simplefilter('error', "
+                "lrzoo.peft_bridge.UnverifiedBaseWeightsWarning).",
+                UnverifiedBaseWeightsWarning,
+                stacklevel=2,
+            )
         elif config.base_weights_hash != fingerprint:
             raise ValueError(
                 f"This {config.lrzoo_method} adapter was made for different base weights (fingerprint "
@@ -123,3 +188,143 @@ def register_native_method(name: str, config_cls: type, layer_cls: type) -> None
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+
+
+# ----------------------------------------------------------------------------- load-time checks
+def _type_name(peft_type) -> str:
+    return str(getattr(peft_type, "value", peft_type))
+
+
+def _is_checked(peft_type) -> bool:
+    name = _type_name(peft_type)
+    return name.startswith(PEFT_TYPE_PREFIX) or name in CHECKED_PEFT_TYPES
+
+
+def _local_peft_type(path: str) -> Optional[str]:
+    """``peft_type`` from a local ``adapter_config.json``, or ``None`` (not local: PEFT resolves it)."""
+    try:
+        with open(os.path.join(path, CONFIG_NAME)) as file:
+            return json.load(file).get("peft_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _weights_file(path: str) -> str:
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return path  # a Hub id: PEFT resolved the file itself
+
+
+def _require_weights_file(path: str) -> None:
+    # Without this PEFT takes a local directory that lacks its weights for a Hub repo id and fails
+    # with an unrelated "Repo id must be in the form ..." error.
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)) and _weights_file(path) == path:
+        raise FileNotFoundError(
+            f"{os.path.join(path, SAFETENSORS_WEIGHTS_NAME)} is missing: {path!r} has an adapter_config.json but no "
+            f"weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}). Point at the directory save_pretrained wrote "
+            "(adapters other than 'default' are in a subfolder named after the adapter), or re-save the adapter."
+        )
+
+
+def _file_key(key: str, adapter_name: str) -> str:
+    """A model key as the checkpoint names it: without the adapter name (its last occurrence, as
+    ``layers.0`` may equal an adapter called ``"0"``)."""
+    parts = key.split(".")
+    if adapter_name in parts:
+        del parts[len(parts) - 1 - parts[::-1].index(adapter_name)]
+    return ".".join(parts)
+
+
+def _check_loaded(model: PeftModel, adapter_name: str, path: str, load_result) -> None:
+    """Refuse adapter tensors that the checkpoint lacked (left at init) or that are NaN/Inf."""
+    source = _weights_file(path)
+    # PEFT already kept only this adapter's own tensors; name them as the file does (no adapter name).
+    missing = [_file_key(key, adapter_name) for key in load_result.missing_keys]
+    if missing:
+        raise ValueError(
+            f"{source} lacks {len(missing)} tensor(s) of adapter {adapter_name!r}, which would stay at their "
+            f"initial values: {missing[:8]}{' ...' if len(missing) > 8 else ''}. Re-save the adapter with "
+            "save_pretrained from the trained model (and load it onto the same architecture and target_modules)."
+        )
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    bad = [key for key, tensor in state.items()
+           if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(
+            f"{source} holds NaN/Inf values in {len(bad)} tensor(s) of adapter {adapter_name!r}: "
+            f"{bad[:8]}{' ...' if len(bad) > 8 else ''}. The training run diverged or the file is damaged; "
+            "re-save from an earlier (finite) checkpoint or retrain with a lower learning rate."
+        )
+
+
+@contextlib.contextmanager
+def _loading(path: str):
+    token = _LOADING.set(path)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def _install_load_checks() -> None:
+    """Wrap ``PeftModel.from_pretrained``/``load_adapter`` and ``PeftConfig.from_json_file`` once.
+
+    ``load_adapter`` is the one function every PEFT load goes through (``from_pretrained`` and
+    ``lrzoo.load`` call it), so the checks sit there; ``from_pretrained`` is wrapped only to mark
+    the tuner's construction as a load (for the fingerprint check), and ``from_json_file`` is where
+    every config read (``PeftConfig.from_pretrained``, ``_get_peft_type``) sees the type first.
+    """
+    if getattr(PeftModel.load_adapter, "_lrzoo_checked", False):
+        return
+    load_adapter = PeftModel.load_adapter
+    from_pretrained = PeftModel.from_pretrained.__func__
+    from_json_file = PeftConfigMixin.from_json_file.__func__
+
+    def checked_load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        path = os.path.join(str(model_id), kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
+        known = self.peft_config.get(adapter_name)
+        checked = _is_checked(known.peft_type if known is not None else _local_peft_type(path))
+        if checked:
+            _require_weights_file(path)
+        added = known is None
+        with _loading(path):
+            result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        if checked:
+            try:
+                _check_loaded(self, adapter_name, path, result)
+            except Exception:
+                if added:  # do not leave a broken adapter on a model the caller keeps
+                    self.delete_adapter(adapter_name)
+                raise
+        return result
+
+    def checked_from_pretrained(cls, model, model_id, *args, **kwargs):
+        path = os.path.join(str(model_id), kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
+        with _loading(path):
+            return from_pretrained(cls, model, model_id, *args, **kwargs)
+
+    def checked_from_json_file(cls, path_json_file, **kwargs):
+        loaded = from_json_file(cls, path_json_file, **kwargs)
+        peft_type = loaded.get("peft_type") if isinstance(loaded, dict) else None
+        if isinstance(peft_type, str) and peft_type.startswith(PEFT_TYPE_PREFIX) \
+                and peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            known = sorted(name for name in map(_type_name, PEFT_TYPE_TO_CONFIG_MAPPING)
+                           if name.startswith(PEFT_TYPE_PREFIX))
+            raise ValueError(
+                f"{path_json_file}: peft_type {peft_type!r} is not an lrzoo method this installation knows "
+                f"(known: {', '.join(known)}). Upgrade lrzoo to the version that saved it, or import the module "
+                "that registers the method (lrzoo.register_adapter) after `import lrzoo` and before loading."
+            )
+        return loaded
+
+    checked_load_adapter._lrzoo_checked = True
+    PeftModel.load_adapter = checked_load_adapter
+    PeftModel.from_pretrained = classmethod(checked_from_pretrained)
+    PeftConfigMixin.from_json_file = classmethod(checked_from_json_file)
+    for new, old in ((checked_load_adapter, load_adapter), (checked_from_pretrained, from_pretrained),
+                     (checked_from_json_file, from_json_file)):
+        new.__doc__, new.__wrapped__ = old.__doc__, old
+
+
+_install_load_checks()

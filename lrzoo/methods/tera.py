@@ -92,11 +92,9 @@ class TeraLayer(AdapterLayer):
     def prepare_shared(cls, tuner, model: nn.Module, config: TeraConfig, adapter_name: str) -> None:
         """Build G (R^N) and U (N, I_max, R) on the tuner, from ``config.seed``, for the largest mode sizes."""
         config = tuner._prepare_adapter_config(config, tuner.get_model_config(model))
-        modes = [
-            layer_modes(*weight_shape(module), config.modes_per_side)
-            for name, module in model.named_modules()
-            if isinstance(module, cls.supported_layer_types) and tuner._check_target_module_exists(config, name)
-        ]
+        # targeted_base_layers sees through layers of an adapter already injected (a second TeRA adapter).
+        modes = [layer_modes(*weight_shape(module), config.modes_per_side)
+                 for _, module in tuner.targeted_base_layers(model, config)]
         if not modes:
             raise ValueError(f"TeRA found no target layers for target_modules={config.target_modules!r}.")
         n_modes, rank = 2 * config.modes_per_side, config.r
