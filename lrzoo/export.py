@@ -28,11 +28,13 @@ from peft.utils import get_peft_model_state_dict
 from peft.utils.other import ModulesToSaveWrapper, transpose
 from safetensors.torch import save_file
 
-from .io import atomic_directory
+from .io import refuse_foreign_files, replace_files_in
 from .kernels.reference import DORA_EPS
 from .layer import AdapterLayer
 
 PEFT_KEY_PREFIX = "base_model.model."
+#: what an export writes into its directory (and all it may replace there).
+EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "export_report.json")
 
 
 @dataclass
@@ -108,6 +110,7 @@ def export_lora(
     rank: Optional[int] = None,
     adapter_name: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
 ) -> dict:
     """Write ``peft_model``'s adapter as a plain PEFT LoRA adapter in ``out_dir``.
 
@@ -119,10 +122,13 @@ def export_lora(
             layers that need an SVD. An int: every layer at that rank (SVD where needed).
         adapter_name: which adapter (default: the active one).
         dtype: dtype of the written tensors (default: the adapter's own).
+        overwrite: write into a directory that already holds files, replacing only the three files
+            an export writes (nothing else there is touched). Without it a non-empty ``out_dir`` is refused.
 
     Returns:
         The report: per-layer rank, exactness and relative error, and the maximum error.
     """
+    refuse_foreign_files(out_dir, overwrite, EXPORT_FILES, "export_lora")
     adapter = adapter_name or peft_model.active_adapter
     config = peft_model.peft_config[adapter]
     state: dict[str, torch.Tensor] = {}
@@ -174,7 +180,7 @@ def export_lora(
         "max_relative_error": max(layer.relative_error for layer in layers),
         "layers": [layer.__dict__ for layer in layers],
     }
-    with atomic_directory(out_dir) as tmp:
+    with replace_files_in(out_dir) as tmp:
         lora_config.save_pretrained(tmp)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                   os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -49,3 +49,45 @@ def atomic_file(path: str, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def refuse_foreign_files(path: str, overwrite: bool, writes: tuple[str, ...], what: str) -> None:
+    """Refuse to write ``what`` into a directory that already holds files, unless ``overwrite``.
+
+    A user's ``export_lora(model, ".")`` must never empty their working directory: an existing
+    non-empty ``path`` is an error naming what is there, and with ``overwrite=True`` only the
+    files in ``writes`` are replaced (see :func:`replace_files_in`).
+    """
+    if not os.path.isdir(path) or overwrite:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(f"{path!r} is a file; {what} needs a directory.")
+        return
+    present = sorted(os.listdir(path))
+    if present:
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        raise FileExistsError(
+            f"{path!r} is not empty ({shown}); {what} would mix with it. Choose an empty or new directory, or pass "
+            f"overwrite=True to replace only the files it writes ({', '.join(writes)})."
+        )
+
+
+@contextlib.contextmanager
+def replace_files_in(path: str) -> Iterator[str]:
+    """Yield a temporary sibling directory; on success move each file written there into ``path``.
+
+    For an empty or new ``path`` this is :func:`atomic_directory`. Into a directory that holds other
+    files, each written file replaces its namesake by one rename and nothing else is touched; a
+    failure before the moves leaves ``path`` as it was.
+    """
+    if not os.path.isdir(path) or not os.listdir(path):
+        with atomic_directory(path) as tmp:
+            yield tmp
+        return
+    path = os.path.abspath(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    try:
+        yield tmp
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
