@@ -209,11 +209,11 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         except BaseException:
             # A refused adapter (a zero LU pivot, a bad shape...) must leave the layer as it was: no
             # half-built tensors that a later save, merge or disable_adapter() would pick up.
-            self._discard(adapter_name)
+            self.discard_adapter(adapter_name)
             raise
         self.set_adapter(self.active_adapters)
 
-    def _discard(self, adapter_name: str) -> None:
+    def discard_adapter(self, adapter_name: str) -> None:
         """Drop every tensor and setting of ``adapter_name`` from this layer (nothing else is touched)."""
         for name in (*self.adapter_layer_names, *self.other_param_names):
             container = getattr(self, name)
@@ -295,7 +295,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._discard(adapter_name)
+        self.discard_adapter(adapter_name)
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}." + super().__repr__()

@@ -44,7 +44,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict
 
-from .layer import weights_fingerprint
+from .layer import AdapterLayer, weights_fingerprint
 from .targets import DEFAULT_TARGET_MODULES
 
 PEFT_TYPE_PREFIX = "LRZOO_"
@@ -97,7 +97,24 @@ class LrzooTuner(BaseTuner):
             for module in self.children():
                 if isinstance(module, BufferDict) and adapter_name in module:
                     del module[adapter_name]
+            self._undo_injection(model, adapter_name)
             raise
+
+    def _undo_injection(self, model: nn.Module, adapter_name: str) -> None:
+        """Leave ``model`` as it was before a failed injection (a zero LU pivot in the 5th layer, say).
+
+        Layers injected before the failure would otherwise keep a half-added adapter (a second adapter)
+        or stay replaced by adapter layers (the user's model, for a first one). A layer that holds only
+        this adapter gives its base layer back to its parent; one that holds others drops this one.
+        """
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, AdapterLayer) or adapter_name not in module.adapter_config:
+                continue
+            if module.adapter_names == [adapter_name]:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            else:
+                module.discard_adapter(adapter_name)
 
     def targeted_base_layers(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         """``(name, base layer)`` of every layer ``config`` targets, in model order.

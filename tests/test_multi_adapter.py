@@ -9,10 +9,11 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 import lrzoo
 from adapter_cases import CASES
-from conftest import TINY_MODELS, tiny_inputs
+from conftest import TINY_MODELS, tiny_inputs, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -96,3 +97,38 @@ def test_second_adapter_fingerprint_matches_a_first_adapter_on_the_same_base():
         first = lrzoo.wrap(first, "tera", r=2, adapter_name="second")
         alone = lrzoo.wrap(fresh_base("tera"), "tera", r=2)
     assert first.peft_config["second"].base_weights_hash == alone.peft_config["default"].base_weights_hash
+
+
+def _zero_pivot_llama():
+    """A tiny Llama whose second layer's q_proj has a zero first column: LoLDU's first LU pivot is 0 there."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[:, 0] = 0.0
+    return model
+
+
+def test_a_refused_adapter_leaves_the_model_as_it_was():
+    """LoLDU refuses layer 1 after injecting layer 0: nothing half-built may remain, first or second adapter."""
+    x = tiny_inputs()
+    model = _zero_pivot_llama()
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="zero pivot"):
+        lrzoo.wrap(model, "loldu", r=4, target_modules=["q_proj"])
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())  # the user's model is untouched
+    assert {n: p for n, p in model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[n], v) for n, v in before.items())
+
+    peft_model = lrzoo.wrap(_zero_pivot_llama(), "loldu", r=4, target_modules=["v_proj"], init_weights=False)
+    peft_model.eval()
+    with torch.no_grad():
+        expected, state = peft_model(x).logits, {k: v.clone() for k, v in peft_model.state_dict().items()}
+        with peft_model.disable_adapter():
+            base = peft_model(x).logits
+    with pytest.raises(ValueError, match="zero pivot"):
+        lrzoo.wrap(peft_model, "loldu", r=4, target_modules=["q_proj"], adapter_name="second")
+    assert "second" not in peft_model.peft_config
+    assert peft_model.state_dict().keys() == state.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x).logits, expected, rtol=0, atol=0)
+        with peft_model.disable_adapter():
+            torch.testing.assert_close(peft_model(x).logits, base, rtol=0, atol=0)

@@ -41,7 +41,9 @@ def pivoted_ldu(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     ``W = P L U`` with ``P L = L[rows]``: the pivot is returned as the index ``rows (d_out,)`` so
     that ``P·M == M[rows]`` for any ``M`` with d_out rows, never as a dense d_out×d_out matrix.
     """
-    LU, pivots = torch.linalg.lu_factor(weight.double())
+    # lu_factor_ex: torch's lu_factor raises its own error on a zero pivot anywhere; only the first r matter
+    # here, and the check below says so in lrzoo's words.
+    LU, pivots, _ = torch.linalg.lu_factor_ex(weight.double())
     L = LU.tril(-1)[:, :r] + torch.eye(*LU.shape, dtype=LU.dtype)[:, :r]
     U = LU.triu()[:r]
     D = U.diagonal().clone()
