@@ -10,7 +10,7 @@ from .kernels.backend import requested_backend as get_backend
 from .layer import AdapterConfig, AdapterLayer
 from .load import load
 from .methods.lora_sb import init_lora_sb
-from .registry import get_adapter, list_adapters, register_adapter
+from .registry import adapter_defaults, get_adapter, list_adapters, register_adapter
 from .train.optim import make_optimizer
 from .wrap import wrap
 
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig",
     "AdapterLayer",
+    "adapter_defaults",
     "export_lora",
     "get_adapter",
     "get_backend",

@@ -16,7 +16,9 @@ Two kinds of entries exist:
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -34,7 +36,8 @@ class AdapterSpec:
     layer_cls: Optional[type] = None
     #: ``wrap`` keyword -> config field, e.g. ``{"alpha": "lora_alpha"}`` for PEFT's LoraConfig.
     aliases: dict[str, str] = field(default_factory=dict)
-    #: Defaults applied before the user's keywords (the paper's defaults live in adapters/*.yaml).
+    #: Defaults applied before the user's keywords, for methods without a packaged ``adapters/<name>.yaml``
+    #: (a packaged file's keys win over these; see :func:`adapter_defaults`).
     defaults: dict[str, Any] = field(default_factory=dict)
     #: Training-procedure options ``wrap`` accepts but the layer does not (LoRA+'s λ, ReLoRA's
     #: reset interval...), with defaults; stored on the model as ``peft_model.lrzoo_training``.
@@ -120,3 +123,32 @@ def get_adapter(name: str) -> AdapterSpec:
             f"Unknown adapter {name!r}.{hint} Known adapters: {', '.join(list_adapters())}. "
             "Register new methods with lrzoo.register_adapter."
         ) from None
+
+
+def adapter_defaults(name: str) -> dict[str, Any]:
+    """The defaults of method ``name``: what ``lrzoo.wrap(model, name)`` uses for every option not given.
+
+    The single source is the method's ``adapters/<name>.yaml`` (shipped in the wheel as
+    ``lrzoo/configs/adapters``), the same file the Hydra recipes load as ``adapter=<name>``, so the
+    two entry points cannot drift apart. Its keys (``r``, ``alpha``, ``dropout``, training options...)
+    are ``wrap`` keywords; ``name`` is left out. A method registered without such a file (a
+    third-party :func:`register_adapter` call) gets its registration's ``defaults``; for a
+    packaged one the file's keys win over them.
+    """
+    spec = get_adapter(name)
+    return {**copy.deepcopy(spec.defaults), **copy.deepcopy(_packaged_defaults(spec.name))}
+
+
+@functools.lru_cache(maxsize=None)
+def _packaged_defaults(name: str) -> dict[str, Any]:
+    from .configs import config_dir
+
+    path = config_dir("adapters") / f"{name}.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf  # the loader Hydra uses for adapter=<name>: the same values
+
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if data.pop("name", name) != name:
+        raise ValueError(f"{path} declares another adapter's name; its `name:` must be {name!r}.")
+    return data

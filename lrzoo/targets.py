@@ -29,6 +29,19 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "olmo2": ["q_proj", "v_proj"],
     "smollm3": ["q_proj", "v_proj"],
     "granite": ["q_proj", "v_proj"],
+    # Vision transformers (transformers 5 names their attention projections q_proj/k_proj/v_proj;
+    # releases that still say query/value fall back via LEGACY_TARGET_MODULES).
+    **{vision: ["q_proj", "v_proj"] for vision in ("vit", "deit", "beit", "dinov2", "swin", "vit_msn", "vit_mae")},
+    "audio-spectrogram-transformer": ["q_proj", "v_proj"],
+    # Speech encoders (audio classification) and Whisper.
+    **{speech: ["q_proj", "v_proj"] for speech in ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper")},
+}
+
+#: model_type -> the target names older transformers releases used, tried when the defaults above
+#: match nothing in the model at hand.
+LEGACY_TARGET_MODULES: dict[str, list[str]] = {
+    legacy: ["query", "value"]
+    for legacy in ("vit", "deit", "beit", "dinov2", "swin", "vit_msn", "vit_mae", "audio-spectrogram-transformer")
 }
 
 #: Layer types an adapter can replace unless the method says otherwise.
@@ -52,6 +65,11 @@ def default_targets(model: nn.Module) -> list[str]:
             f"target_modules=[...]; the linear layers of this model are named: "
             f"{', '.join(leaf_names(model, LINEAR_TYPES)) or '(none)'}."
         )
+    legacy = LEGACY_TARGET_MODULES.get(model_type)
+    if legacy is not None:
+        names = set(leaf_names(model, LINEAR_TYPES))
+        if not set(targets) <= names and set(legacy) <= names:
+            return list(legacy)
     return list(targets)
 
 

@@ -30,8 +30,10 @@ def make_optimizer(
         model: a model returned by :func:`lrzoo.wrap` (or any module).
         lr: learning rate of the adapter (η_A for LoRA+).
         weight_decay: applied to ≥2-D parameters only (LoRA+: PEFT's ``loraplus_weight_decay``).
-        head_lr: learning rate of the fully trained task head (``modules_to_save``); default ``lr``.
-            LoRA-XS/LoRA-SB tune it separately.
+        head_lr: learning rate of the fully trained task head (``modules_to_save``); default ``lr``
+            (for LoRA+: PEFT's grouping, head matrices at ``lr``, head biases at ``lr``·λ).
+            LoRA-XS/LoRA-SB tune it separately. Given with LoRA+, every head parameter gets it and
+            the adapter keeps LoRA+'s groups (lora_B at ``lr``·λ, lora_A at ``lr``).
         loraplus_lr_ratio: λ = η_B/η_A. Defaults to the value given to ``wrap(..., "loraplus")``
             (16); for other methods LoRA+ groups are built only when it is given.
         optimizer_cls, optimizer_kwargs: the optimizer (AdamW by default) and its options.
@@ -39,27 +41,48 @@ def make_optimizer(
     training = getattr(model, "lrzoo_training", {}) or {}
     if loraplus_lr_ratio is None:
         loraplus_lr_ratio = training.get("loraplus_lr_ratio")
+    head = head_parameter_ids(model)
     if loraplus_lr_ratio is not None:
         # PEFT's implementation is the reference one (it matches the paper's code): lora_B and
         # every 1-D parameter get lr·λ, LoRA embeddings get loraplus_lr_embedding.
-        optimizer_kwargs.setdefault("loraplus_lr_embedding", training.get("loraplus_lr_embedding", 1e-6))
-        return create_loraplus_optimizer(
+        embedding_lr = optimizer_kwargs.pop("loraplus_lr_embedding", training.get("loraplus_lr_embedding", 1e-6))
+        optimizer = create_loraplus_optimizer(
             model, optimizer_cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
-            loraplus_weight_decay=weight_decay, **optimizer_kwargs,
+            loraplus_weight_decay=weight_decay, loraplus_lr_embedding=embedding_lr, **optimizer_kwargs,
         )
+        if head_lr is None or not head:
+            return optimizer
+        # The head is no adapter tensor: it gets head_lr (with the weight decay PEFT gave it), the
+        # adapter keeps PEFT's groups. Rebuilt from PEFT's groups so they stay the reference ones.
+        param_groups = []
+        for group in optimizer.param_groups:
+            options = {"lr": group["lr"], "weight_decay": group["weight_decay"]}
+            for in_head in (False, True):
+                params = [p for p in group["params"] if (id(p) in head) == in_head]
+                if params:
+                    param_groups.append({**options, "params": params, **({"lr": head_lr} if in_head else {})})
+        return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
 
-    head_names = {
-        name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)
-    } or set(getattr(model, "lrzoo_head_modules", ()))  # baselines (lrzoo.train.baselines) mark their head
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        in_head = any(name.startswith(head + ".") for head in head_names)
-        group_lr = head_lr if (in_head and head_lr is not None) else lr
+        group_lr = head_lr if (id(param) in head and head_lr is not None) else lr
         decay = weight_decay if param.dim() >= 2 else 0.0
         groups.setdefault((group_lr, decay), []).append(param)
     if not groups:
         raise ValueError("The model has no trainable parameters; wrap it with lrzoo.wrap first.")
     param_groups = [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
     return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
+
+
+def head_parameter_ids(model: nn.Module) -> set[int]:
+    """The ids of the trainable parameters of the task head: the ``modules_to_save`` copies, or the
+    modules a baseline (:mod:`lrzoo.train.baselines`) marks as ``model.lrzoo_head_modules``."""
+    head_names = {
+        name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)
+    } or set(getattr(model, "lrzoo_head_modules", ()))
+    return {
+        id(param) for name, param in model.named_parameters()
+        if param.requires_grad and any(name.startswith(head + ".") for head in head_names)
+    }
