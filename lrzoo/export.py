@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from .io import refuse_foreign_files, replace_files_in
 from .kernels.reference import DORA_EPS
 from .layer import AdapterLayer
+from .methods.relora import lora_export_problem
 
 PEFT_KEY_PREFIX = "base_model.model."
 #: what an export writes into its directory (and all it may replace there).
@@ -130,6 +131,9 @@ def export_lora(
     """
     refuse_foreign_files(out_dir, overwrite, EXPORT_FILES, "export_lora")
     adapter = adapter_name or peft_model.active_adapter
+    problem = lora_export_problem(peft_model, adapter)  # ReLoRA after resets or with trained non-adapter weights
+    if problem:
+        raise ValueError(problem)
     config = peft_model.peft_config[adapter]
     state: dict[str, torch.Tensor] = {}
     layers: list[ExportedLayer] = []

@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, RandLoraConfig
 
 from .methods import randlora
 from .methods.lora import attach_fast_layers
+from .methods.relora import full_model_error
 
 
 def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs) -> PeftModel:
@@ -25,6 +26,8 @@ def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainabl
         is_trainable: load for further training instead of inference.
     """
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        if full_model_error(path):  # ReLoRA saves a full transformers model, not an adapter
+            raise ValueError(full_model_error(path))
         raise FileNotFoundError(
             f"{path!r} has no adapter_config.json; point lrzoo.load at the directory save_pretrained wrote."
         )

@@ -39,6 +39,9 @@ class Case:
     init_atol: float = 1e-5
     #: save_pretrained writes one of PEFT's own formats (LORA, RANDLORA): stock PEFT loads it as is.
     native_peft_format: bool = False
+    #: save_pretrained writes the whole merged model in Hugging Face format (ReLoRA: resets change W and
+    #: every non-adapter tensor trains, which no adapter file holds); it loads with transformers alone.
+    saves_full_model: bool = False
     #: kwargs for a short training run that must lower the loss.
     train_lr: float = 1e-2
 
@@ -116,7 +119,7 @@ def _relora_extra(model):
 
 CASES.extend([
     Case("relora", "llama", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM,
-         extra_trainable=_relora_extra, train_lr=1e-3, native_peft_format=True),
+         extra_trainable=_relora_extra, train_lr=1e-3, saves_full_model=True),
 ])
 
 

@@ -224,10 +224,16 @@ print(type(model).__name__)
 
 def test_save_then_load_in_a_fresh_process(case, tmp_path, fresh_python):
     _, expected, base_dir, adapter_dir = _save_case(case, tmp_path)
-    code = LOAD_SNIPPET.format(imports="import lrzoo", model_class=MODEL_CLASSES[case.model],
+    imports, load = "import lrzoo", f"PeftModel.from_pretrained(base, {str(adapter_dir)!r})"
+    if case.saves_full_model:  # the folder is the whole model: the model class alone loads it, no lrzoo
+        imports = "import sys; assert 'lrzoo' not in sys.modules"
+        load = f"getattr(importlib.import_module(module_name), class_name).from_pretrained({str(adapter_dir)!r}).eval()"
+    code = LOAD_SNIPPET.format(imports=imports, model_class=MODEL_CLASSES[case.model],
                                tests_dir=str(REPO / "tests"),
-                               base_dir=str(base_dir), load=f"PeftModel.from_pretrained(base, {str(adapter_dir)!r})",
+                               base_dir=str(base_dir), load=load,
                                inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "out.pt"))
+    if case.saves_full_model:
+        code += "assert 'lrzoo' not in sys.modules\n"
     fresh_python(code, cwd=REPO)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-5)
 
@@ -250,7 +256,7 @@ def test_export_lora_loads_in_stock_peft(case, tmp_path, fresh_python):
 
 @pytest.mark.parametrize("native_case", [c for c in CASES if c.native_peft_format], ids=lambda c: c.method)
 def test_native_checkpoint_loads_in_stock_peft(native_case, tmp_path, fresh_python):
-    """LoRA, LoRA+, DoRA, ReLoRA and RandLoRA save PEFT's own format: no export, no lrzoo needed."""
+    """LoRA, LoRA+, DoRA and RandLoRA save PEFT's own format: no export, no lrzoo needed."""
     _, expected, base_dir, adapter_dir = _save_case(native_case, tmp_path)
     code = LOAD_SNIPPET.format(imports="import sys; assert 'lrzoo' not in sys.modules",
                                model_class=MODEL_CLASSES[native_case.model], tests_dir=str(REPO / "tests"),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import lrzoo
@@ -157,3 +159,89 @@ def test_invalid_options_name_the_fix():
         ReLoRA(optimizer_pruning="zero")
     with pytest.raises(ValueError, match="restart_warmup_steps"):
         make_relora_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 100, 0, 10, 10)
+
+
+def _trained_with_resets(steps=5, relora_steps=2, model=None, labels=None):
+    """A few AdamW steps with a reset every ``relora_steps``: merged cycles and trained non-adapter tensors."""
+    model = model if model is not None else relora_model(relora_steps=relora_steps)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    relora = ReLoRA(relora_steps=relora_steps)
+    x = tiny_inputs(batch=4, length=8)
+    for step in range(1, steps + 1):
+        loss = model(x, labels=x if labels is None else labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        relora.on_step_end(step, model, optimizer)
+    return model.eval()
+
+
+def test_saved_model_after_resets_reproduces_the_run_in_a_fresh_process(tmp_path, fresh_python):
+    model = _trained_with_resets()
+    x = tiny_inputs()
+    torch.save(x, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model(x).logits
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.save_pretrained(tmp_path / "saved")
+
+    with torch.no_grad():  # saving merges a copy: the live model (and its current cycle) is untouched
+        assert torch.equal(model(x).logits, expected)
+    assert all(torch.equal(p, live[n]) for n, p in model.named_parameters())
+
+    fresh_python(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "saved")!r}).eval()
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / "inputs.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
+        assert "lrzoo" not in sys.modules and "peft" not in sys.modules
+    """, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-5)
+    record = json.loads((tmp_path / "saved" / "relora.json").read_text())
+    assert record["format"] == "lrzoo-relora-full-model" and record["resets"] == 2
+    assert (record["r"], record["lora_alpha"], record["training"]["relora_steps"]) == (4, 8, 2)
+    assert set(load_file(tmp_path / "saved" / "model.safetensors")) == set(tiny_llama(0).state_dict())
+
+
+def test_partial_formats_refuse_and_name_the_full_save(tmp_path):
+    untouched = relora_model(init_lora_weights=False)
+    assert lrzoo.export_lora(untouched, str(tmp_path / "exact"))["exact"]  # nothing outside A, B changed yet
+
+    no_reset = _trained_with_resets(steps=1, relora_steps=100)  # non-adapter tensors trained, no reset
+    with pytest.raises(ValueError, match=r"non-adapter parameter\(s\) changed.*save_pretrained"):
+        lrzoo.export_lora(no_reset, str(tmp_path / "partial"))
+
+    reset = relora_model()
+    merge_and_reinit(reset)
+    with pytest.raises(ValueError, match=r"1 reset\(s\) merged.*AutoModelForCausalLM.from_pretrained"):
+        lrzoo.export_lora(reset, str(tmp_path / "partial"))
+    assert not (tmp_path / "partial").exists()
+
+    (tmp_path / "has_adapter").mkdir()
+    (tmp_path / "has_adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds an adapter"):  # transformers would load that adapter instead
+        reset.save_pretrained(tmp_path / "has_adapter")
+    reset.save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match=r"full ReLoRA model.*AutoModelForCausalLM.from_pretrained"):
+        lrzoo.load(tiny_llama(0), str(tmp_path / "full"))
+
+
+def test_full_save_keeps_task_heads_and_reads_a_given_state_dict(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import tiny_bert
+
+    model = _trained_with_resets(steps=3, model=lrzoo.wrap(tiny_bert(0), "relora", r=4, alpha=8, relora_steps=2),
+                                 labels=torch.tensor([0, 1, 2, 1]))
+    x = tiny_inputs()
+    with torch.no_grad():
+        expected = model(x).logits
+    model.save_pretrained(tmp_path / "live")
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())  # what FSDP/HF Trainer pass
+    live, given = (load_file(tmp_path / name / "model.safetensors") for name in ("live", "given"))
+    assert live.keys() == given.keys() and all(torch.equal(live[k], given[k]) for k in live)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "live").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)

@@ -87,9 +87,14 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_
     cfg_b, straight = _run(tiny_run_overrides(sst2_dir, tmp_path / "b", *extra))
     assert resumed["config_hash"] == straight["config_hash"]
 
-    weights_a = load_file(run_a / "adapter" / "adapter_model.safetensors")
-    weights_b = load_file(Path(run_dir_of(cfg_b)) / "adapter" / "adapter_model.safetensors")
+    run_b = Path(run_dir_of(cfg_b))
+    weights = "model.safetensors" if adapter == "relora" else "adapter_model.safetensors"  # ReLoRA: the full model
+    weights_a = load_file(run_a / "adapter" / weights)
+    weights_b = load_file(run_b / "adapter" / weights)
     assert weights_a.keys() == weights_b.keys()
+    if adapter == "relora":  # the reset before the checkpoint is counted after the resume too
+        counts = [json.loads((run / "adapter" / "relora.json").read_text())["resets"] for run in (run_a, run_b)]
+        assert counts == [2, 2]
     for name in weights_a:
         torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=0, msg=name)
     assert resumed["metrics"] == straight["metrics"]

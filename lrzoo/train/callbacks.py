@@ -169,7 +169,10 @@ class ReLoRAHook(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import torch
 
+        from ..methods.relora import set_resets_done
+
         self.relora.resets = state["resets"]
+        set_resets_done(self.model, state["resets"], self.relora.adapter_name)  # relora.json reports it
         self.relora._generator.set_state(state["generator"])
         with torch.no_grad():
             for name, weight in self._base_weights(self.model).items():
