@@ -18,6 +18,7 @@ base weight, which no lrzoo method rewrites (unload, delete and a disabled adapt
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -83,8 +84,14 @@ class AdapterConfig(PeftConfig):
         self.lrzoo_method = type(self).lrzoo_method
         if self.frozen_factors not in FROZEN_FACTOR_POLICIES:
             raise ValueError(f"frozen_factors must be one of {FROZEN_FACTOR_POLICIES}, got {self.frozen_factors!r}.")
-        if self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r}.")
+        # The same rules as lrzoo.wrap, for configs built by hand or read from adapter_config.json.
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}.")
+        alpha = getattr(self, "alpha", None)  # None: the method's own rule (LoRA-SB: alpha = r)
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not math.isfinite(alpha) or alpha <= 0):
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}: alpha = 0 makes ΔW and its gradients "
+                             "zero, and a negative alpha only flips the update's sign.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if isinstance(self.target_modules, list):

@@ -63,3 +63,15 @@ def test_explicit_values_win_over_the_defaults():
 def test_a_default_rank_too_large_for_the_model_says_it_is_the_default():
     with pytest.raises(ValueError, match=r"r=128 \(the 'relora' default, from adapters/relora.yaml\) is larger"):
         lrzoo.wrap(tiny_llama(), "relora")
+
+
+@pytest.mark.parametrize("name", [n for n in lrzoo.list_adapters() if lrzoo.get_adapter(n).layer_cls is not None])
+def test_native_config_classes_default_to_the_adapter_yaml(name):
+    """A config built by hand (``get_peft_model(model, FLoRAConfig())``) gets the same defaults as wrap."""
+    import dataclasses
+
+    config_cls = lrzoo.get_adapter(name).build_config
+    fields = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    for key, value in lrzoo.adapter_defaults(name).items():
+        if key in fields:
+            assert fields[key] == value, f"{config_cls.__name__}.{key} = {fields[key]!r}, adapters/{name}.yaml: {value!r}"

@@ -136,3 +136,13 @@ def test_a_model_wrapped_in_eval_mode_applies_no_adapter_dropout_until_train():
         torch.testing.assert_close(model(x).logits, model(x).logits, rtol=0, atol=0)
     model.train()
     assert all(m.training for m in dropouts)
+
+
+@pytest.mark.parametrize("bad", [{"r": True}, {"r": 1.5}, {"r": "8"}, {"r": 0}, {"alpha": 0.0}, {"alpha": -1.0},
+                                 {"alpha": float("nan")}])
+def test_hand_built_native_configs_follow_wraps_rules(bad):
+    """A config built by hand (or read from an edited adapter_config.json) is checked like wrap's keywords."""
+    from lrzoo.methods.lora_xs import LoraXSConfig
+
+    with pytest.raises(ValueError, match="r must be a positive integer|alpha must be a positive number"):
+        LoraXSConfig(**bad)

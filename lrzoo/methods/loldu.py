@@ -31,6 +31,9 @@ from .svfit import DiagonalCoreLayer
 class LoLDUConfig(AdapterConfig):
     """LoLDU: W' = W_res + σ·P L_r diag(z) U_r from the pivoted LDU of W, only z (r) and σ trained."""
 
+    r: int = field(default=15, metadata={"help": "Rank of the LDU part trained (README quick start; adapters/loldu.yaml)."})
+    frozen_factors: str = field(default="recomputed", metadata={
+        "help": "LU is deterministic given W: by default the checkpoint keeps only z and σ (see AdapterConfig)."})
     alpha: float = field(default=1.0, metadata={"help": "σ₀ = alpha / r, the initial value of the trained scalar σ "
                                                         "(official from_linear default: lora_alpha=1)."})
 

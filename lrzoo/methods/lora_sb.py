@@ -40,6 +40,8 @@ SVD_SEED = 0
 class LoraSBConfig(AdapterConfig):
     """LoRA-SB: ΔW = s·B R A initialised from the truncated SVD of the first full-FT step, only R (r×r) trained."""
 
+    r: int = field(default=24, metadata={"help": "Rank of B, A and the r×r core (adapters/lora_sb.yaml)."})
+
     alpha: Optional[float] = field(
         default=None, metadata={"help": "s = alpha/r; None means alpha = r (s = 1), as in the official code."})
     init_std: float = field(

@@ -17,7 +17,7 @@ the initial core"; LoLDU builds on it with its own B (pivoted L) and core (σ·z
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,9 @@ class DiagonalCoreLayer(AdapterLayer):
 @dataclass
 class SVFitConfig(AdapterConfig):
     """SVFit: W = W_e + U_r diag(σ) V_rᵀ with W_e the frozen residual, only the r singular values σ trained."""
+
+    frozen_factors: str = field(default="recomputed", metadata={
+        "help": "The SVD is exact with canonical signs: by default the checkpoint keeps σ only (see AdapterConfig)."})
 
 
 class SVFitLayer(DiagonalCoreLayer):
