@@ -156,8 +156,11 @@ def wrap(
 
     config_kwargs = options
     training = {key: config_kwargs.pop(key, default) for key, default in spec.training_defaults.items()}
-    if spec.layer_cls is None and any(isinstance(m, Conv1D) for m in targets.values()):
-        config_kwargs.setdefault("fan_in_fan_out", True)  # GPT-2 style Conv1D stores Wᵀ
+    if spec.layer_cls is None and all(isinstance(m, Conv1D) for m in targets.values()):
+        # GPT-2 style Conv1D stores Wᵀ. The flag is per layer in lrzoo's layers (and PEFT's default
+        # dispatch fixes it per layer too); setting it when every target is Conv1D only spares stock
+        # PEFT its "Setting fan_in_fan_out to True" warning when it loads the checkpoint.
+        config_kwargs.setdefault("fan_in_fan_out", True)
     config = _build_config(spec, r=r, target_modules=requested, modules_to_save=modules_to_save,
                            task_type=task_type, **config_kwargs)
 
