@@ -36,8 +36,9 @@ bench: install
 	$(VENV)/bin/lrzoo-bench $(BENCH_ARGS)
 
 # docs/results.md's GLUE table: every line of recipes/sweeps/glue_cpu.txt x 5 tasks x 3 seeds on the
-# glue_cpu budget, two runs at a time with one thread each (about 100 minutes on 2 cores); finished runs
-# are skipped and interrupted ones resume, so re-running continues where it stopped.
+# glue_cpu budget, two runs at a time with one thread each (about 100 minutes on 2 cores). Each run has its
+# own runs/glue-cpu/<task>/minilm/<adapter>/seed<s>-<config hash>; finished runs are skipped and interrupted
+# ones resume, so re-running continues where it stopped (a run still in progress elsewhere is refused).
 GLUE_TASKS ?= glue/sst2,glue/cola,glue/mrpc,glue/stsb,glue/rte
 results-glue: install
 	grep -v '^#' recipes/sweeps/glue_cpu.txt | OMP_NUM_THREADS=1 xargs -P 2 -L 1 sh -c \

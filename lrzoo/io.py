@@ -1,4 +1,9 @@
-"""Atomic writes: a crash mid-save never leaves a half-written checkpoint or export behind."""
+"""Atomic writes: a crash mid-save never leaves a half-written checkpoint or export behind.
+
+A process killed mid-write leaves its temporary sibling, ``.<name>.tmp-XXXXXXXX`` (or, between the
+two renames of :func:`atomic_directory`, ``.<name>.old-XXXXXXXX``);
+:func:`lrzoo.train.run_dir.remove_leftovers` clears those from a run directory on its next start.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ def atomic_file(path: str, mode: str = "w") -> Iterator:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import lrzoo
-from lrzoo.cli.train import config_hash, run_recipe
+from lrzoo.cli.train import config_hash, run_hash, run_recipe
 from lrzoo.configs import config_dir
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
@@ -34,9 +35,32 @@ def test_defaults_and_rank_safe_run_directory():
     cfg = compose([], return_hydra_config=True)
     assert (cfg.model.name, cfg.adapter.name, cfg.task.name, cfg.logger.name) == ("minilm", "lora", "glue/sst2", "csv")
     # No timestamps: every rank of a distributed job (and a re-run, which resumes) gets the same path.
-    assert cfg.hydra.run.dir == "runs/glue/sst2/minilm/lora/seed0"
-    assert cfg.hydra.sweep.dir == "runs" and cfg.hydra.sweep.subdir == "glue/sst2/minilm/lora/seed0"
+    name = f"glue/sst2/minilm/lora/seed0-{run_hash(cfg)}"
+    assert re.fullmatch(r"glue/sst2/minilm/lora/seed0-[0-9a-f]{8}", name)
+    assert cfg.hydra.run.dir == f"runs/{name}"
+    assert cfg.hydra.sweep.dir == "runs" and cfg.hydra.sweep.subdir == name
     assert cfg.hydra.job.chdir is False
+
+
+def test_every_configuration_has_its_own_run_directory_and_the_same_one_resumes():
+    base = run_dir_of(compose([]))
+    # Any hyperparameter, in a group or not, gives another directory: a sweep never mixes two in one.
+    others = [run_dir_of(compose(o)) for o in (["trainer.lr=1e-3"], ["trainer.lr=1e-2"], ["adapter.r=4"],
+                                               ["train_limit=100"], ["adapter=dora"], ["experiment=glue_cpu"])]
+    assert len({base, *others}) == 1 + len(others)
+    # What does not change the computation keeps the directory, so the run resumes there.
+    for same in (["trainer.stop_after=3", "resume=never", "logger=none", "trainer.progress=false"],
+                 ["trainer.lr=5.0e-4"], ["seed=0"]):
+        assert run_dir_of(compose(same)) == base, same
+    # Override order does not matter; the seeds of one configuration share its hash.
+    assert run_dir_of(compose(["trainer.lr=1e-3", "adapter.r=4"])) == run_dir_of(compose(["adapter.r=4", "trainer.lr=1e-3"]))
+    seed1 = run_dir_of(compose(["seed=1"]))
+    assert seed1 != base and seed1.split("seed1-")[1] == base.split("seed0-")[1]
+    # The hash is the config's, resolved: the same from the Hydra node and from run_hash.
+    cfg = compose(["trainer.lr=1e-3"])
+    assert run_dir_of(cfg).endswith(f"/seed0-{run_hash(cfg)}")
+    # run_name is the user's: taken as it is.
+    assert run_dir_of(compose(["run_name=rte-r16", "trainer.lr=1e-3"])) == str(Path("runs") / "rte-r16")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -91,20 +115,37 @@ def test_missing_data_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
 def test_sweep_from_the_command_line_then_report(tmp_path):
     data = write_sst2(tmp_path / "data")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    overrides = tiny_run_overrides(data, tmp_path / "runs", "trainer.max_steps=2")
-    sweep = subprocess.run([sys.executable, "-m", "lrzoo.train", "-m", "adapter=lora,dora", "seed=0,1", *overrides],
+    overrides = [o for o in tiny_run_overrides(data, tmp_path / "runs", "trainer.max_steps=2")
+                 if not o.startswith("trainer.lr=")]
+    sweep = subprocess.run([sys.executable, "-m", "lrzoo.train", "-m", "adapter=lora,dora", "seed=0,1",
+                            "trainer.lr=5e-3", *overrides],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
+    # A second sweep over the learning rate: lr=5e-3 is the run above (skipped), lr=1e-2 a new directory.
+    lrs = subprocess.run([sys.executable, "-m", "lrzoo.train", "-m", "trainer.lr=5e-3,1e-2", "adapter=lora", "seed=0",
+                          *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert lrs.returncode == 0, lrs.stderr[-3000:]
+    assert lrs.stdout.count("already finished") == 1
+
+    def name(adapter, seed, lr):
+        cfg = compose([f"adapter={adapter}", f"seed={seed}", f"trainer.lr={lr}", *overrides])
+        return f"glue/sst2/tiny_bert/{adapter}/seed{seed}-{run_hash(cfg)}"
+
     found = sorted(str(p.parent.relative_to(tmp_path / "runs")) for p in (tmp_path / "runs").rglob("results.json"))
-    assert found == [f"glue/sst2/tiny_bert/{a}/seed{s}" for a in ("dora", "lora") for s in (0, 1)]
+    assert found == sorted([name(a, s, 5e-3) for a in ("dora", "lora") for s in (0, 1)] + [name("lora", 0, 1e-2)])
     assert "accuracy =" in sweep.stdout
+    results = {f: json.loads((tmp_path / "runs" / f / "results.json").read_text()) for f in found}
+    assert {(r["adapter"], r["seed"], r["config"]["trainer"]["lr"]) for r in results.values()} == {
+        ("dora", 0, 5e-3), ("dora", 1, 5e-3), ("lora", 0, 5e-3), ("lora", 1, 5e-3), ("lora", 0, 1e-2)}
 
     report = subprocess.run([sys.executable, "-m", "lrzoo.cli.report", str(tmp_path / "runs")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
-    assert "| dora |" in report.stdout and "(2) |" in report.stdout
-    seeds = [json.loads((tmp_path / "runs" / f / "results.json").read_text())["seed"] for f in found]
-    assert seeds == [0, 1, 0, 1]
+    # Seeds of one configuration aggregate; the two learning rates of lora are two rows, not one of 3 seeds.
+    assert re.search(r"^\| dora \| [-0-9.]+ ± [0-9.]+ \(2\) \|", report.stdout, re.M)
+    assert re.search(r"^\| lora \(trainer.lr=0.005\) \| [-0-9.]+ ± [0-9.]+ \(2\) \|", report.stdout, re.M)
+    assert re.search(r"^\| lora \(trainer.lr=0.01\) \| [-0-9.]+ ± [0-9.]+ \(1\) \|", report.stdout, re.M)
+    assert "(3) |" not in report.stdout
 
 
 def test_train_tasks_interleave_a_union_and_eval_tasks_override(tmp_path):

@@ -89,3 +89,44 @@ def test_commands_come_from_hydra_overrides_without_seed_and_task(runs, tmp_path
     text = (tmp_path / "report" / "results.md").read_text()
     assert "- minilm / lora: `lrzoo-train experiment=glue_cpu adapter=lora seed=0,1,2` on glue/rte" in text
     assert "minilm / dora:" not in text  # its runs have no overrides file
+
+
+def _result(run, adapter, task, seed, score, config):
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({
+        "task": task, "adapter": adapter, "model": "minilm", "seed": seed, "primary_metric": "accuracy",
+        "score": score, "metrics": {"accuracy": score, "score": score}, "trainable_params": 74_500,
+        "peak_memory_mb": 1000.0, "wall_time_s": 30.0, "config": {**config, "seed": seed}}))
+
+
+def test_runs_group_by_configuration_not_by_adapter(tmp_path):
+    """A sweep over lr gives a row per lr (seeds of one lr aggregated, tasks lined up); one configuration
+    per task, even with per-task hyperparameters (the papers' presets), stays one row."""
+    def config(task, lr):
+        return {"task": {"name": task}, "adapter": {"name": "lora", "r": 8}, "trainer": {"lr": lr, "epochs": 3}}
+
+    runs = tmp_path / "runs"
+    for seed, score in enumerate([0.70, 0.74]):
+        _result(runs / "glue/rte/minilm/lora" / f"seed{seed}-aaaaaaaa", "lora", "glue/rte", seed, score,
+                config("glue/rte", 1e-3))
+    _result(runs / "glue/rte/minilm/lora/seed0-bbbbbbbb", "lora", "glue/rte", 0, 0.50, config("glue/rte", 1e-2))
+    for seed, score in enumerate([0.60, 0.64]):
+        _result(runs / "glue/sst2/minilm/lora" / f"seed{seed}-cccccccc", "lora", "glue/sst2", seed, score,
+                config("glue/sst2", 1e-3))
+    for task, lr, score in (("glue/rte", 5e-4, 0.8), ("glue/sst2", 4e-4, 0.9)):  # one config per task
+        _result(runs / task / "minilm/dora/seed0-dddddddd", "dora", task, 0, score, config(task, lr))
+
+    main([str(runs), "--out", str(tmp_path / "report")])
+    with open(tmp_path / "report" / "results.csv", newline="") as handle:
+        table = {(r["adapter"], r["variant"], r["task"]): r for r in csv.DictReader(handle)}
+    assert set(table) == {("lora", "trainer.lr=0.001", "glue/rte"), ("lora", "trainer.lr=0.01", "glue/rte"),
+                          ("lora", "trainer.lr=0.001", "glue/sst2"), ("dora", "", "glue/rte"), ("dora", "", "glue/sst2")}
+    lr3 = table[("lora", "trainer.lr=0.001", "glue/rte")]
+    assert int(lr3["n_seeds"]) == 2 and float(lr3["mean"]) == pytest.approx(72.0)
+    lr2 = table[("lora", "trainer.lr=0.01", "glue/rte")]
+    assert int(lr2["n_seeds"]) == 1 and float(lr2["mean"]) == pytest.approx(50.0)
+    text = (tmp_path / "report" / "results.md").read_text()
+    # the lr=1e-3 row lines up across tasks: the sweep's key labels sst2's single configuration too
+    assert "| lora (trainer.lr=0.001) | 72.00 ± 2.83 (2) | 62.00 ± 2.83 (2) | 67.00 |" in text
+    assert "| lora (trainer.lr=0.01) | 50.00 ± 0.00 (1) | – | – |" in text
+    assert "| dora | 80.00 ± 0.00 (1) | 90.00 ± 0.00 (1) | 85.00 |" in text

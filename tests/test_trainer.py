@@ -101,9 +101,10 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_
 
 
 def test_resume_refuses_a_checkpoint_from_another_configuration(sst2_dir, tmp_path):
-    _run(tiny_run_overrides(sst2_dir, tmp_path / "runs", "trainer.save_every=4", "trainer.stop_after=4"))
+    # Configurations get their own run directories; an explicit run_name can still put two in one.
+    _run(tiny_run_overrides(sst2_dir, tmp_path / "runs", "trainer.save_every=4", "trainer.stop_after=4", "run_name=one"))
     with pytest.raises(ValueError, match="another configuration"):
-        _run(tiny_run_overrides(sst2_dir, tmp_path / "runs", "trainer.save_every=4", "trainer.lr=1e-3"))
+        _run(tiny_run_overrides(sst2_dir, tmp_path / "runs", "trainer.save_every=4", "trainer.lr=1e-3", "run_name=one"))
 
 
 def test_finished_run_is_not_trained_again(sst2_dir, tmp_path):

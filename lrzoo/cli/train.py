@@ -4,6 +4,12 @@
     lrzoo-train -m adapter=lora,dora,lora_xs task=glue/rte seed=0,1,2      # a sweep
     torchrun --nproc_per_node 2 -m lrzoo.train experiment=demo              # DDP, one run dir
 
+Each run gets its own directory, ``<output_root>/<task>/<model>/<adapter>/seed<seed>-<hash>``, where
+``<hash>`` (:func:`run_hash`) digests the whole resolved configuration but the seed and bookkeeping
+keys: a sweep over any key never mixes two configurations in one directory, every rank of a job
+and every re-run of a command find the same one, and the seeds of one configuration share the
+hash. One process writes a run directory at a time (:mod:`lrzoo.train.run_dir`).
+
 The config tree is ``recipes/`` (root ``config.yaml``); the ``adapter`` group is the top-level
 ``adapters/`` directory, registered into Hydra's ConfigStore at startup because its folder name
 differs from the group's. Everything the run needs is checked before the first step: the task and
@@ -37,17 +43,50 @@ def register_adapter_configs() -> None:
         store.store(group="adapter", name=path.stem, node=OmegaConf.load(path))
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A short digest of the resolved config, minus :data:`_HASH_EXCLUDED`."""
+def hashed_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the ``hydra`` node and :data:`_HASH_EXCLUDED`: what the run computes
+    from (also saved in ``results.json`` as ``config``, which ``lrzoo-report`` groups runs by)."""
+    if "hydra" in cfg:  # dropped before resolving: it has values Hydra fills in only inside a job
+        unresolved = OmegaConf.to_container(cfg, resolve=False)
+        unresolved.pop("hydra")
+        cfg = OmegaConf.create(unresolved)
     data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("hydra", None)
     for dotted in _HASH_EXCLUDED:
         *parents, leaf = dotted.split(".")
         node = data
         for key in parents:
             node = node.get(key, {})
         node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return data
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short digest of the resolved config, minus :data:`_HASH_EXCLUDED`."""
+    return _digest(hashed_config(cfg))[:16]
+
+
+def run_hash(cfg: DictConfig) -> str:
+    """8 hex digits of :func:`config_hash`'s config without ``seed``: the ``<hash>`` of a run directory's
+    name (``seed<seed>-<hash>``), shared by the seeds of one configuration."""
+    data = hashed_config(cfg)
+    data.pop("seed", None)
+    return _digest(data)[:8]
+
+
+def _run_hash_resolver(*, _root_: DictConfig) -> str:
+    """``${lrzoo.run_hash:}`` in ``run_name``: :func:`run_hash` of the config it sits in. A copy is hashed,
+    without ``run_name`` (this very interpolation) and the ``hydra`` node (whose run dir interpolates it)."""
+    data = OmegaConf.to_container(_root_, resolve=False)
+    data.pop("hydra", None)
+    data["run_name"] = ""
+    return run_hash(OmegaConf.create(data))
+
+
+OmegaConf.register_new_resolver("lrzoo.run_hash", _run_hash_resolver, replace=True)
 
 
 def _rank() -> int:
@@ -58,16 +97,31 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
     """Build task, data, model, adapter and trainer from ``cfg``; train; return the results.
 
     Usable without Hydra (tests compose a config and call this). Returns ``None`` when the run
-    stopped early (``trainer.stop_after``) and can be resumed.
+    stopped early (``trainer.stop_after``) and can be resumed. Rank 0 first locks ``run_dir``
+    (:class:`lrzoo.train.run_dir.RunDirInUse` if another process holds it) and removes what an
+    interrupted write left there.
     """
+    from lrzoo.train.run_dir import RunLock, remove_leftovers
+
+    is_main = _rank() == 0
+    with RunLock(run_dir, enabled=is_main):
+        if is_main:
+            removed = remove_leftovers(run_dir)
+            if removed:
+                print(f"[lrzoo] removed what an interrupted write left in {run_dir}: "
+                      f"{', '.join(os.path.relpath(p, run_dir) for p in removed)}", file=sys.stderr)
+        return _run_locked(cfg, run_dir, is_main)
+
+
+def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[str, Any]]:
     import lrzoo
     from lrzoo.models import load_model
     from lrzoo.tasks import get_task
     from lrzoo.train.baselines import BASELINES, prepare_baseline
     from lrzoo.train.callbacks import make_logger, prepare_procedure
-    from lrzoo.train.trainer import Trainer, TrainerConfig, latest_checkpoint, seed_everything
+    from lrzoo.train.resume import resume_latest
+    from lrzoo.train.trainer import Trainer, TrainerConfig, seed_everything
 
-    is_main = _rank() == 0
     digest = config_hash(cfg)
     done = os.path.join(run_dir, "results.json")
     if str(cfg.get("resume", "auto")) == "auto" and os.path.isfile(done):
@@ -110,7 +164,7 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
     logger_options = dict(plain["logger"])
     logger = make_logger(logger_options.pop("name"), run_dir, is_main, **logger_options)
     run_info = {"adapter": method, "adapter_config": adapter, "model": model_cfg["name"], "seed": plain["seed"],
-                "config_hash": digest, "lrzoo_version": lrzoo.__version__}
+                "config_hash": digest, "config": hashed_config(cfg), "lrzoo_version": lrzoo.__version__}
     trainer = Trainer(peft_model, tokenizer, task, train_rows, eval_sets, config, run_dir,
                       callbacks=[cb for cb in (*procedure.callbacks, logger) if cb is not None],
                       run_info=run_info, scheduler_factory=procedure.scheduler_factory)
@@ -121,12 +175,16 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
               f"({100 * trainable / total:.3f}%); run dir {run_dir}")
 
     resume = str(plain.get("resume", "auto"))
-    checkpoint = None if resume == "never" else latest_checkpoint(run_dir) if resume == "auto" else resume
-    if checkpoint is not None:
-        if not os.path.isfile(os.path.join(checkpoint, "trainer_state.pt")):
-            raise FileNotFoundError(f"resume={resume!r}: {checkpoint} holds no trainer_state.pt. Use resume=auto "
+    checkpoint = None
+    if resume == "auto":  # the newest intact checkpoint; damaged ones are skipped with a warning
+        checkpoint = resume_latest(trainer, run_dir, verbose=is_main)
+    elif resume != "never":
+        if not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
+            raise FileNotFoundError(f"resume={resume!r}: {resume} holds no trainer_state.pt. Use resume=auto "
                                     "(latest checkpoint of this run dir), resume=never, or a checkpoint directory.")
-        trainer.load_checkpoint(checkpoint)
+        trainer.load_checkpoint(resume)
+        checkpoint = resume
+    if checkpoint is not None:
         if is_main:
             print(f"[lrzoo] resumed from {checkpoint} at step {trainer.start_step}")
     return trainer.fit()

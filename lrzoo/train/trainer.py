@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import sys
@@ -43,9 +42,9 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from ..io import atomic_directory, atomic_file
 from .optim import make_optimizer
+from .resume import CHECKPOINT_RE, checkpoint_dirs, read_trainer_state
 
 IGNORE_INDEX = -100  # label of positions that do not count in the loss (prompt tokens, padding)
-CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -191,11 +190,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest ``<run_dir>/checkpoints/step-N`` directory, or ``None``."""
-    root = os.path.join(run_dir, "checkpoints")
-    steps = [(int(m.group(1)), name) for name in (os.listdir(root) if os.path.isdir(root) else [])
-             if (m := CHECKPOINT_RE.match(name))]
-    return os.path.join(root, max(steps)[1]) if steps else None
+    """The newest ``<run_dir>/checkpoints/step-N`` directory, or ``None`` (unchecked: see
+    :func:`lrzoo.train.resume.resume_latest` for the newest intact one)."""
+    found = checkpoint_dirs(run_dir)
+    return found[0] if found else None
 
 
 def peak_memory_mb() -> float:
@@ -344,8 +342,11 @@ class Trainer:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote; training continues at its step."""
-        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        """Restore everything :meth:`save_checkpoint` wrote; training continues at its step.
+
+        A missing, cut-short or garbled ``trainer_state.pt`` raises
+        :class:`lrzoo.train.resume.UnreadableCheckpoint` before anything is changed."""
+        state = read_trainer_state(path)
         expected = self.run_info.get("config_hash")
         if state["config_hash"] != expected:
             raise ValueError(
