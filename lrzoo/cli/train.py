@@ -31,7 +31,10 @@ from ..configs import config_dir
 
 #: keys that do not change what a run computes: excluded from the config hash, so a resumed
 #: run (which differs in them) still matches its checkpoint.
-_HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_after", "trainer.progress")
+_HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_after", "trainer.progress",
+                  # a policy for non-finite steps: switching a diverged run to skip_step resumes it from its
+                  # last good checkpoint (lrzoo.train.divergence)
+                  "trainer.on_nonfinite")
 
 
 def register_adapter_configs() -> None:
@@ -118,6 +121,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     from lrzoo.models import load_model
     from lrzoo.tasks import get_task
     from lrzoo.train.baselines import BASELINES, prepare_baseline
+    from lrzoo.train.budget import check_limits, check_splits
     from lrzoo.train.callbacks import make_logger, prepare_procedure
     from lrzoo.train.resume import resume_latest
     from lrzoo.train.trainer import Trainer, TrainerConfig, seed_everything
@@ -144,11 +148,13 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     config = TrainerConfig.from_dict(trainer_options)
     data_dir = task_cfg.get("data_dir")
     eval_split = task_cfg.get("eval_split") or ("test" if task.kind == "generation" else "validation")
+    check_limits(plain.get("train_limit"), plain.get("eval_limit"))
     train_rows = _train_rows(task, task_cfg.get("train_tasks"), data_dir, plain.get("train_limit"))
     eval_sets = {}
     for name in task_cfg.get("eval_tasks") or getattr(task, "eval_tasks", (task.name,)):
         eval_task = task if name == task.name else get_task(name)
         eval_sets[name] = (eval_task, eval_task.load_split(eval_split, data_dir, limit=plain.get("eval_limit")))
+    check_splits(task.name, train_rows, eval_sets, config.batch_size, plain.get("train_limit"), plain.get("eval_limit"))
 
     model, tokenizer = load_model(model_cfg["source"], task.kind, task.num_labels, dtype=model_cfg.get("dtype"),
                                   config_overrides=model_cfg.get("config_overrides"))
@@ -200,22 +206,37 @@ def _train_rows(task: Any, train_tasks: Optional[list[str]], data_dir: Optional[
 
     parts = [list(get_task(name).load_split("train", data_dir)) for name in train_tasks]
     mixed = [row for group in itertools.zip_longest(*parts) for row in group if row is not None]
-    return mixed[:limit] if limit else mixed
+    return mixed[:limit] if limit is not None else mixed
 
 
 def _summary(results: dict[str, Any], run_dir: str) -> str:
-    metrics = ", ".join(f"{k}={v:.4f}" for k, v in results["metrics"].items() if k != "score")
+    def shown(value: Optional[float], scale: float = 1.0, digits: int = 4) -> str:
+        return "null (not finite: see nonfinite_metrics)" if value is None else f"{scale * value:.{digits}f}"
+
+    metrics = ", ".join(f"{k}={shown(v)}" for k, v in results["metrics"].items() if k != "score")
+    skipped = results.get("nonfinite_steps_skipped")
     return (f"[lrzoo] {results['task']} / {results['adapter']} / {results['model']} seed {results['seed']}: "
-            f"{metrics}\n[lrzoo] {results['primary_metric']} = {100 * results['score']:.2f}  "
+            f"{metrics}\n[lrzoo] {results['primary_metric']} = {shown(results['score'], 100, 2)}  "
+            + (f"[{skipped} non-finite steps skipped] " if skipped else "") +
             f"({results['steps']} steps, {results['wall_time_s']:.0f} s, {results['train_tokens_per_s']:.0f} tokens/s); "
             f"results in {os.path.join(run_dir, 'results.json')}")
 
 
 def _hydra_task(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import CompactHydraException
+
+    from lrzoo.train.divergence import DivergenceError
+
+    class TrainingDiverged(CompactHydraException):
+        """Printed by Hydra as its message alone (no traceback); the process exits 1. In a sweep
+        (``-m``) the other runs still go, and the sweep exits 1 at the end."""
 
     run_dir = HydraConfig.get().runtime.output_dir
-    results = run_recipe(cfg, run_dir)
+    try:
+        results = run_recipe(cfg, run_dir)
+    except DivergenceError as err:
+        raise TrainingDiverged(f"[lrzoo] {err}") from err
     if results is None:
         if _rank() == 0:
             print(f"[lrzoo] stopped early (trainer.stop_after); run the same command again to resume from {run_dir}")

@@ -78,6 +78,8 @@ class Task:
         if limit is not None:
             records = records[:limit]
         rows = [self._row(record, where, split) for where, record in records]
+        if not rows:  # from_list([]) fails on the features ("Keys mismatch"): an empty split is a valid answer
+            return datasets.Dataset.from_dict({name: [] for name in COLUMNS[self.kind]}, features=COLUMNS[self.kind])
         return datasets.Dataset.from_list(rows, features=COLUMNS[self.kind])
 
     def _records(self, split: str, data_dir: Path | None) -> list[Record]:

@@ -3,11 +3,18 @@
 Key names match ``evaluate.load("glue", cfg)``: ``accuracy``, ``f1`` (binary, positive class 1),
 ``matthews_correlation``, ``pearson`` and ``spearmanr`` (STS-B), so results line up with papers and
 HF scripts without downloading evaluate's metric code.
+
+A correlation that is undefined (a constant prediction or reference, fewer than two rows, a non-finite
+value) is ``nan`` with an :class:`UndefinedMetricWarning` that says why (:func:`nonfinite_reason`),
+rather than scipy's generic warning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+import math
+import warnings
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -42,12 +49,46 @@ def matthews_correlation(predictions: Sequence, references: Sequence) -> float:
     return float(matthews_corrcoef(_labels(references), _labels(predictions)))
 
 
+class UndefinedMetricWarning(UserWarning):
+    """A metric is undefined (``nan``) for these predictions, e.g. the correlation of a constant prediction."""
+
+
 def pearson(predictions: Sequence, references: Sequence) -> float:
-    return float(pearsonr(_scores(predictions), _scores(references))[0])
+    return _correlation("pearson", pearsonr, predictions, references)
 
 
 def spearman(predictions: Sequence, references: Sequence) -> float:
-    return float(spearmanr(_scores(predictions), _scores(references))[0])
+    return _correlation("spearmanr", spearmanr, predictions, references)
+
+
+def _correlation(name: str, fn: Callable, predictions: Sequence, references: Sequence) -> float:
+    x, y = _scores(predictions), _scores(references)
+    reason = _undefined_correlation(x, y)
+    if reason is not None:
+        warnings.warn(f"{name} is undefined (nan): {reason}.", UndefinedMetricWarning, stacklevel=3)
+        return math.nan
+    return float(fn(x, y)[0])
+
+
+def _undefined_correlation(x: np.ndarray, y: np.ndarray) -> str | None:
+    if len(x) < 2:
+        return f"a correlation needs at least 2 rows, got {len(x)}"
+    for values, what in ((x, "predictions"), (y, "references")):
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            return f"{bad} of {len(values)} {what} are not finite (NaN/inf)"
+        if (values == values[0]).all():
+            return f"the {what} are constant (every one is {values[0]:g}), so their correlation is undefined"
+    return None
+
+
+def nonfinite_reason(predictions: Sequence, references: Sequence) -> str:
+    """Why a metric of ``predictions`` against ``references`` can come out NaN, in words."""
+    try:
+        x, y = _scores(predictions), _scores(references)
+    except (TypeError, ValueError):
+        return "the metric is undefined for these predictions"
+    return _undefined_correlation(x, y) or "the metric is undefined for these predictions"
 
 
 def _scores(values: Sequence) -> np.ndarray:

@@ -28,6 +28,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -41,7 +42,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from ..io import atomic_directory, atomic_file
+from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
+from .budget import validate_trainer_config
+from .divergence import NonfiniteGuard, is_finite_number, json_safe, total_grad_norm
 from .optim import make_optimizer
+from .precision import autocast_dtype, check_autocast, use_precision
 from .resume import CHECKPOINT_RE, checkpoint_dirs, read_trainer_state
 
 IGNORE_INDEX = -100  # label of positions that do not count in the loss (prompt tokens, padding)
@@ -64,8 +69,9 @@ class TrainerConfig:
     max_steps: Optional[int] = None
     scheduler: str = "linear"
     warmup_ratio: float = 0.0
+    #: clip the global gradient norm to this (``None`` or 0: no clipping).
     max_grad_norm: Optional[float] = 1.0
-    #: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast through accelerate).
+    #: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast through accelerate; fp16 needs CUDA).
     precision: str = "no"
     #: ``"auto"`` (DDP when launched with several processes) or ``"fsdp"``.
     strategy: str = "auto"
@@ -84,6 +90,16 @@ class TrainerConfig:
     progress: bool = True
     #: overrides of ``task.generation_config`` (e.g. ``{num_beams: 1, max_new_tokens: 16}``).
     generation: dict[str, Any] = field(default_factory=dict)
+    #: a non-finite loss or gradient norm: ``"stop"`` the run, or ``"skip_step"`` (see
+    #: :mod:`lrzoo.train.divergence`).
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming every invalid option (:func:`lrzoo.train.budget.validate_trainer_config`)."""
+        validate_trainer_config(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainerConfig":
@@ -154,7 +170,7 @@ def planned_steps(num_rows: int, config: TrainerConfig) -> int:
     if per_epoch == 0:
         raise ValueError(f"The training split has {num_rows} rows, fewer than one batch "
                          f"(batch_size={config.batch_size}). Lower trainer.batch_size or raise train_limit.")
-    return config.max_steps or math.ceil(config.epochs * per_epoch)
+    return config.max_steps if config.max_steps is not None else math.ceil(config.epochs * per_epoch)
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -243,9 +259,11 @@ class Trainer:
     ):
         from accelerate import Accelerator
 
+        config.validate()
         self.config, self.task, self.tokenizer, self.run_dir = config, task, tokenizer, run_dir
         self.callbacks = list(callbacks)
         self.run_info = dict(run_info or {})
+        use_precision(config.precision)
         kwargs: dict[str, Any] = {"mixed_precision": config.precision, "cpu": not torch.cuda.is_available()}
         if config.strategy == "fsdp":
             from accelerate import FullyShardedDataParallelPlugin
@@ -255,6 +273,8 @@ class Trainer:
         elif config.strategy != "auto":
             raise ValueError(f"trainer.strategy must be 'auto' or 'fsdp', got {config.strategy!r}.")
         self.accelerator = Accelerator(**kwargs)
+        self.autocast_dtype = autocast_dtype(self.accelerator)
+        check_autocast(config.precision, self.autocast_dtype)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
 
@@ -287,6 +307,11 @@ class Trainer:
         self.tokens_seen = 0
         self.best: dict[str, Any] = {}
         self.last_eval: dict[str, float] = {}
+        self.nonfinite_metrics: dict[str, str] = {}  # last evaluation's NaN scores -> why
+        # Its skip counts travel in checkpoints with the callbacks' state (it has state_dict).
+        quoted = {k: getattr(config, k) for k in ("lr", "max_grad_norm", "warmup_ratio", "precision")}
+        self.guard = NonfiniteGuard(config.on_nonfinite, self.total_steps, lambda: latest_checkpoint(run_dir), quoted)
+        self.callbacks.append(self.guard)
 
     # ---- layout -----------------------------------------------------------------------------
 
@@ -417,6 +442,7 @@ class Trainer:
         segment_start = started
         while step < self.total_steps:
             micro_batches = self._step_batches(step, order_cache)
+            step_loss = torch.zeros((), device=device)
             for k, batch in enumerate(micro_batches):
                 batch = {key: value.to(device) for key, value in batch.items()}
                 self.tokens_seen += int(batch["attention_mask"].sum()) * self.world
@@ -425,23 +451,25 @@ class Trainer:
                     with self.accelerator.autocast():
                         loss = self.model(**batch).loss / self.accum
                     self.accelerator.backward(loss)
-                window_loss += loss.detach()
-            if c.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach()
+            if self._update(step + 1, step_loss):  # False: skipped (non-finite, on_nonfinite=skip_step)
+                window_loss += step_loss
+                window_steps += 1
             step += 1
-            window_steps += 1
             bar.update(1)
             # Callbacks get the plain model and torch optimizer (its .state), not accelerate's wrappers.
             self._call("on_step_end", step, self.accelerator.unwrap_model(self.model),
                        getattr(self.optimizer, "optimizer", self.optimizer), self.scheduler)
 
             if step % c.log_every == 0 or step == self.total_steps:
-                mean_loss = self.accelerator.reduce(window_loss, "mean").item() / window_steps
-                self._call("on_log", step, {"train/loss": mean_loss, "train/lr": self.scheduler.get_last_lr()[0]})
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                logged = {}
+                if window_steps:  # 0 when every step of the window was skipped (same on every rank)
+                    logged["train/loss"] = self.accelerator.reduce(window_loss, "mean").item() / window_steps
+                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
+                logged["train/lr"] = self.scheduler.get_last_lr()[0]
+                if c.on_nonfinite == "skip_step":
+                    logged["train/skipped_steps"] = self.guard.skipped
+                self._call("on_log", step, logged)
                 window_loss.zero_()
                 window_steps = 0
             if self._is_due(step, c.eval_every) and step != self.total_steps:
@@ -461,16 +489,41 @@ class Trainer:
         self._save_adapter()
         if self.is_main:
             with atomic_file(os.path.join(self.run_dir, "results.json")) as handle:
-                json.dump(results, handle, indent=2)
+                json.dump(results, handle, indent=2, allow_nan=False)  # strict JSON: NaN is null
         self._call("on_train_end", self)
         return results
+
+    def _update(self, step: int, step_loss: torch.Tensor) -> bool:
+        """Apply optimizer step ``step`` (1-based) unless its loss or gradient norm is non-finite
+        (:class:`lrzoo.train.divergence.NonfiniteGuard`: stop or skip, the same on every rank).
+        Returns whether the update was applied."""
+        c = self.config
+        scaler = self.accelerator.scaler  # fp16: overflowing gradients are the GradScaler's to skip
+        norm = None
+        if scaler is None:
+            if c.max_grad_norm:
+                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+            if norm is None:  # no clipping: the norm is still needed to see a NaN/inf gradient
+                norm = total_grad_norm(self.model.parameters())
+        applied = self.guard.check(step, step_loss, norm)
+        if applied:
+            if scaler is not None and c.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
     def _evaluate_and_log(self, step: int) -> None:
         metrics = self.evaluate()
         self.last_eval = metrics
         self._call("on_log", step, {f"eval/{k}": v for k, v in metrics.items()})
+        for name, reason in self.nonfinite_metrics.items():
+            warnings.warn(f"eval {name} is {metrics[name]} at step {step}: {reason}. It is reported as null in "
+                          "results.json (see nonfinite_metrics) and never selected as the best evaluation.",
+                          UndefinedMetricWarning, stacklevel=2)
         score = metrics.get("score")
-        if score is not None and (not self.best or score > self.best["score"]):
+        if is_finite_number(score) and (not self.best or score > self.best["score"]):
             self.best = {"step": step, "score": score, "metrics": metrics}
         self.model.train()
 
@@ -478,12 +531,13 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        return {
+        return json_safe({
             **self.run_info,
             "task": self.task.name,
             "primary_metric": self.task.primary_metric,
-            "score": self.last_eval.get("score"),
+            "score": self.last_eval.get("score"),  # NaN -> null (json_safe), the reason in nonfinite_metrics
             "metrics": self.last_eval,
+            "nonfinite_metrics": self.nonfinite_metrics,
             "best": self.best,
             "trainable_params": trainable,
             "total_params": total,
@@ -493,7 +547,11 @@ class Trainer:
             "train_tokens_per_s": round(self.tokens_seen / max(self.train_time, 1e-9), 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
             "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
-        }
+            "precision": self.accelerator.mixed_precision,
+            "autocast_dtype": self.autocast_dtype,
+            "on_nonfinite": self.config.on_nonfinite,
+            "nonfinite_steps_skipped": self.guard.skipped,
+        })
 
     def _save_adapter(self) -> None:
         # FSDP shards parameters: gather a full state dict (a collective: every rank calls it).
@@ -513,14 +571,30 @@ class Trainer:
         self.model.eval()
         results: dict[str, float] = {}
         primaries = []
+        self.nonfinite_metrics = {}
         for name, (task, features, rows) in self.eval_sets.items():
             predictions = self._predict(task, features)
             references = [row["answer"] if task.kind == "generation" else row["label"] for row in rows]
-            metrics = task.compute_metrics(predictions, references)
+            missing = sum(p is None for p in predictions)
+            if missing:  # non-finite model outputs: no score is better than a made-up one
+                metrics = {k: math.nan for k in task.metric_names}
+            else:
+                with warnings.catch_warnings():  # said once, with the step, by _evaluate_and_log
+                    warnings.simplefilter("ignore", UndefinedMetricWarning)
+                    metrics = task.compute_metrics(predictions, references)
             prefix = f"{name}/" if len(self.eval_sets) > 1 else ""
             results.update({prefix + k: float(v) for k, v in metrics.items()})
             primaries.append(float(metrics[task.primary_metric]))
+            for k, v in metrics.items():
+                if not math.isfinite(float(v)):
+                    self.nonfinite_metrics[prefix + k] = (
+                        f"{missing} of {len(predictions)} rows got non-finite logits (NaN/inf: the weights or "
+                        "activations overflowed)" if missing else nonfinite_reason(predictions, references))
         results["score"] = float(np.mean(primaries))
+        if not math.isfinite(results["score"]):
+            undefined = [k for k in self.nonfinite_metrics if k.split("/")[-1] in {t.primary_metric for t, _, _ in
+                                                                                  self.eval_sets.values()}]
+            self.nonfinite_metrics["score"] = f"the primary metric is not finite ({', '.join(undefined)})"
         return results
 
     def _predict(self, task: Any, features: list[dict]) -> list:
@@ -541,6 +615,9 @@ class Trainer:
                 with self.accelerator.autocast():
                     logits = model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).logits.float()
                 predictions = (logits.squeeze(-1) if task.kind == "regression" else logits.argmax(-1)).tolist()
+                # a row whose logits are NaN/inf has no prediction (argmax would quietly say class 0)
+                finite = torch.isfinite(logits).flatten(1).all(-1).tolist()
+                predictions = [p if ok else None for p, ok in zip(predictions, finite)]
             out.extend(zip(index, predictions))
         if self.world > 1:
             gathered: list = [None] * self.world
