@@ -29,7 +29,7 @@ from peft.utils.other import ModulesToSaveWrapper, transpose
 from safetensors.torch import save_file
 
 from .io import refuse_foreign_files, replace_files_in
-from .kernels.reference import DORA_EPS
+from .kernels.common import DORA_EPS
 from .layer import AdapterLayer
 from .methods.relora import lora_export_problem
 

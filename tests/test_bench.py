@@ -15,7 +15,7 @@ def test_saved_bytes_count_activations_once_and_skip_parameters():
     assert bench.saved_activation_bytes(lambda: F.linear(x, weight), [weight]) == 0  # frozen W keeps only W
     A = torch.randn(4, 16, requires_grad=True)
     B = torch.randn(24, 4, requires_grad=True)
-    saved = bench.saved_activation_bytes(lambda: kernels.reference.lora_linear(x, weight, None, A, B, 2.0), [weight, A, B])
+    saved = bench.saved_activation_bytes(lambda: kernels.lora.lora_linear(x, weight, None, A, B, 2.0), [weight, A, B])
     assert saved == x.nelement() * 4 + 32 * 4 * 4  # x and the N×r tensor xa, nothing N×d_out
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lrzoo
-from lrzoo.kernels.reference import dora_weight_norm
+from lrzoo.kernels.lora import dora_weight_norm
 from conftest import tiny_inputs, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrzoo.kernels import reference
+from lrzoo.kernels import lora
 
 P, S = 0.3, 0.7
 
@@ -34,9 +34,9 @@ def test_dropout_backward_matches_autograd_on_the_same_mask(method):
 
     torch.manual_seed(7)
     if method == "lora":
-        out = reference.lora_linear(x, W, b, A, B, S, P, training=True)
+        out = lora.lora_linear(x, W, b, A, B, S, P, training=True)
     else:
-        out = reference.dora_linear(x, W, b, A, B, m, S, P, training=True)
+        out = lora.dora_linear(x, W, b, A, B, m, S, P, training=True)
     grads = torch.autograd.grad((out * grad_out).sum(), params)
 
     dropped = x * mask_for(x, 7) / (1 - P)
@@ -68,7 +68,7 @@ def _tera_delta(factors, core, lam, modes, scaling):
     ((2, 3, 4, 2, 2, 3), 2, 9, "low-rank"),  # K = 3, uneven modes, rectangular layer
 ])
 def test_tera_linear_matches_the_materialised_update_in_both_forms(modes, rank, tokens, form):
-    from lrzoo.kernels import randlora_ref, tera_ref
+    from lrzoo.kernels import common, randlora, tera
 
     g = torch.Generator().manual_seed(0)
     k = len(modes) // 2
@@ -78,9 +78,9 @@ def test_tera_linear_matches_the_materialised_update_in_both_forms(modes, rank, 
     lam = torch.randn(len(modes), rank, generator=g).requires_grad_()
     x = torch.randn(tokens, d_in, generator=g).requires_grad_()
     weight, bias = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
-    assert randlora_ref.materialize_wins(tokens, d_in, d_out, rank ** k, True) == (form == "merged")
+    assert common.materialize_wins(tokens, d_in, d_out, rank ** k, True) == (form == "merged")
 
-    out = tera_ref.tera_linear(x, weight, bias, factors, core, lam, modes, 0.3)
+    out = tera.tera_linear(x, weight, bias, factors, core, lam, modes, 0.3)
     x_ref, lam_ref = x.detach().clone().requires_grad_(), lam.detach().clone().requires_grad_()
     expected = F.linear(x_ref, weight + _tera_delta(factors, core, lam_ref, modes, 0.3), bias)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
@@ -94,7 +94,7 @@ def test_tera_linear_matches_the_materialised_update_in_both_forms(modes, rank, 
 @pytest.mark.parametrize("op", ["lora", "dora", "randlora", "tera_lora_form", "tera_merged"])
 def test_a_trained_bias_gets_its_gradient_on_every_torch_path(op):
     """∂b = Σ_tokens ∂y, in the bias's own dtype, whatever the method (PEFT's bias="all", ReLoRA)."""
-    from lrzoo.kernels import randlora_ref, tera_ref
+    from lrzoo.kernels import common, randlora, tera
 
     torch.manual_seed(0)
     d_in = d_out = 16
@@ -102,17 +102,17 @@ def test_a_trained_bias_gets_its_gradient_on_every_torch_path(op):
     W, b = torch.randn(d_out, d_in), torch.randn(d_out, requires_grad=True)
     A, B, m = torch.randn(4, d_in), torch.randn(d_out, 4), torch.rand(d_out) + 0.5
     if op == "lora":
-        out = reference.lora_linear(x, W, b, A, B, S)
+        out = lora.lora_linear(x, W, b, A, B, S)
     elif op == "dora":
-        out = reference.dora_linear(x, W, b, A, B, m, S)
+        out = lora.dora_linear(x, W, b, A, B, m, S)
     elif op == "randlora":
         r, n = 4, 4
-        out = randlora_ref.randlora_linear(x, W, b, torch.randn(r, 1, d_in), torch.randn(d_out, n, r),
-                                           torch.randn(r, n), torch.randn(n, d_in), S)
+        out = randlora.randlora_linear(x, W, b, torch.randn(r, 1, d_in), torch.randn(d_out, n, r),
+                                       torch.randn(r, n), torch.randn(n, d_in), S)
     else:  # rank 2 over (4, 4, 4, 4): Q = 4 takes the LoRA form; rank 4: Q = 16 = width merges W'
         rank = 2 if op == "tera_lora_form" else 4
-        out = tera_ref.tera_linear(x, W, b, torch.randn(4, 4, rank), torch.randn(rank, rank, rank, rank),
-                                   torch.randn(4, rank), (4, 4, 4, 4), S)
+        out = tera.tera_linear(x, W, b, torch.randn(4, 4, rank), torch.randn(rank, rank, rank, rank),
+                               torch.randn(4, rank), (4, 4, 4, 4), S)
     grad_out = torch.randn_like(out)
     (grad_b,) = torch.autograd.grad((out * grad_out).sum(), [b])
     torch.testing.assert_close(grad_b, grad_out.sum((0, 1)), rtol=1e-5, atol=1e-5)

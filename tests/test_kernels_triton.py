@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from lrzoo import kernels  # noqa: E402
-from lrzoo.kernels import randlora_ref, reference  # noqa: E402
+from lrzoo.kernels import common, lora  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: the kernels can run in this process: on CUDA, or with the interpreter active since triton's import.
@@ -128,7 +128,7 @@ def test_core_linear_saves_no_copy_of_x(monkeypatch):
 
 
 def test_dropout_mask_is_seeded_and_shared_by_forward_and_backward(monkeypatch):
-    from lrzoo.kernels.triton_gemm import dropout_keep_mask, new_seed
+    from lrzoo.kernels.triton_common import dropout_keep_mask, new_seed
 
     p, inputs = 0.25, _lora_inputs((20,), 24, 16, 4, torch.float32)
     x, A, B = (inputs[k].clone().requires_grad_() for k in ("x", "lora_A", "lora_B"))
@@ -156,7 +156,7 @@ def test_randlora_matches_the_torch_path(monkeypatch, d_in, d_out):
     inputs = dict(x=_rand(2, 16, d_in), weight=_rand(d_out, d_in, scale=0.2, seed=1), bias=_rand(d_out, seed=2),
                   basis_A=_rand(r, 1, d + 3, seed=3), basis_B=_rand(D + 2, n + 1, r, seed=4),
                   lam=_rand(r, n, seed=5), gamma=_rand(n, d, seed=6), scaling=0.7)
-    assert randlora_ref.materialize_wins(32, d_in, d_out, r * n, True), "shape must take the fused path"
+    assert common.materialize_wins(32, d_in, d_out, r * n, True), "shape must take the fused path"
     _assert_close(*_both_paths(kernels.randlora_linear, monkeypatch, inputs, ["x", "bias", "lam", "gamma"]),
                   torch.float32)
 
@@ -171,7 +171,7 @@ def test_tera_matches_the_torch_path(monkeypatch, dtype, modes, rank):
     inputs = dict(x=_rand(2, 20, d_in, dtype=dtype), weight=_rand(d_out, d_in, dtype=dtype, scale=0.2, seed=1),
                   bias=_rand(d_out, dtype=dtype, seed=2), factors=_rand(4, max(modes) + 2, rank, seed=3, scale=0.5),
                   core=_rand(*(rank,) * 4, seed=4), lam=_rand(4, rank, seed=5), modes=modes, scaling=0.4)
-    wins = randlora_ref.materialize_wins(40, d_in, d_out, rank ** 2, True)
+    wins = common.materialize_wins(40, d_in, d_out, rank ** 2, True)
     assert wins == (rank ** 2 == d_in), "each case must take the path its comment names"
     _assert_close(*_both_paths(kernels.tera_linear, monkeypatch, inputs, ["x", "bias", "lam"]), dtype)
 
@@ -179,7 +179,7 @@ def test_tera_matches_the_torch_path(monkeypatch, dtype, modes, rank):
 def test_bfloat16_is_computed_in_float32_inside_the_kernels(monkeypatch):
     inputs = _lora_inputs((16,), 32, 24, 4, torch.bfloat16)
     out = kernels.lora_linear(**inputs)
-    exact = reference.lora_linear(**{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
+    exact = lora.lora_linear(**{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
     # only the final rounding to bf16 remains: within one bf16 ulp of the fp32 result
     torch.testing.assert_close(out.float(), exact, atol=1e-2, rtol=8e-3)
 
@@ -191,7 +191,7 @@ def test_an_uncovered_dtype_falls_back_to_torch_with_one_warning(monkeypatch):
     inputs = _lora_inputs((5,), 16, 16, 4, torch.float64)
     with pytest.warns(RuntimeWarning, match="float64"):
         out = kernels.lora_linear(**inputs)
-    torch.testing.assert_close(out, reference.lora_linear(**inputs))
+    torch.testing.assert_close(out, lora.lora_linear(**inputs))
 
 
 def _bf16_error_ratio(fn, ref_fn, inputs):
@@ -208,4 +208,4 @@ def test_bf16_error_on_gpu_is_within_torchs_own(monkeypatch, op):
     inputs = _lora_inputs((4, 512), 1024, 768, 16, torch.bfloat16)
     if op == "core_linear":
         inputs["core"] = _rand(16, 16, seed=6)
-    assert _bf16_error_ratio(getattr(kernels, op), getattr(reference, op), inputs) < 2.0
+    assert _bf16_error_ratio(getattr(kernels, op), getattr(lora, op), inputs) < 2.0

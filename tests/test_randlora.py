@@ -10,7 +10,8 @@ from peft.tuners.randlora.layer import Linear as PeftRandLoraLinear
 import lrzoo
 from conftest import REPO, tiny_inputs, tiny_llama
 from lrzoo.kernels import randlora_linear
-from lrzoo.kernels.randlora_ref import RandLoraLinearFunction, materialize_wins
+from lrzoo.kernels.common import materialize_wins
+from lrzoo.kernels.randlora import RandLoraLinearFunction
 from lrzoo.methods.randlora import FastRandLoraLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -67,7 +68,7 @@ def test_an_lrzoo_checkpoint_loads_in_stock_peft(tmp_path, fresh_python):
 @pytest.mark.parametrize("d_in,d_out,r", [(24, 40, 4), (40, 24, 4), (33, 33, 5), (17, 50, 3)])
 @pytest.mark.parametrize("materialize", [True, False])
 def test_randlora_linear_matches_peft_values_and_gradients(d_in, d_out, r, materialize, monkeypatch):
-    monkeypatch.setattr("lrzoo.kernels.randlora_ref.materialize_wins", lambda *a: materialize)
+    monkeypatch.setattr("lrzoo.kernels.randlora.materialize_wins", lambda *a: materialize)
     torch.manual_seed(0)
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)),
                            RandLoraConfig(r=r, randlora_alpha=2 * r, target_modules=["0"], init_weights=False))

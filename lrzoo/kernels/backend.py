@@ -1,6 +1,6 @@
 """Which implementation computes the adapter matmuls: ``LRZOO_BACKEND=auto|torch|triton``.
 
-* ``torch``: the pure-PyTorch path in :mod:`lrzoo.kernels.reference` (any device).
+* ``torch``: the pure-PyTorch path of each family (``lora.py``, ``randlora.py``, ``tera.py``; any device).
 * ``triton``: the fused Triton kernels; on a CPU tensor they need ``TRITON_INTERPRET=1`` (set
   before triton is imported), which is only useful for testing.
 * ``auto`` (default): Triton for CUDA tensors when triton imports and a kernel exists for the

@@ -1,4 +1,4 @@
-"""Triton LoRA and DoRA linears: the same math and signatures as :mod:`lrzoo.kernels.reference`.
+"""Triton LoRA and DoRA linears: the same math and signatures as :mod:`lrzoo.kernels.lora`.
 
 The graph is split at the N×r tensor ``xa = drop(x) Aᵀ`` (LoRAFusion's split):
 
@@ -12,7 +12,8 @@ backward  ``ds = s·(dy⊙c) B``,  ``∂B = s·(dy⊙c)ᵀ xa``   two thin GEMMs
                                                      epilogue (no N×d_out tensor written)
 
 Saved: x (only when A trains), xa, and a seed. The r×r-core family reuses :func:`lora_linear`
-with ``B' = B·C`` (see :func:`lrzoo.kernels.reference.fold_core`).
+with ``B' = B·C`` (see :func:`lrzoo.kernels.lora.fold_core`). The GEMM kernel itself is the shared
+:func:`lrzoo.kernels.triton_common.fused_mm`; this file holds the autograd Function wiring it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Optional
 
 import torch
 
-from .reference import bias_grad, dora_weight_norm, remember_bias
-from .triton_gemm import fused_mm, new_seed
+from .common import bias_grad, remember_bias
+from .lora import dora_weight_norm
+from .triton_common import fused_mm, new_seed
 
 
 def _dropout(seed: int, p: float, where: str, row_len: int) -> Optional[tuple]:
@@ -77,12 +79,12 @@ class TritonLoraFunction(torch.autograd.Function):
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False):
-    """Triton LoRA linear; same contract as :func:`lrzoo.kernels.reference.lora_linear`."""
+    """Triton LoRA linear; same contract as :func:`lrzoo.kernels.lora.lora_linear`."""
     return TritonLoraFunction.apply(x, weight.detach(), bias, lora_A, lora_B, None, float(scaling), float(dropout_p),
                                     bool(training))
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False):
-    """Triton DoRA linear; same contract as :func:`lrzoo.kernels.reference.dora_linear`."""
+    """Triton DoRA linear; same contract as :func:`lrzoo.kernels.lora.dora_linear`."""
     return TritonLoraFunction.apply(x, weight.detach(), bias, lora_A, lora_B, magnitude, float(scaling),
                                     float(dropout_p), bool(training))

@@ -1,6 +1,6 @@
 """Triton RandLoRA linear: ``W' = W + s·ΔW`` built by one fused kernel, then one GEMM.
 
-Same math and layout as :mod:`lrzoo.kernels.randlora_ref` (``M = Bf·Af``, ``ΔW = s·M`` or its
+Same math and layout as :mod:`lrzoo.kernels.randlora` (``M = Bf·Af``, ``ΔW = s·M`` or its
 transpose when ``d_in > d_out``). The merge kernel forms each (D×d) tile of M as ``Σ_c Bf[:, c]·Af[c]``
 with the pieces of ``Af[c] = λ·A⊙γ`` gathered from the shared bases on the fly (neither ``Af`` nor
 ``Bf`` is materialised), adds W and writes ``W'`` once in the activation dtype.
@@ -11,8 +11,10 @@ backward  ``∂x = dy W'``                                     one GEMM with the
           ``∂Af = s·Bfᵀ G`` contracted to ``∂λ = Σ_i ∂Af⊙A⊙γ``     one fused kernel per (product chunk,
           and ``∂γ = Σ_k ∂Af⊙λ⊙A``                              column tile): ∂Af stays in registers
 
-Saved: x and W' (weight-sized, only when x needs a gradient). Dropout and few-token calls take the
-torch path (see :mod:`lrzoo.kernels.triton_ops` and :func:`randlora_ref.materialize_wins`).
+Saved: x and W' (weight-sized, only when x needs a gradient); the autograd Function is the shared
+:class:`lrzoo.kernels.triton_common.MergedWeightFunction` with this file's merge and contraction.
+Dropout and few-token calls take the torch path (the entry's ``limits`` in :mod:`lrzoo.kernels.randlora`,
+and :func:`lrzoo.kernels.common.materialize_wins`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_on
-from .randlora_ref import materialize_wins, randlora_linear as torch_randlora_linear
-from .reference import bias_grad, remember_bias
-from .triton_gemm import fused_mm
+from .common import materialize_wins
+from .randlora import randlora_linear as torch_randlora_linear
+from .triton_common import MergedWeightFunction
 
 
 #: chunk of the P = n·r products per step; rows of Af are gathered, so P need not be a multiple.
@@ -152,37 +154,15 @@ def diag_grads(grad_w: torch.Tensor, basis_A, basis_B, lam, gamma, scaling: floa
     return dlam, dgamma
 
 
-class TritonRandLoraFunction(torch.autograd.Function):
-    """``x W'ᵀ + b`` with ``W' = W + s·ΔW`` from :func:`merged_weight`; λ, γ get fused gradients."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, basis_A, basis_B, lam, gamma, scaling: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        merged = merged_weight(weight, basis_A, basis_B, lam, gamma, scaling, x2.dtype)
-        out = fused_mm(x2, merged, bias=bias)
-        ctx.save_for_backward(x2, merged if ctx.needs_input_grad[0] else None, basis_A, basis_B, lam, gamma)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
-        remember_bias(ctx, bias)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2, merged, basis_A, basis_B, lam, gamma = ctx.saved_tensors
-        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
-        need_x, need_lam, need_gamma = (ctx.needs_input_grad[i] for i in (0, 5, 6))
-        grad_x = grad_lam = grad_gamma = None
-        if need_x:
-            grad_x = fused_mm(dy, merged.t()).reshape(ctx.x_shape)
-        if need_lam or need_gamma:
-            grad_w = fused_mm(dy.t(), x2.t(), out_dtype=torch.float32)
-            dlam, dgamma = diag_grads(grad_w, basis_A, basis_B, lam, gamma, ctx.scaling)
-            grad_lam = dlam.to(lam.dtype) if need_lam else None
-            grad_gamma = dgamma.to(gamma.dtype) if need_gamma else None
-        return grad_x, None, bias_grad(ctx, dy), None, None, grad_lam, grad_gamma, None
+def contract_diag_grads(grad_w: torch.Tensor, factors: tuple, scaling: float, needs: tuple) -> tuple:
+    """The merged-weight backward's contraction: ``(None, None, ∂λ, ∂γ)`` for ``(basis_A, basis_B, λ, γ)``."""
+    basis_A, basis_B, lam, gamma = factors
+    dlam, dgamma = diag_grads(grad_w, basis_A, basis_B, lam, gamma, scaling)
+    return None, None, dlam.to(lam.dtype) if needs[2] else None, dgamma.to(gamma.dtype) if needs[3] else None
 
 
 def randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, dropout_p=0.0, training=False):
-    """Triton RandLoRA linear; same contract as :func:`lrzoo.kernels.randlora_ref.randlora_linear`.
+    """Triton RandLoRA linear; same contract as :func:`lrzoo.kernels.randlora.randlora_linear`.
 
     With few tokens the two thin GEMMs beat building W' (by FLOPs): that case runs the torch path.
     """
@@ -190,5 +170,5 @@ def randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, drop
     r, n = lam.shape
     if not materialize_wins(x.numel() // d_in, d_in, d_out, r * n, torch.is_grad_enabled()):
         return torch_randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, dropout_p, training)
-    return TritonRandLoraFunction.apply(x, weight.detach(), bias, basis_A.detach(), basis_B.detach(), lam, gamma,
-                                        float(scaling))
+    return MergedWeightFunction.apply(x, weight.detach(), bias, float(scaling), merged_weight, contract_diag_grads,
+                                      basis_A.detach(), basis_B.detach(), lam, gamma)

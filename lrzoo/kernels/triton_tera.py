@@ -1,10 +1,12 @@
-"""Triton TeRA linear. Same factorisation as :mod:`lrzoo.kernels.tera_ref` (``ΔW = s·T·Rcᵀ``, rank Q):
+"""Triton TeRA linear. Same factorisation as :mod:`lrzoo.kernels.tera` (``ΔW = s·T·Rcᵀ``, rank Q):
 
 * few tokens per weight or dropout: the Triton LoRA kernel with ``A = Rcᵀ`` and ``B = T`` (the
   rank-Q expand fused into the base GEMM, dropout mask recomputed from its seed);
 * otherwise (Q near the layer width): one fused kernel writes ``W' = W + s·T·Rcᵀ`` once, in the
   activation dtype, and one GEMM applies it. Backward: ``∂x = dy·W'`` and ``∂T = s·(dyᵀx)·Rc``; the
-  λ gradients follow from ``T = L·Gλ`` by autograd on (Q, Q)-sized tensors.
+  λ gradients follow from ``T = L·Gλ`` by autograd on (Q, Q)-sized tensors. The autograd Function
+  is the shared :class:`lrzoo.kernels.triton_common.MergedWeightFunction` with this file's merge
+  kernel and contraction.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_on
-from .tera_ref import merge_wins, tera_factors
-from .triton_gemm import fused_mm
-from .reference import bias_grad, remember_bias
+from .tera import merge_wins, tera_factors
+from .triton_common import MergedWeightFunction, fused_mm
 from .triton_lora import lora_linear as triton_lora_linear
 
 
@@ -58,35 +59,18 @@ def merged_weight(weight: torch.Tensor, T: torch.Tensor, Rc: torch.Tensor, scali
     return out
 
 
-class TritonTeraMergedFunction(torch.autograd.Function):
-    """``x W'ᵀ + b`` with ``W' = W + s·T·Rcᵀ`` from :func:`merged_weight`; gradients for x, b and T."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, T, Rc, scaling: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        merged = merged_weight(weight, T, Rc, scaling, x2.dtype)
-        out = fused_mm(x2, merged, bias=bias)
-        ctx.save_for_backward(x2, merged if ctx.needs_input_grad[0] else None, T, Rc)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
-        remember_bias(ctx, bias)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2, merged, T, Rc = ctx.saved_tensors
-        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
-        grad_x = grad_T = None
-        if ctx.needs_input_grad[0]:
-            grad_x = fused_mm(dy, merged.t()).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            grad_w = fused_mm(dy.t(), x2.t(), out_dtype=torch.float32)  # (d_out, d_in)
-            grad_T = (fused_mm(grad_w, Rc.float().t(), out_dtype=torch.float32) * ctx.scaling).to(T.dtype)
-        return grad_x, None, bias_grad(ctx, dy), grad_T, None, None
+def contract_to_T(grad_w: torch.Tensor, factors: tuple, scaling: float, needs: tuple) -> tuple:
+    """The merged-weight backward's contraction: ``(∂T = s·G·Rc, None)`` for ``(T, Rc)``, with ``G = dyᵀx``."""
+    T, Rc = factors
+    if not needs[0]:
+        return None, None
+    return (fused_mm(grad_w, Rc.float().t(), out_dtype=torch.float32) * scaling).to(T.dtype), None
 
 
 def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
-    """Triton TeRA linear; same contract as :func:`lrzoo.kernels.tera_ref.tera_linear`."""
+    """Triton TeRA linear; same contract as :func:`lrzoo.kernels.tera.tera_linear`."""
     T, Rc = tera_factors(factors, core, lam, tuple(modes), x.dtype)
     if not merge_wins(x, weight, T.shape[1], dropout_p, training):
         return triton_lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
-    return TritonTeraMergedFunction.apply(x, weight.detach(), bias, T, Rc.detach(), float(scaling))
+    return MergedWeightFunction.apply(x, weight.detach(), bias, float(scaling), merged_weight, contract_to_T, T,
+                                      Rc.detach())

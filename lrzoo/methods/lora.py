@@ -31,7 +31,7 @@ from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
 from .. import kernels
-from ..kernels.reference import DORA_EPS
+from ..kernels.common import DORA_EPS
 from ..layer import dropout_probability
 from ..registry import register_adapter
 

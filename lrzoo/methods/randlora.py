@@ -5,7 +5,7 @@
 A (r×d) and B_j (D×r) are random bases shared by every adapted layer (seeded by
 ``projection_prng_key``, sized for the largest layer, sliced per layer); only the diagonals
 Λ_j = diag(λ_j) (r) and Γ_j = diag(γ_j) (d) are trained, per layer: n(r + d) parameters, full-rank ΔW.
-Init (PEFT): λ = 0 (ΔW = 0), γ = 1/max(n, d). The exact flattening is in :mod:`lrzoo.kernels.randlora_ref`.
+Init (PEFT): λ = 0 (ΔW = 0), γ = 1/max(n, d). The exact flattening is in :mod:`lrzoo.kernels.randlora`.
 
 lrzoo keeps PEFT's ``RandLoraConfig``/``RandLoraModel``, so ``save_pretrained`` writes a native
 RANDLORA checkpoint (shared bases saved once as ``base_model.randlora_A/B`` when

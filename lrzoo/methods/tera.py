@@ -33,7 +33,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners._buffer_dict import BufferDict
 
 from .. import kernels
-from ..kernels import tera_ref
+from ..kernels import tera as tera_kernels
 from ..layer import AdapterConfig, AdapterLayer, dropout_probability
 from ..registry import register_adapter
 from ..targets import weight_shape
@@ -126,10 +126,10 @@ class TeraLayer(AdapterLayer):
         self.add_trainable("tera_lambda", adapter_name, lam)
 
     def delta_weight(self, adapter_name):
-        """``s·T·Rcᵀ`` (:func:`lrzoo.kernels.tera_ref.tera_factors`): the contracted network, ``(d_out, d_in)`` in fp32."""
+        """``s·T·Rcᵀ`` (:func:`lrzoo.kernels.tera.tera_factors`): the contracted network, ``(d_out, d_in)`` in fp32."""
         tuner = self._tera_tuner
-        T, Rc = tera_ref.tera_factors(tuner.tera_factors[adapter_name], tuner.tera_core[adapter_name],
-                                      self.tera_lambda[adapter_name], self.tera_modes[adapter_name], torch.float32)
+        T, Rc = tera_kernels.tera_factors(tuner.tera_factors[adapter_name], tuner.tera_core[adapter_name],
+                                          self.tera_lambda[adapter_name], self.tera_modes[adapter_name], torch.float32)
         return self.scaling[adapter_name] * (T @ Rc.t())
 
     def fused_forward(self, x, adapter_name):

@@ -17,7 +17,8 @@ each (P ≈ d), so its forward + backward costs about 7 base GEMMs (U). With ``W
 the layer costs: build ΔW (U·P/N), ``x·W'ᵀ`` (U), ``dX = dY·W'`` (U), ``dM = dYᵀ·x`` (U) and
 ``dAf = Bfᵀ·dM`` (U·P/N): 3U + 2U·P/N, 4U at N = 2P. Saved for backward: ``x`` and ``W'`` (weight
 sized, only when x needs a gradient), instead of x, the N×P product and the P×d factor.
-With few tokens (decoding) the two thin GEMMs are cheaper; :func:`materialize_wins` picks by FLOPs.
+With few tokens (decoding) the two thin GEMMs are cheaper; :func:`lrzoo.kernels.common.materialize_wins`
+picks by FLOPs. The Triton side is :mod:`lrzoo.kernels.triton_randlora`; the dispatch entry is at the bottom.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from .reference import _apply_mask, _dropout_mask, _flatten, bias_grad, remember_bias
+from .common import apply_mask, bias_grad, dropout_mask, flatten, materialize_wins, remember_bias
+from .registry import KernelEntry, register
 
 
 def randlora_factors(basis_A: torch.Tensor, basis_B: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor,
@@ -40,27 +42,19 @@ def randlora_factors(basis_A: torch.Tensor, basis_B: torch.Tensor, lam: torch.Te
     return Bf, Af, A_k
 
 
-def materialize_wins(tokens: int, d_in: int, d_out: int, num_products: int, training: bool) -> bool:
-    """Whether building ΔW beats the two thin GEMMs, by multiply-add count (see the module docstring)."""
-    d, D, P = min(d_in, d_out), max(d_in, d_out), num_products
-    if training:
-        return 2 * D * d * P + tokens * D * d < tokens * P * (2 * (d_in + d_out) + d)
-    return D * d * P < tokens * P * (d_in + d_out)
-
-
 class RandLoraLinearFunction(torch.autograd.Function):
     """``x (W + ΔW)ᵀ + b`` (or ``x Wᵀ + drop(x) ΔWᵀ + b`` with dropout), ΔW built once, hand-written backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, basis_A, basis_B, lam, gamma, scaling: float, in_is_min: bool,
                 dropout_p: float, training: bool):
-        x2 = _flatten(x)
+        x2 = flatten(x)
         dtype = x2.dtype
         with torch.no_grad():
             Bf, Af, _ = randlora_factors(basis_A, basis_B, lam, gamma, max(weight.shape), dtype)
             M = Bf @ Af
             delta = (M if in_is_min else M.t()).mul_(scaling)
-        mask = _dropout_mask(x2, dropout_p, training)
+        mask = dropout_mask(x2, dropout_p, training)
         W = weight.to(dtype)
         if mask is None:
             merged = delta.add_(W)  # W' = W + ΔW: one GEMM forward, one backward
@@ -68,7 +62,7 @@ class RandLoraLinearFunction(torch.autograd.Function):
             keep = merged if ctx.needs_input_grad[0] else None
         else:
             out = x2 @ W.t()
-            out.addmm_(_apply_mask(x2, mask, dropout_p), delta.t())
+            out.addmm_(apply_mask(x2, mask, dropout_p), delta.t())
             keep = delta if ctx.needs_input_grad[0] else None
         if bias is not None:
             out.add_(bias.to(dtype))
@@ -82,17 +76,17 @@ class RandLoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, weight, keep, basis_A, basis_B, lam, gamma, mask = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
-        dy = _flatten(grad_out).to(x2.dtype)
+        dy = flatten(grad_out).to(x2.dtype)
         need_x, need_lam, need_gamma = (ctx.needs_input_grad[i] for i in (0, 5, 6))
         grad_x = grad_lam = grad_gamma = None
         if need_x:
             if mask is None:
                 grad_x = dy @ keep
             else:
-                grad_x = dy @ weight.to(dy.dtype) + _apply_mask(dy @ keep, mask, p)
+                grad_x = dy @ weight.to(dy.dtype) + apply_mask(dy @ keep, mask, p)
             grad_x = grad_x.reshape(ctx.x_shape)
         if need_lam or need_gamma:
-            xin = _apply_mask(x2, mask, p)
+            xin = apply_mask(x2, mask, p)
             # dM = s·dΔW (or its transpose), then dAf = Bfᵀ·dM: two weight-sized GEMMs, no N×P tensor.
             dM = (dy.t() @ xin) if ctx.in_is_min else (xin.t() @ dy)
             Bf, _, A_k = randlora_factors(basis_A, basis_B, lam, gamma, max(weight.shape), dy.dtype)
@@ -144,3 +138,13 @@ def randlora_linear(
     if materialize_wins(tokens, d_in, d_out, r * n, torch.is_grad_enabled()):
         return RandLoraLinearFunction.apply(*args)
     return _factored(*args)
+
+
+def _triton_limits(x: torch.Tensor, dropout_p: float, training: bool) -> Optional[str]:
+    if dropout_p > 0 and training:
+        return "dropout (the fused RandLoRA kernel merges ΔW into W, which dropout on x forbids)"
+    return None
+
+
+register(KernelEntry(op="randlora_linear", reference=randlora_linear, triton="triton_randlora:randlora_linear",
+                     limits=_triton_limits))

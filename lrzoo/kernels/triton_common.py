@@ -1,4 +1,7 @@
-"""One Triton GEMM with the fusions every adapter kernel needs, and its host wrapper.
+"""Triton pieces every kernel family shares: the fused GEMM, its dropout mask and seed, and the
+merged-weight autograd Function of the full-rank families (RandLoRA, TeRA's merged form).
+
+The one GEMM with the fusions every adapter kernel needs (:func:`fused_mm` launches it):
 
     out[m, n] = c[n] · (α · Σ_k X'[m, k] W'[n, k] + β · D(Σ_q S[m, q] Bm[n, q])) + bias[n]
 
@@ -26,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_on
+from .common import bias_grad, flatten, remember_bias
 
 
 def _configs() -> list:
@@ -201,3 +205,39 @@ def dropout_keep_mask(rows: int, cols: int, seed: int, p: float, device: torch.d
 def new_seed() -> int:
     """A dropout seed drawn from torch's generator, so ``torch.manual_seed`` makes runs repeatable."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class MergedWeightFunction(torch.autograd.Function):
+    """``x W'ᵀ + b`` with ``W' = merge(W, *factors, s, dtype)``, a fused kernel of the family's.
+
+    Backward: ``∂x = dy W'`` (one GEMM with the saved W'), the weight-gradient GEMM ``G = dyᵀ x``
+    (fp32, only when a factor needs a gradient), then the family's contraction
+    ``contract(G, factors, s, needs) -> one gradient (or None) per factor``. Saved: x, the factors
+    and W' (only when x needs a gradient). The bias gets ``Σ_N dy`` when it trains.
+
+    ``apply(x, weight, bias, scaling, merge, contract, *factors)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scaling: float, merge, contract, *factors):
+        x2 = flatten(x)
+        merged = merge(weight, *factors, scaling, x2.dtype)
+        out = fused_mm(x2, merged, bias=bias)
+        ctx.save_for_backward(x2, merged if ctx.needs_input_grad[0] else None, *factors)
+        ctx.scaling, ctx.contract, ctx.x_shape = scaling, contract, x.shape
+        remember_bias(ctx, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, merged, *factors = ctx.saved_tensors
+        dy = flatten(grad_out).to(x2.dtype)
+        needs = ctx.needs_input_grad[6:]
+        grad_x = None
+        grad_factors = (None,) * len(factors)
+        if ctx.needs_input_grad[0]:
+            grad_x = fused_mm(dy, merged.t()).reshape(ctx.x_shape)
+        if any(needs):
+            grad_w = fused_mm(dy.t(), x2.t(), out_dtype=torch.float32)  # (d_out, d_in)
+            grad_factors = ctx.contract(grad_w, tuple(factors), ctx.scaling, needs)
+        return (grad_x, None, bias_grad(ctx, dy), None, None, None, *grad_factors)

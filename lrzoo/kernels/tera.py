@@ -13,7 +13,8 @@ so ΔW has rank ≤ Q however large d is, and the layer is a LoRA with ``A = Rc�
 ``B = T`` (trained through λ). Per step that costs two thin GEMMs of rank Q and no weight-sized
 gradient, against building ``W' = W + ΔW`` (d_out·d_in·Q) plus the weight-gradient GEMM ``dyᵀx`` the
 merged form needs for λ: the low-rank form wins unless Q approaches the layer width (large R or K).
-:func:`lrzoo.kernels.randlora_ref.materialize_wins` decides by multiply-add count, as for RandLoRA.
+:func:`lrzoo.kernels.common.materialize_wins` decides by multiply-add count, as for RandLoRA.
+The Triton side is :mod:`lrzoo.kernels.triton_tera`; the dispatch entry is at the bottom.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from .randlora_ref import materialize_wins
+from .common import materialize_wins
+from .lora import lora_linear
+from .registry import KernelEntry, register
 
 
 def _kron_rows(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -65,7 +67,9 @@ def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0
     bias gets its gradient."""
     T, Rc = tera_factors(factors, core, lam, tuple(modes), x.dtype)
     if not merge_wins(x, weight, T.shape[1], dropout_p, training):
-        return reference.lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
+        return lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
     merged = weight.detach().to(x.dtype) + scaling * (T @ Rc.t())
     return F.linear(x, merged, None if bias is None else bias.to(x.dtype))
 
+
+register(KernelEntry(op="tera_linear", reference=tera_linear, triton="triton_tera:tera_linear"))

@@ -1,7 +1,8 @@
-"""Efficient pure-PyTorch adapter matmuls with hand-written backward passes.
+"""LoRA-family kernels, torch path: LoRA, DoRA and the r×r-core linears, with hand-written backward passes.
 
-These are the ``torch`` backend and the reference every Triton kernel is tested against. They beat
-PEFT's eager modules by saving less and fusing the adds into GEMMs:
+These are the ``torch`` backend and the reference the Triton side (:mod:`lrzoo.kernels.triton_lora`)
+is tested against; the dispatch entries of ``lora_linear`` and ``dora_linear`` are declared at the
+bottom. They beat PEFT's eager modules by saving less and fusing the adds into GEMMs:
 
 * **LoRA** ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ``: the expand is an ``addmm_`` into the base output
   (no N×d_out temporary for the branch, no separate scale pass). Saved: ``x``, the N×r tensor
@@ -13,6 +14,8 @@ PEFT's eager modules by saving less and fusing the adds into GEMMs:
 
 Shapes: ``x: (..., d_in)``, ``W: (d_out, d_in)``, ``A: (r, d_in)``, ``B: (d_out, r)``, ``m: (d_out,)``.
 Matmuls run in the activation dtype; adapter gradients are returned in the parameters' dtype.
+The r×r-core family (:func:`core_linear`) has no entry of its own: it folds its core into B
+(:func:`fold_core`) and runs ``lora_linear``'s.
 """
 
 from __future__ import annotations
@@ -21,46 +24,14 @@ from typing import Optional
 
 import torch
 
-#: Floor of DoRA's row norm; an all-zero row of W (+ΔW) gives g = m / eps instead of 0/0 = NaN.
-DORA_EPS = 1e-6
-
-
-def _flatten(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
-
-
-def _dropout_mask(x2: torch.Tensor, p: float, training: bool) -> Optional[torch.Tensor]:
-    if p <= 0.0 or not training:
-        return None
-    return torch.rand_like(x2, dtype=torch.float32) >= p
-
-
-def _apply_mask(x2: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
-    if mask is None:
-        return x2
-    return x2 * mask.to(x2.dtype) * (1.0 / (1.0 - p))
+from .common import DORA_EPS, apply_mask, bias_grad, dropout_mask, flatten, remember_bias
+from .registry import KernelEntry, register
 
 
 def _base_out(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if bias is not None:
         return torch.addmm(bias.to(x2.dtype), x2, weight.t())
     return x2 @ weight.t()
-
-
-def remember_bias(ctx, bias: Optional[torch.Tensor]) -> None:
-    """Record what :func:`bias_grad` needs: whether there is a bias and its dtype (the tensor is not saved)."""
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def bias_grad(ctx, dy: torch.Tensor, index: int = 2) -> Optional[torch.Tensor]:
-    """``∂b = Σ_N dy`` (accumulated in fp32, returned in the bias dtype) when the bias trains.
-
-    A base bias trains under PEFT's ``bias="all"``/``"lora_only"`` and under ReLoRA, so the kernels
-    take it undetached and return its gradient; ``index`` is the bias's position in ``forward``.
-    """
-    if ctx.bias_dtype is None or not ctx.needs_input_grad[index]:
-        return None
-    return dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
 
 
 def _lora_grads(ctx, dz, x2, weight, lora_A, lora_B, xa, mask):
@@ -74,12 +45,12 @@ def _lora_grads(ctx, dz, x2, weight, lora_A, lora_B, xa, mask):
     if need_B:
         grad_B = (dz.t() @ xa).mul_(s).to(lora_B.dtype)
     if need_A:
-        grad_A = (ds.t() @ _apply_mask(x2, mask, p)).to(lora_A.dtype)
+        grad_A = (ds.t() @ apply_mask(x2, mask, p)).to(lora_A.dtype)
     if need_x:
         if mask is None:
             grad_x = torch.addmm(dz @ weight, ds, A)
         else:
-            grad_x = dz @ weight + _apply_mask(ds @ A, mask, p)
+            grad_x = dz @ weight + apply_mask(ds @ A, mask, p)
         grad_x = grad_x.reshape(ctx.x_shape)
     return grad_x, grad_A, grad_B
 
@@ -89,11 +60,11 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool):
-        x2 = _flatten(x)
-        mask = _dropout_mask(x2, dropout_p, training)
+        x2 = flatten(x)
+        mask = dropout_mask(x2, dropout_p, training)
         A = lora_A.to(x2.dtype)
         B = lora_B.to(x2.dtype)
-        xa = _apply_mask(x2, mask, dropout_p) @ A.t()
+        xa = apply_mask(x2, mask, dropout_p) @ A.t()
         out = _base_out(x2, weight.to(x2.dtype), bias)
         out.addmm_(xa, B.t(), alpha=scaling)
         # x is needed only for ∂A; a frozen A (the r×r-core family) keeps just the N×r tensor xa.
@@ -105,7 +76,7 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
-        dy = _flatten(grad_out).to(xa.dtype)
+        dy = flatten(grad_out).to(xa.dtype)
         grad_x, grad_A, grad_B = _lora_grads(ctx, dy, x2, weight.to(dy.dtype), lora_A, lora_B, xa, mask)
         return grad_x, None, bias_grad(ctx, dy), grad_A, grad_B, None, None, None
 
@@ -146,14 +117,14 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float, training: bool):
-        x2 = _flatten(x)
-        mask = _dropout_mask(x2, dropout_p, training)
+        x2 = flatten(x)
+        mask = dropout_mask(x2, dropout_p, training)
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
         g = (magnitude.float() / norm).to(x2.dtype)
         A = lora_A.to(x2.dtype)
         B = lora_B.to(x2.dtype)
         W = weight.to(x2.dtype)
-        xa = _apply_mask(x2, mask, dropout_p) @ A.t()
+        xa = apply_mask(x2, mask, dropout_p) @ A.t()
         out = x2 @ W.t()
         out.addmm_(xa, B.t(), alpha=scaling)
         out.mul_(g)
@@ -168,7 +139,7 @@ class DoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, weight, lora_A, lora_B, magnitude, xa, mask, norm = ctx.saved_tensors
         s = ctx.scaling
-        dy = _flatten(grad_out).to(x2.dtype)
+        dy = flatten(grad_out).to(x2.dtype)
         W, B = weight.to(dy.dtype), lora_B.to(dy.dtype)
         g = (magnitude.float() / norm).to(dy.dtype)
         need_m = ctx.needs_input_grad[5]
@@ -232,3 +203,7 @@ def core_linear(
     only when A requires a gradient (FLoRA trains A and B, the others train the core alone).
     """
     return lora_linear(x, weight, bias, lora_A, fold_core(lora_B, core), scaling, dropout_p, training)
+
+
+register(KernelEntry(op="lora_linear", reference=lora_linear, triton="triton_lora:lora_linear"))
+register(KernelEntry(op="dora_linear", reference=dora_linear, triton="triton_lora:dora_linear"))
