@@ -32,8 +32,8 @@ from .io import refuse_foreign_files, replace_files_in
 from .kernels.common import DORA_EPS
 from .layer import AdapterLayer
 from .methods.relora import lora_export_problem
+from .peft_bridge import PEFT_MODEL_PREFIX
 
-PEFT_KEY_PREFIX = "base_model.model."
 #: what an export writes into its directory (and all it may replace there).
 EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "export_report.json")
 
@@ -157,8 +157,8 @@ def export_lora(
         weight_shape = transpose(module.get_base_layer().weight, getattr(module, "fan_in_fan_out", False)).shape
         B, A = _as_peft_shapes(B, A, weight_shape)
         out_dtype = dtype or _adapter_dtype(module, adapter)
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = A.to(out_dtype)
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = B.to(out_dtype)
+        state[f"{PEFT_MODEL_PREFIX}{name}.lora_A.weight"] = A.to(out_dtype)
+        state[f"{PEFT_MODEL_PREFIX}{name}.lora_B.weight"] = B.to(out_dtype)
         ranks[name] = A.shape[0]
         layers.append(ExportedLayer(name, A.shape[0], factors is not None and (rank is None or error < 1e-6), error))
     if not layers:
@@ -223,4 +223,4 @@ def _modules_to_save_state(peft_model: PeftModel, adapter: str) -> dict[str, tor
     """The saved task-head tensors, in the key format PEFT writes for ``modules_to_save``."""
     saved = get_peft_model_state_dict(peft_model, adapter_name=adapter)
     heads = [name for name, m in peft_model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    return {k: v for k, v in saved.items() if any(k.startswith(f"{PEFT_KEY_PREFIX}{h}.") for h in heads)}
+    return {k: v for k, v in saved.items() if any(k.startswith(f"{PEFT_MODEL_PREFIX}{h}.") for h in heads)}

@@ -17,7 +17,6 @@ base weight, which no lrzoo method rewrites (unload, delete and a disabled adapt
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -26,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft import PeftConfig
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
+from .peft_bridge import frozen_tensor_dict, init_tuner_layer_state, move_adapter_to_base_device
 from .targets import LINEAR_TYPES, weight_shape
 
 FROZEN_FACTOR_POLICIES = ("saved", "recomputed")
@@ -98,24 +97,6 @@ class AdapterConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
 
 
-def weights_fingerprint(named_weights: list[tuple[str, torch.Tensor]], samples_per_layer: int = 1 << 16) -> str:
-    """A sha256 over names, shapes and a strided sample of each weight (as float32).
-
-    Hashing every byte of a 7B model takes tens of seconds; a strided sample of 65k values per
-    layer still catches a different checkpoint, a fine-tuned copy or a merged model, which is what
-    the check is for. The sample is taken in float32 so fp32/bf16 copies of the same values agree.
-    """
-    digest = hashlib.sha256()
-    for name, weight in named_weights:
-        flat = weight.detach().reshape(-1)
-        step = max(1, flat.numel() // samples_per_layer)
-        sample = flat[::step][:samples_per_layer].to(device="cpu", dtype=torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(str(tuple(weight.shape)).encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
 class AdapterLayer(nn.Module, BaseTunerLayer):
     """Base of lrzoo-native adapter layers wrapping a linear-like ``base_layer``."""
 
@@ -137,8 +118,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             )
         self.base_layer = base_layer
         self.merged_adapters: list[str] = []
-        self._disable_adapters = False
-        self._active_adapter = adapter_name
+        init_tuner_layer_state(self, adapter_name)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.out_features, self.in_features = weight_shape(base_layer)
         self.adapter_config: dict[str, AdapterConfig] = {}
@@ -148,7 +128,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict())
         for name in self.other_param_names:
-            setattr(self, name, BufferDict(persistent=persistent))
+            setattr(self, name, frozen_tensor_dict(persistent))
         self.update_layer(adapter_name, config, tuner=tuner, key=key)
 
     # ----------------------------------------------------------------- what a method supplies
@@ -211,7 +191,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
             with torch.no_grad():
                 self.init_adapter(adapter_name, config, weight.detach().float().clone(), tuner=tuner)
-            self._move_adapter_to_device_of_base_layer(adapter_name)
+            move_adapter_to_base_device(self, adapter_name)
             self._keep_trainable_in_fp32(adapter_name)
         except BaseException:
             # A refused adapter (a zero LU pivot, a bad shape...) must leave the layer as it was: no

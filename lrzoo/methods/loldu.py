@@ -7,7 +7,7 @@
     ΔW = W' − W = P L_r diag(σ z − σ₀ D_r) U_r                        (exact rank-r LoRA export)
 
 lrzoo applies ΔW beside the untouched base W (the same function as the paper's residual base; see
-:class:`~lrzoo.methods.svfit.DiagonalCoreLayer` for why W is never rewritten).
+:class:`~lrzoo.core_layers.DiagonalCoreLayer` for why W is never rewritten).
 
 Trained: the vector z (r) and the scalar σ, r + 1 parameters per matrix (the official code trains
 ``scaling_factor`` too). Frozen per layer: L_r, U_r, D_r and the row pivot P, stored as a
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core_layers import DiagonalCoreLayer
 from ..layer import AdapterConfig
 from ..registry import register_adapter
-from .svfit import DiagonalCoreLayer
 
 
 @dataclass

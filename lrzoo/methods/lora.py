@@ -23,16 +23,14 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 from peft import LoraConfig
-from peft.tuners.lora.dora import DoraLinearLayer
-from peft.tuners.lora.layer import Linear as PeftLoraLinear
-from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
 from .. import kernels
 from ..kernels.common import DORA_EPS
 from ..layer import dropout_probability
+from ..peft_bridge import (DoraLinearLayer, DoraLinearVariant, PeftLoraLinear, stash, swap_layer_class, transpose,
+                           unstash, use_layer_classes)
 from ..registry import register_adapter
 
 
@@ -57,13 +55,13 @@ class StableDoraLinearVariant(DoraLinearVariant):
     @staticmethod
     def init(module, adapter_name: str, **kwargs: Any) -> None:
         DoraLinearVariant.init(module, adapter_name=adapter_name, **kwargs)
-        module.lora_magnitude_vector[adapter_name].__class__ = StableDoraLinearLayer
+        swap_layer_class(module.lora_magnitude_vector[adapter_name], StableDoraLinearLayer)
 
     @staticmethod
     def _stash_zero_rows(module, active_adapter: str, weight: torch.Tensor) -> None:
         zero = (module.lora_magnitude_vector[active_adapter].weight == 0).nonzero().flatten()
         rows = transpose(weight, module.fan_in_fan_out)[zero].clone()
-        module._cache_store(f"{active_adapter}-zero_rows", (zero, rows))
+        stash(module, f"{active_adapter}-zero_rows", (zero, rows))
 
     @staticmethod
     def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -78,7 +76,7 @@ class StableDoraLinearVariant(DoraLinearVariant):
     @staticmethod
     def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         restored = DoraLinearVariant.unmerge(module, active_adapter, orig_weight)
-        zero, rows = module._cache_pop(f"{active_adapter}-zero_rows")
+        zero, rows = unstash(module, f"{active_adapter}-zero_rows")
         if zero.numel():
             transpose(restored, module.fan_in_fan_out)[zero] = rows.to(restored.dtype)
         return restored
@@ -148,7 +146,7 @@ def build_lora_config(use_dora: bool = False, **kwargs: Any) -> LoraConfig:
 
 
 def attach_fast_layers(config: LoraConfig) -> LoraConfig:
-    config._register_custom_module({nn.Linear: FastLoraLinear, Conv1D: FastLoraLinear})
+    use_layer_classes(config, {nn.Linear: FastLoraLinear, Conv1D: FastLoraLinear})
     return config
 
 

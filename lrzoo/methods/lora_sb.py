@@ -29,8 +29,10 @@ import torch
 from peft import PeftModel
 
 from ..layer import AdapterConfig
+from ..peft_bridge import move_adapter_to_base_device
 from ..registry import register_adapter
-from .lora_xs import LoraXSLayer, top_singular_triplets
+from ..decompositions import top_singular_triplets
+from .lora_xs import LoraXSLayer
 
 #: torch.svd_lowrank is randomized; a fixed seed makes the init reproducible.
 SVD_SEED = 0
@@ -77,7 +79,7 @@ class LoraSBLayer(LoraXSLayer):
             torch.manual_seed(SVD_SEED)
             U, S, V = torch.svd_lowrank(update.float(), q=r, niter=10)
         self.set_factors(adapter_name, U, torch.diag(S) / self.scaling[adapter_name], V.T)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
         self._keep_trainable_in_fp32(adapter_name)
         self.set_adapter(self.active_adapters)
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .. import kernels
-from ..layer import AdapterConfig, AdapterLayer, dropout_probability
+from ..core_layers import MatrixCoreLayer
+from ..decompositions import top_singular_triplets
+from ..layer import AdapterConfig
 from ..registry import register_adapter
 
 
@@ -32,26 +32,8 @@ class LoraXSConfig(AdapterConfig):
     init_std: float = field(default=1e-5, metadata={"help": "Std of R's normal init (official code: 1e-5)."})
 
 
-def top_singular_triplets(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U_r (d_out×r), S_r (r,), V_rᵀ (r×d_in)`` of ``weight`` in float64 with a canonical sign.
-
-    Each singular vector pair is flipped so the largest-magnitude entry of ``u_i`` is positive;
-    LAPACK's choice of sign differs across builds, and a trained core R is only meaningful
-    against the exact factors it was trained with.
-    """
-    U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    U, S, Vh = U[:, :r], S[:r], Vh[:r]
-    pivot = U.abs().argmax(dim=0)
-    signs = torch.sign(U[pivot, torch.arange(r)])
-    signs[signs == 0] = 1
-    return U * signs, S, Vh * signs[:, None]
-
-
-class LoraXSLayer(AdapterLayer):
-    """Frozen ``B (d_out×r)``, trainable core ``R (r×r)``, frozen ``A (r×d_in)``; LoRA-SB reuses it.
-
-    Tensors are named ``<prefix>B/R/A`` so a subclass with another prefix keeps its own checkpoint keys.
-    """
+class LoraXSLayer(MatrixCoreLayer):
+    """``B = U_r`` and ``A = Σ_r V_rᵀ`` from the SVD of W, core R ~ N(0, init_std²)."""
 
     prefix = "xs_"
     adapter_layer_names = ("xs_R",)
@@ -61,34 +43,6 @@ class LoraXSLayer(AdapterLayer):
         U, S, Vh = top_singular_triplets(weight, config.r)
         std = config.init_std if config.init_weights else 0.1
         self.set_factors(adapter_name, U, torch.randn(config.r, config.r) * std, S[:, None] * Vh)
-
-    def set_factors(self, adapter_name: str, B: torch.Tensor, R: torch.Tensor, A: torch.Tensor) -> None:
-        """Store frozen ``B``, ``A`` and the trainable core ``R`` (float32, contiguous)."""
-        self.add_frozen(self.prefix + "B", adapter_name, B.float().contiguous())
-        self.add_frozen(self.prefix + "A", adapter_name, A.float().contiguous())
-        self.add_trainable(self.prefix + "R", adapter_name, R.float().contiguous())
-
-    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(B, R, A)`` of one adapter."""
-        return tuple(getattr(self, self.prefix + name)[adapter_name] for name in "BRA")
-
-    def delta_weight(self, adapter_name):
-        B, R, A = self.factors(adapter_name)
-        return self.scaling[adapter_name] * (B @ R.to(B.dtype) @ A)
-
-    def delta_forward(self, x, adapter_name):
-        B, R, A = (t.to(x.dtype) for t in self.factors(adapter_name))
-        return F.linear(F.linear(F.linear(self.adapter_dropout[adapter_name](x), A), R), B) * self.scaling[adapter_name]
-
-    def fused_forward(self, x, adapter_name):
-        p = dropout_probability(self.adapter_dropout[adapter_name])
-        B, R, A = self.factors(adapter_name)
-        return kernels.core_linear(x, self.base_weight_out_in(), self.get_base_layer().bias, A, R, B,
-                                   self.scaling[adapter_name], p, self.training)
-
-    def lora_factors(self, adapter_name):
-        B, R, A = self.factors(adapter_name)
-        return self.scaling[adapter_name] * (B @ R.to(B.dtype)), A
 
 
 register_adapter("lora_xs", LoraXSConfig, LoraXSLayer)

@@ -23,10 +23,10 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 from peft import PeftModel, RandLoraConfig
-from peft.tuners.randlora.layer import Linear as PeftRandLoraLinear
 
 from .. import kernels
 from ..layer import dropout_probability
+from ..peft_bridge import PeftRandLoraLinear, swap_layer_class
 from ..registry import register_adapter
 
 
@@ -60,7 +60,7 @@ def attach_fast_layers(model: nn.Module) -> int:
     switched = 0
     for module in model.modules():
         if type(module) is PeftRandLoraLinear:
-            module.__class__ = FastRandLoraLinear
+            swap_layer_class(module, FastRandLoraLinear)
             switched += 1
     return switched
 

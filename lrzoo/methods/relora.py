@@ -35,6 +35,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper, transpose
 from transformers import PreTrainedModel
 
+from ..peft_bridge import PEFT_MODEL_PREFIX
 from ..registry import register_adapter
 from .lora import LORA_ALIASES, build_lora_config
 
@@ -217,7 +218,7 @@ def merged_state_dict(peft_model: PeftModel, adapter_name: str = "default",
     if state_dict is None:
         source = base.state_dict()
     else:
-        prefix = "base_model.model."
+        prefix = PEFT_MODEL_PREFIX
         source = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
     tuners = {name: m for name, m in base.named_modules() if isinstance(m, BaseTunerLayer)}
     heads = {name for name, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper)}

@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners._buffer_dict import BufferDict
 
 from .. import kernels
 from ..kernels import tera as tera_kernels
 from ..layer import AdapterConfig, AdapterLayer, dropout_probability
+from ..peft_bridge import default_targets_config, frozen_tensor_dict
 from ..registry import register_adapter
 from ..targets import weight_shape
 
@@ -87,11 +86,13 @@ def layer_modes(d_out: int, d_in: int, k: int) -> tuple[int, ...]:
 class TeraLayer(AdapterLayer):
     prefix = "tera_"
     adapter_layer_names = ("tera_lambda",)
+    #: the core and factors are shared by all layers and live on the tuner (see prepare_shared)
+    shares_state_across_layers = True
 
     @classmethod
     def prepare_shared(cls, tuner, model: nn.Module, config: TeraConfig, adapter_name: str) -> None:
         """Build G (R^N) and U (N, I_max, R) on the tuner, from ``config.seed``, for the largest mode sizes."""
-        config = tuner._prepare_adapter_config(config, tuner.get_model_config(model))
+        config = default_targets_config(tuner, config, model)
         # targeted_base_layers sees through layers of an adapter already injected (a second TeRA adapter).
         modes = [layer_modes(*weight_shape(module), config.modes_per_side)
                  for _, module in tuner.targeted_base_layers(model, config)]
@@ -104,7 +105,7 @@ class TeraLayer(AdapterLayer):
         persistent = config.shared_tensors == "saved"
         for attr, tensor in (("tera_core", core), ("tera_factors", factors)):
             if not hasattr(tuner, attr):
-                setattr(tuner, attr, BufferDict(persistent=persistent))
+                setattr(tuner, attr, frozen_tensor_dict(persistent))
             getattr(tuner, attr)[adapter_name] = tensor
 
     def scale_for(self, config):
@@ -143,5 +144,3 @@ class TeraLayer(AdapterLayer):
 
 
 register_adapter("tera", TeraConfig, TeraLayer)
-# The shared core and factors live on the tuner; PEFT's inject_adapter_in_model cannot build them.
-PEFT_TYPE_TO_TUNER_MAPPING[TeraConfig.peft_type_member].uses_shared_state = True
