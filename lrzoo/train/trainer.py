@@ -48,6 +48,7 @@ from .divergence import NonfiniteGuard, is_finite_number, json_safe, total_grad_
 from .optim import make_optimizer
 from .precision import autocast_dtype, check_autocast, use_precision
 from .resume import CHECKPOINT_RE, checkpoint_dirs, read_trainer_state
+from .sharding import full_state_dict, gathered_root, shard_model
 
 IGNORE_INDEX = -100  # label of positions that do not count in the loss (prompt tokens, padding)
 
@@ -265,12 +266,9 @@ class Trainer:
         self.run_info = dict(run_info or {})
         use_precision(config.precision)
         kwargs: dict[str, Any] = {"mixed_precision": config.precision, "cpu": not torch.cuda.is_available()}
-        if config.strategy == "fsdp":
-            from accelerate import FullyShardedDataParallelPlugin
-
-            # use_orig_params keeps the frozen/trainable split PEFT relies on inside FSDP units.
-            kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
-        elif config.strategy != "auto":
+        # strategy=fsdp: the model is sharded below with torch's FSDP2 (lrzoo.train.sharding), not
+        # accelerate's FSDP plugin (which accelerate enables on accelerators only: on CPUs it was DDP).
+        if config.strategy not in ("auto", "fsdp"):
             raise ValueError(f"trainer.strategy must be 'auto' or 'fsdp', got {config.strategy!r}.")
         self.accelerator = Accelerator(**kwargs)
         self.autocast_dtype = autocast_dtype(self.accelerator)
@@ -291,7 +289,12 @@ class Trainer:
         self.peft_model = model
         # a PeftModel, or a plain model for the baselines (lrzoo.train.baselines): saved whole
         self._is_peft = isinstance(model, PeftModel)
-        self.model = self.accelerator.prepare(model)
+        # FSDP with one process is plain training; with several, the frozen base is sharded.
+        self.sharded = config.strategy == "fsdp" and self.world > 1
+        if self.sharded:
+            self.model = shard_model(model, self.accelerator.device, self.callbacks)
+        else:
+            self.model = self.accelerator.prepare(model)
         self.optimizer = self.accelerator.prepare(
             make_optimizer(self.accelerator.unwrap_model(self.model), lr=config.lr,
                            weight_decay=config.weight_decay, head_lr=config.head_lr))
@@ -543,6 +546,7 @@ class Trainer:
             "total_params": total,
             "steps": step,
             "world_size": self.world,
+            "parallelism": "fsdp" if self.sharded else "ddp" if self.world > 1 else "none",
             "wall_time_s": round(self.train_time, 3),
             "train_tokens_per_s": round(self.tokens_seen / max(self.train_time, 1e-9), 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -554,8 +558,10 @@ class Trainer:
         })
 
     def _save_adapter(self) -> None:
-        # FSDP shards parameters: gather a full state dict (a collective: every rank calls it).
-        state_dict = self.accelerator.get_state_dict(self.model) if self.config.strategy == "fsdp" else None
+        # FSDP keeps what an adapter file holds whole on every rank (lrzoo.train.sharding); a baseline
+        # saves the full model: gather it (a collective: every rank calls it).
+        state_dict = (full_state_dict(self.model, keep=self.is_main) if self.sharded and not self._is_peft
+                      else None)
         if self.is_main:
             with atomic_directory(os.path.join(self.run_dir, "adapter")) as tmp:
                 self.peft_model.save_pretrained(tmp, state_dict=state_dict)
@@ -600,13 +606,15 @@ class Trainer:
     def _predict(self, task: Any, features: list[dict]) -> list:
         """Predictions for ``features`` in order; rows are sharded over ranks and gathered."""
         mine = list(range(self.rank, len(features), self.world))
+        # FSDP: each forward gathers weights from every rank, so all ranks run as many batches as rank 0.
+        rows = -(-len(features) // self.world) if self.sharded else len(mine)
         model = self.accelerator.unwrap_model(self.model)
         size = self.config.eval_batch_size
         out: list[tuple[int, Any]] = []
-        for start in tqdm(range(0, len(mine), size), desc=f"eval {task.name}", leave=False,
+        for start in tqdm(range(0, rows, size), desc=f"eval {task.name}", leave=False,
                           disable=not (self.config.progress and self.is_main)):
             index = mine[start:start + size]
-            chunk = [features[i] for i in index]
+            chunk = [features[i] for i in index] or features[:1]  # out of rows (FSDP): a discarded batch
             if task.kind == "generation":
                 predictions = self._generate(model, task, chunk)
             else:
@@ -627,9 +635,11 @@ class Trainer:
 
     def _generate(self, model: nn.Module, task: Any, chunk: list[dict]) -> list[str]:
         options = {**getattr(task, "generation_config", {}), **self.config.generation}
+        if self.sharded:  # ranks that finish early keep stepping with the others (FSDP's gathers)
+            options["synced_gpus"] = True
         batch = collate(chunk, self.tokenizer.pad_token_id, left=True)
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), gathered_root(model):
             output = model.generate(**batch, pad_token_id=self.tokenizer.pad_token_id, **options)
         texts = self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [task.extract_answer(text) for text in texts]
