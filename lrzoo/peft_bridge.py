@@ -477,3 +477,14 @@ def _install_load_checks() -> None:
 
 
 _install_load_checks()
+
+
+def unregister_native_method(name: str) -> None:
+    """Undo :func:`register_native_method`: take the method's ``peft_type`` out of PEFT's three tables
+    (the ``str`` enum member hashes and compares like its value) and mark its config class unregistered."""
+    value = PEFT_TYPE_PREFIX + name.upper()
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.pop(value, None)
+    PEFT_TYPE_TO_TUNER_MAPPING.pop(value, None)
+    PEFT_TYPE_TO_PREFIX_MAPPING.pop(value, None)
+    if config_cls is not None and "peft_type_member" in vars(config_cls):
+        del config_cls.peft_type_member  # building its config fails with "not registered" again

@@ -103,6 +103,23 @@ def register_adapter(
     return spec
 
 
+def unregister_adapter(name: str) -> AdapterSpec:
+    """Remove a method added with :func:`register_adapter` and return its spec.
+
+    For an lrzoo-native method this also takes its ``peft_type`` out of PEFT's tables, so afterwards
+    ``wrap(model, name)`` fails with the list of known methods and its checkpoints no longer load (as
+    before it was registered). Meant for tests and plugins that register a method for a while; models
+    already wrapped with it keep working in memory. Unknown names fail like :func:`get_adapter`.
+    """
+    spec = get_adapter(name)
+    if spec.layer_cls is not None:
+        from .peft_bridge import unregister_native_method
+
+        unregister_native_method(name)
+    del _REGISTRY[name]
+    return spec
+
+
 def _first_line(text: Optional[str]) -> str:
     return (text or "").strip().split("\n")[0]
 

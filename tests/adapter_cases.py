@@ -5,7 +5,9 @@ method's code*, straight from ../shared/spec/adapters.md:
 
 * ``reference_delta(layer, adapter) -> ΔW`` in (d_out, d_in) layout, built from the layer's raw
   tensors with plain torch ops (differentiable, so gradients can be checked against it);
-* ``param_count(d_out, d_in, kwargs) -> int``, the spec's trainable-parameter formula per matrix.
+* ``param_count(d_out, d_in, kwargs) -> int``, the spec's trainable-parameter formula per matrix
+  (the tests' only copy: test_decomposition_methods.py imports it, and test_contract.py checks the
+  worked examples in docs/adapters/*.md against it).
 
 ``test_contract.py`` runs every shared behaviour on every row; adding a method adds a row here, and
 a registered method without a row fails ``test_every_adapter_has_a_contract_row``.
@@ -67,6 +69,11 @@ def _lora_count(d_out, d_in, kw):
     return kw["r"] * (d_in + d_out)
 
 
+def _core_count(d_out, d_in, kw):
+    """An r×r trained core between frozen factors (LoRA-XS, LoRA-SB)."""
+    return kw["r"] ** 2
+
+
 LORA_RANDOM = {"init_lora_weights": False}
 
 CASES: list[Case] = [
@@ -84,7 +91,7 @@ def _xs_delta(layer, adapter):
 
 
 CASES.extend([
-    Case("lora_xs", "bert", {"r": 4, "alpha": 8}, _xs_delta, lambda o, i, kw: kw["r"] ** 2, init_atol=1e-4),
+    Case("lora_xs", "bert", {"r": 4, "alpha": 8}, _xs_delta, _core_count, init_atol=1e-4),
 ])
 
 
@@ -193,7 +200,7 @@ def _sb_init_batches():
 
 CASES.extend([
     Case("lora_sb", "bert", {"r": 4, "init_data": _sb_init_batches(), "init_lr": 1e-2}, _sb_delta,
-         lambda o, i, kw: kw["r"] ** 2, zero_init=False),
+         _core_count, zero_init=False),
     Case("loldu", "llama", {"r": 4}, _loldu_delta, lambda o, i, kw: kw["r"] + 1, train_lr=5e-2),
     Case("svfit", "bert", {"r": 4}, _svfit_delta, lambda o, i, kw: kw["r"], train_lr=5e-2),
     Case("flora", "bert", {"r": 4, "alpha": 8}, _flora_delta, _flora_count),

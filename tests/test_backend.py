@@ -30,11 +30,25 @@ def test_auto_and_torch_use_the_reference_on_cpu(monkeypatch):
 
 def test_forced_triton_without_a_kernel_warns_once_and_matches_the_reference(monkeypatch):
     monkeypatch.setenv("LRZOO_BACKEND", "triton")
-    monkeypatch.delitem(kernels.TRITON_OPS, "no_such_op", raising=False)
+    monkeypatch.delitem(kernels.TRITON_OPS, "lora_linear")  # as if its Triton kernel were not written yet
     backend.warn_once.cache_clear()
+    x, weight, bias, lora_A, lora_B, scaling = lora_args()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not backend.use_triton("no_such_op", torch.zeros(1), has_kernel=False)
-        assert not backend.use_triton("no_such_op", torch.zeros(1), has_kernel=False)
-    messages = [str(w.message) for w in caught if "no_such_op" in str(w.message)]
-    assert len(messages) == 1 and "torch path" in messages[0]
+        outputs = [kernels.lora_linear(x, weight, bias, lora_A, lora_B, scaling) for _ in range(2)]
+        assert not backend.use_triton("lora_linear", x, has_kernel=False)
+    backend.warn_once.cache_clear()
+    messages = [str(w.message) for w in caught if "lora_linear" in str(w.message)]
+    assert len(messages) == 1 and "no Triton kernel" in messages[0] and "torch path" in messages[0], messages
+
+    # The fallback computes y = x Wᵀ + b + s·(x Aᵀ) Bᵀ: recomputed here entry by entry, in float64.
+    x, weight, bias, lora_A, lora_B = (t.double() for t in (x, weight, bias, lora_A, lora_B))
+    expected = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        for o in range(weight.shape[0]):
+            adapter = sum(lora_B[o, j] * (lora_A[j] * x[i]).sum() for j in range(lora_A.shape[0]))
+            expected[i, o] = (weight[o] * x[i]).sum() + bias[o] + scaling * adapter
+    assert expected.abs().max() > 1  # not trivially zero
+    for out in outputs:
+        assert out.dtype == torch.float32 and out.shape == expected.shape
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

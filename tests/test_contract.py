@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 
 import lrzoo
 from adapter_cases import CASES, CASES_BY_METHOD
-from conftest import REPO, TINY_MODELS, tiny_inputs
+from conftest import REPO, TINY_MODELS, run_fresh_python, tiny_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -165,6 +170,22 @@ def test_trainable_parameter_count_matches_the_spec(case):
     assert trainable == expected
 
 
+#: a worked example in an adapter page: "(4096×4096, r=16: 131,072)" = (d_out×d_in, r: trainable per matrix).
+DOC_EXAMPLE = re.compile(r"\((\d+)×(\d+), r=(\d+): ([\d,]+)\)")
+
+
+def test_documented_parameter_counts_follow_the_spec_formula():
+    """docs/adapters/*.md quote per-matrix counts; they must agree with the rows' formulas (one source)."""
+    checked = []
+    for method, case in CASES_BY_METHOD.items():
+        page = REPO / "docs" / "adapters" / f"{method}.md"
+        for d_out, d_in, r, count in DOC_EXAMPLE.findall(page.read_text() if page.is_file() else ""):
+            expected = case.param_count(int(d_out), int(d_in), {**case.kwargs, "r": int(r), "kernel_size": ()})
+            assert int(count.replace(",", "")) == expected, f"{page.name}: ({d_out}×{d_in}, r={r}: {count})"
+            checked.append(method)
+    assert len(checked) >= 5, checked  # lora, dora, lora_xs, lora_sb and loldu quote one today
+
+
 def test_bfloat16_forward_tracks_float32(case):
     model = wrapped(case, random_init=True)
     x = tiny_inputs()
@@ -207,61 +228,191 @@ def _save_case(case, tmp_path, perturb_head: bool = True):
     return model, logits(model.eval(), x), base_dir, adapter_dir
 
 
-LOAD_SNIPPET = """
-import importlib, sys, torch
+# ----------------------------------------------------------------------------- fresh processes
+# Loading in a new interpreter proves a checkpoint stands on its own (nothing from the saving process).
+# Starting one interpreter per case costs seconds of torch/transformers/peft imports each, so every
+# case's artifacts are built first (in-process) and then loaded by two interpreters: one that imports
+# lrzoo (lrzoo checkpoints) and one that must never import it (export_lora folders, PEFT-native
+# checkpoints, ReLoRA's full model). Each load writes its case's logits, or its own traceback, so the
+# per-case tests below still fail on, and name, their case. Everything lives on disk in one directory
+# per session: under pytest-xdist the first worker to get there builds and loads, the others reuse it.
+
+#: how a fresh process loads each manifest entry; see _run_loader.
+LOADER = """
+import importlib, json, sys, traceback
+import torch
 sys.path.insert(0, {tests_dir!r})
 {imports}
 from peft import PeftModel
-module_name, class_name = {model_class!r}.split(":")
-base = getattr(importlib.import_module(module_name), class_name).from_pretrained({base_dir!r}).eval()
-model = {load}
-x = torch.load({inputs!r})
-with torch.no_grad():
-    torch.save(model(x).logits, {out!r})
-print(type(model).__name__)
+stock = {stock!r}
+if stock:
+    import conftest  # the conv model's class: it must not pull lrzoo in either
+    assert 'lrzoo' not in sys.modules, "importing torch/transformers/peft/conftest imported lrzoo"
+culprit = None
+for entry in json.load(open({manifest!r})):
+    try:
+        module_name, class_name = entry["model_class"].split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if entry["full_model"]:  # the folder is the whole model: the model class alone loads it
+            model = cls.from_pretrained(entry["adapter_dir"]).eval()
+        else:
+            model = PeftModel.from_pretrained(cls.from_pretrained(entry["base_dir"]).eval(), entry["adapter_dir"])
+        with torch.no_grad():
+            out = model(torch.load(entry["inputs"])).logits
+        if stock and culprit is not None:  # an earlier load imported lrzoo: this one cannot be checked
+            raise AssertionError(f"lrzoo was imported by an earlier load ({{culprit}}); cannot check this one")
+        if stock and 'lrzoo' in sys.modules:
+            culprit = entry["out"]
+            raise AssertionError("loading this checkpoint imported lrzoo")
+        torch.save(out, entry["out"])
+        print("loaded", type(model).__name__, entry["out"])
+    except Exception:
+        with open(entry["out"] + ".error", "w") as handle:
+            handle.write(traceback.format_exc())
 """
 
 
-def test_save_then_load_in_a_fresh_process(case, tmp_path, fresh_python):
-    _, expected, base_dir, adapter_dir = _save_case(case, tmp_path)
-    imports, load = "import lrzoo", f"PeftModel.from_pretrained(base, {str(adapter_dir)!r})"
-    if case.saves_full_model:  # the folder is the whole model: the model class alone loads it, no lrzoo
-        imports = "import sys; assert 'lrzoo' not in sys.modules"
-        load = f"getattr(importlib.import_module(module_name), class_name).from_pretrained({str(adapter_dir)!r}).eval()"
-    code = LOAD_SNIPPET.format(imports=imports, model_class=MODEL_CLASSES[case.model],
-                               tests_dir=str(REPO / "tests"),
-                               base_dir=str(base_dir), load=load,
-                               inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "out.pt"))
-    if case.saves_full_model:
-        code += "assert 'lrzoo' not in sys.modules\n"
-    fresh_python(code, cwd=REPO)
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-5)
+def _build(case, folder: Path) -> None:
+    """Save base, adapter, inputs, expected logits and export_lora's folder and report under ``folder``;
+    a step that raises leaves its traceback in ``build.error`` / ``export.error`` instead."""
+    try:
+        model, expected, _, _ = _save_case(case, folder)
+        torch.save(expected, folder / "expected.pt")
+    except Exception:  # noqa: BLE001 - reported by this case's tests
+        (folder / "build.error").write_text(traceback.format_exc())
+        return
+    try:
+        full_rank = None if case.exact_export else min(min(base_weight(l).shape[:2]) for _, l in adapted_layers(model))
+        report = lrzoo.export_lora(model, str(folder / "export"), rank=full_rank)
+        (folder / "export_report.json").write_text(json.dumps(report, default=str))
+    except Exception:  # noqa: BLE001
+        (folder / "export.error").write_text(traceback.format_exc())
 
 
-def test_export_lora_loads_in_stock_peft(case, tmp_path, fresh_python):
-    model, expected, base_dir, _ = _save_case(case, tmp_path)
-    full_rank = None if case.exact_export else min(min(base_weight(l).shape[:2]) for _, l in adapted_layers(model))
-    report = lrzoo.export_lora(model, str(tmp_path / "export"), rank=full_rank)
+def _once(root: Path, name: str, work) -> str:
+    """Run ``work() -> str`` once per session, across xdist workers; every caller gets its result."""
+    done = root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            done.write_text(work())
+    return done.read_text()
+
+
+def _folder(root: Path, case) -> Path:
+    return root / f"{_key(case):02d}_{case.method}"
+
+
+def _key(case) -> int:
+    return next(i for i, c in enumerate(CASES) if c is case)
+
+
+@pytest.fixture(scope="module")
+def fresh_root(tmp_path_factory) -> Path:
+    """Every case's artifacts, built once per session (the xdist workers share the session's base temp)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "contract_fresh"
+    root.mkdir(exist_ok=True)
+
+    def build_all() -> str:
+        for case in CASES:
+            folder = _folder(root, case)
+            folder.mkdir(exist_ok=True)
+            _build(case, folder)
+        return ""
+
+    _once(root, "built", build_all)
+    return root
+
+
+def _entry(case, folder: Path, adapter_dir: Path, out: str, full_model: bool = False) -> dict:
+    return {"model_class": MODEL_CLASSES[case.model], "base_dir": str(folder / "base"),
+            "adapter_dir": str(adapter_dir), "inputs": str(folder / "inputs.pt"), "out": str(folder / out),
+            "full_model": full_model}
+
+
+def _run_loader(root: Path, entries: list[dict], stock: bool) -> str:
+    """Run one fresh interpreter over ``entries``; return "" or why the process itself failed."""
+    manifest = root / f"manifest_{'stock' if stock else 'lrzoo'}.json"
+    manifest.write_text(json.dumps(entries, indent=1))
+    imports = "assert 'lrzoo' not in sys.modules" if stock else "import lrzoo"
+    code = LOADER.format(tests_dir=str(REPO / "tests"), imports=imports, stock=stock, manifest=str(manifest))
+    try:  # stock: run away from the repository, so `lrzoo` is not even on the path by accident
+        run_fresh_python(code, cwd=root if stock else REPO, timeout=600)
+    except AssertionError as error:
+        return str(error)
+    return ""
+
+
+def _built(root: Path, case) -> bool:
+    return not (_folder(root, case) / "build.error").exists()
+
+
+@pytest.fixture(scope="module")
+def lrzoo_process(fresh_root) -> str:
+    """The interpreter with lrzoo: every lrzoo checkpoint (all rows but ReLoRA's full model)."""
+    entries = [_entry(case, _folder(fresh_root, case), _folder(fresh_root, case) / "adapter", "saved.pt")
+               for case in CASES if _built(fresh_root, case) and not case.saves_full_model]
+    return _once(fresh_root, "lrzoo_process", lambda: _run_loader(fresh_root, entries, stock=False))
+
+
+@pytest.fixture(scope="module")
+def stock_process(fresh_root) -> str:
+    """The interpreter without lrzoo: ReLoRA's full model, every export, every PEFT-native checkpoint."""
+    entries = []
+    for case in CASES:
+        folder = _folder(fresh_root, case)
+        if not _built(fresh_root, case):
+            continue
+        if case.saves_full_model:
+            entries.append(_entry(case, folder, folder / "adapter", "saved.pt", full_model=True))
+        if not (folder / "export.error").exists():
+            entries.append(_entry(case, folder, folder / "export", "export.pt"))
+        if case.native_peft_format:
+            entries.append(_entry(case, folder, folder / "adapter", "native.pt"))
+    return _once(fresh_root, "stock_process", lambda: _run_loader(fresh_root, entries, stock=True))
+
+
+def _artifacts(root: Path, case, *errors: str) -> Path:
+    """This case's folder, after failing with the traceback of any build step in ``errors`` that raised."""
+    folder = _folder(root, case)
+    for name in ("build.error", *errors):
+        if (folder / name).exists():
+            pytest.fail(f"building this case's artifacts failed:\n{(folder / name).read_text()}", pytrace=False)
+    return folder
+
+
+def _loaded(folder: Path, name: str, process_error: str) -> torch.Tensor:
+    """The logits the fresh process wrote for this case, or its failure."""
+    error = folder / f"{name}.error"
+    if error.exists():
+        pytest.fail(f"the fresh process could not load this case:\n{error.read_text()}", pytrace=False)
+    if process_error:
+        pytest.fail(process_error, pytrace=False)
+    assert (folder / name).is_file(), f"the fresh process wrote no {name}"
+    return torch.load(folder / name)
+
+
+def test_save_then_load_in_a_fresh_process(case, fresh_root, request):
+    folder = _artifacts(fresh_root, case)
+    # lrzoo checkpoints load after `import lrzoo`; ReLoRA's folder is the whole model, loaded with the
+    # model class alone in the process that never imports lrzoo.
+    process_error = request.getfixturevalue("stock_process" if case.saves_full_model else "lrzoo_process")
+    torch.testing.assert_close(_loaded(folder, "saved.pt", process_error), torch.load(folder / "expected.pt"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_export_lora_loads_in_stock_peft(case, fresh_root, stock_process):
+    folder = _artifacts(fresh_root, case, "export.error")
+    report = json.loads((folder / "export_report.json").read_text())
     assert report["max_relative_error"] < 1e-5
-    assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    code = LOAD_SNIPPET.format(imports="import sys; assert 'lrzoo' not in sys.modules",
-                               model_class=MODEL_CLASSES[case.model], tests_dir=str(REPO / "tests"),
-                               base_dir=str(base_dir),
-                               load=f"PeftModel.from_pretrained(base, {str(tmp_path / 'export')!r})",
-                               inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "out.pt"))
-    code += "import sys; assert 'lrzoo' not in sys.modules\n"
-    fresh_python(code, cwd=tmp_path)
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-5)
+    assert json.loads((folder / "export" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    torch.testing.assert_close(_loaded(folder, "export.pt", stock_process), torch.load(folder / "expected.pt"),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("native_case", [c for c in CASES if c.native_peft_format], ids=lambda c: c.method)
-def test_native_checkpoint_loads_in_stock_peft(native_case, tmp_path, fresh_python):
+def test_native_checkpoint_loads_in_stock_peft(native_case, fresh_root, stock_process):
     """LoRA, LoRA+, DoRA and RandLoRA save PEFT's own format: no export, no lrzoo needed."""
-    _, expected, base_dir, adapter_dir = _save_case(native_case, tmp_path)
-    code = LOAD_SNIPPET.format(imports="import sys; assert 'lrzoo' not in sys.modules",
-                               model_class=MODEL_CLASSES[native_case.model], tests_dir=str(REPO / "tests"),
-                               base_dir=str(base_dir), load=f"PeftModel.from_pretrained(base, {str(adapter_dir)!r})",
-                               inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "out.pt"))
-    code += "import sys; assert 'lrzoo' not in sys.modules\n"
-    fresh_python(code, cwd=tmp_path)
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-5)
+    folder = _artifacts(fresh_root, native_case)
+    torch.testing.assert_close(_loaded(folder, "native.pt", stock_process), torch.load(folder / "expected.pt"),
+                               rtol=1e-5, atol=1e-5)

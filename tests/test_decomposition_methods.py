@@ -9,7 +9,6 @@ FLoRA's conv limits.
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import lrzoo
+from adapter_cases import CASES_BY_METHOD
 from conftest import tiny_bert, tiny_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -42,17 +42,10 @@ class Shapes(nn.Module):
 LINEARS = ["tall", "wide", "square"]
 
 
-def expected_count(method: str, layer: nn.Module, r: int, kernel_r: int = 2) -> int:
-    """The spec's per-matrix formulas (shared/spec/adapters.md §1)."""
-    if method in ("lora_xs", "lora_sb"):
-        return r * r
-    if method == "loldu":
-        return r + 1
-    if method == "svfit":
-        return r
-    dims = list(layer.weight.shape)  # flora: Σ d_m r_m + ∏ r_m, ranks capped at the mode size
-    ranks = [min(r, d) for d in dims[:2]] + [min(kernel_r, k) for k in dims[2:]]
-    return sum(d * k for d, k in zip(dims, ranks)) + math.prod(ranks)
+def expected_count(method: str, layer: nn.Module, r: int) -> int:
+    """The spec's per-matrix formula (shared/spec/adapters.md §1), from the contract row: one source."""
+    d_out, d_in, *kernel = layer.weight.shape
+    return CASES_BY_METHOD[method].param_count(d_out, d_in, {"r": r, "kernel_size": tuple(kernel)})
 
 
 @pytest.mark.parametrize("method", ["lora_xs", "lora_sb", "loldu", "svfit", "flora"])

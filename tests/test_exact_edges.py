@@ -11,6 +11,8 @@ spec) and the stock-PEFT models are built without lrzoo's layers.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -172,11 +174,18 @@ def test_relora_trains_the_bias_of_adapted_layers():
 
 def test_a_trained_base_weight_takes_the_autograd_path():
     """The kernels treat W as frozen; a user who unfreezes it must still get its gradient, not None."""
-    model = lrzoo.wrap(tiny_bert(), "lora", r=4, target_modules=["query"], modules_to_save=None, task_type=None)
+    model = lrzoo.wrap(tiny_bert(), "lora", r=4, target_modules=["query"], modules_to_save=None, task_type=None,
+                       init_lora_weights=False)
     layer = dict(_adapted(model))["base_model.model.bert.encoder.layer.0.attention.self.query"]
     layer.get_base_layer().weight.requires_grad_(True)
+    # Reference: the merged model, a plain nn.Linear holding W + ΔW, has the same dL/dW.
+    merged = copy.deepcopy(model).merge_and_unload()
     _loss(model, tiny_inputs()).backward()
     assert layer.get_base_layer().weight.grad is not None
+    _loss(merged, tiny_inputs()).backward()
+    want = merged.bert.encoder.layer[0].attention.self.query.weight.grad
+    assert want.abs().max() > 0
+    _assert_grads_close(layer.get_base_layer().weight.grad, want, "query.weight")
 
 
 # --------------------------------------------------------------------------- 2. Conv1D and mixed targets

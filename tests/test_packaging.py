@@ -36,4 +36,10 @@ def test_adapter_config_keys_are_accepted_by_wrap(path):
     kwargs = yaml.safe_load(path.read_text())
     method = kwargs.pop("name")
     kwargs["r"] = min(kwargs.get("r", 2), 4)
-    lrzoo.wrap(tiny_llama(), method, **kwargs)
+    model = lrzoo.wrap(tiny_llama(), method, **kwargs)
+    # Every key lands, with its value, in the PEFT config (under its alias) or in the training options.
+    config, aliases = model.peft_config["default"], lrzoo.get_adapter(method).aliases
+    for key, value in kwargs.items():
+        field = aliases.get(key, key)
+        landed = getattr(config, field) if hasattr(config, field) else model.lrzoo_training.get(key, "<absent>")
+        assert landed == value, f"{path.name}: {key}={value!r} became {landed!r}"

@@ -103,11 +103,17 @@ class ToyLayer(lrzoo.AdapterLayer):
         return self.scaling[adapter_name] * delta
 
 
+PEFT_TABLES = (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING)
+
+
 @pytest.fixture
 def toy_method():
+    """The toy method, registered for one test and taken out of lrzoo and PEFT again afterwards."""
     registry.register_adapter("toy_diag", ToyConfig, ToyLayer)
     yield "toy_diag"
-    registry._REGISTRY.pop("toy_diag")
+    registry.unregister_adapter("toy_diag")
+    assert "toy_diag" not in lrzoo.list_adapters()
+    assert not any("LRZOO_TOY_DIAG" in table for table in PEFT_TABLES)
 
 
 def test_register_adapter_adds_a_working_method(toy_method, tmp_path):
@@ -127,6 +133,29 @@ def test_register_adapter_refuses_duplicates_and_bad_names(toy_method):
         registry.register_adapter(toy_method, ToyConfig, ToyLayer)
     with pytest.raises(ValueError, match="lower-case"):
         registry.register_adapter("Toy-Diag", ToyConfig, ToyLayer)
+
+
+def test_unregister_adapter_takes_a_method_out_of_lrzoo_and_peft(tmp_path):
+    spec = registry.register_adapter("toy_diag", ToyConfig, ToyLayer)
+    try:
+        lrzoo.wrap(tiny_bert(), "toy_diag", r=2, init_weights=False).save_pretrained(tmp_path)
+        assert all("LRZOO_TOY_DIAG" in table for table in PEFT_TABLES)
+    finally:
+        assert registry.unregister_adapter("toy_diag") is spec
+    assert "toy_diag" not in lrzoo.list_adapters()
+    assert not any("LRZOO_TOY_DIAG" in table for table in PEFT_TABLES)
+    with pytest.raises(ValueError, match="Unknown adapter 'toy_diag'"):
+        lrzoo.wrap(tiny_bert(), "toy_diag", r=2)
+    with pytest.raises(TypeError, match="not registered"):
+        ToyConfig()
+    with pytest.raises(ValueError, match="LRZOO_TOY_DIAG"):  # its checkpoints are unknown again
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        registry.unregister_adapter("toy_diag")
+    # Built-in methods are untouched, and the name can be registered again.
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["LRZOO_LORA_XS"] is lrzoo.get_adapter("lora_xs").build_config
+    registry.register_adapter("toy_diag", ToyConfig, ToyLayer)
+    registry.unregister_adapter("toy_diag")
 
 
 def test_unregistered_config_cannot_be_built():

@@ -135,7 +135,23 @@ def test_generation_features_mask_the_prompt_and_end_with_eos():
     assert (batch["labels"][1, :-5] == IGNORE_INDEX).all()
 
 
-def test_generation_task_trains_and_is_scored_by_decoding(tmp_path):
+def test_generation_task_trains_and_is_scored_by_decoding(tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    from lrzoo.models import load_model
+    from lrzoo.tasks import get_task
+    from lrzoo.tasks.math import Gsm8kTask
+
+    # Record every decoded text the trainer scores and answer "3" for each: of the eval_limit=2 first
+    # test problems (gold 1 and 3), exactly the second is then right, so the accuracy must be 1/2
+    # (a random tiny model gets 0 either way, which would not tell a scored decode from no scoring).
+    decoded: list[str] = []
+
+    def always_three(self, generated: str) -> str:
+        decoded.append(generated)
+        return "3"
+
+    monkeypatch.setattr(Gsm8kTask, "extract_answer", always_three)
     data = write_gsm8k(tmp_path / "data")
     cfg, results = _run([
         "model=tiny_llama", "task=math/gsm8k", f"task.data_dir={data}", f"output_root={tmp_path / 'runs'}",
@@ -143,5 +159,21 @@ def test_generation_task_trains_and_is_scored_by_decoding(tmp_path):
         "eval_limit=2", "+trainer.generation.max_new_tokens=4",
     ])
     assert results["task"] == "math/gsm8k"
-    assert 0.0 <= results["metrics"]["accuracy"] <= 1.0 and results["score"] == results["metrics"]["accuracy"]
-    assert (Path(run_dir_of(cfg)) / "adapter" / "adapter_config.json").is_file()
+    assert results["metrics"]["accuracy"] == 0.5 and results["score"] == results["metrics"]["accuracy"]
+    assert len(decoded) == 2, decoded
+
+    # The scored texts are the saved adapter's greedy continuations of those two prompts (4 new tokens).
+    run_dir = Path(run_dir_of(cfg))
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    torch.manual_seed(cfg.seed)
+    base, tokenizer = load_model("tiny_llama", "generation")
+    model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    rows = list(get_task("math/gsm8k").load_split("test", data, limit=2))
+    batch = collate(encode_rows(rows, "generation", tokenizer, 160, for_generation=True), tokenizer.pad_token_id,
+                    left=True)
+    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        output = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, do_sample=False, num_beams=1,
+                                max_new_tokens=4)
+    assert output.shape[1] - batch["input_ids"].shape[1] <= 4
+    assert tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True) == decoded
