@@ -30,9 +30,11 @@ from safetensors.torch import save_file
 
 from .io import refuse_foreign_files, replace_files_in
 from .kernels.common import DORA_EPS
+from .kernels.randlora import randlora_factors
 from .layer import AdapterLayer
 from .methods.relora import lora_export_problem
-from .peft_bridge import PEFT_MODEL_PREFIX
+from .peft_bridge import PEFT_MODEL_PREFIX, dequantized_weight
+from .targets import is_quantized, weight_shape
 
 #: what an export writes into its directory (and all it may replace there).
 EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "export_report.json")
@@ -57,13 +59,32 @@ def lora_view(layer: BaseTunerLayer, adapter: str) -> tuple[Optional[tuple[torch
         if adapter not in getattr(layer, "lora_variant", {}):
             return (B, A), None
         return None, _dora_delta(layer, adapter)
+    if hasattr(layer, "randlora_lambda"):  # PEFT's RandLoRA (its bnb layers' get_delta_weight fails off-square)
+        return None, _randlora_delta(layer, adapter)
     delta = layer.get_delta_weight(adapter)
     return None, transpose(delta, getattr(layer, "fan_in_fan_out", False))
 
 
+def _base_out_in(layer: BaseTunerLayer) -> torch.Tensor:
+    """The base weight as float32 ``(d_out, d_in[, k...])``, dequantized for a bitsandbytes base."""
+    base = layer.get_base_layer()
+    if is_quantized(base):
+        return dequantized_weight(base)
+    return transpose(base.weight, getattr(layer, "fan_in_fan_out", False)).detach().float()
+
+
+def _randlora_delta(layer: BaseTunerLayer, adapter: str) -> torch.Tensor:
+    """RandLoRA's ``ΔW = s·Bf Af`` (or its transpose) in ``(d_out, d_in)``, as lrzoo's kernels build it."""
+    d_out, d_in = weight_shape(layer.get_base_layer())
+    Bf, Af, _ = randlora_factors(layer.randlora_A[adapter], layer.randlora_B[adapter], layer.randlora_lambda[adapter],
+                                 layer.randlora_gamma[adapter], max(d_out, d_in), torch.float32)
+    M = Bf @ Af
+    return layer.scaling[adapter] * (M if d_in <= d_out else M.T)
+
+
 def _dora_delta(layer: LoraLayer, adapter: str) -> torch.Tensor:
     """DoRA's full update ``m/‖W+sBA‖ ⊙ (W+sBA) − W`` (PEFT's get_delta_weight gives only sBA)."""
-    weight = transpose(layer.get_base_layer().weight, layer.fan_in_fan_out).float()
+    weight = _base_out_in(layer)
     adapted = weight + transpose(layer.get_delta_weight(adapter), layer.fan_in_fan_out).float()
     # The norm of the adapted weight, taken here in (d_out, d_in) layout: PEFT's get_weight_norm expects
     # the base layer's own layout and would transpose a Conv1D weight a second time.
@@ -154,8 +175,9 @@ def export_lora(
                 B, A, error = refactor(*factors, rank)
             else:
                 B, A, error = truncate(delta, rank or default_rank)
-        weight_shape = transpose(module.get_base_layer().weight, getattr(module, "fan_in_fan_out", False)).shape
-        B, A = _as_peft_shapes(B, A, weight_shape)
+        base = module.get_base_layer()
+        logical = base.weight.shape if base.weight.dim() > 2 else weight_shape(base)  # conv kernels: as stored
+        B, A = _as_peft_shapes(B, A, logical)
         out_dtype = dtype or _adapter_dtype(module, adapter)
         state[f"{PEFT_MODEL_PREFIX}{name}.lora_A.weight"] = A.to(out_dtype)
         state[f"{PEFT_MODEL_PREFIX}{name}.lora_B.weight"] = B.to(out_dtype)

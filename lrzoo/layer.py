@@ -28,8 +28,8 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
-from .peft_bridge import frozen_tensor_dict, init_tuner_layer_state, move_adapter_to_base_device
-from .targets import LINEAR_TYPES, weight_shape
+from .peft_bridge import dequantized_weight, frozen_tensor_dict, init_tuner_layer_state, move_adapter_to_base_device
+from .targets import LINEAR_TYPES, is_quantized, quantization_of, weight_shape
 
 FROZEN_FACTOR_POLICIES = ("saved", "recomputed")
 
@@ -121,6 +121,9 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         init_tuner_layer_state(self, adapter_name)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.out_features, self.in_features = weight_shape(base_layer)
+        #: a bitsandbytes base (nf4/fp4/int8): W is read dequantized, never written, and the forward is
+        #: the bnb layer's own output plus the adapter branch (the kernels take a float W)
+        self.quantized = is_quantized(base_layer)
         self.adapter_config: dict[str, AdapterConfig] = {}
         self.scaling: dict[str, float] = {}
         self.adapter_dropout = nn.ModuleDict()
@@ -168,9 +171,15 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         getattr(self, container)[adapter_name] = tensor
 
     def base_weight_out_in(self) -> torch.Tensor:
-        """The base weight as ``(d_out, d_in, ...)``; a view of the live tensor."""
+        """The base weight as ``(d_out, d_in, ...)``; a view of the live tensor (full-precision bases only)."""
         weight = self.get_base_layer().weight
         return weight.T if self.fan_in_fan_out else weight
+
+    def float_base_weight(self) -> torch.Tensor:
+        """The base weight as a float32 ``(d_out, d_in, ...)`` tensor, dequantized for a quantized base."""
+        if self.quantized:
+            return dequantized_weight(self.get_base_layer())  # bnb layers are nn.Linear: (d_out, d_in)
+        return self.base_weight_out_in().detach().float()
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, *, tuner=None, key=None) -> None:
         limit = min(self.out_features, self.in_features)
@@ -179,18 +188,18 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
                 f"r={config.r} is larger than layer {key or ''} allows ({self.out_features}x{self.in_features}: "
                 f"at most {limit}). Lower r, or exclude this layer."
             )
-        weight = self.base_weight_out_in()
-        if not weight.dtype.is_floating_point:
+        if not self.quantized and not self.base_weight_out_in().dtype.is_floating_point:
             raise TypeError(
-                f"Layer {key or ''} has a {weight.dtype} weight; lrzoo adapters need a floating-point base "
-                "(dequantize the model, or use PEFT's quantized LoRA backends)."
+                f"Layer {key or ''} has a {self.base_weight_out_in().dtype} weight; lrzoo adapters need a floating-point "
+                "or bitsandbytes-quantized base (dequantize the model, or load it with a BitsAndBytesConfig)."
             )
         try:
             self.adapter_config[adapter_name] = config
             self.scaling[adapter_name] = self.scale_for(config)
             self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
             with torch.no_grad():
-                self.init_adapter(adapter_name, config, weight.detach().float().clone(), tuner=tuner)
+                # one layer's float copy at a time (dequantized for a quantized base), never kept
+                self.init_adapter(adapter_name, config, self.float_base_weight().clone(), tuner=tuner)
             move_adapter_to_base_device(self, adapter_name)
             self._keep_trainable_in_fp32(adapter_name)
         except BaseException:
@@ -232,6 +241,13 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         return True
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        if self.quantized:
+            raise ValueError(
+                f"Cannot merge into a {quantization_of(self.get_base_layer())}-quantized base weight: rounding ΔW into "
+                "the quantization grid would change the model. Keep the adapter unmerged (the forward adds it), "
+                "export it with lrzoo.export_lora (stock PEFT loads it on the same quantized base), or load the base in "
+                "full precision to merge."
+            )
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
@@ -267,8 +283,10 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.adapter_config]
-        # The kernels treat W as frozen; a trained base weight takes the autograd path below.
-        if len(active) == 1 and not args and not kwargs and not self.get_base_layer().weight.requires_grad:
+        # The kernels take a frozen float W: a trained base weight or a quantized one takes the path below
+        # (the base layer's own output plus each adapter's branch).
+        if len(active) == 1 and not args and not kwargs and not self.quantized \
+                and not self.get_base_layer().weight.requires_grad:
             return self.fused_forward(x, active[0])
         result = self.base_layer(x, *args, **kwargs)
         for name in active:

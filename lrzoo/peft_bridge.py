@@ -54,7 +54,7 @@ from peft.utils.other import transpose  # W or Wᵀ for fan_in_fan_out layers
 __all__ = ["DoraLinearLayer", "DoraLinearVariant", "PeftLoraLinear", "PeftRandLoraLinear", "transpose"]
 
 from .fingerprint import weights_fingerprint
-from .targets import DEFAULT_TARGET_MODULES
+from .targets import DEFAULT_TARGET_MODULES, is_quantized
 
 PEFT_TYPE_PREFIX = "LRZOO_"
 #: PEFT's own types that lrzoo's lora/loraplus/dora/relora and randlora save; loads of these get
@@ -151,7 +151,9 @@ class LrzooTuner(BaseTuner):
         # Resolve target_modules=None to the architecture default first (inject_adapter would do it
         # later), so no config leaves here without a fingerprint.
         config = self._prepare_adapter_config(config, self.get_model_config(model))
-        named = [(name, layer.weight) for name, layer in self.targeted_base_layers(model, config)]
+        # a quantized layer is hashed by its dequantized values, so the same quantized checkpoint matches
+        named = [(name, dequantized_weight(layer) if is_quantized(layer) else layer.weight)
+                 for name, layer in self.targeted_base_layers(model, config)]
         fingerprint = weights_fingerprint(named)
         if config.base_weights_hash is None:
             source = _LOADING.get()
@@ -259,6 +261,7 @@ PEFT_SYMBOLS: dict[str, Optional[tuple[str, ...]]] = {
     "peft.peft_model:PeftModel.load_adapter": ("self", "model_id", "adapter_name"),
     "peft.peft_model:PeftModel.from_pretrained": ("model", "model_id"),
     "peft.config:PeftConfigMixin.from_json_file": ("path_json_file",),
+    "peft.utils.integrations:dequantize_module_weight": ("module",),
 }
 
 
@@ -332,6 +335,54 @@ def swap_layer_class(module: nn.Module, cls: type) -> None:
     if not issubclass(cls, type(module)):
         raise TypeError(f"{cls.__name__} is not a subclass of {type(module).__name__}; refusing the class swap.")
     module.__class__ = cls
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The base weight of ``layer`` as a float32 ``(d_out, d_in)`` tensor (a fresh copy for a quantized layer).
+
+    One layer at a time: a method that reads W (an SVD, an LU, DoRA's norm, a fingerprint) never holds
+    more than one layer's float copy. Uses PEFT's dequantization, the same its QLoRA layers use.
+    """
+    from peft.utils.integrations import dequantize_module_weight
+
+    if not is_quantized(layer):
+        return layer.weight.detach().float()
+    if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise ValueError(
+            "bitsandbytes has repacked this layer's 4-bit weight for its CPU inference kernel (it does so in place on "
+            "the first eval-mode forward), and its unpacking is lossy in bitsandbytes 0.50, so W cannot be read back "
+            "exactly. Reload the quantized model and wrap it (or load the adapter) before running it in eval mode; "
+            "lrzoo then keeps the layers it adapts in bitsandbytes' standard layout."
+        )
+    return dequantize_module_weight(layer).detach().float()
+
+
+def keep_quantized_layout(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` in bnb's standard layout; returns how many were switched.
+
+    On a CPU with AVX512-bf16, bitsandbytes 0.50 repacks a 4-bit weight in place on the first eval-mode
+    forward (for a bf16 kernel), and every later ``state_dict()`` (each ``save_pretrained``) unpacks it
+    again in place, lossily: measured here, weights move by up to 0.03 and logits by 0.2 after one save.
+    Neither PEFT nor bnb then reads W correctly (DoRA's norm, exports, fingerprints). lrzoo turns that
+    repacking off on every 4-bit layer of a model it wraps or loads into: bnb takes its fp32
+    dequantize-then-matmul path in eval too (exact; slower on CPU; GPUs are unaffected).
+    """
+    count, packed = 0, []
+    for name, module in model.named_modules():
+        if not is_quantized(module):
+            continue
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            packed.append(name)
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    if packed:
+        warnings.warn(
+            f"{len(packed)} bitsandbytes 4-bit layer(s) (e.g. {packed[0]}) were already repacked for the CPU bf16 kernel "
+            "by an eval-mode forward before lrzoo saw the model; saving will unpack them lossily (bitsandbytes 0.50). "
+            "Reload the quantized model and wrap it before running it in eval mode.",
+            RuntimeWarning, stacklevel=2)
+    return count
 
 
 def default_targets_config(tuner: BaseTuner, config, model: nn.Module):
@@ -439,6 +490,7 @@ def _install_load_checks() -> None:
         added = known is None
         with _loading(path):
             result = load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        keep_quantized_layout(self)
         if checked:
             try:
                 _check_loaded(self, adapter_name, path, result)

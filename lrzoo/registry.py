@@ -20,7 +20,7 @@ import copy
 import difflib
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from peft import PeftConfig
 
@@ -46,6 +46,9 @@ class AdapterSpec:
     post_wrap: Optional[Callable[..., None]] = None
     #: One line for ``list_adapters(verbose=True)`` and error messages.
     summary: str = ""
+    #: Why the method cannot train on a bitsandbytes-quantized base and what to do instead ("" = it can), or
+    #: a function of one quantized target layer giving that reason for the layers it cannot handle.
+    quantized_base_refusal: Union[str, Callable[[Any], str]] = ""
 
 
 _REGISTRY: dict[str, AdapterSpec] = {}
@@ -62,6 +65,7 @@ def register_adapter(
     training_defaults: Optional[dict[str, Any]] = None,
     post_wrap: Optional[Callable[..., None]] = None,
     summary: str = "",
+    quantized_base_refusal: Union[str, Callable[[Any], str]] = "",
 ) -> AdapterSpec:
     """Add a method to the registry and, for lrzoo-native methods, to PEFT.
 
@@ -75,6 +79,8 @@ def register_adapter(
         training_defaults: training-procedure options (see :class:`AdapterSpec`).
         post_wrap: hook run on the new ``PeftModel``.
         summary: one-line description.
+        quantized_base_refusal: why the method cannot run on a quantized base and the alternative
+            (``wrap`` refuses such a base with it); empty when it can.
     """
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"Adapter names are lower-case identifiers, got {name!r}.")
@@ -98,6 +104,7 @@ def register_adapter(
         training_defaults=dict(training_defaults or {}),
         post_wrap=post_wrap,
         summary=summary or _first_line(config_cls.__doc__ if config_cls else ""),
+        quantized_base_refusal=quantized_base_refusal,
     )
     _REGISTRY[name] = spec
     return spec

@@ -157,8 +157,32 @@ def _candidate_modules(model: nn.Module, excluded: tuple[str, ...]) -> list[tupl
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a linear-like layer (transformers' ``Conv1D`` stores ``(d_in, d_out)``)."""
+    """``(d_out, d_in)`` of a linear-like layer: the logical shape, never the storage's.
+
+    transformers' ``Conv1D`` stores ``(d_in, d_out)``; a bitsandbytes 4-bit layer stores packed bytes
+    of another shape, so a linear layer is read from ``out_features``/``in_features``.
+    """
     if isinstance(module, Conv1D):
         d_in, d_out = module.weight.shape
         return d_out, d_in
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
     return module.weight.shape[0], module.weight[0].numel()
+
+
+#: weight classes of bitsandbytes-quantized layers (their ``weight`` is packed storage, not W).
+QUANTIZED_WEIGHT_CLASSES = ("Params4bit", "Int8Params")
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a bitsandbytes-quantized linear layer (4-bit nf4/fp4 or 8-bit)."""
+    return type(getattr(layer, "weight", None)).__name__ in QUANTIZED_WEIGHT_CLASSES
+
+
+def quantization_of(layer: nn.Module) -> Optional[str]:
+    """``"nf4"``, ``"fp4"``, ``"int8"`` for a bitsandbytes layer, ``None`` for a full-precision one."""
+    if not is_quantized(layer):
+        return None
+    if type(layer.weight).__name__ == "Int8Params":
+        return "int8"
+    return getattr(layer.weight, "quant_type", "4bit")

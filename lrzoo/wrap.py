@@ -12,8 +12,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from .peft_bridge import keep_quantized_layout
 from .registry import AdapterSpec, adapter_defaults, get_adapter
-from .targets import LINEAR_TYPES, TargetSpec, default_targets, resolve_targets, weight_shape
+from .targets import LINEAR_TYPES, TargetSpec, default_targets, is_quantized, resolve_targets, weight_shape
 
 #: model class-name suffix -> PEFT task type. The task type picks PEFT's model class, which
 #: handles labels, generation and (for heads) saving the head with the adapter.
@@ -152,6 +153,7 @@ def wrap(
     requested = default_targets(base) if target_modules is None else target_modules
     targets = resolve_targets(base, requested, supported, exclude=modules_to_save or ())
     _check_base_weights(base, targets, modules_to_save or (), spec.name)
+    _check_quantized_base(spec, base, targets)
     _check_rank(targets, r, rank_source)
 
     config_kwargs = options
@@ -171,6 +173,7 @@ def wrap(
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     peft_model.lrzoo_training = {"method": method, **training}
     _match_training_mode(peft_model)
+    keep_quantized_layout(peft_model)  # bnb's CPU repacking would make W unreadable (peft_bridge)
     if spec.post_wrap is not None:
         spec.post_wrap(peft_model, adapter_name)
     return peft_model
@@ -247,16 +250,30 @@ def _check_base_weights(model: nn.Module, targets: dict[str, nn.Module], head: A
             f"the model first: load it with from_pretrained without device_map='meta', init_empty_weights or "
             f"disk/CPU offload, or call model.to_empty(device=...) and load its weights."
         )
+    quantized = {f"{name}.weight" for name, module in targets.items() if is_quantized(module)}
     integer = [(name, tensor.dtype) for name, tensor in tensors
-               if tensor is not None and not tensor.dtype.is_floating_point]
+               if tensor is not None and not tensor.dtype.is_floating_point and name not in quantized]
     if integer:
         name, dtype = integer[0]
         raise TypeError(
             f"lrzoo.wrap(..., {method!r}): {len(integer)} targeted layer(s) have integer weights, e.g. {name} "
-            f"({dtype}); lrzoo adapters need a floating-point base. Dequantize the model (load it without a "
-            f"quantization_config, or model.dequantize()), or use a bitsandbytes-quantized model once lrzoo "
-            f"supports it."
+            f"({dtype}) that are not a bitsandbytes quantization; lrzoo adapters need a floating-point or a "
+            f"bitsandbytes (nf4/fp4/int8) base. Dequantize the model (load it without that quantization_config, "
+            f"or model.dequantize()), or load it with transformers' BitsAndBytesConfig."
         )
+
+
+def _check_quantized_base(spec: AdapterSpec, model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """Refuse a quantized base the method cannot train on, with the method's reason and alternative."""
+    refusal = spec.quantized_base_refusal
+    if not refusal:
+        return
+    if isinstance(refusal, str):
+        reason = refusal if any(is_quantized(m) for m in model.modules()) else ""
+    else:
+        reason = next((r for r in (refusal(m) for m in targets.values() if is_quantized(m)) if r), "")
+    if reason:
+        raise ValueError(f"lrzoo.wrap(..., {spec.name!r}) on a bitsandbytes-quantized model: {reason}")
 
 
 def _check_rank(targets: dict[str, nn.Module], r: int, source: Optional[str] = None) -> None:

@@ -27,7 +27,7 @@ ALLOWED = {
     "core_layers": {"layer", "kernels"},
     "registry": {"peft_bridge", "configs"},
     "methods": LEAVES | {"core_layers", "kernels", "layer", "peft_bridge", "registry"},
-    "wrap": LEAVES | {"registry", "methods"},
+    "wrap": LEAVES | {"registry", "methods", "peft_bridge"},
     "export": LEAVES | {"kernels", "layer", "methods", "peft_bridge"},
     "load": LEAVES | {"methods", "peft_bridge"},
     "models": LEAVES,

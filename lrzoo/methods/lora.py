@@ -31,6 +31,7 @@ from ..kernels.common import DORA_EPS
 from ..layer import dropout_probability
 from ..peft_bridge import (DoraLinearLayer, DoraLinearVariant, PeftLoraLinear, stash, swap_layer_class, transpose,
                            unstash, use_layer_classes)
+from ..targets import is_quantized, quantization_of
 from ..registry import register_adapter
 
 
@@ -134,6 +135,18 @@ class FastLoraLinear(PeftLoraLinear):
         return kernels.lora_linear(x, weight, base.bias, A, B, self.scaling[name], p, self.training)
 
 
+def fast_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> Optional[nn.Module]:
+    """PEFT's custom-module hook: a :class:`FastLoraLinear`, or ``None`` for a bitsandbytes layer.
+
+    bnb's Linear4bit/Linear8bitLt are ``nn.Linear`` subclasses; returning ``None`` hands them on to PEFT's
+    own QLoRA layers (dequantize-aware merge and DoRA norm), which the next dispatcher builds.
+    """
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if is_quantized(base):
+        return None
+    return FastLoraLinear(target, adapter_name, config=config, **kwargs)
+
+
 def build_lora_config(use_dora: bool = False, **kwargs: Any) -> LoraConfig:
     """A stock ``LoraConfig`` whose nn.Linear/Conv1D targets get :class:`FastLoraLinear`.
 
@@ -146,7 +159,7 @@ def build_lora_config(use_dora: bool = False, **kwargs: Any) -> LoraConfig:
 
 
 def attach_fast_layers(config: LoraConfig) -> LoraConfig:
-    use_layer_classes(config, {nn.Linear: FastLoraLinear, Conv1D: FastLoraLinear})
+    use_layer_classes(config, {nn.Linear: fast_lora_layer, Conv1D: fast_lora_layer})
     return config
 
 
@@ -165,9 +178,18 @@ register_adapter(
     training_defaults={"loraplus_lr_ratio": 16.0, "loraplus_lr_embedding": 1e-6},
     summary="LoRA+: LoRA with η_B = λ·η_A (λ = 16); use lrzoo.make_optimizer.",
 )
+def _dora_quantized_refusal(layer: nn.Module) -> str:
+    """PEFT's 8-bit DoRA layer breaks bitsandbytes' int8 state on CPU after the first backward (bnb 0.50)."""
+    if quantization_of(layer) == "int8" and layer.weight.device.type == "cpu":
+        return ("PEFT's 8-bit DoRA layer fails from the second training step on CPU (bitsandbytes 0.50 loses the "
+                "int8 weight state it dequantizes for the norm). Use a 4-bit base (nf4/fp4) for DoRA, or LoRA on int8.")
+    return ""
+
+
 register_adapter(
     "dora",
     build_config=lambda **kw: build_lora_config(use_dora=True, **kw),
     aliases=LORA_ALIASES,
     summary="DoRA: m ⊙ (W + sBA)/‖W + sBA‖_row, detached fp32 norm (native PEFT use_dora).",
+    quantized_base_refusal=_dora_quantized_refusal,
 )

@@ -127,15 +127,31 @@ def init_lora_sb(
     if not layers:
         raise ValueError(f"init_lora_sb: the model has no LoRA-SB layers for adapter {adapter!r}; wrap it with "
                          "lrzoo.wrap(model, 'lora_sb', ...) first.")
-    weights = [layer.get_base_layer().weight for layer in layers.values()]
-    sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    modes, needed = {m: m.training for m in peft_model.modules()}, [w.requires_grad for w in weights]
-    device = weights[0].device
+    # ∂L/∂W of a linear layer is Σ_tokens ∂yᵀ x: accumulated from each layer's input and output gradient
+    # by hooks, so W itself needs no gradient (a frozen or a quantized base works the same). The output
+    # is made to require a gradient by adding a zero that does; the function is unchanged.
+    sums = {name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32,
+                              device=next(layer.parameters()).device) for name, layer in layers.items()}
+    zero = torch.zeros((), requires_grad=True)
+    device = next(iter(sums.values())).device
+
+    def capture(name: str):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+
+            def accumulate(grad_out):
+                sums[name].add_(grad_out.reshape(-1, grad_out.shape[-1]).float().t() @ x)
+
+            output = output + zero.to(output.dtype)
+            output.register_hook(accumulate)
+            return output
+        return hook
+
+    modes = {m: m.training for m in peft_model.modules()}
+    handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
     seen = 0
     try:
         peft_model.train()
-        for w in weights:
-            w.requires_grad_(True)
         with peft_model.disable_adapter():
             for batch in dataloader:
                 if not isinstance(batch, Mapping):
@@ -146,24 +162,20 @@ def init_lora_sb(
                 loss = peft_model(**batch).loss
                 if loss is None:
                     raise ValueError("init_lora_sb: the model returned no loss; the batches need 'labels'.")
-                grads = torch.autograd.grad(loss * count, weights, allow_unused=True)
-                for total, grad in zip(sums, grads):
-                    if grad is not None:
-                        total += grad.float()
+                torch.autograd.grad(loss * count, [zero])
                 seen += count
                 if seen >= num_samples:
                     break
     finally:
-        for w, flag in zip(weights, needed):
-            w.requires_grad_(flag)
+        for handle in handles:
+            handle.remove()
         for module, mode in modes.items():
             module.train(mode)
     if seen == 0:
         raise ValueError("init_lora_sb: the dataloader yielded no samples.")
     with torch.no_grad():
-        for layer, total in zip(layers.values(), sums):
-            update = -lr * torch.sign(total)
-            layer.init_from_update(adapter, update.T if layer.fan_in_fan_out else update)
+        for name, layer in layers.items():  # sums are (d_out, d_in) whatever the base layer's storage
+            layer.init_from_update(adapter, -lr * torch.sign(sums[name]))
     return seen
 
 

@@ -354,4 +354,7 @@ register_adapter(
     training_defaults=RELORA_TRAINING_DEFAULTS,
     post_wrap=_post_wrap,
     summary="ReLoRA: LoRA merged into W and re-initialised every T steps; all other parameters trained.",
+    quantized_base_refusal="ReLoRA merges each cycle into W and trains every non-adapted weight in full, which a "
+                           "quantized base can do neither of. Load the base in full precision (bf16), or use LoRA "
+                           "(QLoRA) on the quantized base.",
 )

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels import tera as tera_kernels
@@ -132,6 +133,13 @@ class TeraLayer(AdapterLayer):
         T, Rc = tera_kernels.tera_factors(tuner.tera_factors[adapter_name], tuner.tera_core[adapter_name],
                                           self.tera_lambda[adapter_name], self.tera_modes[adapter_name], torch.float32)
         return self.scaling[adapter_name] * (T @ Rc.t())
+
+    def delta_forward(self, x, adapter_name):
+        """``s·(drop(x) Rc) Tᵀ``: ΔW's rank-R^K form, never the d_out×d_in matrix (quantized bases, several adapters)."""
+        tuner = self._tera_tuner
+        T, Rc = tera_kernels.tera_factors(tuner.tera_factors[adapter_name], tuner.tera_core[adapter_name],
+                                          self.tera_lambda[adapter_name], self.tera_modes[adapter_name], x.dtype)
+        return F.linear(F.linear(self.adapter_dropout[adapter_name](x), Rc.t()), T) * self.scaling[adapter_name]
 
     def fused_forward(self, x, adapter_name):
         """``x (W + ΔW)ᵀ + b`` through :func:`lrzoo.kernels.tera_linear`: ΔW = s·T·Rcᵀ has rank ≤ R^K, so it
