@@ -12,6 +12,17 @@ Two kinds of entries exist:
   ``peft_type`` (see :mod:`lrzoo.peft_bridge`).
 * **PEFT-native methods** (LoRA, LoRA+, DoRA, RandLoRA, ...) give a ``build_config`` callable that
   returns a stock PEFT config, so their checkpoints stay in PEFT's own format.
+
+A method whose training differs from "AdamW on the trainable tensors, the configured schedule" names a
+training procedure (``register_adapter(..., procedure="relora")``); the procedures themselves are the
+table :data:`lrzoo.train.procedures.PROCEDURES` (the registry does not import the trainer).
+
+**Training options.** ``wrap`` options that are not layer settings (LoRA+'s λ, ReLoRA's reset interval,
+LoRA-SB's init samples: a spec's ``training_defaults``) are recorded in one place, the wrapped model's
+``lrzoo_training`` dict (``{"method": ..., **options}``), written by :func:`record_training_options`
+and read with :func:`training_options`. The trainer reads it once, when it builds the run's procedure
+(:func:`lrzoo.train.procedures.procedure_for`), and passes the options on explicitly; a user's
+``lrzoo.make_optimizer(model, lr)`` after ``wrap`` takes its LoRA+ defaults from it.
 """
 
 from __future__ import annotations
@@ -40,8 +51,11 @@ class AdapterSpec:
     #: (a packaged file's keys win over these; see :func:`adapter_defaults`).
     defaults: dict[str, Any] = field(default_factory=dict)
     #: Training-procedure options ``wrap`` accepts but the layer does not (LoRA+'s λ, ReLoRA's
-    #: reset interval...), with defaults; stored on the model as ``peft_model.lrzoo_training``.
+    #: reset interval...), with defaults; recorded on the model (:func:`training_options`).
     training_defaults: dict[str, Any] = field(default_factory=dict)
+    #: The training procedure the trainer runs for this method: a key of
+    #: :data:`lrzoo.train.procedures.PROCEDURES` (``None``: the plain one).
+    procedure: Optional[str] = None
     #: Called as ``post_wrap(peft_model, adapter_name)`` after injection (e.g. to tag the model).
     post_wrap: Optional[Callable[..., None]] = None
     #: One line for ``list_adapters(verbose=True)`` and error messages.
@@ -66,6 +80,7 @@ def register_adapter(
     post_wrap: Optional[Callable[..., None]] = None,
     summary: str = "",
     quantized_base_refusal: Union[str, Callable[[Any], str]] = "",
+    procedure: Optional[str] = None,
 ) -> AdapterSpec:
     """Add a method to the registry and, for lrzoo-native methods, to PEFT.
 
@@ -81,6 +96,8 @@ def register_adapter(
         summary: one-line description.
         quantized_base_refusal: why the method cannot run on a quantized base and the alternative
             (``wrap`` refuses such a base with it); empty when it can.
+        procedure: the name of its training procedure in :data:`lrzoo.train.procedures.PROCEDURES`
+            (``"relora"``, ``"lora_sb"``, ``"loraplus"``...); ``None`` for the plain one.
     """
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"Adapter names are lower-case identifiers, got {name!r}.")
@@ -105,6 +122,7 @@ def register_adapter(
         post_wrap=post_wrap,
         summary=summary or _first_line(config_cls.__doc__ if config_cls else ""),
         quantized_base_refusal=quantized_base_refusal,
+        procedure=procedure,
     )
     _REGISTRY[name] = spec
     return spec
@@ -125,6 +143,21 @@ def unregister_adapter(name: str) -> AdapterSpec:
         unregister_native_method(name)
     del _REGISTRY[name]
     return spec
+
+
+#: The attribute of a wrapped model that holds ``wrap``'s training options (see the module docstring).
+TRAINING_OPTIONS_ATTRIBUTE = "lrzoo_training"
+
+
+def record_training_options(model: Any, options: dict[str, Any]) -> None:
+    """Record ``options`` (``{"method": name, **training options}``) on ``model``: what ``wrap`` does."""
+    setattr(model, TRAINING_OPTIONS_ATTRIBUTE, dict(options))
+
+
+def training_options(model: Any) -> dict[str, Any]:
+    """A copy of the training options ``wrap`` recorded on ``model`` (``{"method": name, ...}``), ``{}`` when
+    it was not wrapped by lrzoo (a baseline, a plain module)."""
+    return dict(getattr(model, TRAINING_OPTIONS_ATTRIBUTE, None) or {})
 
 
 def _first_line(text: Optional[str]) -> str:

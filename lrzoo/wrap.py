@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .peft_bridge import keep_quantized_layout
-from .registry import AdapterSpec, adapter_defaults, get_adapter
+from .registry import AdapterSpec, adapter_defaults, get_adapter, record_training_options
 from .targets import LINEAR_TYPES, TargetSpec, default_targets, is_quantized, resolve_targets, weight_shape
 
 #: model class-name suffix -> PEFT task type. The task type picks PEFT's model class, which
@@ -122,7 +122,10 @@ def wrap(
 
     Returns:
         The ``PeftModel``. ``peft_model.lrzoo_training`` holds the method's training-procedure
-        options (used by :func:`lrzoo.make_optimizer` and the trainer).
+        options, ``{"method": method, **options}`` (:func:`lrzoo.registry.training_options` reads a
+        copy): the trainer reads them once to build the run's procedure
+        (:func:`lrzoo.train.procedures.procedure_for`), and :func:`lrzoo.make_optimizer` takes its
+        LoRA+ defaults from them when called after ``wrap``.
     """
     spec = get_adapter(method)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -171,7 +174,7 @@ def wrap(
         peft_model = model
     else:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    peft_model.lrzoo_training = {"method": method, **training}
+    record_training_options(peft_model, {"method": method, **training})
     _match_training_mode(peft_model)
     keep_quantized_layout(peft_model)  # bnb's CPU repacking would make W unreadable (peft_bridge)
     if spec.post_wrap is not None:

@@ -122,7 +122,8 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     from lrzoo.tasks import get_task
     from lrzoo.train.baselines import BASELINES, prepare_baseline
     from lrzoo.train.budget import check_limits, check_splits
-    from lrzoo.train.callbacks import make_logger, prepare_procedure
+    from lrzoo.train.callbacks import make_logger
+    from lrzoo.train.procedures import procedure_for
     from lrzoo.train.resume import resume_latest
     from lrzoo.train.trainer import Trainer, TrainerConfig, seed_everything
 
@@ -166,14 +167,13 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
             adapter["target_modules"] = list(model_cfg["adapter_targets"])
         peft_model = lrzoo.wrap(model, method, **adapter)
 
-    procedure = prepare_procedure(method, peft_model, train_rows, task, tokenizer, config)
+    procedure = procedure_for(peft_model, config)  # the method's procedure, with the options wrap recorded
     logger_options = dict(plain["logger"])
     logger = make_logger(logger_options.pop("name"), run_dir, is_main, **logger_options)
     run_info = {"adapter": method, "adapter_config": adapter, "model": model_cfg["name"], "seed": plain["seed"],
                 "config_hash": digest, "config": hashed_config(cfg), "lrzoo_version": lrzoo.__version__}
     trainer = Trainer(peft_model, tokenizer, task, train_rows, eval_sets, config, run_dir,
-                      callbacks=[cb for cb in (*procedure.callbacks, logger) if cb is not None],
-                      run_info=run_info, scheduler_factory=procedure.scheduler_factory)
+                      callbacks=[logger] if logger is not None else [], run_info=run_info, procedure=procedure)
     if is_main:
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in peft_model.parameters())

@@ -176,6 +176,7 @@ register_adapter(
     build_config=build_lora_config,
     aliases=LORA_ALIASES,
     training_defaults={"loraplus_lr_ratio": 16.0, "loraplus_lr_embedding": 1e-6},
+    procedure="loraplus",
     summary="LoRA+: LoRA with η_B = λ·η_A (λ = 16); use lrzoo.make_optimizer.",
 )
 def _dora_quantized_refusal(layer: nn.Module) -> str:

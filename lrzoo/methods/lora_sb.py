@@ -30,7 +30,7 @@ from peft import PeftModel
 
 from ..layer import AdapterConfig
 from ..peft_bridge import move_adapter_to_base_device
-from ..registry import register_adapter
+from ..registry import record_training_options, register_adapter, training_options
 from ..decompositions import top_singular_triplets
 from .lora_xs import LoraXSLayer
 
@@ -181,8 +181,9 @@ def init_lora_sb(
 
 def _init_from_wrap(peft_model: PeftModel, adapter_name: str) -> None:
     """``post_wrap`` hook: run :func:`init_lora_sb` when ``wrap`` got ``init_data=``."""
-    training = peft_model.lrzoo_training
-    data = training.pop("init_data", None)  # do not keep a reference to the data on the model
+    training = training_options(peft_model)
+    data = training.pop("init_data", None)
+    record_training_options(peft_model, training)  # do not keep a reference to the data on the model
     if data is None:
         return
     if training.get("init_lr") is None:
@@ -193,4 +194,4 @@ def _init_from_wrap(peft_model: PeftModel, adapter_name: str) -> None:
 
 register_adapter("lora_sb", LoraSBConfig, LoraSBLayer,
                  training_defaults={"init_data": None, "init_lr": None, "init_num_samples": 50},
-                 post_wrap=_init_from_wrap)
+                 post_wrap=_init_from_wrap, procedure="lora_sb")

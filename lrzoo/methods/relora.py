@@ -36,7 +36,7 @@ from peft.utils.other import ModulesToSaveWrapper, transpose
 from transformers import PreTrainedModel
 
 from ..peft_bridge import PEFT_MODEL_PREFIX
-from ..registry import register_adapter
+from ..registry import register_adapter, training_options
 from .lora import LORA_ALIASES, build_lora_config
 
 #: ``wrap`` options of the ReLoRA procedure (paper code defaults; see adapters/relora.yaml).
@@ -155,9 +155,12 @@ def _fingerprint(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], int]:
 
 
 def _record_wrapped_values(peft_model: PeftModel, adapter_name: str) -> None:
+    options = training_options(peft_model)  # wrap's options, read once: relora.json reports them
+    options.pop("method", None)
     peft_model.lrzoo_relora = {
         "adapter_name": adapter_name,
         "wrapped_values": {name: _fingerprint(p) for name, p in _outside_the_adapter(peft_model)},
+        "training": options,
     }
 
 
@@ -307,7 +310,7 @@ def save_full_model(peft_model: PeftModel, save_directory: str, safe_serializati
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in merged.items()},
                   os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
     config = peft_model.peft_config[adapter]
-    training = {k: v for k, v in (getattr(peft_model, "lrzoo_training", None) or {}).items() if k != "method"}
+    training = dict(info.get("training", {}))
     record = {
         "format": RELORA_FORMAT,
         "format_version": 1,
@@ -353,6 +356,7 @@ register_adapter(
     aliases=LORA_ALIASES,
     training_defaults=RELORA_TRAINING_DEFAULTS,
     post_wrap=_post_wrap,
+    procedure="relora",
     summary="ReLoRA: LoRA merged into W and re-initialised every T steps; all other parameters trained.",
     quantized_base_refusal="ReLoRA merges each cycle into W and trains every non-adapted weight in full, which a "
                            "quantized base can do neither of. Load the base in full precision (bf16), or use LoRA "

@@ -2,6 +2,11 @@
 
 Works with the HF ``Trainer`` (``Trainer(..., optimizers=(make_optimizer(model, lr=...), None))``)
 and with plain loops.
+
+Options: everything :func:`make_optimizer` is given wins. LoRA+'s λ and embedding lr not given are
+taken from the options ``wrap`` recorded on the model (:func:`lrzoo.registry.training_options`), so
+``make_optimizer(lrzoo.wrap(model, "loraplus"), lr=...)`` is LoRA+. lrzoo's trainer passes them
+explicitly (the ``loraplus`` entry of :data:`lrzoo.train.procedures.PROCEDURES`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import torch
 import torch.nn as nn
 from peft.optimizers import create_loraplus_optimizer
 from peft.utils.other import ModulesToSaveWrapper
+
+from ..registry import training_options
 
 
 def make_optimizer(
@@ -35,10 +42,11 @@ def make_optimizer(
             LoRA-XS/LoRA-SB tune it separately. Given with LoRA+, every head parameter gets it and
             the adapter keeps LoRA+'s groups (lora_B at ``lr``·λ, lora_A at ``lr``).
         loraplus_lr_ratio: λ = η_B/η_A. Defaults to the value given to ``wrap(..., "loraplus")``
-            (16); for other methods LoRA+ groups are built only when it is given.
+            (16); for other methods LoRA+ groups are built only when it is given. Likewise the
+            ``loraplus_lr_embedding`` keyword (default: ``wrap``'s, else 1e-6).
         optimizer_cls, optimizer_kwargs: the optimizer (AdamW by default) and its options.
     """
-    training = getattr(model, "lrzoo_training", {}) or {}
+    training = training_options(model)  # wrap's record: defaults for what the caller did not give
     if loraplus_lr_ratio is None:
         loraplus_lr_ratio = training.get("loraplus_lr_ratio")
     head = head_parameter_ids(model)

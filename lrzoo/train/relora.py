@@ -9,6 +9,8 @@ Three pieces, usable from any loop:
 * :func:`make_relora_scheduler` — the "jagged cosine": linear warm-up, a global cosine decay to
   ``min_lr_ratio``, and after every reset a linear re-warm-up from 0 to the cosine envelope over
   ``restart_warmup_steps``.
+* :class:`ReLoRAHook` — the same as a callback of lrzoo's trainer, checkpointing what a reset changes
+  (the ``relora`` entry of :data:`lrzoo.train.procedures.PROCEDURES` adds it with the schedule).
 * :class:`ReLoRACallback` — the same for the HF ``Trainer``::
 
       model = lrzoo.wrap(base, "relora", r=128, alpha=32, relora_steps=1000, target_modules=[...])
@@ -24,14 +26,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
-from ..methods.relora import RELORA_TRAINING_DEFAULTS, lora_layers, merge_and_reinit
+from ..methods.relora import RELORA_TRAINING_DEFAULTS, lora_layers, merge_and_reinit, set_resets_done
+from ..registry import training_options
+from .callbacks import Callback
 
 PRUNING_MODES = ("reset", "random", "magnitude")
 #: The paper's code implements ``reset_optimizer_on_relora`` as random pruning at this ratio.
@@ -85,13 +89,22 @@ class ReLoRA:
 
     @classmethod
     def from_model(cls, model: nn.Module, **overrides) -> "ReLoRA":
-        """Build from the options given to ``lrzoo.wrap(..., "relora", ...)`` (``model.lrzoo_training``)."""
-        training = dict(getattr(model, "lrzoo_training", {}) or {})
-        if training.get("method") != "relora" and not overrides:
+        """Build from the options given to ``lrzoo.wrap(..., "relora", ...)`` (recorded on the model:
+        :func:`lrzoo.registry.training_options`); ``overrides`` win."""
+        training = training_options(model)
+        if "relora_steps" not in training and not overrides:  # not wrapped by a method with ReLoRA's options
             raise ValueError("This model was not wrapped with lrzoo.wrap(model, 'relora', ...); pass the options.")
         options = {k: training[k] for k in ("relora_steps", "optimizer_pruning", "optimizer_pruning_ratio")
                    if k in training}
         return cls(**{**options, **overrides})
+
+    def state_dict(self) -> dict[str, Any]:
+        """What changes during training: the reset count and the state of the pruning RNG."""
+        return {"resets": self.resets, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resets = state["resets"]
+        self._generator.set_state(state["generator"])
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> bool:
         """Call after optimizer step number ``step`` (1-based); returns whether a reset happened."""
@@ -159,6 +172,41 @@ def make_relora_scheduler(
         return jagged_cosine_factor(step, total_steps, warmup_steps, relora_steps, restart_warmup_steps, min_lr_ratio)
 
     return LambdaLR(optimizer, factor)
+
+
+class ReLoRAHook(Callback):
+    """Runs :class:`ReLoRA` in lrzoo's trainer and checkpoints what it changes.
+
+    A reset merges the LoRA update into the frozen base weights, which the trainer's checkpoint
+    (adapter + trainable tensors) does not hold; this hook's state does, with :meth:`ReLoRA.state_dict`
+    (the reset count and the pruning RNG), so a resume after a reset is exact.
+    """
+
+    #: read by :func:`lrzoo.train.sharding.check_supported`
+    sharding_refusal = ("trainer.strategy=fsdp does not support ReLoRA: its resets merge B·A into the base weights, "
+                        "which FSDP shards over the ranks, and it saves the full merged model. Train ReLoRA with "
+                        "trainer=ddp (or a single process).")
+
+    def __init__(self, relora: ReLoRA, model: nn.Module):
+        self.relora, self.model = relora, model
+
+    def on_step_end(self, step: int, model: Any, optimizer: Any, scheduler: Any) -> None:
+        self.relora.on_step_end(step, model, optimizer)
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        layers = lora_layers(self.model, self.relora.adapter_name)
+        return {name: m.get_base_layer().weight for name, m in self.model.named_modules() if m in layers}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.relora.state_dict(),
+                "base_weights": {n: w.detach().cpu().clone() for n, w in self._base_weights().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.relora.load_state_dict(state)
+        set_resets_done(self.model, state["resets"], self.relora.adapter_name)  # relora.json reports it
+        with torch.no_grad():
+            for name, weight in self._base_weights().items():
+                weight.copy_(state["base_weights"][name])
 
 
 class ReLoRACallback(TrainerCallback):

@@ -94,13 +94,12 @@ class ReplicatedGradients:
 
 
 def check_supported(callbacks: Sequence[Any]) -> None:
-    """Refuse procedures that rewrite the (sharded) base weights during training."""
-    from .callbacks import ReLoRAHook
-
-    if any(isinstance(cb, ReLoRAHook) for cb in callbacks):
-        raise ValueError("trainer.strategy=fsdp does not support ReLoRA: its resets merge B·A into the base weights, "
-                         "which FSDP shards over the ranks, and it saves the full merged model. Train ReLoRA with "
-                         "trainer=ddp (or a single process).")
+    """Refuse procedures that rewrite the (sharded) base weights during training: a callback that cannot
+    run sharded says why in its ``sharding_refusal`` (ReLoRA's :class:`lrzoo.train.relora.ReLoRAHook`)."""
+    for cb in callbacks:
+        reason = getattr(cb, "sharding_refusal", "")
+        if reason:
+            raise ValueError(reason)
 
 
 def shard_model(model: nn.Module, device: torch.device, callbacks: Sequence[Any] = ()) -> nn.Module:

@@ -39,14 +39,14 @@ import torch.nn as nn
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase
 
 from ..io import atomic_directory, atomic_file
 from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
 from .budget import validate_trainer_config
 from .divergence import NonfiniteGuard, is_finite_number, json_safe, total_grad_norm
-from .optim import make_optimizer
 from .precision import autocast_dtype, check_autocast, use_precision
+from .procedures import Procedure
 from .resume import CHECKPOINT_RE, checkpoint_dirs, read_trainer_state
 from .sharding import full_state_dict, gathered_root, shard_model
 
@@ -240,8 +240,11 @@ class Trainer:
         callbacks: objects with the hooks of :mod:`lrzoo.train.callbacks`.
         run_info: extra fields copied into ``results.json`` (adapter, model, seed, config hash...).
             ``run_info["config_hash"]`` must match a checkpoint's to resume from it.
-        scheduler_factory: ``f(optimizer, total_steps) -> scheduler`` replacing the configured
-            schedule (ReLoRA's jagged cosine).
+        scheduler_factory: ``f(optimizer, total_steps) -> scheduler`` replacing the procedure's
+            schedule.
+        procedure: the method's training procedure (:func:`lrzoo.train.procedures.procedure_for`):
+            its ``before_training`` runs first, it builds the optimizer and the schedule, and its
+            callbacks run before ``callbacks``. ``None``: the plain one.
     """
 
     def __init__(
@@ -257,12 +260,15 @@ class Trainer:
         callbacks: Sequence[Any] = (),
         run_info: Optional[dict[str, Any]] = None,
         scheduler_factory: Optional[Any] = None,
+        procedure: Optional[Procedure] = None,
     ):
         from accelerate import Accelerator
 
         config.validate()
+        self.procedure = procedure if procedure is not None else Procedure(config=config)
+        self.procedure.before_training(model, train_rows, task, tokenizer)
         self.config, self.task, self.tokenizer, self.run_dir = config, task, tokenizer, run_dir
-        self.callbacks = list(callbacks)
+        self.callbacks = [*self.procedure.callbacks(model), *callbacks]
         self.run_info = dict(run_info or {})
         use_precision(config.precision)
         kwargs: dict[str, Any] = {"mixed_precision": config.precision, "cpu": not torch.cuda.is_available()}
@@ -296,15 +302,9 @@ class Trainer:
         else:
             self.model = self.accelerator.prepare(model)
         self.optimizer = self.accelerator.prepare(
-            make_optimizer(self.accelerator.unwrap_model(self.model), lr=config.lr,
-                           weight_decay=config.weight_decay, head_lr=config.head_lr))
+            self.procedure.make_optimizer(self.accelerator.unwrap_model(self.model)))
         # Stepped by us once per optimizer step (accelerate's wrapper would step it once per rank).
-        if scheduler_factory is not None:
-            self.scheduler = scheduler_factory(self.optimizer, self.total_steps)
-        else:
-            self.scheduler = get_scheduler(config.scheduler, self.optimizer,
-                                           num_warmup_steps=round(config.warmup_ratio * self.total_steps),
-                                           num_training_steps=self.total_steps)
+        self.scheduler = (scheduler_factory or self.procedure.make_scheduler)(self.optimizer, self.total_steps)
         self.start_step = 0
         self.train_time = 0.0
         self.tokens_seen = 0

@@ -1,0 +1,95 @@
+"""Training procedures are a table the registry points to (lrzoo/train/procedures.py): each method's entry,
+the options it gets from wrap, ReLoRA's state through its own state_dict, and no method name in the loop."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+import torch
+
+import lrzoo
+from conftest import REPO, tiny_bert, tiny_llama
+from lrzoo.train import TrainerConfig
+from lrzoo.train.procedures import PROCEDURES, Procedure, procedure_for, register_procedure
+from lrzoo.train.relora import ReLoRA, ReLoRAHook
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+@pytest.mark.parametrize("name", lrzoo.list_adapters())
+def test_every_adapter_names_a_known_procedure(name):
+    assert (lrzoo.get_adapter(name).procedure or "default") in PROCEDURES
+
+
+@pytest.mark.parametrize("method, procedure", [("lora", "default"), ("dora", "default"), ("loraplus", "loraplus"),
+                                               ("relora", "relora"), ("lora_sb", "lora_sb")])
+def test_the_registry_picks_the_procedure_with_the_options_wrap_recorded(method, procedure):
+    model = lrzoo.wrap(tiny_llama(0) if method == "relora" else tiny_bert(0), method, r=4)
+    built = procedure_for(model, TrainerConfig(seed=3))
+    assert built.name == procedure
+    assert built.options == {k: v for k, v in model.lrzoo_training.items() if k != "method"}
+
+
+def test_a_model_lrzoo_did_not_wrap_gets_the_plain_procedure():
+    assert type(procedure_for(tiny_bert(0), TrainerConfig())) is Procedure
+
+
+def test_loraplus_optimizer_groups_come_from_the_options_not_the_model():
+    model = lrzoo.wrap(tiny_bert(0), "loraplus", r=4, loraplus_lr_ratio=4.0)
+    built = procedure_for(model, TrainerConfig(lr=1e-3))
+    del model.lrzoo_training  # the procedure holds the options: the record is read once
+    assert sorted({g["lr"] for g in built.make_optimizer(model).param_groups if g["params"]}) == [1e-3, 4e-3]
+
+
+def test_relora_state_goes_through_its_own_state_dict():
+    model = lrzoo.wrap(tiny_llama(0), "relora", r=4, relora_steps=2, optimizer_pruning="random",
+                       optimizer_pruning_ratio=0.5)
+    built = procedure_for(model, TrainerConfig(seed=5))
+    assert (built.relora.relora_steps, built.relora.optimizer_pruning, built.relora.seed) == (2, "random", 5)
+    (hook,) = built.callbacks(model)
+    assert isinstance(hook, ReLoRAHook) and hook.relora is built.relora
+    relora = built.relora
+    relora.resets = 3
+    state = hook.state_dict()
+    assert set(state) == {"resets", "generator", "base_weights"} and state["resets"] == 3
+    fresh = ReLoRA(seed=6)
+    assert not torch.equal(fresh.state_dict()["generator"], state["generator"])
+    fresh.load_state_dict(relora.state_dict())
+    assert fresh.resets == 3 and torch.equal(fresh.state_dict()["generator"], state["generator"])
+
+
+def test_a_new_procedure_is_one_table_entry():
+    calls = []
+
+    class Recording(Procedure):
+        name = "recording_test"
+
+        def callbacks(self, model):
+            calls.append(self.options)
+            return []
+
+    class Clash(Procedure):
+        name = "relora"
+
+    register_procedure(Recording)
+    try:
+        Recording({"x": 1}, TrainerConfig()).callbacks(None)
+        assert calls == [{"x": 1}] and PROCEDURES["recording_test"] is Recording
+        with pytest.raises(ValueError, match="already registered"):
+            register_procedure(Clash)
+    finally:
+        del PROCEDURES["recording_test"]
+
+
+def test_the_trainer_and_its_command_never_test_a_method_name():
+    """`method == "relora"`-style branches belong in the procedure table, not in the loop."""
+    names = set(lrzoo.list_adapters())
+    files = sorted((REPO / "lrzoo" / "train").glob("*.py")) + [REPO / "lrzoo" / "cli" / "train.py"]
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                constants = [c for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in names]
+                found += [f"{path.relative_to(REPO)}:{c.lineno}: compares with {c.value!r}" for c in constants]
+    assert not found, "\n".join(found)
