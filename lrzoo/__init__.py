@@ -10,6 +10,7 @@ from .kernels.backend import requested_backend as get_backend
 from .layer import AdapterConfig, AdapterLayer
 from .load import load
 from .methods.lora_sb import init_lora_sb
+from .optimizers import list_optimizers
 from .registry import adapter_defaults, get_adapter, list_adapters, register_adapter
 from .train.optim import make_optimizer
 from .wrap import wrap
@@ -25,6 +26,7 @@ __all__ = [
     "get_backend",
     "init_lora_sb",
     "list_adapters",
+    "list_optimizers",
     "load",
     "make_optimizer",
     "register_adapter",

@@ -17,6 +17,7 @@ PACKAGE = REPO / "lrzoo"
 #: area -> the other areas it may import. An area is a top-level module or subpackage of lrzoo
 #: ("lrzoo" itself is the public API in __init__). Data flows one way: leaves, then the PEFT bridge,
 #: layers, registry, methods, the wrap/export/load API, then the trainer, then the command line.
+#: Low-rank optimizers (optimizers/) sit beside the adapter stack: they use the leaves only.
 LEAVES = {"configs", "decompositions", "fingerprint", "io", "targets"}
 ALLOWED = {
     "kernels": set(),
@@ -31,9 +32,12 @@ ALLOWED = {
     "export": LEAVES | {"kernels", "layer", "methods", "peft_bridge"},
     "load": LEAVES | {"methods", "peft_bridge"},
     "models": LEAVES,
-    "train": LEAVES | {"kernels", "layer", "methods", "models", "peft_bridge", "registry", "tasks", "wrap", "lrzoo"},
-    "cli": LEAVES | {"kernels", "models", "registry", "tasks", "train", "lrzoo"},
-    "lrzoo": LEAVES | {"export", "kernels", "layer", "load", "methods", "peft_bridge", "registry", "train", "wrap"},
+    "optimizers": LEAVES,
+    "train": LEAVES | {"kernels", "layer", "methods", "models", "optimizers", "peft_bridge", "registry", "tasks", "wrap",
+                       "lrzoo"},
+    "cli": LEAVES | {"kernels", "models", "optimizers", "registry", "tasks", "train", "lrzoo"},
+    "lrzoo": LEAVES | {"export", "kernels", "layer", "load", "methods", "optimizers", "peft_bridge", "registry", "train",
+                       "wrap"},
 }
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 from peft.optimizers import create_loraplus_optimizer
 from peft.utils.other import ModulesToSaveWrapper
 
+from ..optimizers import create_optimizer
 from ..registry import training_options
 
 
@@ -29,6 +30,7 @@ def make_optimizer(
     head_lr: Optional[float] = None,
     loraplus_lr_ratio: Optional[float] = None,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    method: Optional[str] = None,
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """An optimizer over the trainable parameters of ``model`` with the method's groups.
@@ -45,7 +47,16 @@ def make_optimizer(
             (16); for other methods LoRA+ groups are built only when it is given. Likewise the
             ``loraplus_lr_embedding`` keyword (default: ``wrap``'s, else 1e-6).
         optimizer_cls, optimizer_kwargs: the optimizer (AdamW by default) and its options.
+        method: a low-rank gradient optimizer from ``lrzoo.list_optimizers()`` (``"galore"``, ``"fira"``)
+            over a plain model's weights, built by :func:`lrzoo.optimizers.create_optimizer`; its
+            options (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``target_modules``,
+            ``betas``, ``eps``) go in ``optimizer_kwargs``. Not combined with LoRA+ or ``optimizer_cls``.
     """
+    if method is not None:
+        if loraplus_lr_ratio is not None or optimizer_cls is not torch.optim.AdamW:
+            raise ValueError(f"method={method!r} is an optimizer of its own: drop loraplus_lr_ratio and optimizer_cls.")
+        return create_optimizer(model, method, lr, weight_decay=weight_decay, head_lr=head_lr,
+                                head_params=head_parameter_ids(model), **optimizer_kwargs)
     training = training_options(model)  # wrap's record: defaults for what the caller did not give
     if loraplus_lr_ratio is None:
         loraplus_lr_ratio = training.get("loraplus_lr_ratio")

@@ -1,0 +1,26 @@
+"""Low-rank gradient optimizers (GaLore, Fira): one module per method; importing this package registers them.
+
+They are optimizers, not adapters: they train a plain model's weights in full with rank-r optimizer
+state. Build one with ``lrzoo.make_optimizer(model, lr, method="galore", rank=..., ...)``.
+"""
+
+from . import fira, galore  # noqa: F401  (registers them)
+from .registry import (
+    OptimizerSpec,
+    create_optimizer,
+    get_optimizer,
+    list_optimizers,
+    projection_targets,
+    register_optimizer,
+    state_bytes,
+)
+
+__all__ = [
+    "OptimizerSpec",
+    "create_optimizer",
+    "get_optimizer",
+    "list_optimizers",
+    "projection_targets",
+    "register_optimizer",
+    "state_bytes",
+]

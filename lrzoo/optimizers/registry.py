@@ -1,0 +1,158 @@
+"""The optimizer registry: low-rank gradient methods (GaLore, Fira) by name, and the one call that builds them.
+
+An optimizer method is not an adapter: it adds no module and saves no adapter file; it trains the
+model's own weights with less optimizer state. Each method registers itself in its file under
+``lrzoo/optimizers/`` with :func:`register_optimizer`; :func:`create_optimizer` (behind
+``lrzoo.make_optimizer(model, lr, method=name, ...)``) picks the weights to project and builds the
+param groups.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..targets import LINEAR_TYPES, TargetSpec, leaf_names, resolve_targets
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What the registry knows about one optimizer method."""
+
+    name: str
+    #: The optimizer class; its param groups with a ``rank`` key are projected.
+    optimizer_cls: type[torch.optim.Optimizer]
+    #: Options of the projected groups (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) and their defaults.
+    group_defaults: dict[str, Any] = field(default_factory=dict)
+    #: One line for listings and error messages.
+    summary: str = ""
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(name: str, optimizer_cls: type[torch.optim.Optimizer], *,
+                       group_defaults: Optional[dict[str, Any]] = None, summary: str = "") -> OptimizerSpec:
+    """Add an optimizer method under ``name`` (a lower-case identifier)."""
+    if name != name.lower() or not name.replace("_", "").isalnum():
+        raise ValueError(f"Optimizer names are lower-case identifiers, got {name!r}.")
+    if name in _REGISTRY:
+        raise ValueError(f"An optimizer named {name!r} is already registered.")
+    spec = OptimizerSpec(name, optimizer_cls, dict(group_defaults or {}), summary)
+    _REGISTRY[name] = spec
+    return spec
+
+
+def list_optimizers() -> list[str]:
+    """The registered optimizer method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    """Look an optimizer method up by name; unknown names fail with the list of known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown optimizer method {name!r}.{hint} Known: {', '.join(list_optimizers())}.") from None
+
+
+def create_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    target_modules: TargetSpec = None,
+    head_lr: Optional[float] = None,
+    head_params: Iterable[int] = (),
+    **options: Any,
+) -> torch.optim.Optimizer:
+    """Optimizer method ``name`` over the trainable parameters of a plain (unwrapped) ``model``.
+
+    The weights of the targeted layers are projected; everything else trainable (embeddings, norms,
+    biases, the head) is plain AdamW in the same optimizer.
+
+    Args:
+        model: the model whose weights are trained in full (not an ``lrzoo.wrap`` result).
+        name: a name from :func:`list_optimizers`.
+        lr: learning rate of every group (the head's is ``head_lr`` when given).
+        weight_decay: decoupled decay of ≥2-D parameters (projected weights included); 1-D get none.
+        target_modules: the layers whose weights are projected: ``None`` for every linear layer inside
+            the model's repeated blocks (attention and MLP projections; not the embeddings, the
+            LM head, a pooler or a classifier), else names or a regex as for ``lrzoo.wrap``.
+        head_lr, head_params: learning rate of the parameters whose ids are in ``head_params``.
+        options: the method's group options (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``;
+            defaults in the registry) and the optimizer's (``betas``, ``eps``, ...).
+    """
+    spec = get_optimizer(name)
+    if getattr(model, "peft_config", None) is not None:
+        raise ValueError(f"{name} trains the model's own weights: pass the plain model, not one returned by "
+                         "lrzoo.wrap (training LoRA factors with a low-rank optimizer is not offered).")
+    group_options = {key: options.pop(key, default) for key, default in spec.group_defaults.items()}
+    projected = {id(p) for p in projection_targets(model, target_modules)}
+    head = set(head_params) if head_lr is not None else set()
+    groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            group_lr = head_lr if id(param) in head else lr
+            decay = weight_decay if param.dim() >= 2 else 0.0
+            groups.setdefault((group_lr, decay, id(param) in projected), []).append(param)
+    param_groups = [{"params": params, "lr": group_lr, "weight_decay": decay, **(group_options if is_projected else {})}
+                    for (group_lr, decay, is_projected), params in groups.items()]
+    return spec.optimizer_cls(param_groups, lr=lr, **options)
+
+
+def projection_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[nn.Parameter]:
+    """The trainable weights a low-rank optimizer projects (see :func:`create_optimizer`), in model order."""
+    if target_modules is None:
+        modules = block_linear_layers(model)
+        if not modules:
+            raise ValueError(
+                f"{type(model).__name__} has no linear layer inside a repeated block (an nn.ModuleList), so there "
+                f"is no default to project. Pass target_modules=[...]; its linear layers are named: "
+                f"{', '.join(leaf_names(model, LINEAR_TYPES)) or '(none)'}.")
+    else:
+        modules = resolve_targets(model, target_modules)
+    weights = [m.weight for m in modules.values() if m.weight.requires_grad]
+    if not weights:
+        raise ValueError(
+            "None of the targeted weights is trainable. Low-rank optimizers train the model's own weights: "
+            "pass the plain model (not one returned by lrzoo.wrap) with requires_grad on the targeted layers.")
+    return list({id(w): w for w in weights}.values())
+
+
+def block_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers (``nn.Linear``, GPT-2's ``Conv1D``) inside the model's repeated blocks.
+
+    Transformer blocks live in an ``nn.ModuleList`` (``model.layers``, ``encoder.layer``,
+    ``transformer.h``, ...), the embeddings, LM head, pooler and classifier outside it; the output
+    embedding is left out even where it sits inside one.
+    """
+    lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, LINEAR_TYPES) and module is not output
+        and any(name.startswith(prefix + ".") for prefix in lists)
+    }
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, params: Optional[Iterable[torch.Tensor]] = None) -> int:
+    """Bytes of the tensors ``optimizer`` keeps per parameter (moments, projectors, step counters).
+
+    Args:
+        optimizer: any torch optimizer (after a step: state is created lazily).
+        params: count only these parameters' state; default every parameter's.
+    """
+    chosen = None if params is None else {id(p) for p in params}
+    return sum(
+        value.numel() * value.element_size()
+        for param, state in optimizer.state.items() if chosen is None or id(param) in chosen
+        for value in state.values() if isinstance(value, torch.Tensor)
+    )
