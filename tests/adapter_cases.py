@@ -209,3 +209,24 @@ CASES.extend([
 ])
 
 CASES_BY_METHOD = {case.method: case for case in CASES}
+
+
+# SALT (issue 15 item 3): spec §4 (lowrank-training.md), the official core without its ReLU (lrzoo's choice,
+# docs/adapters/salt.md): ΔW = U (C' − diag σ) Vᵀ with C' = blockdiag(diag(a ⊙ σ_r + b), diag(σ_res) + X Y).
+def _salt_delta(layer, adapter):
+    U, Vh, S = layer.salt_U[adapter], layer.salt_Vh[adapter], layer.salt_S[adapter]
+    a, b = layer.salt_scale[adapter], layer.salt_shift[adapter]
+    X, Y = layer.salt_X[adapter], layer.salt_Y[adapter]
+    core_change = torch.block_diag(torch.diag(a * S + b - S), X @ Y)  # (k, k)
+    return U @ core_change @ Vh
+
+
+def _salt_count(d_out, d_in, kw):
+    """Spec: 2r + 2(k − r)·r_L per matrix, k = min(d_out, d_in) (48×64, r=4, r_L=8: 712)."""
+    return 2 * kw["r"] + 2 * (min(d_out, d_in) - kw["r"]) * kw["lora_r"]
+
+
+CASES.extend([
+    Case("salt", "llama", {"r": 4, "lora_r": 8}, _salt_delta, _salt_count),
+])
+CASES_BY_METHOD = {case.method: case for case in CASES}
