@@ -10,7 +10,7 @@ import torch
 
 import lrzoo
 from conftest import REPO, tiny_bert, tiny_llama
-from lrzoo.train import TrainerConfig
+from lrzoo.train.config import TrainerConfig
 from lrzoo.train.procedures import PROCEDURES, Procedure, procedure_for, register_procedure
 from lrzoo.train.relora import ReLoRA, ReLoRAHook
 

@@ -1,8 +1,25 @@
-"""Training-procedure pieces: optimizers, schedules, callbacks and the trainer."""
+"""lrzoo's trainer, in small modules (docs/architecture.md):
+
+* :mod:`~lrzoo.train.config`: :class:`TrainerConfig` (checked by :mod:`~lrzoo.train.budget`);
+* :mod:`~lrzoo.train.data`: task rows to token features, padding, the data order of each step;
+* :mod:`~lrzoo.train.trainer`: the loop (:class:`Trainer`), with :mod:`~lrzoo.train.divergence`
+  (non-finite steps), :mod:`~lrzoo.train.precision` and :mod:`~lrzoo.train.sharding` (FSDP2);
+* :mod:`~lrzoo.train.checkpoint`: writing and loading checkpoints and the adapter;
+  :mod:`~lrzoo.train.resume` (the newest intact checkpoint), :mod:`~lrzoo.train.run_dir` (one writer
+  per run directory);
+* :mod:`~lrzoo.train.evaluation`: scores, decoding, ``results.json``;
+* :mod:`~lrzoo.train.procedures`: what a method adds to the loop (its optimizer, schedule, callbacks,
+  data-dependent init), one table; :mod:`~lrzoo.train.optim` (LoRA+ groups, head lr),
+  :mod:`~lrzoo.train.relora` (ReLoRA's resets and schedule);
+* :mod:`~lrzoo.train.callbacks` (hooks, loggers), :mod:`~lrzoo.train.baselines` (full fine-tuning, head only).
+
+The command line that runs a recipe is :mod:`lrzoo.cli.train` (``lrzoo-train``, ``python -m lrzoo.cli.train``).
+"""
 
 from .callbacks import Callback, CSVLogger
+from .config import TrainerConfig
 from .divergence import DivergenceError
 from .optim import make_optimizer
-from .trainer import Trainer, TrainerConfig
+from .trainer import Trainer
 
 __all__ = ["CSVLogger", "Callback", "DivergenceError", "Trainer", "TrainerConfig", "make_optimizer"]

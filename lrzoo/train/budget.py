@@ -1,6 +1,6 @@
 """Checks of a run's budget and options, made before any model is loaded.
 
-:func:`validate_trainer_config` runs when a :class:`lrzoo.train.trainer.TrainerConfig` is built and
+:func:`validate_trainer_config` runs when a :class:`lrzoo.train.config.TrainerConfig` is built and
 names every bad key at once (``trainer.max_steps=0``, a negative interval, a string learning rate,
 ``warmup_ratio`` outside [0, 1], ...). :func:`check_splits` refuses empty or too-small data splits
 (``train_limit=0``, a task with no rows) before ``lrzoo-train`` loads the model; :func:`check_limits`

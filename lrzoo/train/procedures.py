@@ -28,13 +28,16 @@ order of the list, the procedure's callbacks first), so a resume restores it exa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from transformers import get_scheduler
 
+from ..methods.lora_sb import init_lora_sb
 from ..registry import get_adapter, list_adapters, training_options
+from .config import TrainerConfig
+from .data import collate, encode_rows, planned_steps
 from .optim import make_optimizer
 from .relora import ReLoRA, ReLoRAHook, make_relora_scheduler
 
@@ -49,7 +52,7 @@ class Procedure:
     """
 
     options: dict[str, Any] = field(default_factory=dict)
-    config: Any = None
+    config: Optional[TrainerConfig] = None
 
     #: the key of this procedure in :data:`PROCEDURES`
     name = "default"
@@ -136,9 +139,6 @@ class LoraSBProcedure(Procedure):
     name = "lora_sb"
 
     def before_training(self, model: nn.Module, train_rows: Sequence[dict], task: Any, tokenizer: Any) -> None:
-        from ..methods.lora_sb import init_lora_sb
-        from .trainer import collate, encode_rows, planned_steps
-
         c = self.config
         samples = self.options.get("init_num_samples", 50)
         rows = [train_rows[i] for i in range(min(samples, len(train_rows)))]
@@ -151,7 +151,7 @@ class LoraSBProcedure(Procedure):
         init_lora_sb(model, batches, lr=lr, num_samples=samples)
 
 
-def procedure_for(model: nn.Module, config: Any) -> Procedure:
+def procedure_for(model: nn.Module, config: TrainerConfig) -> Procedure:
     """The procedure of the method ``model`` was wrapped with (``AdapterSpec.procedure``), built from the
     options ``wrap`` recorded on it; the plain one for a model lrzoo did not wrap (a baseline)."""
     options = training_options(model)  # the one read of wrap's record: the procedure holds them from here

@@ -17,7 +17,7 @@ import torch
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
-#: what :meth:`lrzoo.train.trainer.Trainer.save_checkpoint` writes
+#: what :meth:`lrzoo.train.checkpoint.CheckpointMixin.save_checkpoint` writes
 STATE_KEYS = ("step", "config_hash", "world_size", "adapter", "trainable", "optimizer", "scheduler", "callbacks",
               "rng", "progress")
 

@@ -1,0 +1,71 @@
+"""The trainer's configuration: :class:`TrainerConfig`, what the ``trainer`` Hydra group maps onto.
+
+Every option is checked when the config is built (:func:`lrzoo.train.budget.validate_trainer_config`),
+before any data or model is loaded, with one error naming every bad key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .budget import validate_trainer_config
+
+
+@dataclass
+class TrainerConfig:
+    """Training hyperparameters (the ``trainer`` Hydra group maps onto these fields)."""
+
+    lr: float = 5e-4
+    #: learning rate of the fully trained task head; ``None``: ``lr``.
+    head_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    #: global batch: all ranks and accumulation steps together.
+    batch_size: int = 16
+    #: rows per forward on one rank; ``None``: ``batch_size / world_size`` (no accumulation).
+    micro_batch_size: Optional[int] = None
+    epochs: float = 1.0
+    #: optimizer steps; overrides ``epochs`` when set.
+    max_steps: Optional[int] = None
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    #: clip the global gradient norm to this (``None`` or 0: no clipping).
+    max_grad_norm: Optional[float] = 1.0
+    #: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast through accelerate; fp16 needs CUDA).
+    precision: str = "no"
+    #: ``"auto"`` (DDP when launched with several processes) or ``"fsdp"``.
+    strategy: str = "auto"
+    max_length: int = 128
+    #: evaluate every N optimizer steps (``None``: at the end of each epoch) and at the end.
+    eval_every: Optional[int] = None
+    #: checkpoint every N optimizer steps (``None``: at the end of each epoch; 0: never).
+    save_every: Optional[int] = None
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    eval_batch_size: int = 32
+    #: stop after this many optimizer steps in this invocation, as if killed right after a
+    #: checkpoint (used to test resume); the run is left incomplete.
+    stop_after: Optional[int] = None
+    seed: int = 0
+    progress: bool = True
+    #: overrides of ``task.generation_config`` (e.g. ``{num_beams: 1, max_new_tokens: 16}``).
+    generation: dict[str, Any] = field(default_factory=dict)
+    #: a non-finite loss or gradient norm: ``"stop"`` the run, or ``"skip_step"`` (see
+    #: :mod:`lrzoo.train.divergence`).
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming every invalid option (:func:`lrzoo.train.budget.validate_trainer_config`)."""
+        validate_trainer_config(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown trainer option(s) {unknown}; known: {', '.join(sorted(known))}.")
+        return cls(**values)

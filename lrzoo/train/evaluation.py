@@ -1,0 +1,155 @@
+"""Evaluation of the trainer: scoring every eval set, decoding generation tasks, and ``results.json``.
+
+Classification/regression rows are scored from the logits (a row with NaN/inf logits has no prediction
+and makes its metrics NaN, reported as null with the reason); generation rows are decoded with the
+task's settings overridden by ``trainer.generation``, then ``task.extract_answer``. Rows are sharded
+over ranks and gathered; under FSDP every rank runs as many batches as rank 0 (each forward gathers
+weights from all ranks) and generation gathers the root module.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
+from .data import collate
+from .divergence import is_finite_number, json_safe
+from .sharding import gathered_root
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory of this process if on CUDA, else its peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+class EvaluationMixin:
+    """:class:`lrzoo.train.trainer.Trainer`'s evaluation and results. Uses the trainer's ``accelerator``,
+    ``model``, ``tokenizer``, ``config``, ``task``, ``eval_sets``, ``rank``/``world``/``sharded``, ``guard``
+    and its progress (``best``, ``last_eval``, ``train_time``, ``tokens_seen``...)."""
+
+    def _evaluate_and_log(self, step: int) -> None:
+        metrics = self.evaluate()
+        self.last_eval = metrics
+        self._call("on_log", step, {f"eval/{k}": v for k, v in metrics.items()})
+        for name, reason in self.nonfinite_metrics.items():
+            warnings.warn(f"eval {name} is {metrics[name]} at step {step}: {reason}. It is reported as null in "
+                          "results.json (see nonfinite_metrics) and never selected as the best evaluation.",
+                          UndefinedMetricWarning, stacklevel=2)
+        score = metrics.get("score")
+        if is_finite_number(score) and (not self.best or score > self.best["score"]):
+            self.best = {"step": step, "score": score, "metrics": metrics}
+        self.model.train()
+
+    def _results(self, step: int) -> dict[str, Any]:
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        return json_safe({
+            **self.run_info,
+            "task": self.task.name,
+            "primary_metric": self.task.primary_metric,
+            "score": self.last_eval.get("score"),  # NaN -> null (json_safe), the reason in nonfinite_metrics
+            "metrics": self.last_eval,
+            "nonfinite_metrics": self.nonfinite_metrics,
+            "best": self.best,
+            "trainable_params": trainable,
+            "total_params": total,
+            "steps": step,
+            "world_size": self.world,
+            "parallelism": "fsdp" if self.sharded else "ddp" if self.world > 1 else "none",
+            "wall_time_s": round(self.train_time, 3),
+            "train_tokens_per_s": round(self.tokens_seen / max(self.train_time, 1e-9), 1),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
+            "precision": self.accelerator.mixed_precision,
+            "autocast_dtype": self.autocast_dtype,
+            "on_nonfinite": self.config.on_nonfinite,
+            "nonfinite_steps_skipped": self.guard.skipped,
+        })
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Score every eval set; keys ``<task>/<metric>`` when there are several, plus ``score``:
+        the primary metric (the mean of the sets' primary metrics for multi-set tasks)."""
+        self.model.eval()
+        results: dict[str, float] = {}
+        primaries = []
+        self.nonfinite_metrics = {}
+        for name, (task, features, rows) in self.eval_sets.items():
+            predictions = self._predict(task, features)
+            references = [row["answer"] if task.kind == "generation" else row["label"] for row in rows]
+            missing = sum(p is None for p in predictions)
+            if missing:  # non-finite model outputs: no score is better than a made-up one
+                metrics = {k: math.nan for k in task.metric_names}
+            else:
+                with warnings.catch_warnings():  # said once, with the step, by _evaluate_and_log
+                    warnings.simplefilter("ignore", UndefinedMetricWarning)
+                    metrics = task.compute_metrics(predictions, references)
+            prefix = f"{name}/" if len(self.eval_sets) > 1 else ""
+            results.update({prefix + k: float(v) for k, v in metrics.items()})
+            primaries.append(float(metrics[task.primary_metric]))
+            for k, v in metrics.items():
+                if not math.isfinite(float(v)):
+                    self.nonfinite_metrics[prefix + k] = (
+                        f"{missing} of {len(predictions)} rows got non-finite logits (NaN/inf: the weights or "
+                        "activations overflowed)" if missing else nonfinite_reason(predictions, references))
+        results["score"] = float(np.mean(primaries))
+        if not math.isfinite(results["score"]):
+            undefined = [k for k in self.nonfinite_metrics if k.split("/")[-1] in {t.primary_metric for t, _, _ in
+                                                                                  self.eval_sets.values()}]
+            self.nonfinite_metrics["score"] = f"the primary metric is not finite ({', '.join(undefined)})"
+        return results
+
+    def _predict(self, task: Any, features: list[dict]) -> list:
+        """Predictions for ``features`` in order; rows are sharded over ranks and gathered."""
+        mine = list(range(self.rank, len(features), self.world))
+        # FSDP: each forward gathers weights from every rank, so all ranks run as many batches as rank 0.
+        rows = -(-len(features) // self.world) if self.sharded else len(mine)
+        model = self.accelerator.unwrap_model(self.model)
+        size = self.config.eval_batch_size
+        out: list[tuple[int, Any]] = []
+        for start in tqdm(range(0, rows, size), desc=f"eval {task.name}", leave=False,
+                          disable=not (self.config.progress and self.is_main)):
+            index = mine[start:start + size]
+            chunk = [features[i] for i in index] or features[:1]  # out of rows (FSDP): a discarded batch
+            if task.kind == "generation":
+                predictions = self._generate(model, task, chunk)
+            else:
+                batch = collate([{k: v for k, v in f.items() if k != "labels"} for f in chunk],
+                                self.tokenizer.pad_token_id)
+                with self.accelerator.autocast():
+                    logits = model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).logits.float()
+                predictions = (logits.squeeze(-1) if task.kind == "regression" else logits.argmax(-1)).tolist()
+                # a row whose logits are NaN/inf has no prediction (argmax would quietly say class 0)
+                finite = torch.isfinite(logits).flatten(1).all(-1).tolist()
+                predictions = [p if ok else None for p, ok in zip(predictions, finite)]
+            out.extend(zip(index, predictions))
+        if self.world > 1:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, out)
+            out = [pair for part in gathered for pair in part]
+        return [prediction for _, prediction in sorted(out, key=lambda pair: pair[0])]
+
+    def _generate(self, model: nn.Module, task: Any, chunk: list[dict]) -> list[str]:
+        options = {**getattr(task, "generation_config", {}), **self.config.generation}
+        if self.sharded:  # ranks that finish early keep stepping with the others (FSDP's gathers)
+            options["synced_gpus"] = True
+        batch = collate(chunk, self.tokenizer.pad_token_id, left=True)
+        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        with self.accelerator.autocast(), gathered_root(model):
+            output = model.generate(**batch, pad_token_id=self.tokenizer.pad_token_id, **options)
+        texts = self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [task.extract_answer(text) for text in texts]
