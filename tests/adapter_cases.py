@@ -130,6 +130,13 @@ CASES.extend([
 ])
 
 
+# LoRA-Pro: LoRA's layer and checkpoint; only the optimizer differs (tests/test_lora_pro.py checks its step).
+CASES.extend([
+    Case("lora_pro", "llama", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM,
+         native_peft_format=True),
+])
+
+
 def _balanced_pair(dim):
     """(a, b), a·b = dim, a ≥ b, as close as possible: TeRA's 2-mode split of one side."""
     b = max(f for f in range(1, int(dim ** 0.5) + 1) if dim % f == 0)

@@ -19,6 +19,7 @@ from peft.optimizers import create_loraplus_optimizer
 from peft.utils.other import ModulesToSaveWrapper
 
 from ..optimizers import create_optimizer
+from ..optimizers.lora_pro import LoraProAdamW, lora_pairs
 from ..registry import training_options
 
 
@@ -31,6 +32,7 @@ def make_optimizer(
     loraplus_lr_ratio: Optional[float] = None,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
     method: Optional[str] = None,
+    lora_pro: Optional[bool] = None,
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """An optimizer over the trainable parameters of ``model`` with the method's groups.
@@ -51,6 +53,9 @@ def make_optimizer(
             over a plain model's weights, built by :func:`lrzoo.optimizers.create_optimizer`; its
             options (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``target_modules``,
             ``betas``, ``eps``) go in ``optimizer_kwargs``. Not combined with LoRA+ or ``optimizer_cls``.
+        lora_pro: build LoRA-Pro's optimizer (:class:`lrzoo.optimizers.lora_pro.LoraProAdamW`): every LoRA
+            pair takes the step closest to full fine-tuning's, the rest plain AdamW. Defaults to what
+            ``wrap(..., "lora_pro")`` recorded (with its ``bias_correction_offset``).
     """
     if method is not None:
         if loraplus_lr_ratio is not None or optimizer_cls is not torch.optim.AdamW:
@@ -58,6 +63,12 @@ def make_optimizer(
         return create_optimizer(model, method, lr, weight_decay=weight_decay, head_lr=head_lr,
                                 head_params=head_parameter_ids(model), **optimizer_kwargs)
     training = training_options(model)  # wrap's record: defaults for what the caller did not give
+    if lora_pro is None:
+        lora_pro = bool(training.get("lora_pro", False))
+    if lora_pro:
+        optimizer_kwargs.setdefault("bias_correction_offset", training.get("bias_correction_offset", 0))
+        return LoraProAdamW(_plain_groups(model, lr, weight_decay, head_lr), lora_pairs(model), lr=lr,
+                            **optimizer_kwargs)
     if loraplus_lr_ratio is None:
         loraplus_lr_ratio = training.get("loraplus_lr_ratio")
     head = head_parameter_ids(model)
@@ -82,6 +93,12 @@ def make_optimizer(
                     param_groups.append({**options, "params": params, **({"lr": head_lr} if in_head else {})})
         return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
 
+    return optimizer_cls(_plain_groups(model, lr, weight_decay, head_lr), lr=lr, **optimizer_kwargs)
+
+
+def _plain_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: Optional[float]) -> list[dict]:
+    """Param groups of the trainable parameters: the head at ``head_lr``, weight decay on ≥2-D tensors."""
+    head = head_parameter_ids(model)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -91,8 +108,7 @@ def make_optimizer(
         groups.setdefault((group_lr, decay), []).append(param)
     if not groups:
         raise ValueError("The model has no trainable parameters; wrap it with lrzoo.wrap first.")
-    param_groups = [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
-    return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
+    return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
 
 
 def head_parameter_ids(model: nn.Module) -> set[int]:

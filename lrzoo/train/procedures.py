@@ -17,6 +17,7 @@ procedure     hooks it fills           what it does
                                        checkpoints the merged weights and ReLoRA's state) and the
                                        jagged cosine schedule
 ``lora_sb``   ``before_training``      :func:`lrzoo.init_lora_sb` on the first training rows
+``lora_pro``  ``optimizer_options``    LoRA-Pro's optimizer (full fine-tuning's step, projected)
 ============  =======================  ==========================================================
 
 A new procedure (LoRA-Pro's gradient adjustment, a GaLore optimizer...) subclasses :class:`Procedure`,
@@ -151,6 +152,16 @@ class LoraSBProcedure(Procedure):
         init_lora_sb(model, batches, lr=lr, num_samples=samples)
 
 
+@register_procedure
+class LoraProProcedure(Procedure):
+    """LoRA-Pro (arXiv 2407.18242): LoRA layers, :class:`lrzoo.optimizers.lora_pro.LoraProAdamW` as optimizer."""
+
+    name = "lora_pro"
+
+    def optimizer_options(self) -> dict[str, Any]:
+        return {"lora_pro": True, "bias_correction_offset": self.options.get("bias_correction_offset", 0)}
+
+
 def procedure_for(model: nn.Module, config: TrainerConfig) -> Procedure:
     """The procedure of the method ``model`` was wrapped with (``AdapterSpec.procedure``), built from the
     options ``wrap`` recorded on it; the plain one for a model lrzoo did not wrap (a baseline)."""
@@ -163,5 +174,5 @@ def procedure_for(model: nn.Module, config: TrainerConfig) -> Procedure:
     return PROCEDURES[name](options, config)
 
 
-__all__ = ["PROCEDURES", "LoraPlusProcedure", "LoraSBProcedure", "Procedure", "ReLoRAProcedure", "procedure_for",
+__all__ = ["PROCEDURES", "LoraPlusProcedure", "LoraProProcedure", "LoraSBProcedure", "Procedure", "ReLoRAProcedure", "procedure_for",
            "register_procedure"]
