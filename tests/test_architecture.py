@@ -42,7 +42,7 @@ ALLOWED = {
 
 
 #: known violations being removed (each names its fix); empty when the package follows the rules.
-PENDING = {"lrzoo/train/__main__.py"}  # `python -m lrzoo.train` moves to lrzoo.cli with the trainer split (issue 13)
+PENDING: set[str] = set()
 
 
 def _modules():

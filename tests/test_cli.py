@@ -117,12 +117,12 @@ def test_sweep_from_the_command_line_then_report(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     overrides = [o for o in tiny_run_overrides(data, tmp_path / "runs", "trainer.max_steps=2")
                  if not o.startswith("trainer.lr=")]
-    sweep = subprocess.run([sys.executable, "-m", "lrzoo.train", "-m", "adapter=lora,dora", "seed=0,1",
+    sweep = subprocess.run([sys.executable, "-m", "lrzoo.cli.train", "-m", "adapter=lora,dora", "seed=0,1",
                             "trainer.lr=5e-3", *overrides],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     # A second sweep over the learning rate: lr=5e-3 is the run above (skipped), lr=1e-2 a new directory.
-    lrs = subprocess.run([sys.executable, "-m", "lrzoo.train", "-m", "trainer.lr=5e-3,1e-2", "adapter=lora", "seed=0",
+    lrs = subprocess.run([sys.executable, "-m", "lrzoo.cli.train", "-m", "trainer.lr=5e-3,1e-2", "adapter=lora", "seed=0",
                           *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert lrs.returncode == 0, lrs.stderr[-3000:]
     assert lrs.stdout.count("already finished") == 1

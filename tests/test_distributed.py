@@ -38,7 +38,7 @@ def test_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path, la
     overrides = tiny_run_overrides(data, tmp_path / "two", *NO_DROPOUT, "trainer.max_steps=6")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
-        [*LAUNCHERS[launcher], "-m", "lrzoo.train", *overrides],
+        [*LAUNCHERS[launcher], "-m", "lrzoo.cli.train", *overrides],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert launched.returncode == 0, launched.stderr[-4000:]

@@ -81,7 +81,7 @@ def test_a_huge_lr_stops_the_run_and_keeps_the_last_good_checkpoint(sst2_dir, tm
 def test_lrzoo_train_exits_nonzero_on_divergence(sst2_dir, tmp_path):
     overrides = tiny_run_overrides(sst2_dir, tmp_path / "runs", "trainer.lr=1e30", "trainer.max_steps=4")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "lrzoo.train", *overrides], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "lrzoo.cli.train", *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0, done.stdout[-2000:]
     assert "Training diverged" in done.stderr, done.stderr[-3000:]

@@ -28,7 +28,7 @@ STEPS = 6
 
 def _launch(launcher: str, overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*LAUNCHERS[launcher], "-m", "lrzoo.train", *overrides],
+    done = subprocess.run([*LAUNCHERS[launcher], "-m", "lrzoo.cli.train", *overrides],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return done

@@ -2,7 +2,7 @@
 
     lrzoo-train adapter=dora task=glue/rte trainer.lr=4e-4 task.data_dir=../shared/data
     lrzoo-train -m adapter=lora,dora,lora_xs task=glue/rte seed=0,1,2      # a sweep
-    torchrun --nproc_per_node 2 -m lrzoo.train experiment=demo              # DDP, one run dir
+    torchrun --nproc_per_node 2 -m lrzoo.cli.train experiment=demo          # DDP, one run dir
 
 Each run gets its own directory, ``<output_root>/<task>/<model>/<adapter>/seed<seed>-<hash>``, where
 ``<hash>`` (:func:`run_hash`) digests the whole resolved configuration but the seed and bookkeeping
@@ -247,7 +247,8 @@ def _hydra_task(cfg: DictConfig) -> Optional[float]:
 
 
 def main() -> None:
-    """Console entry point of ``lrzoo-train`` (and ``python -m lrzoo.train``)."""
+    """Console entry point of ``lrzoo-train`` (and ``python -m lrzoo.cli.train``, handy under ``torchrun -m`` /
+    ``accelerate launch -m``)."""
     import hydra
 
     register_adapter_configs()
