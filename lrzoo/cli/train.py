@@ -123,7 +123,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     from lrzoo.train.baselines import BASELINES, prepare_baseline
     from lrzoo.train.budget import check_limits, check_splits
     from lrzoo.train.callbacks import make_logger
-    from lrzoo.train.procedures import procedure_for
+    from lrzoo.train.procedures import LowRankOptimizerProcedure, procedure_for
     from lrzoo.train.resume import resume_latest
     from lrzoo.train.trainer import Trainer, TrainerConfig, seed_everything
 
@@ -160,14 +160,19 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     model, tokenizer = load_model(model_cfg["source"], task.kind, task.num_labels, dtype=model_cfg.get("dtype"),
                                   config_overrides=model_cfg.get("config_overrides"))
     method = adapter.pop("name")
+    procedure = None
     if method in BASELINES:
         peft_model = prepare_baseline(model, method)
+    elif method in lrzoo.list_optimizers():  # GaLore, Fira: every weight trained through a low-rank optimizer
+        peft_model = prepare_baseline(model, "full_finetune")
+        procedure = LowRankOptimizerProcedure({"method": method, **adapter}, config)
     else:
         if adapter.get("target_modules") is None and model_cfg.get("adapter_targets") is not None:
             adapter["target_modules"] = list(model_cfg["adapter_targets"])
         peft_model = lrzoo.wrap(model, method, **adapter)
 
-    procedure = procedure_for(peft_model, config)  # the method's procedure, with the options wrap recorded
+    if procedure is None:
+        procedure = procedure_for(peft_model, config)  # the method's procedure, with the options wrap recorded
     logger_options = dict(plain["logger"])
     logger = make_logger(logger_options.pop("name"), run_dir, is_main, **logger_options)
     run_info = {"adapter": method, "adapter_config": adapter, "model": model_cfg["name"], "seed": plain["seed"],

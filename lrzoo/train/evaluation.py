@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..optimizers import state_bytes
 from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
 from .data import collate
 from .divergence import is_finite_number, json_safe
@@ -73,6 +74,8 @@ class EvaluationMixin:
             "wall_time_s": round(self.train_time, 3),
             "train_tokens_per_s": round(self.tokens_seen / max(self.train_time, 1e-9), 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
+            # what the optimizer keeps (moments, projectors): GaLore/Fira's saving, LoRA-Pro's full-size cost
+            "optimizer_state_mb": round(state_bytes(getattr(self.optimizer, "optimizer", self.optimizer)) / 2**20, 3),
             "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
             "precision": self.accelerator.mixed_precision,
             "autocast_dtype": self.autocast_dtype,

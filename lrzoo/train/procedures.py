@@ -18,6 +18,8 @@ procedure     hooks it fills           what it does
                                        jagged cosine schedule
 ``lora_sb``   ``before_training``      :func:`lrzoo.init_lora_sb` on the first training rows
 ``lora_pro``  ``optimizer_options``    LoRA-Pro's optimizer (full fine-tuning's step, projected)
+``lowrank_    ``optimizer_options``    GaLore/Fira over a plain model's weights (recipes' ``adapter=galore``,
+optimizer``                            ``adapter=fira``; not adapters: the whole model is trained and saved)
 ============  =======================  ==========================================================
 
 A new procedure (LoRA-Pro's gradient adjustment, a GaLore optimizer...) subclasses :class:`Procedure`,
@@ -162,6 +164,25 @@ class LoraProProcedure(Procedure):
         return {"lora_pro": True, "bias_correction_offset": self.options.get("bias_correction_offset", 0)}
 
 
+@register_procedure
+class LowRankOptimizerProcedure(Procedure):
+    """A low-rank gradient optimizer (GaLore, Fira) over every weight of a plain model: ``adapter=galore``.
+
+    ``options`` are the recipe's: ``method`` (a name from :func:`lrzoo.list_optimizers`) and its
+    options (``rank``, ``update_proj_gap``, ``scale``, ...), handed to :func:`lrzoo.make_optimizer`.
+    """
+
+    name = "lowrank_optimizer"
+
+    def __post_init__(self) -> None:
+        if self.config is not None and self.config.strategy == "fsdp":
+            raise ValueError(f"{self.options.get('method')} projects each weight's full gradient, which FSDP shards "
+                             "across ranks: use trainer=ddp (or a single process) for it.")
+
+    def optimizer_options(self) -> dict[str, Any]:
+        return {key: value for key, value in self.options.items() if value is not None}
+
+
 def procedure_for(model: nn.Module, config: TrainerConfig) -> Procedure:
     """The procedure of the method ``model`` was wrapped with (``AdapterSpec.procedure``), built from the
     options ``wrap`` recorded on it; the plain one for a model lrzoo did not wrap (a baseline)."""
@@ -174,5 +195,6 @@ def procedure_for(model: nn.Module, config: TrainerConfig) -> Procedure:
     return PROCEDURES[name](options, config)
 
 
-__all__ = ["PROCEDURES", "LoraPlusProcedure", "LoraProProcedure", "LoraSBProcedure", "Procedure", "ReLoRAProcedure", "procedure_for",
+__all__ = ["PROCEDURES", "LoraPlusProcedure", "LoraProProcedure", "LoraSBProcedure",
+           "LowRankOptimizerProcedure", "Procedure", "ReLoRAProcedure", "procedure_for",
            "register_procedure"]
