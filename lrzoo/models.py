@@ -12,6 +12,13 @@ Built-in names (no network needed):
 
 The head follows the task: sequence classification with ``num_labels`` outputs (1 for regression)
 for GLUE-style tasks, a causal LM for generation tasks.
+
+``quantization="nf4" | "fp4" | "int8"`` loads the base through transformers' ``BitsAndBytesConfig``
+(bitsandbytes, ``pip install 'lrzoo[quant]'``; it runs on CPU too): the linear layers of the backbone
+are quantized while the weights load, the embeddings, norms, output embedding and a task head stay
+in full precision. The built-ins are quantized the same way: ``smollm2_135m`` from its cached
+safetensors copy (the GGUF is dequantised first, so its Q4_1 weights are re-quantized to nf4/fp4/int8),
+the ``tiny_*`` models from a temporary ``save_pretrained`` copy of the random model.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,6 +37,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
@@ -37,6 +46,14 @@ from .io import atomic_directory
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK_KINDS = ("classification", "regression", "generation")
+#: ``model.quantization`` values: bitsandbytes 4-bit NormalFloat / 4-bit float / LLM.int8, or none.
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+QUANT_INSTALL_HINT = "pip install 'lrzoo[quant]'"
+#: bitsandbytes' 4-bit CPU inference kernel (eval-mode forwards, generation) fails on layers narrower than this
+#: (a shape error); lrzoo.wrap switches that kernel off, but a model is checked at load, on every path.
+BNB_4BIT_CPU_MIN_WIDTH = 64
+#: ``trainer.precision`` -> the compute dtype of the quantized layers (fp16 exists on CUDA only).
+_PRECISION_COMPUTE_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def cache_dir() -> Path:
@@ -123,16 +140,112 @@ def char_tokenizer(pair_template: bool) -> PreTrainedTokenizerFast:
 
 
 def _tiny_config(family: str, tokenizer: PreTrainedTokenizerBase, **overrides: Any):
+    """The tiny model's config; ``overrides`` may change any field, the width included
+    (``+model.config_overrides.hidden_size=128 +model.config_overrides.intermediate_size=256`` for a
+    4-bit CPU run)."""
     from transformers import BertConfig, LlamaConfig
 
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
     if family == "bert":
-        return BertConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=48, max_position_embeddings=512,
-                          pad_token_id=tokenizer.pad_token_id, **overrides)
-    return LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, **overrides)
+        return BertConfig(**{**common, **overrides})
+    return LlamaConfig(**{**common, "num_key_value_heads": 2, "bos_token_id": tokenizer.bos_token_id,
+                          "eos_token_id": tokenizer.eos_token_id, **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# Quantized bases (bitsandbytes)
+# --------------------------------------------------------------------------------------------
+
+def check_quantization(value: Any) -> str:
+    """The normalised ``model.quantization`` (``"none"``, ``"nf4"``, ``"fp4"`` or ``"int8"``), or a
+    ValueError naming the choices. ``None``/``False`` (YAML ``null``/``no``) mean ``"none"``."""
+    if value is None or value is False:
+        return "none"
+    name = value.lower() if isinstance(value, str) else value
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization must be one of {list(QUANTIZATIONS)}, got {value!r} "
+                         "(nf4/fp4: bitsandbytes 4-bit, int8: LLM.int8, none: full precision).")
+    return name
+
+
+def compute_dtype_of(value: Any) -> torch.dtype:
+    """The dtype bitsandbytes' 4-bit layers compute in: a ``torch.dtype``, a dtype name (``"bfloat16"``)
+    or a ``trainer.precision`` value (``"no"`` -> float32, ``"bf16"`` -> bfloat16, ``"fp16"`` -> float16);
+    ``None`` is float32."""
+    if value is None or value is False:
+        return torch.float32
+    if isinstance(value, torch.dtype):
+        return value
+    name = _PRECISION_COMPUTE_DTYPES.get(str(value).lower(), str(value).lower().removeprefix("torch."))
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"compute_dtype must be a floating-point dtype or a trainer.precision value "
+                         f"({list(_PRECISION_COMPUTE_DTYPES)}), got {value!r}.")
+    return dtype
+
+
+def quantization_config(quantization: Any, compute_dtype: Any = None,
+                        skip_modules: Optional[list[str]] = None) -> Optional[Any]:
+    """transformers' ``BitsAndBytesConfig`` for ``quantization`` (``None`` for ``"none"``).
+
+    Args:
+        quantization: ``"nf4"``, ``"fp4"``, ``"int8"`` or ``"none"``.
+        compute_dtype: what the 4-bit layers dequantize to and multiply in (see :func:`compute_dtype_of`);
+            LLM.int8 has none (it multiplies int8 by int8 and returns the input's dtype).
+        skip_modules: modules left in full precision instead of transformers' default (the output
+            embedding and tied weights); a task head must be among them, it is trained in full.
+
+    Raises:
+        ImportError: bitsandbytes is not installed (with the install command).
+    """
+    quantization = check_quantization(quantization)
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (transformers checks it too, with a less helpful message)
+    except ImportError as error:
+        raise ImportError(f"model.quantization={quantization} needs bitsandbytes, which is not installed. "
+                          f"Install it with: {QUANT_INSTALL_HINT} (or pip install bitsandbytes), or use "
+                          "model.quantization=none.") from error
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                              bnb_4bit_compute_dtype=compute_dtype_of(compute_dtype),
+                              llm_int8_skip_modules=skip_modules)
+
+
+def _quantized_device_map() -> dict[str, Any]:
+    # bitsandbytes places the quantized weights while loading; the trainer's device must be the same
+    # (accelerate does not move a 4/8-bit model), so each rank loads onto its own GPU, or the CPU.
+    if torch.cuda.is_available():
+        return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
+    return {"": "cpu"}
+
+
+def _head_modules(model: nn.Module) -> list[str]:
+    """A task model's top-level modules outside its backbone (the classification head), as
+    ``lrzoo.wrap.task_head_modules`` finds them: they stay in full precision, since they are trained."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return [name for name, child in model.named_children()
+            if child is not backbone and not isinstance(child, PreTrainedModel) and any(True for _ in child.parameters())]
+
+
+def _check_quantized_widths(model: nn.Module, quantization: str) -> None:
+    if quantization not in ("nf4", "fp4") or torch.cuda.is_available():
+        return
+    narrow = [(name, module.in_features) for name, module in model.named_modules()
+              if type(getattr(module, "weight", None)).__name__ == "Params4bit"
+              and module.in_features < BNB_4BIT_CPU_MIN_WIDTH]
+    if narrow:
+        name, width = narrow[0]
+        raise ValueError(
+            f"model.quantization={quantization}: bitsandbytes' 4-bit CPU inference kernel needs layers at least "
+            f"{BNB_4BIT_CPU_MIN_WIDTH} inputs wide, and {len(narrow)} quantized layer(s) are narrower, e.g. {name} "
+            f"({width}). Use a wider model (for the tiny models: +model.config_overrides.hidden_size=128 "
+            "+model.config_overrides.intermediate_size=256), model.quantization=int8, or none.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +268,8 @@ def load_model(
     *,
     dtype: Optional[str] = None,
     config_overrides: Optional[dict[str, Any]] = None,
+    quantization: Optional[str] = None,
+    compute_dtype: Any = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model with the head ``task_kind`` needs, and its tokenizer.
 
@@ -162,14 +277,26 @@ def load_model(
         source: a built-in name (see :data:`BUILTIN_MODELS`), a local directory or a hub id.
         task_kind: ``"classification"``, ``"regression"`` or ``"generation"`` (the task's ``kind``).
         num_labels: classes of a classification task (ignored otherwise).
-        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None`` (the checkpoint's).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None`` (the checkpoint's); for a
+            quantized base, the dtype of what stays unquantized (embeddings, norms, head).
         config_overrides: model config fields to change, e.g. ``{"hidden_dropout_prob": 0.0}``.
+        quantization: ``"nf4"``, ``"fp4"``, ``"int8"`` (a bitsandbytes base, see :func:`quantization_config`)
+            or ``"none"``/``None``. The model is placed on this rank's GPU, or the CPU, while it loads.
+        compute_dtype: the 4-bit layers' compute dtype: a dtype (name) or the run's ``trainer.precision``
+            (``"no"`` -> float32, ``"bf16"`` -> bfloat16); ``None`` is float32.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer always has a pad token and the model's config knows it.
+
+    Raises:
+        ImportError: a quantization without bitsandbytes installed (the message has the install command).
     """
     if task_kind not in TASK_KINDS:
         raise ValueError(f"task_kind must be one of {TASK_KINDS}, got {task_kind!r}.")
+    quantization = check_quantization(quantization)
+    compute_dtype_of(compute_dtype)  # a bad value fails before anything loads
+    if quantization != "none":
+        quantization_config(quantization)  # bitsandbytes present (ImportError with the hint), before loading
     overrides = dict(config_overrides or {})
     if task_kind != "generation":
         overrides["num_labels"] = 1 if task_kind == "regression" else num_labels
@@ -178,6 +305,7 @@ def load_model(
     auto_cls = AutoModelForCausalLM if task_kind == "generation" else AutoModelForSequenceClassification
     torch_dtype = getattr(torch, dtype) if dtype else None
 
+    tokenizer: Optional[PreTrainedTokenizerBase] = None
     if source in BUILTIN_MODELS:
         finder, family = BUILTIN_MODELS[source]
         if task_kind == "generation" and family == "encoder":
@@ -190,6 +318,13 @@ def load_model(
             model = auto_cls.from_config(_tiny_config(source.split("_")[1], tokenizer, **overrides))
             if torch_dtype is not None:
                 model = model.to(torch_dtype)
+            if quantization == "none":
+                return model, tokenizer
+            # bitsandbytes quantizes while from_pretrained loads: go through a saved copy of the random model
+            with tempfile.TemporaryDirectory(prefix="lrzoo-tiny-") as tmp:
+                model.save_pretrained(tmp)
+                model = _load_quantized(auto_cls, tmp, model.config, torch_dtype, task_kind, quantization,
+                                        compute_dtype)
             return model, tokenizer
         path = str(finder())
     else:
@@ -197,7 +332,10 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path, **overrides)
-        model = auto_cls.from_pretrained(path, config=config, dtype=torch_dtype)
+        if quantization == "none":
+            model = auto_cls.from_pretrained(path, config=config, dtype=torch_dtype)
+        else:
+            model = _load_quantized(auto_cls, path, config, torch_dtype, task_kind, quantization, compute_dtype)
     except OSError as error:
         raise OSError(
             f"Could not load model {source!r}: {error}\nGive a local directory, a hub id reachable from "
@@ -206,6 +344,21 @@ def load_model(
         ) from error
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def _load_quantized(auto_cls: Any, path: str, config: Any, torch_dtype: Optional[torch.dtype], task_kind: str,
+                    quantization: str, compute_dtype: Any) -> nn.Module:
+    """``from_pretrained`` with bitsandbytes quantizing the weights as they load."""
+    skip = None  # a causal LM: transformers' default (the output embedding and tied weights stay)
+    if task_kind != "generation":
+        # the fresh task head is trained in full: keep it out of the quantization (found on a meta copy)
+        with torch.device("meta"):
+            skeleton = auto_cls.from_config(config)
+        skip = _head_modules(skeleton)
+    model = auto_cls.from_pretrained(path, config=config, dtype=torch_dtype, device_map=_quantized_device_map(),
+                                     quantization_config=quantization_config(quantization, compute_dtype, skip))
+    _check_quantized_widths(model, quantization)
+    return model
 
 
 def _ensure_pad_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -158,7 +158,8 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     check_splits(task.name, train_rows, eval_sets, config.batch_size, plain.get("train_limit"), plain.get("eval_limit"))
 
     model, tokenizer = load_model(model_cfg["source"], task.kind, task.num_labels, dtype=model_cfg.get("dtype"),
-                                  config_overrides=model_cfg.get("config_overrides"))
+                                  config_overrides=model_cfg.get("config_overrides"),
+                                  quantization=model_cfg.get("quantization"), compute_dtype=config.precision)
     method = adapter.pop("name")
     procedure = None
     if method in BASELINES:
