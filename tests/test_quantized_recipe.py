@@ -139,3 +139,26 @@ def test_a_classification_head_stays_in_full_precision(tmp_path):
                    "trainer.max_steps=2", "trainer.progress=false", "trainer.eval_batch_size=8"])
     results = run_recipe(cfg, run_dir_of(cfg))
     assert results["steps"] == 2 and results["config"]["model"]["quantization"] == "fp4"
+
+
+def test_full_weight_methods_refuse_a_quantized_base_with_the_alternative():
+    """full_finetune, and GaLore/Fira (which the CLI prepares the same way), train every weight."""
+    from lrzoo.train.baselines import prepare_baseline
+
+    model = _quantized_tiny_llama_for_refusal()
+    with pytest.raises(ValueError, match="full-precision model.*model.quantization=none"):
+        prepare_baseline(model, "full_finetune")
+
+
+def _quantized_tiny_llama_for_refusal():
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    with tempfile.TemporaryDirectory() as folder:
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from peft import TaskType
 from torch import nn
 
+from ..targets import is_quantized
 from ..wrap import infer_task_type, task_head_modules
 
 BASELINES = ("full_finetune", "head_only")
@@ -19,6 +20,11 @@ def prepare_baseline(model: nn.Module, name: str) -> nn.Module:
     """Set ``requires_grad`` for baseline ``name`` and record the head for ``make_optimizer``'s ``head_lr``."""
     if name not in BASELINES:
         raise ValueError(f"Unknown baseline {name!r}; choose one of {list(BASELINES)}.")
+    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
+    if name == "full_finetune" and quantized:  # (also the path of GaLore/Fira: every weight trained)
+        raise ValueError(f"Training every weight needs a full-precision model, and {len(quantized)} layer(s) are "
+                         f"bitsandbytes-quantized (e.g. {quantized[0]}): load it with model.quantization=none, or "
+                         "train an adapter on the quantized base (QLoRA).")
     heads = task_head_modules(model)
     if name == "head_only" and (not heads or infer_task_type(model) == TaskType.CAUSAL_LM):
         # a causal LM's "head" is its output embedding (often tied to the input one): not a task head
