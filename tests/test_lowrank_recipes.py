@@ -43,3 +43,9 @@ def test_lowrank_optimizer_recipe_trains_the_whole_model_and_resumes_exactly(met
 def test_lowrank_optimizers_refuse_fsdp(tmp_path):
     with pytest.raises(ValueError, match="FSDP"):
         _run(tmp_path, "galore", "trainer.strategy=fsdp")
+
+
+def test_an_experiment_presets_adapter_rank_is_not_passed_to_the_optimizer(tmp_path):
+    """glue_cpu sets adapter.r/alpha for every adapter; GaLore takes adapter.rank and ignores those."""
+    results, _ = _run(tmp_path, "galore", "+adapter.r=8", "+adapter.alpha=16")
+    assert results["steps"] == 8

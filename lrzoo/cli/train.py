@@ -37,6 +37,10 @@ _HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_a
                   "trainer.on_nonfinite")
 
 
+#: adapter keys experiment presets set for every adapter, meaningless to a low-rank optimizer (GaLore/Fira)
+ADAPTER_ONLY_KEYS = ("r", "alpha", "dropout")
+
+
 def register_adapter_configs() -> None:
     """Store every ``adapters/*.yaml`` in Hydra's ConfigStore as option ``adapter=<stem>``."""
     from hydra.core.config_store import ConfigStore
@@ -166,6 +170,10 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
         peft_model = prepare_baseline(model, method)
     elif method in lrzoo.list_optimizers():  # GaLore, Fira: every weight trained through a low-rank optimizer
         peft_model = prepare_baseline(model, "full_finetune")
+        # experiment presets set adapter.r/alpha/dropout for every adapter; they mean nothing to an optimizer
+        ignored = {k: adapter.pop(k) for k in ADAPTER_ONLY_KEYS if k in adapter}
+        if ignored and is_main:
+            print(f"[lrzoo] {method} is an optimizer, not an adapter: ignoring {ignored} (its rank is adapter.rank)")
         procedure = LowRankOptimizerProcedure({"method": method, **adapter}, config)
     else:
         if adapter.get("target_modules") is None and model_cfg.get("adapter_targets") is not None:
