@@ -139,7 +139,7 @@ def test_sweep_from_the_command_line_then_report(tmp_path):
         ("dora", 0, 5e-3), ("dora", 1, 5e-3), ("lora", 0, 5e-3), ("lora", 1, 5e-3), ("lora", 0, 1e-2)}
 
     report = subprocess.run([sys.executable, "-m", "lrzoo.cli.report", str(tmp_path / "runs")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     # Seeds of one configuration aggregate; the two learning rates of lora are two rows, not one of 3 seeds.
     assert re.search(r"^\| dora \| [-0-9.]+ ± [0-9.]+ \(2\) \|", report.stdout, re.M)

@@ -94,7 +94,7 @@ def test_integer_base_weights_are_refused():
     model = tiny_llama()
     layer = model.model.layers[0].self_attn.q_proj
     layer.weight = torch.nn.Parameter(layer.weight.data.to(torch.int8), requires_grad=False)
-    with pytest.raises(TypeError, match="floating-point base"):
+    with pytest.raises(TypeError, match="floating-point or a bitsandbytes .* base"):
         lrzoo.wrap(model, "lora_xs", r=2, target_modules=["model.layers.0.self_attn.q_proj"])
 
 
