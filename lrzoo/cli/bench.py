@@ -9,6 +9,10 @@ gradient, frozen base) and prints:
   (``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage, parameters and buffers
   excluded.
 
+``--model NAME`` (a built-in such as ``smollm2_135m`` or ``minilm``, or a local path) switches to the
+whole-model mode of :mod:`lrzoo.cli.bench_model`: one training step of the whole model for every
+registered adapter (and full fine-tuning) against stock PEFT, step time and saved bytes.
+
 Protocol (performance.md §5): on CUDA, CUDA events, ≥100 warm-up and ≥200 timed iterations, the L2
 cache flushed before each, median and IQR; on CPU, ``perf_counter`` with fewer iterations. The
 backend is whatever ``LRZOO_BACKEND`` selects (auto: Triton on CUDA, torch on CPU).
@@ -92,19 +96,34 @@ def time_round_robin(fns: list[Callable[[], None]], device: torch.device, warmup
 
 
 def saved_activation_bytes(forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
-    """Bytes autograd keeps for the backward of ``forward()``, one count per storage, minus ``exclude``."""
+    """Bytes autograd keeps for the backward of ``forward()``, one count per storage, minus ``exclude``.
+
+    A storage saved by several ops, or through several views, counts once (keyed by its data pointer).
+    The graph built here is only counted, never back-propagated: the pack hook hands autograd a
+    placeholder and keeps the tensor in a list until the count is done. Returning the tensor itself
+    would make every op that saves its own output (exp, softmax, SDPA...) hold itself through its
+    graph node, a cycle the garbage collector cannot break: the whole forward's activations leaked
+    on every call (0.7–1.3 GB per SmolLM2-135M forward at 2×256 tokens). The list also keeps every
+    saved storage alive for the whole forward, as autograd would, so no address is reused and
+    counted twice as one.
+    """
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     storages: dict[int, int] = {}
+    alive: list[torch.Tensor] = []
 
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
+    def pack(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        alive.append(t)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_: None) -> torch.Tensor:
+        raise RuntimeError("saved_activation_bytes only counts: its graph cannot be back-propagated.")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = forward()
     del out
+    alive.clear()
     return sum(storages.values())
 
 
@@ -233,7 +252,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
+    model = parser.add_argument_group("whole-model mode (--model)")
+    model.add_argument("--model", default=None,
+                       help="one training step of this model (built-in: smollm2_135m, minilm, tiny_llama, tiny_bert; "
+                            "or a local path) for every registered adapter, full fine-tuning and stock PEFT; "
+                            "--methods then picks members (adapter names and 'full')")
+    model.add_argument("--batch", type=int, default=2)
+    model.add_argument("--seq-len", type=int, default=256)
+    model.add_argument("--task", choices=("generation", "classification"), default=None,
+                       help="the model's head: causal LM or sequence classification (default: from the model)")
     return parser.parse_args(argv)
+
+
+def main_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
+    """The whole-model mode: the step-time and saved-bytes table, then one lrzoo/PEFT line per PEFT method."""
+    import lrzoo
+    from lrzoo.kernels import requested_backend
+
+    from .bench_model import FULL, format_model_table, peft_ratios, run_model
+
+    known = [FULL, *lrzoo.list_adapters()]
+    members = args.methods or known
+    unknown = set(members) - set(known)
+    if unknown:
+        raise SystemExit(f"lrzoo-bench --model: unknown member(s) {sorted(unknown)}; choose from {', '.join(known)}.")
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    iters = args.iters if args.iters is not None else (50 if cuda else 5)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+    print(f"# lrzoo-bench --model {args.model} on {name}; {dtype}; batch {args.batch}×{args.seq_len} tokens; r={args.r} "
+          f"on every attention/MLP projection; dropout={args.dropout}; LRZOO_BACKEND={requested_backend()}; one step = "
+          f"forward + loss + backward (no optimizer step); warm-up {warmup}, timed {iters}, round-robin; median (IQR) ms"
+          f"{'; L2 flushed' if cuda else ''}")
+    rows = run_model(args.model, members, args.r, args.batch, args.seq_len, device, dtype, args.dropout, warmup,
+                     iters, task_kind=args.task, log=print)
+    print(format_model_table(rows))
+    for member, (t_ratio, b_ratio) in peft_ratios(rows).items():
+        print(f"{member}: lrzoo/PEFT step time {t_ratio:.2f}×, saved bytes {b_ratio:.2f}×")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -241,6 +297,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    if args.model is not None:
+        return main_model(args, device, dtype)
     methods = args.methods or (QUICK_METHODS if args.quick else METHODS)
     unknown = set(methods) - set(METHODS)
     if unknown:

@@ -31,13 +31,53 @@ from .common import apply_mask, bias_grad, dropout_mask, flatten, materialize_wi
 from .registry import KernelEntry, register
 
 
+class ScaledBasisFunction(torch.autograd.Function):
+    """``Af = (λ[:, :, None] · A_k[:, None, :] · γ[None]).reshape(r·n, d)`` saving only λ, γ and A_k.
+
+    Through plain autograd the second product saves its (r, n, d) left operand ``λ·A_k``, a P×d
+    tensor per layer that is neither a parameter nor a basis (PEFT's ``UniqueBaseGrad`` keeps none):
+    ~114 MiB on SmolLM2-135M's MLPs at r = 16. Here it is recomputed in the backward, with the same
+    operations in the same order as autograd's, so values and gradients are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, A_k, lam, gamma):
+        ctx.save_for_backward(A_k, lam, gamma)
+        r, n = lam.shape
+        return (lam[:, :, None] * A_k[:, None, :] * gamma[None]).reshape(r * n, -1)
+
+    @staticmethod
+    def backward(ctx, grad_Af):
+        A_k, lam, gamma = ctx.saved_tensors
+        r, n = lam.shape
+        grad_q = grad_Af.reshape(r, n, -1)
+        grad_A = grad_lam = grad_gamma = None
+        if ctx.needs_input_grad[2]:  # MulBackward of (λ·A_k)·γ, sum_to γ's (1, n, d)
+            grad_gamma = (grad_q * (lam[:, :, None] * A_k[:, None, :])).sum(0)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_p = grad_q * gamma[None]
+            if ctx.needs_input_grad[1]:  # MulBackward of λ·A_k, sum_to λ's (r, n, 1)
+                grad_lam = (grad_p * A_k[:, None, :]).sum(2)
+            if ctx.needs_input_grad[0]:
+                grad_A = (grad_p * lam[:, :, None]).sum(1)
+        return grad_A, grad_lam, grad_gamma
+
+
 def randlora_factors(basis_A: torch.Tensor, basis_B: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor,
                      max_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Bf (D, P), Af (P, d), A_k (r, d))`` in ``dtype`` for one layer (differentiable in λ, γ)."""
+    """``(Bf (D, P), Af (P, d), A_k (r, d))`` in ``dtype`` for one layer (differentiable in λ, γ).
+
+    When autograd records, ``Af`` comes from :class:`ScaledBasisFunction`, which saves no
+    intermediate (the bases are slices, or views, of the shared buffers: nothing is copied either).
+    """
     r, n = lam.shape
     d = gamma.shape[1]
     A_k = basis_A[:r, 0, :d].to(dtype)
-    Af = (lam.to(dtype)[:, :, None] * A_k[:, None, :] * gamma.to(dtype)[None]).reshape(r * n, d)
+    lam_d, gamma_d = lam.to(dtype), gamma.to(dtype)
+    if torch.is_grad_enabled() and (lam_d.requires_grad or gamma_d.requires_grad or A_k.requires_grad):
+        Af = ScaledBasisFunction.apply(A_k, lam_d, gamma_d)
+    else:
+        Af = (lam_d[:, :, None] * A_k[:, None, :] * gamma_d[None]).reshape(r * n, d)
     Bf = basis_B[:max_dim, :n, :r].to(dtype).reshape(max_dim, n * r)
     return Bf, Af, A_k
 
