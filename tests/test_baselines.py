@@ -75,3 +75,34 @@ def test_baselines_are_recipe_options_not_adapters():
     assert compose(["adapter=full_finetune"]).adapter.name == "full_finetune"
     with pytest.raises(ValueError, match="needs a task head"):
         prepare_baseline(tiny_llama(0), "head_only")  # lm_head is the output embedding, not a task head
+
+
+def test_zero_shot_trains_nothing_and_evaluates_the_base_once(tmp_path):
+    from lrzoo.tasks import get_task
+    from lrzoo.train.trainer import collate, encode_rows
+
+    data = write_sst2(tmp_path / "data")
+    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", "adapter=zero_shot"))
+    results = run_recipe(cfg, run_dir_of(cfg))
+    run_dir = Path(run_dir_of(cfg))
+    assert results["steps"] == 0 and results["trainable_params"] == 0 and results["optimizer_state_mb"] == 0
+    assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert not (run_dir / "adapter").exists() and not (run_dir / "checkpoints").exists()
+
+    # predictions.json holds the untrained model's classes (its random head's argmax) and the gold labels
+    record = json.loads((run_dir / "predictions.json").read_text())["sets"]["glue/sst2"]
+    rows = list(get_task("glue/sst2").load_split("validation", data))
+    from lrzoo.models import load_model
+    from lrzoo.train.trainer import seed_everything
+
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model("tiny_bert", "classification", 2)
+    batch = collate(encode_rows(rows, "classification", tokenizer, 128), tokenizer.pad_token_id)
+    batch.pop("labels")
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits.argmax(-1).tolist()
+    assert record == {"task": "glue/sst2", "kind": "classification", "primary_metric": "accuracy",
+                      "references": [row["label"] for row in rows], "predictions": expected}
+    assert results["score"] == sum(p == r for p, r in zip(expected, record["references"])) / len(rows)
+    # finished: the same command does not run it again
+    assert run_recipe(cfg, run_dir_of(cfg)) == json.loads(json.dumps(results))

@@ -161,6 +161,9 @@ def test_generation_task_trains_and_is_scored_by_decoding(tmp_path, monkeypatch)
     assert results["task"] == "math/gsm8k"
     assert results["metrics"]["accuracy"] == 0.5 and results["score"] == results["metrics"]["accuracy"]
     assert len(decoded) == 2, decoded
+    record = json.loads((Path(run_dir_of(cfg)) / "predictions.json").read_text())
+    assert record == {"sets": {"math/gsm8k": {"task": "math/gsm8k", "kind": "generation", "primary_metric": "accuracy",
+                                              "references": ["1", "3"], "predictions": ["3", "3"]}}}
 
     # The scored texts are the saved adapter's greedy continuations of those two prompts (4 new tokens).
     run_dir = Path(run_dir_of(cfg))

@@ -36,6 +36,18 @@ _HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_a
                   # last good checkpoint (lrzoo.train.divergence)
                   "trainer.on_nonfinite")
 
+#: options added after runs had finished, with the value that reproduces what those runs computed: left out
+#: of the hash (and of results.json's ``config``) when they have it, so the runs that predate an option keep
+#: their hash (and are still skipped as done), while any other value hashes differently. A node emptied by
+#: this is dropped too.
+_HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label"}
+
+
+#: eval sets named ``heldout/<task>`` (``task.heldout_size``) are slices of the training split: the trainer
+#: reports their primary metric as ``selection_score``, not as part of ``score``
+HELDOUT_PREFIX = "heldout/"
+#: the held-out slice's permutation seed: fixed, independent of the run's ``seed``
+HELDOUT_SEED = 1234
 
 #: adapter keys experiment presets set for every adapter, meaningless to a low-rank optimizer (GaLore/Fira)
 ADAPTER_ONLY_KEYS = ("r", "alpha", "dropout")
@@ -51,8 +63,9 @@ def register_adapter_configs() -> None:
 
 
 def hashed_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without the ``hydra`` node and :data:`_HASH_EXCLUDED`: what the run computes
-    from (also saved in ``results.json`` as ``config``, which ``lrzoo-report`` groups runs by)."""
+    """The resolved config without the ``hydra`` node, :data:`_HASH_EXCLUDED` and the options of
+    :data:`_HASH_DEFAULTS` at their default: what the run computes from (also saved in ``results.json`` as
+    ``config``, which ``lrzoo-report`` groups runs by)."""
     if "hydra" in cfg:  # dropped before resolving: it has values Hydra fills in only inside a job
         unresolved = OmegaConf.to_container(cfg, resolve=False)
         unresolved.pop("hydra")
@@ -64,6 +77,16 @@ def hashed_config(cfg: DictConfig) -> dict[str, Any]:
         for key in parents:
             node = node.get(key, {})
         node.pop(leaf, None)
+    for dotted, default in _HASH_DEFAULTS.items():
+        *parents, leaf = dotted.split(".")
+        nodes = [data]
+        for key in parents:
+            nodes.append(nodes[-1].get(key) if isinstance(nodes[-1].get(key), dict) else {})
+        if leaf in nodes[-1] and nodes[-1][leaf] == default:
+            nodes[-1].pop(leaf)
+            for key, parent in zip(reversed(parents), reversed(nodes[:-1])):
+                if parent.get(key) == {}:
+                    parent.pop(key)
     return data
 
 
@@ -127,6 +150,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     from lrzoo.train.baselines import BASELINES, prepare_baseline
     from lrzoo.train.budget import check_limits, check_splits
     from lrzoo.train.callbacks import make_logger
+    from lrzoo.train.config import EvalConfig
     from lrzoo.train.procedures import LowRankOptimizerProcedure, procedure_for
     from lrzoo.train.resume import resume_latest
     from lrzoo.train.trainer import Trainer, TrainerConfig, seed_everything
@@ -151,14 +175,21 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     # The task's protocol decoding settings (task.generation), then the trainer's overrides.
     trainer_options["generation"] = {**(task_cfg.get("generation") or {}), **(trainer_options.get("generation") or {})}
     config = TrainerConfig.from_dict(trainer_options)
+    evaluation = EvalConfig.from_dict(plain.get("eval") or {})  # the root eval node: generate | loglik
     data_dir = task_cfg.get("data_dir")
     eval_split = task_cfg.get("eval_split") or ("test" if task.kind == "generation" else "validation")
     check_limits(plain.get("train_limit"), plain.get("eval_limit"))
-    train_rows = _train_rows(task, task_cfg.get("train_tasks"), data_dir, plain.get("train_limit"))
+    heldout_size = task_cfg.get("heldout_size")  # absent from the task YAMLs: older run hashes stay valid
+    train_rows = _train_rows(task, task_cfg.get("train_tasks"), data_dir,
+                             plain.get("train_limit") if heldout_size is None else None)
+    train_rows, heldout_rows = split_heldout(train_rows, heldout_size, task.name, config.batch_size,
+                                             plain.get("train_limit"), task_cfg.get("train_tasks"))
     eval_sets = {}
     for name in task_cfg.get("eval_tasks") or getattr(task, "eval_tasks", (task.name,)):
         eval_task = task if name == task.name else get_task(name)
         eval_sets[name] = (eval_task, eval_task.load_split(eval_split, data_dir, limit=plain.get("eval_limit")))
+    if heldout_rows is not None:  # scored beside dev, reported as selection_score, never part of score
+        eval_sets[HELDOUT_PREFIX + task.name] = (task, heldout_rows)
     check_splits(task.name, train_rows, eval_sets, config.batch_size, plain.get("train_limit"), plain.get("eval_limit"))
 
     model, tokenizer = load_model(model_cfg["source"], task.kind, task.num_labels, dtype=model_cfg.get("dtype"),
@@ -187,7 +218,8 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     run_info = {"adapter": method, "adapter_config": adapter, "model": model_cfg["name"], "seed": plain["seed"],
                 "config_hash": digest, "config": hashed_config(cfg), "lrzoo_version": lrzoo.__version__}
     trainer = Trainer(peft_model, tokenizer, task, train_rows, eval_sets, config, run_dir,
-                      callbacks=[logger] if logger is not None else [], run_info=run_info, procedure=procedure)
+                      callbacks=[logger] if logger is not None else [], run_info=run_info, procedure=procedure,
+                      evaluation=evaluation)
     if is_main:
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in peft_model.parameters())
@@ -208,6 +240,41 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
         if is_main:
             print(f"[lrzoo] resumed from {checkpoint} at step {trainer.start_step}")
     return trainer.fit()
+
+
+def split_heldout(rows: Any, size: Any, task_name: str, batch_size: int, train_limit: Optional[int] = None,
+                  train_tasks: Optional[list[str]] = None) -> tuple[Any, Any]:
+    """``(training rows, held-out rows)``: ``task.heldout_size`` rows of the training split set aside for
+    choosing hyperparameters (``lrzoo-sweep``'s learning rate) and scored as eval set ``heldout/<task>``.
+
+    The slice is the first ``size`` of a permutation seeded by :data:`HELDOUT_SEED` alone, so every
+    learning rate and every seed of a sweep holds out the same rows, and it is taken from the whole split
+    before ``train_limit`` keeps the first N of the rest. Both parts keep the split's order (a
+    ``datasets.Dataset`` stays one). ``size=None``: no slice, the rows unchanged."""
+    if size is None:
+        return rows, None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"task.heldout_size={size!r}: must be a positive integer (training rows held out to choose "
+                         "hyperparameters on, scored as eval set heldout/<task>) or null (off).")
+    if train_tasks:
+        raise ValueError(f"task.heldout_size={size} with task.train_tasks: a held-out slice is taken from one task's "
+                         "training split; train on the task alone, or set task.heldout_size=null.")
+    import numpy as np
+
+    total = len(rows)
+    if total - size < batch_size:
+        raise ValueError(f"task.heldout_size={size} leaves {total - size} of the {total} training rows of {task_name} "
+                         f"to train on, fewer than one batch (trainer.batch_size={batch_size}). Lower "
+                         "task.heldout_size or trainer.batch_size.")
+    order = np.random.default_rng(HELDOUT_SEED).permutation(total)
+    held, kept = sorted(order[:size].tolist()), sorted(order[size:].tolist())
+    if train_limit is not None:
+        kept = kept[:train_limit]
+
+    def pick(indices: list[int]) -> Any:
+        return rows.select(indices) if hasattr(rows, "select") else [rows[i] for i in indices]
+
+    return pick(kept), pick(held)
 
 
 def _train_rows(task: Any, train_tasks: Optional[list[str]], data_dir: Optional[str], limit: Optional[int]) -> Any:

@@ -43,6 +43,8 @@ class Task:
         eval_tasks: the task names to evaluate after training on this one (itself, except
             ``commonsense/all``, which trains on the union and is evaluated on each of the 8).
         generation_config: keyword arguments for ``model.generate`` (generation tasks only).
+        multiple_choice: whether :meth:`choice_request` turns a row into options to score by likelihood
+            (the commonsense tasks; ``eval.mode=loglik``).
     """
 
     kind: str
@@ -51,6 +53,7 @@ class Task:
     primary_metric: str
     splits: tuple[str, ...] = SPLITS
     generation_config: dict[str, Any] = {}
+    multiple_choice = False
 
     def __init__(self, name: str):
         self.name = name
@@ -98,6 +101,10 @@ class Task:
 
     def is_correct(self, extracted: str, answer: str) -> bool:
         raise TypeError(f"{self.name} is a {self.kind} task: compare labels with compute_metrics instead.")
+
+    def choice_request(self, row: dict[str, Any], choices: str = "label") -> tuple[str, list[str], int]:
+        """A row as ``(context, continuations, gold index)`` for likelihood scoring (multiple-choice tasks)."""
+        raise TypeError(f"{self.name} is not a multiple-choice task: it has no options to score by likelihood.")
 
     def compute_metrics(self, predictions: Sequence, references: Sequence) -> dict[str, float]:
         """Scores keyed by :attr:`metric_names`. Generation tasks take extracted answers (strings)."""

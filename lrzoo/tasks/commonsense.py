@@ -4,7 +4,9 @@ reused unchanged by DoRA, LoRA-SB and PiSSA.
 Each example is ``{"instruction", "input", "output", "answer"}``; the instruction already lists the
 choices and ends with "Answer format: answer1/answer2/...", the output reads "the correct answer is
 answer2". Training text is the Alpaca prompt + output; evaluation decodes with 4 beams, keeps the
-response and takes the **first** match of the task's answer pattern (no match = wrong).
+response and takes the **first** match of the task's answer pattern (no match = wrong). For likelihood
+scoring (``eval.mode=loglik``) :meth:`CommonsenseTask.choice_request` turns a row into its options: the
+labels of its "Answer format:" line and the option texts the instruction lists.
 
 Sources: LLM-Adapters' JSON files (no official hub id exists; several hub originals are
 loading-script datasets that datasets>=4 rejects), read from GitHub at a pinned commit when
@@ -62,6 +64,38 @@ SPECS = {spec.key: spec for spec in (
     CommonsenseSpec("obqa", "openbookqa", _numbered("answer", 4), ANSWER5),
 )}
 # commonsense/all validates and extracts with the union of the eight (its held-out rows mix tasks).
+# The instruction's last line lists the labels ("Answer format: answer1/answer2/answer3"); the options are
+# "Answer1: ... Answer2: ..." (ARC, OBQA, SIQA), "Solution1: ...\n\nSolution2: ..." (PIQA), "Option1: ..."
+# (WinoGrande), "Ending1: ..." (HellaSwag); BoolQ lists none (its labels are the texts: true/false).
+ANSWER_FORMAT = re.compile(r"Answer format:[ \t]*(\S+)")
+OPTION_MARK = re.compile(r"\b(Answer|Solution|Option|Ending)(\d+):")
+
+
+def choice_labels(prompt: str) -> list[str]:
+    """The labels of the last "Answer format: a/b/c" line of ``prompt``; ValueError if there is none."""
+    found = ANSWER_FORMAT.findall(prompt)
+    if not found:
+        raise ValueError(f"no 'Answer format: a/b/...' line in the prompt {prompt[-120:]!r}: not an LLM-Adapters "
+                         "commonsense item, its options are unknown.")
+    return found[-1].split("/")
+
+
+def choice_texts(prompt: str, labels: list[str]) -> list[str]:
+    """The text of each option ``labels`` names, read from the instruction in ``prompt``: what follows
+    "Answer<k>:" (or Solution/Option/Ending) up to the next option or the "Answer format:" line. Labels
+    that are words (BoolQ's true/false) are their own texts."""
+    if not any(label[-1:].isdigit() for label in labels):
+        return list(labels)
+    end = prompt.rfind("Answer format:")
+    marks = list(OPTION_MARK.finditer(prompt, 0, end))
+    named = [m.group(1).lower() + m.group(2) for m in marks]
+    if named != labels:
+        raise ValueError(f"the instruction lists the options {named}, not the labels {labels} of its answer format; "
+                         "cannot read the option texts (use eval.choices=label).")
+    bounds = [m.end() for m in marks] + [end]
+    return [prompt[bounds[k]:marks[k + 1].start() if k + 1 < len(marks) else end].strip() for k in range(len(marks))]
+
+
 UNION = CommonsenseSpec("all", "", tuple(dict.fromkeys(c for s in SPECS.values() for c in s.choices)),
                         "|".join(dict.fromkeys(p for s in SPECS.values() for p in s.pattern.split("|"))))
 
@@ -76,6 +110,7 @@ class CommonsenseTask(Task):
     metric_names = ("accuracy",)
     primary_metric = "accuracy"
     generation_config = GENERATION_CONFIG
+    multiple_choice = True
 
     def __init__(self, spec: CommonsenseSpec, val_set_size: int = VAL_SET_SIZE):
         super().__init__(f"commonsense/{spec.key}")
@@ -130,6 +165,29 @@ class CommonsenseTask(Task):
 
     def is_correct(self, extracted: str, answer: str) -> bool:
         return bool(extracted) and extracted == answer
+
+    def choice_request(self, row: dict[str, Any], choices: str = "label") -> tuple[str, list[str], int]:
+        """The row as a multiple-choice item ``(context, continuations, gold index)`` (``eval.mode=loglik``).
+
+        The options are the labels of the row's "Answer format:" line (ARC items have 3 to 5). ``choices="label"``:
+        the context is the prompt and option i the target with the gold answer replaced by label i ("the
+        correct answer is answer1", ...). ``choices="text"``: the context is the prompt plus the target up to
+        the answer ("...### Response:\nthe correct answer is"), option i is " " + its text in the instruction.
+        """
+        labels = choice_labels(row["prompt"])
+        answer, target = row["answer"], row["target"]
+        if answer not in labels:
+            raise ValueError(f"{self.name}: the gold answer {answer!r} is not among the labels {labels} of the row's "
+                             "answer format.")
+        head, found, tail = target.rpartition(answer)
+        if not found:
+            raise ValueError(f"{self.name}: the target {target!r} does not contain the gold answer {answer!r}.")
+        if choices == "label":
+            return row["prompt"], [head + label + tail for label in labels], labels.index(answer)
+        if choices != "text":
+            raise ValueError(f"choices={choices!r}: must be 'label' or 'text'.")
+        return row["prompt"] + head.rstrip(), [" " + text for text in choice_texts(row["prompt"], labels)], \
+            labels.index(answer)
 
 
 class CommonsenseUnion(CommonsenseTask):

@@ -7,11 +7,13 @@
 * :mod:`~lrzoo.train.checkpoint`: writing and loading checkpoints and the adapter;
   :mod:`~lrzoo.train.resume` (the newest intact checkpoint), :mod:`~lrzoo.train.run_dir` (one writer
   per run directory);
-* :mod:`~lrzoo.train.evaluation`: scores, decoding, ``results.json``;
+* :mod:`~lrzoo.train.evaluation`: scores, decoding, ``results.json`` and ``predictions.json``;
+  :mod:`~lrzoo.train.loglik` (multiple-choice options scored by likelihood, ``eval.mode=loglik``);
 * :mod:`~lrzoo.train.procedures`: what a method adds to the loop (its optimizer, schedule, callbacks,
   data-dependent init), one table; :mod:`~lrzoo.train.optim` (LoRA+ groups, head lr),
   :mod:`~lrzoo.train.relora` (ReLoRA's resets and schedule);
-* :mod:`~lrzoo.train.callbacks` (hooks, loggers), :mod:`~lrzoo.train.baselines` (full fine-tuning, head only).
+* :mod:`~lrzoo.train.callbacks` (hooks, loggers), :mod:`~lrzoo.train.baselines` (full fine-tuning, head only,
+  zero-shot).
 
 The command line that runs a recipe is :mod:`lrzoo.cli.train` (``lrzoo-train``, ``python -m lrzoo.cli.train``).
 """

@@ -1,8 +1,11 @@
-"""Reference points for the adapter tables: full fine-tuning and a trained head on a frozen model.
+"""Reference points for the adapter tables: full fine-tuning, a trained head on a frozen model, and the
+untrained base model.
 
-They are recipe options (``adapter=full_finetune`` / ``adapter=head_only``), not adapters: ``lrzoo.wrap``
-does not know them, the trainer runs the plain ``transformers`` model and saves it with
-``save_pretrained`` (the whole model for full fine-tuning).
+They are recipe options (``adapter=full_finetune`` / ``head_only`` / ``zero_shot``), not adapters:
+``lrzoo.wrap`` does not know them, the trainer runs the plain ``transformers`` model and saves it with
+``save_pretrained`` (the whole model for full fine-tuning). ``zero_shot`` trains nothing: the model is
+marked ``lrzoo_evaluate_only``, so the trainer skips the loop (0 steps, no optimizer, no checkpoint, no
+saved model) and evaluates the base model once (for a classification task, with its untrained head).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from torch import nn
 from ..targets import is_quantized
 from ..wrap import infer_task_type, task_head_modules
 
-BASELINES = ("full_finetune", "head_only")
+BASELINES = ("full_finetune", "head_only", "zero_shot")
 
 
 def prepare_baseline(model: nn.Module, name: str) -> nn.Module:
@@ -32,6 +35,7 @@ def prepare_baseline(model: nn.Module, name: str) -> nn.Module:
                          "backbone; use full_finetune or an adapter.")
     for param_name, param in model.named_parameters():
         in_head = any(param_name.startswith(head + ".") for head in heads)
-        param.requires_grad_(name == "full_finetune" or in_head)
+        param.requires_grad_(name == "full_finetune" or (in_head and name == "head_only"))
     model.lrzoo_head_modules = heads
+    model.lrzoo_evaluate_only = name == "zero_shot"
     return model

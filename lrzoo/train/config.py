@@ -1,4 +1,5 @@
-"""The trainer's configuration: :class:`TrainerConfig`, what the ``trainer`` Hydra group maps onto.
+"""The trainer's configuration: :class:`TrainerConfig`, what the ``trainer`` Hydra group maps onto, and
+:class:`EvalConfig`, the root ``eval`` node (how generation tasks are scored).
 
 Every option is checked when the config is built (:func:`lrzoo.train.budget.validate_trainer_config`),
 before any data or model is loaded, with one error naming every bad key.
@@ -43,6 +44,7 @@ class TrainerConfig:
     save_every: Optional[int] = None
     keep_checkpoints: int = 1
     log_every: int = 10
+    #: rows per evaluation forward (``eval.mode=loglik``: option sequences; an item's options are never split)
     eval_batch_size: int = 32
     #: stop after this many optimizer steps in this invocation, as if killed right after a
     #: checkpoint (used to test resume); the run is left incomplete.
@@ -68,4 +70,38 @@ class TrainerConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown trainer option(s) {unknown}; known: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+
+#: ``eval.mode``: ``generate`` decodes and extracts the answer (the task's own protocol, LLM-Adapters for
+#: commonsense); ``loglik`` scores each option of a multiple-choice item by its likelihood (lm-eval's rule,
+#: :mod:`lrzoo.train.loglik`).
+EVAL_MODES = ("generate", "loglik")
+#: ``eval.choices`` (loglik only): ``label`` scores "the correct answer is answer<i>" for every label,
+#: ``text`` scores " <option text>" after "the correct answer is".
+EVAL_CHOICES = ("label", "text")
+
+
+@dataclass
+class EvalConfig:
+    """How generation tasks are evaluated: the root ``eval`` node of ``lrzoo-train``'s config, passed to
+    :class:`lrzoo.train.trainer.Trainer` as ``evaluation``. The defaults are the protocol runs had before
+    the node existed (``lrzoo.cli.train.hashed_config`` leaves them out of the config hash)."""
+
+    mode: str = "generate"
+    choices: str = "label"
+
+    def __post_init__(self) -> None:
+        errors = [f"eval.{key}={getattr(self, key)!r}: must be one of {list(allowed)}"
+                  for key, allowed in (("mode", EVAL_MODES), ("choices", EVAL_CHOICES))
+                  if getattr(self, key) not in allowed]
+        if errors:
+            raise ValueError("Invalid eval option(s):\n  " + "\n  ".join(errors))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "EvalConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown eval option(s) {unknown}; known: {', '.join(sorted(known))}.")
         return cls(**values)

@@ -1,19 +1,25 @@
-"""Evaluation of the trainer: scoring every eval set, decoding generation tasks, and ``results.json``.
+"""Evaluation of the trainer: scoring every eval set, decoding generation tasks, ``results.json`` and
+``predictions.json``.
 
 Classification/regression rows are scored from the logits (a row with NaN/inf logits has no prediction
 and makes its metrics NaN, reported as null with the reason); generation rows are decoded with the
-task's settings overridden by ``trainer.generation``, then ``task.extract_answer``. Rows are sharded
-over ranks and gathered; under FSDP every rank runs as many batches as rank 0 (each forward gathers
-weights from all ranks) and generation gathers the root module.
+task's settings overridden by ``trainer.generation``, then ``task.extract_answer``; with ``eval.mode=loglik``
+multiple-choice generation tasks are scored by the likelihood of each option instead (:mod:`.loglik`:
+``accuracy`` and ``acc_norm``). Rows are sharded over ranks and gathered; under FSDP every rank runs as many
+batches as rank 0 (each forward gathers weights from all ranks) and generation gathers the root module.
+Eval sets named ``heldout/...`` (slices of the training split) are left out of ``score``: their primary
+metric is ``selection_score``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import resource
 import sys
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -21,11 +27,17 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..io import atomic_file
 from ..optimizers import state_bytes
 from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
-from .data import collate
+from . import loglik
+from .data import collate, encode_rows
 from .divergence import is_finite_number, json_safe
 from .sharding import gathered_root
+
+#: eval sets whose name starts with this are slices of the training split (for choosing hyperparameters):
+#: reported as ``selection_score`` (the mean of their primary metrics), never part of ``score``
+HELDOUT_PREFIX = "heldout/"
 
 
 def peak_memory_mb() -> float:
@@ -40,6 +52,26 @@ class EvaluationMixin:
     """:class:`lrzoo.train.trainer.Trainer`'s evaluation and results. Uses the trainer's ``accelerator``,
     ``model``, ``tokenizer``, ``config``, ``task``, ``eval_sets``, ``rank``/``world``/``sharded``, ``guard``
     and its progress (``best``, ``last_eval``, ``train_time``, ``tokens_seen``...)."""
+
+    def _encode_eval_sets(self, eval_sets: dict[str, tuple[Any, Any]]) -> None:
+        """``self.eval_sets``: ``{name: (task, features, rows)}``, and how each is scored (``self.eval_kinds``:
+        the task's kind, or ``"loglik"`` for a multiple-choice generation task under ``eval.mode=loglik``)."""
+        self.eval_sets, self.eval_kinds = {}, {}
+        for name, (task, rows) in eval_sets.items():
+            rows = list(rows)
+            if self.evaluation.mode == "loglik":
+                if not getattr(task, "multiple_choice", False):
+                    raise ValueError(f"eval.mode=loglik scores the options of multiple-choice tasks (commonsense/*); "
+                                     f"{name} is a {task.kind} task without options: evaluate it with "
+                                     "eval.mode=generate (the default, the task's own protocol).")
+                features = loglik.encode_items(task, rows, self.tokenizer, self.config.max_length,
+                                               self.evaluation.choices)
+                self.eval_kinds[name] = "loglik"
+            else:
+                features = encode_rows(rows, task.kind, self.tokenizer, self.config.max_length,
+                                       for_generation=task.kind == "generation")
+                self.eval_kinds[name] = task.kind
+            self.eval_sets[name] = (task, features, rows)
 
     def _evaluate_and_log(self, step: int) -> None:
         metrics = self.evaluate()
@@ -75,41 +107,70 @@ class EvaluationMixin:
             "train_tokens_per_s": round(self.tokens_seen / max(self.train_time, 1e-9), 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
             # what the optimizer keeps (moments, projectors): GaLore/Fira's saving, LoRA-Pro's full-size cost
-            "optimizer_state_mb": round(state_bytes(getattr(self.optimizer, "optimizer", self.optimizer)) / 2**20, 3),
+            "optimizer_state_mb": round(state_bytes(getattr(self.optimizer, "optimizer", self.optimizer)) / 2**20, 3)
+            if self.optimizer is not None else 0.0,
             "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
             "precision": self.accelerator.mixed_precision,
             "autocast_dtype": self.autocast_dtype,
             "on_nonfinite": self.config.on_nonfinite,
             "nonfinite_steps_skipped": self.guard.skipped,
+            **({"selection_score": self.last_eval["selection_score"]} if "selection_score" in self.last_eval else {}),
         })
+
+    def _write_results(self, results: dict[str, Any]) -> None:
+        """Rank 0 writes ``predictions.json`` (the last evaluation's per-example predictions), then
+        ``results.json`` (whose presence marks the run finished)."""
+        if not self.is_main:
+            return
+        with atomic_file(os.path.join(self.run_dir, "predictions.json")) as handle:
+            json.dump(json_safe({"sets": self.last_predictions}), handle, allow_nan=False)
+        with atomic_file(os.path.join(self.run_dir, "results.json")) as handle:
+            json.dump(results, handle, indent=2, allow_nan=False)  # strict JSON: NaN is null
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Score every eval set; keys ``<task>/<metric>`` when there are several, plus ``score``:
-        the primary metric (the mean of the sets' primary metrics for multi-set tasks)."""
+        """Score every eval set; keys ``<set>/<metric>`` when there are several, plus ``score``: the primary
+        metric (the mean of the sets' primary metrics), without the ``heldout/`` sets, whose mean is
+        ``selection_score`` (``score`` too when every set is held out). Keeps each set's per-example
+        predictions in ``last_predictions`` (``predictions.json``)."""
         self.model.eval()
         results: dict[str, float] = {}
-        primaries = []
-        self.nonfinite_metrics = {}
+        primaries: dict[bool, list[float]] = {False: [], True: []}  # held out -> primary metrics
+        self.nonfinite_metrics, self.last_predictions = {}, {}
         for name, (task, features, rows) in self.eval_sets.items():
-            predictions = self._predict(task, features)
-            references = [row["answer"] if task.kind == "generation" else row["label"] for row in rows]
+            kind, extra = self.eval_kinds[name], {}
+            if kind == "loglik":
+                chosen = self._predict_loglik(task, features)
+                predictions = [None if c is None else c[0] for c in chosen]
+                extra["predictions_norm"] = [None if c is None else c[1] for c in chosen]
+                references = [f["gold"] for f in features]
+                metric_names, primary = loglik.METRICS, "accuracy"
+            else:
+                predictions = self._predict(task, features)
+                references = [row["answer"] if task.kind == "generation" else row["label"] for row in rows]
+                metric_names, primary = task.metric_names, task.primary_metric
             missing = sum(p is None for p in predictions)
             if missing:  # non-finite model outputs: no score is better than a made-up one
-                metrics = {k: math.nan for k in task.metric_names}
+                metrics = {k: math.nan for k in metric_names}
+            elif kind == "loglik":
+                metrics = loglik.metrics(predictions, extra["predictions_norm"], references)
             else:
                 with warnings.catch_warnings():  # said once, with the step, by _evaluate_and_log
                     warnings.simplefilter("ignore", UndefinedMetricWarning)
                     metrics = task.compute_metrics(predictions, references)
+            self.last_predictions[name] = {"task": task.name, "kind": kind, "primary_metric": primary,
+                                           "references": references, "predictions": predictions, **extra}
             prefix = f"{name}/" if len(self.eval_sets) > 1 else ""
             results.update({prefix + k: float(v) for k, v in metrics.items()})
-            primaries.append(float(metrics[task.primary_metric]))
+            primaries[name.startswith(HELDOUT_PREFIX)].append(float(metrics[primary]))
             for k, v in metrics.items():
                 if not math.isfinite(float(v)):
                     self.nonfinite_metrics[prefix + k] = (
                         f"{missing} of {len(predictions)} rows got non-finite logits (NaN/inf: the weights or "
                         "activations overflowed)" if missing else nonfinite_reason(predictions, references))
-        results["score"] = float(np.mean(primaries))
+        if primaries[True]:
+            results["selection_score"] = float(np.mean(primaries[True]))
+        results["score"] = float(np.mean(primaries[False] or primaries[True]))
         if not math.isfinite(results["score"]):
             undefined = [k for k in self.nonfinite_metrics if k.split("/")[-1] in {t.primary_metric for t, _, _ in
                                                                                   self.eval_sets.values()}]
@@ -140,6 +201,30 @@ class EvaluationMixin:
                 finite = torch.isfinite(logits).flatten(1).all(-1).tolist()
                 predictions = [p if ok else None for p, ok in zip(predictions, finite)]
             out.extend(zip(index, predictions))
+        return self._gathered(out)
+
+    def _predict_loglik(self, task: Any, features: list[dict]) -> list[Optional[tuple[int, int]]]:
+        """``(acc, acc_norm)`` option choices of each item (None: non-finite scores), in order
+        (:mod:`.loglik`); items are sharded over ranks, packed into batches and gathered."""
+        plans = [loglik.pack(range(r, len(features), self.world), features, self.config.eval_batch_size)
+                 for r in range(self.world)]
+        mine = plans[self.rank]
+        # FSDP: every rank runs as many forwards as the busiest (each gathers weights from all ranks)
+        count = max(map(len, plans)) if self.sharded else len(mine)
+        model = self.accelerator.unwrap_model(self.model)
+        out: list[tuple[int, Any]] = []
+        for k in tqdm(range(count), desc=f"eval {task.name} (loglik)", leave=False,
+                      disable=not (self.config.progress and self.is_main)):
+            batch = mine[k] if k < len(mine) else []
+            scores = loglik.score_items(model, [features[i] for i in batch or [0]],  # [0]: a discarded batch
+                                        pad_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
+                                        autocast=self.accelerator.autocast, shared_prefix=not self.sharded)
+            out.extend((i, loglik.choose(s, features[i]["chars"]) if all(map(math.isfinite, s)) else None)
+                       for i, s in zip(batch, scores))
+        return self._gathered(out)
+
+    def _gathered(self, out: list[tuple[int, Any]]) -> list:
+        """Every rank's ``(row index, prediction)`` pairs, as predictions in row order."""
         if self.world > 1:
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, out)

@@ -13,7 +13,8 @@ What it guarantees:
 * **Task-agnostic heads.** Classification/regression train the model's head on
   ``(text_a, text_b) -> label``; generation tasks train a causal LM on the response tokens only
   (prompt positions are labelled -100) and are scored by decoding, ``task.extract_answer`` and
-  ``task.is_correct``.
+  ``task.is_correct`` (or, with ``eval.mode=loglik``, by the likelihood of each option: :mod:`.loglik`).
+* **Evaluation only.** A model marked ``lrzoo_evaluate_only`` (``adapter=zero_shot``) is evaluated once, untrained.
 
 The loop is this module; its pieces are listed in :mod:`lrzoo.train`.
 """
@@ -21,8 +22,6 @@ The loop is this module; its pieces are listed in :mod:`lrzoo.train`.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -31,9 +30,8 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..io import atomic_file
 from .checkpoint import CheckpointMixin, latest_checkpoint, rng_state, seed_everything, set_rng_state
-from .config import TrainerConfig
+from .config import EvalConfig, TrainerConfig
 from .data import IGNORE_INDEX, batch_layout, collate, encode_rows, epoch_order, planned_steps, step_rows
 from .divergence import NonfiniteGuard, total_grad_norm
 from .evaluation import EvaluationMixin, peak_memory_mb
@@ -56,7 +54,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         train_rows: the training split (a ``datasets.Dataset`` or list of row dicts).
         eval_sets: ``{task name: (task, rows)}``; each is scored and reported separately.
         config: hyperparameters.
-        run_dir: where checkpoints, ``metrics.csv``, ``results.json`` and ``adapter/`` go.
+        run_dir: where checkpoints, ``metrics.csv``, ``results.json``, ``predictions.json`` and ``adapter/`` go.
         callbacks: objects with the hooks of :mod:`lrzoo.train.callbacks`.
         run_info: extra fields copied into ``results.json`` (adapter, model, seed, config hash...).
             ``run_info["config_hash"]`` must match a checkpoint's to resume from it.
@@ -65,6 +63,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         procedure: the method's training procedure (:func:`lrzoo.train.procedures.procedure_for`):
             its ``before_training`` runs first, it builds the optimizer and the schedule, and its
             callbacks run before ``callbacks``. ``None``: the plain one.
+        evaluation: how generation tasks are scored (the root ``eval`` node: ``mode``
+            generate|loglik, ``choices`` label|text); ``None``: :class:`EvalConfig`'s defaults (decoding).
     """
 
     def __init__(
@@ -81,6 +81,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         run_info: Optional[dict[str, Any]] = None,
         scheduler_factory: Optional[Any] = None,
         procedure: Optional[Procedure] = None,
+        evaluation: Optional[EvalConfig] = None,
     ):
         from accelerate import Accelerator
 
@@ -88,6 +89,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.procedure = procedure if procedure is not None else Procedure(config=config)
         self.procedure.before_training(model, train_rows, task, tokenizer)
         self.config, self.task, self.tokenizer, self.run_dir = config, task, tokenizer, run_dir
+        self.evaluation = evaluation if evaluation is not None else EvalConfig()
+        self.trains = not getattr(model, "lrzoo_evaluate_only", False)  # False: zero-shot, evaluated once
         self.callbacks = [*self.procedure.callbacks(model), *callbacks]
         self.run_info = dict(run_info or {})
         use_precision(config.precision)
@@ -100,13 +103,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.is_main = self.accelerator.is_main_process
 
         self.micro, self.accum = batch_layout(config, self.world)
-        self.train_features = encode_rows(list(train_rows), task.kind, tokenizer, config.max_length)
-        self.eval_sets = {
-            name: (t, encode_rows(list(rows), t.kind, tokenizer, config.max_length,
-                                  for_generation=t.kind == "generation"), list(rows))
-            for name, (t, rows) in eval_sets.items()
-        }
-        self.total_steps = planned_steps(len(self.train_features), config)
+        self.train_features = (encode_rows(list(train_rows), task.kind, tokenizer, config.max_length)
+                               if self.trains else [])
+        self._encode_eval_sets(eval_sets)  # self.eval_sets, self.eval_kinds (lrzoo.train.evaluation)
+        self.total_steps = planned_steps(len(self.train_features), config) if self.trains else 0
         self.steps_per_epoch = len(self.train_features) // config.batch_size
 
         self.peft_model = model
@@ -116,12 +116,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.sharded = config.strategy == "fsdp" and self.world > 1
         if self.sharded:
             self.model = shard_model(model, self.accelerator.device, self.callbacks)
-        else:
-            self.model = self.accelerator.prepare(model)
-        self.optimizer = self.accelerator.prepare(
-            self.procedure.make_optimizer(self.accelerator.unwrap_model(self.model)))
-        # Stepped by us once per optimizer step (accelerate's wrapper would step it once per rank).
-        self.scheduler = (scheduler_factory or self.procedure.make_scheduler)(self.optimizer, self.total_steps)
+        else:  # (DDP refuses a model with nothing to train: zero-shot is only moved)
+            self.model = self.accelerator.prepare(model) if self.trains else model.to(self.accelerator.device)
+        self.optimizer = self.scheduler = None
+        if self.trains:
+            self.optimizer = self.accelerator.prepare(
+                self.procedure.make_optimizer(self.accelerator.unwrap_model(self.model)))
+            # Stepped by us once per optimizer step (accelerate's wrapper would step it once per rank).
+            self.scheduler = (scheduler_factory or self.procedure.make_scheduler)(self.optimizer, self.total_steps)
         self.start_step = 0
         self.train_time = 0.0
         self.tokens_seen = 0
@@ -219,10 +221,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.train_time += time.perf_counter() - segment_start
         self._evaluate_and_log(step)
         results = self._results(step)
-        self._save_adapter()
-        if self.is_main:
-            with atomic_file(os.path.join(self.run_dir, "results.json")) as handle:
-                json.dump(results, handle, indent=2, allow_nan=False)  # strict JSON: NaN is null
+        if self.trains:
+            self._save_adapter()
+        self._write_results(results)  # predictions.json, then results.json
         self._call("on_train_end", self)
         return results
 
