@@ -13,7 +13,7 @@ BENCH_ARGS ?= --quick
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench docs clean results-glue gpu-check
+.PHONY: install test demo bench docs clean results-glue results-glue-tuned gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,16 @@ results-glue: install
 	grep -v '^#' recipes/sweeps/glue_cpu.txt | OMP_NUM_THREADS=1 xargs -P 2 -L 1 sh -c \
 	  '$(VENV)/bin/lrzoo-train -m experiment=glue_cpu adapter="$$0" "$$@" seed=0,1,2 task=$(GLUE_TASKS) > /dev/null'
 	$(VENV)/bin/lrzoo-report runs/glue-cpu
+
+# The tuned GLUE comparison (docs/recipes.md#tuned-comparisons-lrzoo-sweep): every method of glue_cpu.txt x 4 GLUE
+# tasks, a 3-point lr grid at seed 0 chosen on 400 held-out training rows, then seeds 1 and 2 at the chosen lr
+# (recipes/sweeps/glue_tuned.yaml, 340 runs), two at a time with one thread each, method by method. Stop it at any
+# point and run it again to continue; the report (runs/glue-tuned/results.md) marks the cells still missing.
+# SWEEP_ARGS: e.g. --max-minutes 240, --only lora,dora, --tasks glue/mrpc, --dry-run.
+SWEEP_ARGS ?=
+results-glue-tuned: install
+	$(VENV)/bin/lrzoo-sweep recipes/sweeps/glue_tuned.yaml --jobs 2 $(SWEEP_ARGS); status=$$?; \
+	  $(VENV)/bin/lrzoo-report runs/glue-tuned --plan recipes/sweeps/glue_tuned.yaml; exit $$status
 
 # Everything that needs CUDA (GPU-marked tests, Triton vs torch on the GPU, lrzoo-bench at the H100 shapes)
 # with one summary, in under 8 minutes; exits 2 with "no CUDA device" elsewhere. Uses the venv when there

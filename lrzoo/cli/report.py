@@ -11,7 +11,12 @@ Runs are grouped by configuration, not by directory name: the seeds of one confi
 ``results.json`` ``config`` without ``seed``) are aggregated, and when an adapter was run with
 several configurations on a task (a sweep over ``trainer.lr``), each is a row of its own, labelled by
 the keys that differ, e.g. ``lora (trainer.lr=0.01)``. Results written before ``config`` was recorded
-are grouped by model, adapter and task alone.
+are grouped by model, adapter and task alone. A held-out training slice (eval set ``heldout/<task>``) is
+never a column.
+
+``lrzoo-report DIR --plan PLAN`` reports an ``lrzoo-sweep`` plan instead: the tuned comparison of
+:mod:`lrzoo.cli.tuned` (the chosen learning rate per cell, bootstrap intervals, ties with the best,
+missing cells).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+HELDOUT_PREFIX = "heldout/"  # lrzoo.cli.train.HELDOUT_PREFIX (not imported: that module loads Hydra)
 CSV_FIELDS = ("model", "adapter", "variant", "task", "metric", "n_seeds", "mean", "std", "trainable_params",
               "peak_memory_mb", "wall_time_s")
 #: differing keys named in a variant's label before it is cut short (with its digest)
@@ -43,11 +49,12 @@ def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
         common = {"model": result.get("model", "?"), "adapter": result["adapter"], "seed": result.get("seed"),
                   "command": _command(path.parent), "config": _flat_config(result.get("config")),
                   "trainable_params": result["trainable_params"], "peak_memory_mb": result.get("peak_memory_mb"),
-                  "wall_time_s": result.get("wall_time_s")}
+                  "wall_time_s": result.get("wall_time_s"), "tuned": "selection_score" in result}
         metric = result["primary_metric"]
-        # several eval sets: metrics are "<eval task>/<metric>"; report each set, not their mean
+        # several eval sets: metrics are "<eval task>/<metric>"; report each set, not their mean (nor the
+        # held-out training slice a tuned sweep chooses its learning rate on)
         per_set = {key[:-len(metric) - 1]: value for key, value in (chosen.get("metrics") or {}).items()
-                   if key.endswith("/" + metric)}
+                   if key.endswith("/" + metric) and not key.startswith(HELDOUT_PREFIX)}
         for task, score in (per_set or {result["task"]: chosen["score"]}).items():
             rows.append({**common, "task": task, "metric": metric, "score": 100 * score})
     return rows
@@ -220,8 +227,11 @@ def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
     labelled = len(tasks) == 1  # with several tasks only the averages carry labels
     for task in tasks:
         rows = [row for row in table if row["task"] == task]
+        # bars: std over seeds, or a tuned report's bootstrap interval ("ci")
+        yerr = ([[r["mean"] - r["ci"][0] for r in rows], [r["ci"][1] - r["mean"] for r in rows]]
+                if all(r.get("ci") for r in rows) else [r["std"] for r in rows])
         ax.errorbar([r["trainable_params"] for r in rows], [r["mean"] for r in rows],
-                    yerr=[r["std"] for r in rows], fmt="o", capsize=3, label=task,
+                    yerr=yerr, fmt="o", capsize=3, label=task,
                     alpha=1.0 if labelled else 0.35, markersize=6 if labelled else 4)
         for r in rows if labelled else ():
             ax.annotate(display_name(r), (r["trainable_params"], r["mean"]), textcoords="offset points",
@@ -250,9 +260,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: ROOT)")
     parser.add_argument("--select", choices=("final", "best"), default="final",
                         help="score of each run: its final evaluation or its best one (GLUE protocol)")
+    parser.add_argument("--plan", type=Path, default=None,
+                        help="an lrzoo-sweep plan: report its tuned comparison (chosen lr, bootstrap intervals, "
+                             "ties with the best, missing cells) instead (lrzoo/cli/tuned.py)")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         parser.error(f"{args.root} is not a directory")
+    if args.plan is not None:
+        from .plan import PlanError, load_plan
+        from .tuned import write_report
+
+        try:
+            plan = load_plan(args.plan)
+        except PlanError as err:
+            parser.error(str(err))
+        out = args.out or args.root
+        print(write_report(args.root, plan, out))
+        print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'} (plan {args.plan})")
+        return
     rows = collect(args.root, args.select)
     if not rows:
         parser.error(f"no finished runs (results.json) under {args.root}; run lrzoo-train first")
@@ -261,6 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     table = aggregate(rows)
     listed = commands(rows)
     text = markdown(table) + (("\n" + listed) if listed else "")
+    if any(row["tuned"] for row in rows):
+        text += ("\nThese runs have a held-out selection_score (an lrzoo-sweep plan): `lrzoo-report DIR --plan PLAN` "
+                 "reports the tuned comparison (chosen lr per cell, bootstrap intervals, missing cells).\n")
     (out / "results.md").write_text(text)
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)

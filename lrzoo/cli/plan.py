@@ -1,0 +1,362 @@
+"""Sweep plans for tuned comparisons: what ``lrzoo-sweep`` runs and ``lrzoo-report --plan`` expects.
+
+A plan (``recipes/sweeps/glue_tuned.yaml``) names an experiment preset, the tasks, the seeds, a
+learning-rate grid rule and the methods, one line each as in ``recipes/sweeps/glue_cpu.txt``
+(``<adapter> <overrides>``, whose ``trainer.lr=`` is the centre of the method's grid)::
+
+    experiment: glue_tuned
+    tasks: [glue/sst2, glue/mrpc]
+    seeds: [0, 1, 2]
+    grid: {factor: 3, points: 3}      # centre × 3^k, k = -1, 0, 1, rounded to 2 significant digits
+    methods:
+      - lora trainer.lr=1e-3
+      - loldu trainer.lr=2e-2 adapter.alpha=1.0
+
+A *cell* is one (method, task). Its learning rate is chosen on the held-out slice of the training set
+(``task.heldout_size``; ``results.json``'s ``selection_score``) from the grid runs at the first seed:
+the best score wins, ties go to the smaller learning rate, a run that diverged counts as the worst and
+a run that failed otherwise (or has not run) leaves the grid incomplete. The other seeds then run at
+the chosen rate (the first seed's run there is the same configuration, not run again).
+
+Each run is the configuration ``lrzoo-train`` composes from the plan; :class:`Composer` composes it
+once per cell with Hydra and sets ``trainer.lr`` and ``seed`` on copies, which gives the same run
+directory and hash as the command line (checked in ``tests/test_sweep.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+#: what ``lrzoo-sweep`` writes in a run directory whose run did not finish: ``status`` (``diverged`` or
+#: ``failed``), ``returncode``, ``config_hash``, ``key``, ``seed``, ``log``
+STATUS_FILE = "sweep-status.json"
+#: each run's stdout and stderr, appended by ``lrzoo-sweep`` in its run directory
+LOG_FILE = "sweep.log"
+PLAN_KEYS = {"experiment", "overrides", "tasks", "seeds", "grid", "methods"}
+#: keys left out of a plan's run identity (:func:`plan_key`): the seed, and where the data was read from
+KEY_EXCLUDED = ("seed", "task.data_dir")
+
+
+class PlanError(ValueError):
+    """A plan file that cannot be run, with what to change."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One line of a plan: the ``adapter`` option, its fixed overrides and the centre of its lr grid."""
+
+    name: str
+    adapter: str
+    centre: float
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: str
+    experiment: Optional[str]
+    overrides: tuple[str, ...]
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    factor: float
+    points: int
+    methods: tuple[Method, ...]
+
+    def grid(self, method: Method) -> list[float]:
+        """``centre × factor^k`` for ``k = -(points // 2) .. points // 2``, rounded to 2 significant digits."""
+        half = self.points // 2
+        return [float(f"{method.centre * self.factor ** k:.2g}") for k in range(-half, half + 1)]
+
+    def cells(self) -> list[tuple[Method, str]]:
+        """Every (method, task), method by method: the order ``lrzoo-sweep`` completes them in."""
+        return [(method, task) for method in self.methods for task in self.tasks]
+
+    def filtered(self, only: Optional[Iterable[str]] = None, tasks: Optional[Iterable[str]] = None) -> "Plan":
+        """The plan restricted to some methods and tasks (names checked against the plan)."""
+        methods, kept_tasks = self.methods, self.tasks
+        if only:
+            wanted = list(only)
+            unknown = [m for m in wanted if m not in {x.name for x in self.methods}]
+            if unknown:
+                raise PlanError(f"--only {','.join(unknown)}: not in {self.path}; its methods: "
+                                f"{', '.join(m.name for m in self.methods)}")
+            methods = tuple(m for m in self.methods if m.name in wanted)
+        if tasks:
+            wanted = list(tasks)
+            unknown = [t for t in wanted if t not in self.tasks]
+            if unknown:
+                raise PlanError(f"--tasks {','.join(unknown)}: not in {self.path}; its tasks: {', '.join(self.tasks)}")
+            kept_tasks = tuple(t for t in self.tasks if t in wanted)
+        return Plan(self.path, self.experiment, self.overrides, kept_tasks, self.seeds, self.factor, self.points, methods)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and check a plan file (:class:`PlanError` naming every problem)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"{path}: no such plan file (e.g. recipes/sweeps/glue_tuned.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    errors = []
+    unknown = set(data) - PLAN_KEYS
+    if unknown:
+        errors.append(f"unknown key(s) {sorted(unknown)}; a plan has {sorted(PLAN_KEYS)}")
+    tasks, seeds = data.get("tasks") or [], data.get("seeds") or []
+    if not tasks or not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+        errors.append(f"tasks: {tasks!r} must be a non-empty list of distinct task names (glue/sst2, ...)")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
+        errors.append(f"seeds: {seeds!r} must be a non-empty list of distinct integers; the grid runs at the first")
+    grid = data.get("grid") or {}
+    factor, points = grid.get("factor", 3), grid.get("points", 3)
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 1:
+        errors.append(f"grid.factor: {factor!r} must be a number > 1 (neighbouring grid points differ by it)")
+    if not isinstance(points, int) or isinstance(points, bool) or points < 1 or points % 2 == 0:
+        errors.append(f"grid.points: {points!r} must be an odd positive integer (the centre and as many on each side)")
+    overrides = data.get("overrides") or []
+    if not all(isinstance(o, str) for o in overrides):
+        errors.append(f"overrides: {overrides!r} must be a list of lrzoo-train overrides (key=value)")
+    methods = []
+    for line in data.get("methods") or []:
+        tokens = shlex.split(str(line))
+        lrs = [t for t in tokens[1:] if t.startswith("trainer.lr=")]
+        if not tokens or "=" in tokens[0] or len(lrs) != 1:
+            errors.append(f"methods: {line!r} must be '<adapter> trainer.lr=<centre> [overrides...]'")
+            continue
+        try:
+            centre = float(lrs[0].split("=", 1)[1])
+        except ValueError:
+            errors.append(f"methods: {line!r}: {lrs[0]} is not a number")
+            continue
+        methods.append(Method(tokens[0], tokens[0], centre, tuple(t for t in tokens[1:] if t not in lrs)))
+    if not methods:
+        errors.append("methods: list at least one '<adapter> trainer.lr=<centre> [overrides...]'")
+    names = [m.name for m in methods]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        errors.append(f"methods: {duplicates} listed more than once (one line per adapter)")
+    if errors:
+        raise PlanError(f"{path}:\n  " + "\n  ".join(errors))
+    return Plan(str(path), data.get("experiment"), tuple(overrides), tuple(tasks), tuple(seeds), float(factor), points,
+                tuple(methods))
+
+
+def format_lr(lr: float) -> str:
+    """``3.3e-4``, ``1e-3``: a learning rate, short."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def plan_key(config: dict[str, Any]) -> str:
+    """A run's identity within a plan: the digest of its ``results.json`` ``config`` without the seed and
+    ``task.data_dir`` (so a report finds the runs wherever the data was read from)."""
+    data = copy.deepcopy(config)
+    for dotted in KEY_EXCLUDED:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    method: str
+    task: str
+    lr: float
+    seed: int
+    overrides: tuple[str, ...]   # the lrzoo-train arguments
+    run_dir: Path                # output_root / run_name, as lrzoo-train resolves it from this directory
+    config_hash: str             # results.json's config_hash when finished
+    key: str                     # plan_key of its config
+    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # results.json's config
+
+    def label(self) -> str:
+        return f"{self.method} {self.task} lr={format_lr(self.lr)} seed {self.seed}"
+
+
+class Composer:
+    """The planned runs of a plan, composed with Hydra once per cell (call from one thread)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self._cells: dict[tuple[str, str], Any] = {}
+        self._runs: dict[tuple[str, str, float, int], PlannedRun] = {}
+
+    def overrides(self, method: Method, task: str, lr: float, seed: int) -> tuple[str, ...]:
+        experiment = (f"experiment={self.plan.experiment}",) if self.plan.experiment else ()
+        return (*experiment, *self.plan.overrides, f"adapter={method.adapter}", *method.overrides, f"task={task}",
+                f"trainer.lr={lr!r}", f"seed={seed}")
+
+    def _cell_config(self, method: Method, task: str) -> Any:
+        if (method.name, task) not in self._cells:
+            from hydra import compose, initialize_config_dir
+
+            from ..configs import config_dir
+            from .train import register_adapter_configs
+
+            register_adapter_configs()
+            with initialize_config_dir(config_dir=str(config_dir("recipes")), version_base="1.3"):
+                self._cells[(method.name, task)] = compose(
+                    "config", overrides=list(self.overrides(method, task, method.centre, self.plan.seeds[0])))
+        return self._cells[(method.name, task)]
+
+    def run(self, method: Method, task: str, lr: float, seed: int) -> PlannedRun:
+        """The run of ``method`` on ``task`` at ``lr`` and ``seed``: its command, directory and hashes."""
+        cached = self._runs.get((method.name, task, lr, seed))
+        if cached is None:
+            from .train import _digest, hashed_config
+
+            cfg = copy.deepcopy(self._cell_config(method, task))
+            cfg.trainer.lr = lr
+            cfg.seed = seed
+            config = hashed_config(cfg)
+            cached = PlannedRun(method.name, task, lr, seed, self.overrides(method, task, lr, seed),
+                                Path(cfg.output_root) / cfg.run_name, _digest(config)[:16], plan_key(config), config)
+            self._runs[(method.name, task, lr, seed)] = cached
+        return cached
+
+
+# ---- what happened to a planned run, and the learning rate a cell chooses ----
+
+@dataclass
+class Outcome:
+    """``done`` (a finished ``results.json`` of this configuration), ``diverged`` (training stopped on a
+    NaN/inf: final, it counts as the worst grid point), ``failed`` (anything else: retried by the next
+    ``lrzoo-sweep``), ``running``, or ``pending``."""
+
+    status: str
+    result: Optional[dict[str, Any]] = None
+    run_dir: Optional[Path] = None
+    detail: str = ""
+
+
+def selection_score(result: dict[str, Any], task: str) -> tuple[bool, float]:
+    """``(recorded, score)``: the held-out primary metric of a finished run (``selection_score``, or the
+    ``heldout/<task>/<metric>`` entry of ``metrics`` in results written before it was recorded); a null
+    (NaN) score counts as ``-inf``. ``recorded`` is False when the run had no held-out slice."""
+    if "selection_score" in result:
+        value = result["selection_score"]
+    else:
+        name = f"heldout/{task}/{result.get('primary_metric')}"
+        metrics = result.get("metrics") or {}
+        if name not in metrics:
+            return False, -math.inf
+        value = metrics[name]
+    return True, (float(value) if value is not None and math.isfinite(float(value)) else -math.inf)
+
+
+@dataclass
+class CellState:
+    """A cell's grid outcomes (first seed), its chosen learning rate (or why there is none yet) and the
+    outcomes of every seed at that rate."""
+
+    method: Method
+    task: str
+    grid: dict[float, Outcome]
+    chosen: Optional[float] = None
+    why_not: str = ""
+    seeds: dict[int, Outcome] = field(default_factory=dict)
+    scores: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def grid_done(self) -> int:
+        return sum(o.status in ("done", "diverged") for o in self.grid.values())
+
+    @property
+    def seeds_done(self) -> int:
+        return sum(o.status == "done" for o in self.seeds.values())
+
+    def complete(self, n_seeds: int) -> bool:
+        return self.chosen is not None and self.seeds_done == n_seeds
+
+
+def choose_lr(task: str, grid: dict[float, Outcome]) -> tuple[Optional[float], str, dict[float, float]]:
+    """``(chosen lr or None, why none, {lr: selection score})`` from a cell's grid outcomes."""
+    scores: dict[float, float] = {}
+    unresolved = [lr for lr, o in grid.items() if o.status not in ("done", "diverged")]
+    for lr, outcome in grid.items():
+        if outcome.status == "done":
+            recorded, score = selection_score(outcome.result or {}, task)
+            if not recorded:
+                return None, (f"no selection_score in {outcome.run_dir}: the run had no held-out slice "
+                              "(task.heldout_size)"), scores
+            scores[lr] = score
+        elif outcome.status == "diverged":
+            scores[lr] = -math.inf
+    if unresolved:
+        return None, f"lr grid {len(grid) - len(unresolved)}/{len(grid)} done", scores
+    if all(o.status == "diverged" for o in grid.values()):
+        return None, "every lr of the grid diverged", scores
+    finished = {lr: scores[lr] for lr, o in grid.items() if o.status == "done"}  # never a diverged one
+    best = max(finished.values())
+    return min(lr for lr, score in finished.items() if score == best), "", scores
+
+
+def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup: Any) -> CellState:
+    """The state of one cell, with ``lookup(run) -> Outcome`` telling what happened to each run."""
+    grid = {lr: lookup(composer.run(method, task, lr, plan.seeds[0])) for lr in plan.grid(method)}
+    state = CellState(method, task, grid)
+    state.chosen, state.why_not, state.scores = choose_lr(task, grid)
+    if state.chosen is not None:
+        state.seeds = {seed: grid[state.chosen] if seed == plan.seeds[0] else
+                       lookup(composer.run(method, task, state.chosen, seed)) for seed in plan.seeds}
+    return state
+
+
+def read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def outcome_in_dir(run: PlannedRun, retry_failed: bool = False) -> Outcome:
+    """What ``run``'s own directory says (``lrzoo-sweep``): finished with this configuration, diverged, or pending."""
+    result = read_json(run.run_dir / "results.json")
+    if result is not None and result.get("config_hash") == run.config_hash:
+        return Outcome("done", result, run.run_dir)
+    status = read_json(run.run_dir / STATUS_FILE)
+    if status and status.get("config_hash") == run.config_hash and status.get("status") == "diverged" and not retry_failed:
+        return Outcome("diverged", None, run.run_dir, status.get("detail", ""))
+    return Outcome("pending", None, run.run_dir)
+
+
+class RunIndex:
+    """Every finished run and sweep status under a directory, by :func:`plan_key` and seed (``lrzoo-report``:
+    finds a plan's runs wherever the tree was moved and whatever ``task.data_dir`` was)."""
+
+    def __init__(self, root: Path):
+        self.results: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
+        self.statuses: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
+        for path in sorted(Path(root).rglob("results.json")):
+            result = read_json(path)
+            if isinstance(result, dict) and isinstance(result.get("config"), dict):
+                self.results.setdefault((plan_key(result["config"]), result.get("seed")), (path.parent, result))
+        for path in sorted(Path(root).rglob(STATUS_FILE)):
+            status = read_json(path)
+            if isinstance(status, dict) and "key" in status:
+                self.statuses.setdefault((status["key"], status.get("seed")), (path.parent, status))
+
+    def __call__(self, run: PlannedRun) -> Outcome:
+        if (run.key, run.seed) in self.results:
+            run_dir, result = self.results[(run.key, run.seed)]
+            return Outcome("done", result, run_dir)
+        if (run.key, run.seed) in self.statuses:
+            run_dir, status = self.statuses[(run.key, run.seed)]
+            return Outcome(status.get("status", "failed"), None, run_dir, status.get("detail", ""))
+        return Outcome("pending")
+
+
+def iter_states(plan: Plan, composer: Composer, lookup: Any) -> Iterator[CellState]:
+    for method, task in plan.cells():
+        yield cell_state(plan, composer, method, task, lookup)

@@ -1,0 +1,271 @@
+"""``lrzoo-sweep PLAN``: run a tuned comparison (learning rate chosen on held-out training rows, then seeds).
+
+    lrzoo-sweep recipes/sweeps/glue_tuned.yaml                      # everything, 2 runs at a time
+    lrzoo-sweep recipes/sweeps/glue_tuned.yaml --only lora,dora --tasks glue/mrpc --dry-run
+    lrzoo-sweep recipes/sweeps/glue_tuned.yaml --max-minutes 120    # launch nothing new after 2 hours
+
+For every cell (method × task of the plan, :mod:`lrzoo.cli.plan`): stage 1 trains the method at each
+learning rate of its grid with the first seed; once the whole grid has finished, the rate with the best
+held-out score (``selection_score``; ties: the smaller rate) is chosen and stage 2 trains the other
+seeds at it. Cells are completed method by method (every task of a method, then the next method): the
+scheduler always starts the earliest ready run of the plan, so at most the two or three cells in flight
+are incomplete when the sweep stops.
+
+Each run is a separate ``python -m lrzoo.cli.train`` process with ``OMP_NUM_THREADS=1``, ``--jobs`` at a
+time, its stdout and stderr appended to ``sweep.log`` in its run directory. Runs whose ``results.json``
+holds the same configuration are not started again, so stopping the sweep (Ctrl-C, ``kill``: the runs in
+flight are stopped with it) and starting the same command continues it; an interrupted run resumes from
+its checkpoint if it wrote one (``trainer.save_every``), else starts over. A run that diverges is
+recorded as such in its directory (``sweep-status.json``) and counts as its grid point's worst score; it
+is not retried unless ``--retry-failed``. Any other failure is listed at the end (exit status 1) and
+retried by the next invocation; the other runs go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .plan import LOG_FILE, STATUS_FILE, CellState, Composer, Outcome, Plan, PlannedRun, PlanError, cell_state, \
+    format_lr, load_plan, outcome_in_dir
+
+#: what a diverged run prints (lrzoo.train.divergence): such a run is final, not a failure to retry
+DIVERGED_MARK = "Training diverged"
+POLL_S = 0.5
+#: seconds a stopped run gets to exit after SIGTERM before SIGKILL
+STOP_GRACE_S = 30
+
+
+def train_env(threads: int = 1) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch_train(run: PlannedRun, log, threads: int = 1) -> subprocess.Popen:
+    """``python -m lrzoo.cli.train <overrides>`` in a session of its own (stopped by :func:`run_plan`)."""
+    return subprocess.Popen([sys.executable, "-m", "lrzoo.cli.train", *run.overrides], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=train_env(threads),
+                            start_new_session=True)
+
+
+def shown_command(run: PlannedRun) -> str:
+    return "OMP_NUM_THREADS=1 lrzoo-train " + " ".join(run.overrides)
+
+
+@dataclass
+class Running:
+    run: PlannedRun
+    process: subprocess.Popen
+    log: object
+    log_start: int
+    started: float
+
+
+class Sweep:
+    """The scheduler: which run is ready next, what happened to the finished ones."""
+
+    def __init__(self, plan: Plan, composer: Optional[Composer] = None, retry_failed: bool = False):
+        self.plan = plan
+        self.composer = composer or Composer(plan)
+        self.retry_failed = retry_failed
+        self.failed: dict[Path, str] = {}          # this invocation's failures: not retried until the next one
+        self.running: dict[Path, Running] = {}
+
+    def lookup(self, run: PlannedRun) -> Outcome:
+        if run.run_dir in self.running:
+            return Outcome("running", None, run.run_dir)
+        if run.run_dir in self.failed:
+            return Outcome("failed", None, run.run_dir, self.failed[run.run_dir])
+        return outcome_in_dir(run, self.retry_failed)
+
+    def states(self) -> list[CellState]:
+        return [cell_state(self.plan, self.composer, method, task, self.lookup) for method, task in self.plan.cells()]
+
+    def ready(self, states: Optional[list[CellState]] = None) -> list[PlannedRun]:
+        """Runs that can start now, in plan order: a cell's pending grid runs, or its pending seeds once chosen."""
+        out = []
+        for state in states if states is not None else self.states():
+            if state.chosen is None:
+                lrs = [lr for lr, o in state.grid.items() if o.status == "pending"]
+                out += [self.composer.run(state.method, state.task, lr, self.plan.seeds[0]) for lr in lrs]
+            else:
+                seeds = [s for s, o in state.seeds.items() if o.status == "pending"]
+                out += [self.composer.run(state.method, state.task, state.chosen, s) for s in seeds]
+        return out
+
+    def finish(self, item: Running, returncode: int) -> str:
+        """Record a run that exited: done, diverged (final) or failed (retried next time)."""
+        item.log.close()
+        run = item.run
+        status_path = run.run_dir / STATUS_FILE
+        if outcome_in_dir(run).status == "done":
+            if status_path.exists():
+                status_path.unlink()
+            return "done"
+        with open(run.run_dir / LOG_FILE, "rb") as handle:
+            handle.seek(item.log_start)
+            text = handle.read().decode(errors="replace")
+        diverged = DIVERGED_MARK in text
+        lines = [line for line in text.splitlines() if line.strip()]
+        detail = next((line.strip() for line in lines if DIVERGED_MARK in line), lines[-1].strip() if lines else "")
+        status = {"status": "diverged" if diverged else "failed", "returncode": returncode, "detail": detail[:500],
+                  "config_hash": run.config_hash, "key": run.key, "seed": run.seed, "method": run.method,
+                  "task": run.task, "lr": run.lr, "log": LOG_FILE, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        status_path.write_text(json.dumps(status, indent=1) + "\n")
+        if not diverged:
+            self.failed[run.run_dir] = f"exit status {returncode}: {detail[:300]}"
+        return status["status"]
+
+
+def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry_run: bool = False,
+             retry_failed: bool = False, threads: int = 1, composer: Optional[Composer] = None,
+             launch: Optional[Callable[[PlannedRun, object], subprocess.Popen]] = None,
+             out: Callable[[str], None] = print) -> int:
+    """Run (or, ``dry_run``, list) what is left of ``plan``. Returns the exit status: 0 when nothing failed
+    (also when ``max_minutes`` stopped it with runs left), 1 with failures, 130 when interrupted."""
+    sweep = Sweep(plan, composer, retry_failed)
+    launch = launch or (lambda run, log: launch_train(run, log, threads))
+    start = time.monotonic()
+    deadline = start + 60 * max_minutes if max_minutes is not None else None
+    states = sweep.states()
+    total = sum(len(plan.grid(m)) + len(plan.seeds) - 1 for m, _ in plan.cells())
+    done = sum(s.grid_done + max(s.seeds_done - 1, 0) for s in states)
+    out(f"[lrzoo-sweep] {plan.path}: {len(plan.methods)} methods × {len(plan.tasks)} tasks, "
+        f"{total} runs planned ({done} finished or diverged)")
+    if dry_run:
+        for run in sweep.ready(states):
+            out(shown_command(run))
+        waiting = [s for s in states if s.chosen is None]
+        if waiting:
+            out(f"# then, for {len(waiting)} cell(s) whose lr grid is not complete yet: seeds "
+                f"{','.join(map(str, plan.seeds[1:]))} at the chosen lr")
+        return 0
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    launched, durations, changed = 0, [], True
+    try:
+        while True:
+            if changed and len(sweep.running) < jobs and (deadline is None or time.monotonic() < deadline):
+                changed = False  # what can start changes only when a run ends: no re-reading the tree meanwhile
+                for run in sweep.ready():
+                    if len(sweep.running) >= jobs:
+                        break
+                    run.run_dir.mkdir(parents=True, exist_ok=True)
+                    log = open(run.run_dir / LOG_FILE, "ab")
+                    log.write(f"\n===== lrzoo-sweep {time.strftime('%Y-%m-%d %H:%M:%S')}: {shown_command(run)}\n".encode())
+                    log.flush()
+                    sweep.running[run.run_dir] = Running(run, launch(run, log), log, log.tell(), time.monotonic())
+                    launched += 1
+                    out(f"[lrzoo-sweep] start {run.label()} -> {run.run_dir}")
+            if not sweep.running:
+                break
+            time.sleep(POLL_S)
+            for key, item in list(sweep.running.items()):
+                code = item.process.poll()
+                if code is None:
+                    continue
+                del sweep.running[key]
+                changed = True
+                status = sweep.finish(item, code)
+                took = time.monotonic() - item.started
+                note = f" (see {item.run.run_dir / LOG_FILE})" if status != "done" else ""
+                if status != "failed":
+                    done += 1
+                    durations.append(took)
+                    left = max(total - done, 0)
+                    note += (f" [{done}/{total} runs; ~{left * statistics.fmean(durations) / jobs / 3600:.1f} h left "
+                             "at this pace]")
+                out(f"[lrzoo-sweep] {status} {item.run.label()} in {took / 60:.1f} min{note}")
+    except KeyboardInterrupt:
+        stopped = _stop(sweep.running.values())
+        out(f"[lrzoo-sweep] interrupted: stopped {stopped} run(s) in flight; run the same command again to continue")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return _summary(sweep, launched, time.monotonic() - start, deadline is not None and time.monotonic() >= deadline,
+                    out)
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM (kill) stops the sweep like Ctrl-C
+    raise KeyboardInterrupt
+
+
+def _stop(items) -> int:
+    """SIGTERM every run in flight (its whole process group: the runs were started in sessions of their own),
+    SIGKILL what is still there after :data:`STOP_GRACE_S`."""
+    items = list(items)
+    for item in items:
+        try:
+            os.killpg(item.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + STOP_GRACE_S
+    for item in items:
+        try:
+            item.process.wait(timeout=max(end - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(item.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            item.process.wait()
+        item.log.close()
+    return len(items)
+
+
+def _summary(sweep: Sweep, launched: int, seconds: float, timed_out: bool, out: Callable[[str], None]) -> int:
+    states = sweep.states()
+    n_seeds = len(sweep.plan.seeds)
+    complete = sum(s.complete(n_seeds) for s in states)
+    left = len(sweep.ready(states))
+    out(f"[lrzoo-sweep] {launched} run(s) in {seconds / 60:.1f} min; {complete}/{len(states)} cells complete")
+    for state in states:
+        if state.chosen is not None and state.complete(n_seeds):
+            continue
+        why = state.why_not or f"{state.seeds_done}/{n_seeds} seeds at lr={format_lr(state.chosen)}"
+        out(f"  incomplete: {state.method.name} {state.task}: {why}")
+    if timed_out and left:
+        out(f"[lrzoo-sweep] --max-minutes reached with {left} run(s) ready to start: run the same command to continue")
+    if sweep.failed:
+        out(f"[lrzoo-sweep] {len(sweep.failed)} run(s) failed (retried when the sweep is run again):")
+        for run_dir, why in sweep.failed.items():
+            out(f"  {run_dir}: {why} (log: {run_dir / LOG_FILE})")
+        return 1
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point of ``lrzoo-sweep``."""
+    parser = argparse.ArgumentParser(prog="lrzoo-sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("plan", help="sweep plan (YAML), e.g. recipes/sweeps/glue_tuned.yaml")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2), one thread each")
+    parser.add_argument("--only", default=None, help="comma-separated methods of the plan to run")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks of the plan to run")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no run after this many minutes (the runs in flight finish)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands that would start now")
+    parser.add_argument("--retry-failed", action="store_true", help="also re-run the runs recorded as diverged")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (default 1)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be at least 1")
+    try:
+        plan = load_plan(args.plan).filtered(args.only.split(",") if args.only else None,
+                                             args.tasks.split(",") if args.tasks else None)
+    except PlanError as err:
+        parser.error(str(err))
+    sys.exit(run_plan(plan, jobs=args.jobs, max_minutes=args.max_minutes, dry_run=args.dry_run,
+                      retry_failed=args.retry_failed, threads=args.threads))
+
+
+if __name__ == "__main__":
+    main()

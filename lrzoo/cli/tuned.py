@@ -1,0 +1,331 @@
+"""``lrzoo-report DIR --plan PLAN``: the tuned comparison of a sweep plan (:mod:`lrzoo.cli.plan`).
+
+Per (method, task) only the configuration at the learning rate chosen on the held-out training slice
+is shown: the mean over seeds of the dev primary metric, its 95% bootstrap interval over dev examples
+pooled over seeds (:mod:`lrzoo.cli.intervals`, from each run's ``predictions.json``), and whether it is
+statistically tied with the best method of its column (paired bootstrap of the difference). Every
+planned cell appears: one whose grid or seeds have not all finished reads ``— (missing: ...)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from . import intervals
+from .plan import CellState, Composer, Plan, RunIndex, cell_state, format_lr, read_json
+
+CSV_FIELDS = ("model", "method", "task", "metric", "status", "chosen_lr", "n_seeds", "planned_seeds", "mean",
+              "ci_low", "ci_high", "diff_to_best", "diff_low", "diff_high", "verdict", "trainable_params")
+AVERAGE = "average"
+
+
+@dataclass
+class Cell:
+    method: str
+    task: str
+    state: CellState
+    planned_seeds: int
+    metric: Optional[str] = None
+    scores: list[Optional[float]] = field(default_factory=list)     # dev primary metric per seed
+    predictions: list[Optional[list]] = field(default_factory=list)  # per seed, None: no predictions.json
+    references: Optional[list] = None
+    model: Optional[str] = None
+    trainable_params: Optional[int] = None
+    mean: Optional[float] = None
+    replicates: Optional[np.ndarray] = None
+    interval: tuple[float, float] = (math.nan, math.nan)
+    diff: Optional[tuple[float, float, float, str]] = None   # (point, low, high, verdict) vs the column's best
+    best: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.state.complete(self.planned_seeds)
+
+    def missing(self) -> str:
+        s = self.state
+        if s.chosen is None:
+            failed = [f"lr={format_lr(lr)} failed" for lr, o in s.grid.items() if o.status == "failed"]
+            if not s.grid_done and not failed:
+                return "not run"
+            return s.why_not + (f" ({', '.join(failed)})" if failed else "")
+        failed = [f"seed {seed} {o.status}" for seed, o in s.seeds.items() if o.status in ("diverged", "failed")]
+        return f"{s.seeds_done}/{self.planned_seeds} seeds done" + (f", {', '.join(failed)}" if failed else "")
+
+
+def dev_set(predictions: dict[str, Any], task: str) -> Optional[dict[str, Any]]:
+    """The dev entry of a run's ``predictions.json`` (the set named like the task, else the only one that is
+    not a held-out slice)."""
+    sets = (predictions or {}).get("sets") or {}
+    if task in sets:
+        return sets[task]
+    dev = [entry for name, entry in sets.items() if not name.startswith("heldout/")]
+    return dev[0] if len(dev) == 1 else None
+
+
+def _comparable(entry: dict[str, Any], task: str) -> tuple[list, list, str]:
+    """``(predictions, references, metric)`` to bootstrap: generation answers become correct/incorrect
+    (accuracy), log-likelihood choices are compared with the gold index."""
+    predictions, references = list(entry["predictions"]), list(entry["references"])
+    metric = entry.get("primary_metric", "accuracy")
+    if entry.get("kind") == "generation":
+        from ..tasks import get_task
+
+        checker = get_task(entry.get("task", task))
+        predictions = [p is not None and bool(checker.is_correct(str(p), str(r))) for p, r in zip(predictions, references)]
+        references = [True] * len(references)
+        metric = "accuracy"
+    return predictions, references, metric
+
+
+def dev_score(result: dict[str, Any], task: str) -> Optional[float]:
+    """The dev primary metric of a finished run from its ``results.json`` (not the held-out one)."""
+    metric = result.get("primary_metric")
+    metrics = result.get("metrics") or {}
+    for key in (f"{task}/{metric}", metric):
+        if key in metrics:
+            return metrics[key]
+    return result.get("score")
+
+
+def build_cells(root: Path, plan: Plan, replicates: int = intervals.REPLICATES) -> dict[tuple[str, str], Cell]:
+    """Every planned cell with its chosen lr, per-seed dev scores, and (complete cells with predictions)
+    bootstrap replicates, interval and paired difference to the best of its task."""
+    composer, index = Composer(plan), RunIndex(root)
+    cells: dict[tuple[str, str], Cell] = {}
+    for method, task in plan.cells():
+        state = cell_state(plan, composer, method, task, index)
+        cell = cells[(method.name, task)] = Cell(method.name, task, state, len(plan.seeds))
+        for outcome in [*state.grid.values(), *state.seeds.values()]:
+            if outcome.result:
+                cell.model = cell.model or outcome.result.get("model")
+                cell.metric = cell.metric or outcome.result.get("primary_metric")
+        if not cell.complete:
+            continue
+        for seed in plan.seeds:
+            outcome = state.seeds[seed]
+            cell.trainable_params = outcome.result.get("trainable_params")
+            entry = dev_set(read_json(outcome.run_dir / "predictions.json") or {}, task) if outcome.run_dir else None
+            if entry is not None:
+                predictions, references, metric = _comparable(entry, task)
+                cell.metric = entry.get("primary_metric", cell.metric)
+                if cell.references is None:
+                    cell.references = references
+                cell.predictions.append(predictions if references == cell.references and None not in predictions
+                                        else None)
+                usable = None not in predictions
+                cell.scores.append(intervals.point_metric(metric, predictions, references) if usable else None)
+            else:
+                cell.predictions.append(None)
+                cell.scores.append(dev_score(outcome.result, task))
+        if all(s is not None for s in cell.scores):
+            cell.mean = statistics.fmean(cell.scores)
+    for task in plan.tasks:
+        _bootstrap_task([c for c in cells.values() if c.task == task and c.mean is not None], task, replicates)
+    return cells
+
+
+def _bootstrap_task(column: list[Cell], task: str, replicates: int) -> None:
+    references = next((c.references for c in column if c.references is not None), None)
+    if references is not None:
+        indices = intervals.replicate_indices(len(references), task, replicates)
+        for cell in column:
+            if cell.references == references and all(p is not None for p in cell.predictions):
+                metric = _bootstrap_metric(cell)
+                cell.replicates = intervals.cell_replicates(metric, cell.predictions, references, indices)
+                cell.interval = intervals.percentile_interval(cell.replicates)
+    _compare(column)
+
+
+def _bootstrap_metric(cell: Cell) -> str:
+    return "accuracy" if cell.references and all(r is True for r in cell.references) else cell.metric
+
+
+def _compare(column: list[Any]) -> None:
+    """Mark the best mean of a column and each other's paired difference to it (point, interval, verdict)."""
+    finite = [c for c in column if c.mean is not None and math.isfinite(c.mean)]
+    if not finite:
+        return
+    best = max(finite, key=lambda c: c.mean)
+    best.best = True
+    for cell in finite:
+        if cell is best:
+            continue
+        if cell.replicates is not None and best.replicates is not None:
+            low, high, verdict = intervals.paired_difference(cell.replicates, best.replicates)
+        else:
+            low, high, verdict = math.nan, math.nan, "n/a"
+        cell.diff = (cell.mean - best.mean, low, high, verdict)
+
+
+@dataclass
+class Average:
+    """A method's mean over the plan's tasks (only when complete on every task); its bootstrap averages the
+    tasks' replicates (the tasks' resamples are independent)."""
+
+    method: str
+    mean: float
+    replicates: Optional[np.ndarray]
+    interval: tuple[float, float] = (math.nan, math.nan)
+    diff: Optional[tuple[float, float, float, str]] = None
+    best: bool = False
+
+
+def averages(cells: dict[tuple[str, str], Cell], plan: Plan) -> dict[str, Average]:
+    out = {}
+    for method in plan.methods:
+        mine = [cells[(method.name, task)] for task in plan.tasks]
+        if len(plan.tasks) < 2 or not all(c.mean is not None for c in mine):
+            continue
+        reps = (np.mean([c.replicates for c in mine], axis=0) if all(c.replicates is not None for c in mine)
+                else None)
+        out[method.name] = Average(method.name, statistics.fmean(c.mean for c in mine), reps,
+                                   intervals.percentile_interval(reps) if reps is not None else (math.nan, math.nan))
+    _compare(list(out.values()))
+    return out
+
+
+def _value(mean: float, interval: tuple[float, float], bold: bool) -> str:
+    shown = f"**{100 * mean:.2f}**" if bold else f"{100 * mean:.2f}"
+    if all(math.isfinite(v) for v in interval):
+        shown += f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+    return shown
+
+
+def _tied(item: Any) -> bool:
+    return item.best or (item.diff is not None and item.diff[3] == "tied")
+
+
+def _shown_cell(cell: Cell) -> str:
+    if cell.mean is None:
+        if cell.complete:
+            return "— (undefined: a seed's score is null)"
+        return f"— (missing: {cell.missing()})"
+    return _value(cell.mean, cell.interval, _tied(cell))
+
+
+def _shown_diff(item: Any) -> str:
+    if item is None:
+        return "—"
+    if item.best:
+        return "best"
+    if item.diff is None:
+        return "—"
+    point, low, high, verdict = item.diff
+    if verdict == "n/a":
+        return f"{100 * point:+.2f} (no interval)"
+    return f"{100 * point:+.2f} [{100 * low:+.1f}, {100 * high:+.1f}] {verdict}"
+
+
+def _shown_lr(cell: Cell) -> str:
+    s = cell.state
+    parts = []
+    for lr, outcome in s.grid.items():
+        score = s.scores.get(lr)
+        text = ("diverged" if outcome.status == "diverged" else f"{100 * score:.1f}" if score is not None and
+                math.isfinite(score) else "null" if score is not None else "—")
+        parts.append(f"**{text}**" if lr == s.chosen else text)
+    chosen = format_lr(s.chosen) if s.chosen is not None else "—"
+    return f"{chosen} ({' / '.join(parts)})"
+
+
+def _primary(task: str) -> str:
+    from ..tasks import get_task
+
+    try:
+        return get_task(task).primary_metric
+    except (KeyError, ValueError):
+        return "?"
+
+
+def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Average], replicates: int) -> str:
+    tasks = list(plan.tasks)
+    models = sorted({c.model for c in cells.values() if c.model}) or ["?"]
+    metric_of = {t: next((c.metric for c in cells.values() if c.task == t and c.metric), None) or _primary(t)
+                 for t in tasks}
+    with_avg = len(tasks) > 1
+    header = ["method", *(f"{t} ({metric_of[t]})" for t in tasks)] + ([AVERAGE] if with_avg else [])
+    rule = "|" + "---|" * len(header)
+    main = [f"### Tuned comparison: {Path(plan.path).name} ({', '.join(models)}, seeds "
+            f"{','.join(map(str, plan.seeds))})", "", "| " + " | ".join(header) + " |", rule]
+    diffs = ["### Difference to the best method of each column (paired bootstrap)", "",
+             "| " + " | ".join(header) + " |", rule]
+    lrs = ["### Learning rate chosen on the held-out training slice", "",
+           "| method | lr grid | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+    for method in plan.methods:
+        row = [cells[(method.name, t)] for t in tasks]
+        a = avg.get(method.name)
+        main.append("| " + " | ".join([method.name, *(_shown_cell(c) for c in row)] +
+                                       ([_value(a.mean, a.interval, _tied(a)) if a else "—"] if with_avg else [])) + " |")
+        diffs.append("| " + " | ".join([method.name, *(_shown_diff(c) if c.mean is not None else "—" for c in row)] +
+                                        ([_shown_diff(a)] if with_avg else [])) + " |")
+        lrs.append("| " + " | ".join([method.name, ", ".join(format_lr(x) for x in plan.grid(method)),
+                                      *(_shown_lr(c) for c in row)]) + " |")
+    missing = [c for c in cells.values() if not c.complete]
+    complete = len(cells) - len(missing)
+    note = (f"Dev scores ×100: mean over {len(plan.seeds)} seeds at the learning rate chosen per method and task on "
+            "the held-out slice of the training set (never on dev), with a 95% bootstrap interval over dev examples "
+            f"pooled over seeds ({replicates} replicates of the dev set, fixed RNG; the same resampled examples for "
+            "every seed and every method of a task; percentile interval). **Bold**: the best mean of the column and "
+            "every cell statistically tied with it (the paired bootstrap 95% interval of its difference to the best "
+            "contains 0); a cell not in bold is really worse than the best. The average is the mean over tasks "
+            "(shown only for methods complete on every task; its interval averages the tasks' replicates). "
+            f"{complete}/{len(cells)} cells complete; a missing cell says what is missing.")
+    lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "
+               "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished).")
+    parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), lr_note]
+    if missing:
+        parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
+    return "\n\n".join(parts) + "\n"
+
+
+def csv_rows(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Average]) -> list[dict[str, Any]]:
+    rows = []
+
+    def number(value: Optional[float]) -> Any:
+        return "" if value is None or not math.isfinite(value) else round(100 * value, 4)
+
+    for (method, task), c in cells.items():
+        verdict = "best" if c.best else c.diff[3] if c.diff else ("missing" if not c.complete else "")
+        rows.append({"model": c.model or "", "method": method, "task": task, "metric": c.metric or "",
+                     "status": "complete" if c.complete else f"missing: {c.missing()}",
+                     "chosen_lr": c.state.chosen if c.state.chosen is not None else "",
+                     "n_seeds": c.state.seeds_done, "planned_seeds": c.planned_seeds, "mean": number(c.mean),
+                     "ci_low": number(c.interval[0]), "ci_high": number(c.interval[1]),
+                     "diff_to_best": number(c.diff[0]) if c.diff else "", "diff_low": number(c.diff[1]) if c.diff else "",
+                     "diff_high": number(c.diff[2]) if c.diff else "", "verdict": verdict,
+                     "trainable_params": c.trainable_params if c.trainable_params is not None else ""})
+    for a in avg.values():
+        rows.append({**{k: "" for k in CSV_FIELDS}, "method": a.method, "task": AVERAGE, "status": "complete",
+                     "mean": number(a.mean), "ci_low": number(a.interval[0]), "ci_high": number(a.interval[1]),
+                     "diff_to_best": number(a.diff[0]) if a.diff else "", "diff_low": number(a.diff[1]) if a.diff else "",
+                     "diff_high": number(a.diff[2]) if a.diff else "", "verdict": "best" if a.best else
+                     (a.diff[3] if a.diff else ""), "n_seeds": len(plan.seeds), "planned_seeds": len(plan.seeds)})
+    return rows
+
+
+def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.REPLICATES) -> str:
+    """Write ``results.md``, ``results.csv`` and ``results.png`` for ``plan``'s runs under ``root``; returns the markdown."""
+    from .report import plot
+
+    cells = build_cells(root, plan, replicates)
+    avg = averages(cells, plan)
+    text = markdown(cells, plan, avg, replicates)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(csv_rows(cells, plan, avg))
+    points = [{"model": c.model or "?", "adapter": c.method, "variant": "", "task": c.task, "mean": 100 * c.mean,
+               "std": 0.0, "ci": (100 * c.interval[0], 100 * c.interval[1]) if math.isfinite(c.interval[0]) else None,
+               "trainable_params": c.trainable_params or 1} for c in cells.values() if c.mean is not None]
+    if points:
+        plot(points, out / "results.png")
+    return text

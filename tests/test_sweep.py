@@ -1,0 +1,328 @@
+"""Tuned comparisons: the held-out training slice (task.heldout_size), sweep plans, the choice of the learning
+rate, and lrzoo-sweep's scheduling (stages, skip, failures, divergence, interruption, time limit), the driver
+with stand-in runs and once end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lrzoo.cli.plan import (STATUS_FILE, Composer, Outcome, PlanError, choose_lr, load_plan, plan_key, format_lr)
+from lrzoo.cli.sweep import run_plan
+from lrzoo.cli.train import HELDOUT_PREFIX, config_hash, run_recipe, split_heldout
+from lrzoo.configs import config_dir
+from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+SWEEPS = config_dir("recipes") / "sweeps"
+
+
+# ---- the held-out slice ----
+
+class Captured(Exception):
+    pass
+
+
+def _captured_sets(monkeypatch, cfg):
+    """What run_recipe hands the trainer (train rows, eval sets), without training."""
+    import lrzoo.train.trainer
+
+    seen = {}
+
+    class Capture:
+        def __init__(self, model, tokenizer, task, train_rows, eval_sets, *args, **kwargs):
+            seen["train"] = [dict(r) for r in train_rows]
+            seen["eval"] = {name: [dict(r) for r in rows] for name, (_, rows) in eval_sets.items()}
+            raise Captured
+
+    monkeypatch.setattr(lrzoo.train.trainer, "Trainer", Capture)
+    with pytest.raises(Captured):
+        run_recipe(cfg, run_dir_of(cfg))
+    return seen
+
+
+def _key(row):
+    return json.dumps(row, sort_keys=True)
+
+
+def test_heldout_slice_is_removed_from_training_the_same_for_every_seed_and_dev_unchanged(tmp_path, monkeypatch):
+    data = write_sst2(tmp_path / "data", train=60, dev=12)
+    plain = _captured_sets(monkeypatch, compose(tiny_run_overrides(data, tmp_path / "runs")))
+    seen = {seed: _captured_sets(monkeypatch, compose(tiny_run_overrides(
+        data, tmp_path / "runs", f"seed={seed}", "+task.heldout_size=20", "trainer.lr=" + lr)))
+        for seed, lr in ((0, "5e-3"), (1, "1e-2"))}
+    assert list(plain["eval"]) == ["glue/sst2"]
+    for run in seen.values():
+        assert list(run["eval"]) == ["glue/sst2", HELDOUT_PREFIX + "glue/sst2"]
+        assert run["eval"]["glue/sst2"] == plain["eval"]["glue/sst2"]            # dev unchanged
+        held = run["eval"][HELDOUT_PREFIX + "glue/sst2"]
+        assert len(held) == 20 and len(run["train"]) == 40
+        assert sorted(map(_key, held + run["train"])) == sorted(map(_key, plain["train"]))  # a partition
+    # the same rows held out whatever the seed and lr, and they are not simply the first ones
+    assert seen[0]["eval"] == seen[1]["eval"] and seen[0]["train"] == seen[1]["train"]
+    assert seen[0]["eval"][HELDOUT_PREFIX + "glue/sst2"] != plain["train"][:20]
+
+
+def test_split_heldout_keeps_order_applies_train_limit_to_the_rest_and_refuses_bad_sizes():
+    rows = [{"i": i} for i in range(50)]
+    train, held = split_heldout(rows, 10, "glue/sst2", batch_size=8)
+    assert [r["i"] for r in train] == sorted(r["i"] for r in train) and len(held) == 10
+    assert not {r["i"] for r in train} & {r["i"] for r in held}
+    limited, held_limited = split_heldout(rows, 10, "glue/sst2", batch_size=8, train_limit=5)
+    assert held_limited == held and limited == train[:5]
+    assert split_heldout(rows, None, "glue/sst2", 8) == (rows, None)
+    for bad in (0, -3, "ten", 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            split_heldout(rows, bad, "glue/sst2", 8)
+    with pytest.raises(ValueError, match="leaves 5 of the 50 training rows of glue/sst2.*fewer than one batch"):
+        split_heldout(rows, 45, "glue/sst2", 8)
+    with pytest.raises(ValueError, match="train_tasks"):
+        split_heldout(rows, 10, "glue/sst2", 8, train_tasks=["glue/sst2", "glue/cola"])
+
+
+def test_a_bad_heldout_size_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
+    import lrzoo.models
+
+    monkeypatch.setattr(lrzoo.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    data = write_sst2(tmp_path / "data", train=20)
+    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", "+task.heldout_size=16"))
+    with pytest.raises(ValueError, match="heldout_size=16 leaves 4 of the 20"):
+        run_recipe(cfg, run_dir_of(cfg))
+
+
+# ---- plans ----
+
+def test_glue_tuned_plan_is_glue_cpu_with_a_grid_around_each_lr():
+    plan = load_plan(SWEEPS / "glue_tuned.yaml")
+    lines = [shlex.split(line) for line in (SWEEPS / "glue_cpu.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert [m.adapter for m in plan.methods] == [tokens[0] for tokens in lines]
+    for method, tokens in zip(plan.methods, lines):
+        lr = next(float(t.split("=")[1]) for t in tokens if t.startswith("trainer.lr="))
+        assert method.centre == lr and list(method.overrides) == [t for t in tokens[1:] if not t.startswith("trainer.lr=")]
+        grid = plan.grid(method)
+        assert len(grid) == 3 and grid[1] == lr
+        assert all(2.9 < b / a < 3.1 for a, b in zip(grid, grid[1:]))       # log-spaced, x3
+    assert plan.tasks == ("glue/sst2", "glue/stsb", "glue/mrpc", "glue/cola") and plan.seeds == (0, 1, 2)
+    assert plan.experiment == "glue_tuned"
+    cfg = compose(["experiment=glue_tuned"])
+    assert cfg.task.heldout_size == 400 and cfg.output_root == "runs/glue-tuned"
+    assert (cfg.adapter.r, cfg.model.name) == (8, "minilm")
+    assert plan.grid(plan.methods[0]) == [3.3e-4, 1e-3, 3e-3] and format_lr(3.3e-4) == "3.3e-4"
+
+
+def test_composed_runs_are_what_the_command_line_gives(tmp_path):
+    plan = load_plan(SWEEPS / "glue_tuned.yaml").filtered(["relora", "loldu"], ["glue/cola"])
+    composer = Composer(plan)
+    for method in plan.methods:
+        for lr, seed in ((plan.grid(method)[0], 0), (plan.grid(method)[2], 2)):
+            run = composer.run(method, "glue/cola", lr, seed)
+            cfg = compose(list(run.overrides))
+            assert str(run.run_dir) == run_dir_of(cfg) and run.config_hash == config_hash(cfg)
+            assert run.overrides[-2:] == (f"trainer.lr={lr!r}", f"seed={seed}") and cfg.trainer.lr == lr
+    # the seeds of a configuration share its key; the lr does not
+    m = plan.methods[0]
+    assert composer.run(m, "glue/cola", m.centre, 0).key == composer.run(m, "glue/cola", m.centre, 1).key
+    assert composer.run(m, "glue/cola", m.centre, 0).key != composer.run(m, "glue/cola", plan.grid(m)[0], 0).key
+
+
+def test_bad_plans_and_filters_are_refused(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text("tasks: [glue/sst2, glue/sst2]\nseeds: []\ngrid: {factor: 1, points: 2}\nmethods: [lora, dora trainer.lr=x]\n"
+                    "extra: 1\n")
+    with pytest.raises(PlanError) as err:
+        load_plan(path)
+    for part in ("unknown key", "tasks:", "seeds:", "grid.factor", "grid.points", "'lora'", "not a number"):
+        assert part in str(err.value)
+    plan = load_plan(SWEEPS / "glue_tuned.yaml")
+    with pytest.raises(PlanError, match="--only nope"):
+        plan.filtered(["nope"])
+    with pytest.raises(PlanError, match="--tasks glue/rte"):
+        plan.filtered(None, ["glue/rte"])
+
+
+def _done(score):
+    return Outcome("done", {"selection_score": score})
+
+
+def test_the_best_heldout_score_wins_ties_go_to_the_smaller_lr_and_divergence_is_worst():
+    assert choose_lr("t", {1e-3: _done(0.8), 3e-3: _done(0.9), 1e-2: _done(0.85)})[0] == 3e-3
+    assert choose_lr("t", {1e-3: _done(0.9), 3e-3: _done(0.9), 1e-2: _done(0.85)})[0] == 1e-3
+    assert choose_lr("t", {1e-3: _done(0.5), 3e-3: _done(None), 1e-2: Outcome("diverged")})[0] == 1e-3
+    assert choose_lr("t", {1e-4: Outcome("diverged"), 1e-3: _done(None)})[0] == 1e-3   # null beats diverged
+    chosen, why, _ = choose_lr("t", {1e-3: _done(0.5), 3e-3: Outcome("failed"), 1e-2: Outcome("pending")})
+    assert chosen is None and why == "lr grid 1/3 done"
+    assert choose_lr("t", {1e-3: Outcome("diverged"), 3e-3: Outcome("diverged")})[1] == "every lr of the grid diverged"
+    # results written before selection_score was recorded: the held-out entry of metrics
+    old = Outcome("done", {"primary_metric": "accuracy", "metrics": {"heldout/t/accuracy": 0.7, "t/accuracy": 0.9}})
+    assert choose_lr("t", {1e-3: old, 3e-3: _done(0.6)})[0] == 1e-3
+    assert "no selection_score" in choose_lr("t", {1e-3: Outcome("done", {"metrics": {}})})[1]
+
+
+# ---- the driver, with stand-in runs ----
+
+def _plan(tmp_path, data, methods=("lora trainer.lr=1e-3", "dora trainer.lr=1e-3"), tasks=("glue/sst2",),
+          seeds=(0, 1, 2), extra=()):
+    path = tmp_path / "plan.yaml"
+    overrides = [*tiny_run_overrides(data, tmp_path / "runs"), "+task.heldout_size=16", *extra]
+    path.write_text(json.dumps({"overrides": [o for o in overrides if not o.startswith("trainer.lr=")],
+                                "tasks": list(tasks), "seeds": list(seeds), "grid": {"factor": 3, "points": 3},
+                                "methods": list(methods)}))
+    return load_plan(path)
+
+
+class FakeRuns:
+    """Launches ``python -c`` stand-ins of lrzoo-train: they write the run's results.json (selection score =
+    ``score(run)``), or fail, diverge or hang as told."""
+
+    def __init__(self, score=None, fail=(), diverge=(), hang=False):
+        self.score = score or (lambda run: 1 - abs(math.log10(run.lr) + 2.5))  # grid 3.3e-4 < 1e-3 < 3e-3
+        self.fail, self.diverge, self.hang, self.launched, self.processes = set(fail), set(diverge), hang, [], []
+
+    def __call__(self, run, log):
+        self.launched.append(run)
+        which = (run.method, run.lr, run.seed)
+        if self.hang:
+            code = "import time; time.sleep(120)"
+        elif which in self.fail:
+            code = "import sys; print('Traceback: something broke'); sys.exit(1)"
+        elif which in self.diverge:
+            code = "import sys; print('[lrzoo] Training diverged: the loss is nan at optimizer step 3'); sys.exit(1)"
+        else:
+            result = {"config_hash": run.config_hash, "config": run.config, "seed": run.seed, "adapter": run.method,
+                      "selection_score": self.score(run), "score": 0.5}
+            code = (f"import json, pathlib; pathlib.Path({str(run.run_dir)!r}, 'results.json')"
+                    f".write_text(json.dumps({result!r}))")
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes.append(process)
+        return process
+
+
+def test_stages_order_skip_failures_and_divergence(tmp_path):
+    plan = _plan(tmp_path, tmp_path / "data")
+    composer = Composer(plan)
+    lora, dora = plan.methods
+    lines = []
+    fake = FakeRuns(fail={("dora", 3.3e-4, 0)}, diverge={("lora", 3e-3, 0), ("lora", 1e-3, 2)})
+    assert run_plan(plan, jobs=2, composer=composer, launch=fake, out=lines.append) == 1
+    launched = [(r.method, r.lr, r.seed) for r in fake.launched]
+    # lora's grid first, its seeds at the chosen lr (3e-3 diverged: the worst; 1e-3 beats 3.3e-4) once the grid is
+    # done (dora's grid may start while lora's finishes); dora gets no seeds: its grid is incomplete
+    assert launched[:3] == [("lora", lr, 0) for lr in (3.3e-4, 1e-3, 3e-3)]
+    assert sorted(launched[3:]) == sorted([("lora", 1e-3, 1), ("lora", 1e-3, 2)] +
+                                          [("dora", lr, 0) for lr in (3.3e-4, 1e-3, 3e-3)])
+    text = "\n".join(lines)
+    assert "1 run(s) failed" in text and "something broke" in text and "incomplete: dora glue/sst2: lr grid 2/3 done" in text
+    assert "incomplete: lora glue/sst2: 2/3 seeds at lr=1e-3" in text
+    import inspect
+
+    import lrzoo.train.divergence
+    from lrzoo.cli.sweep import DIVERGED_MARK
+
+    assert inspect.getsource(lrzoo.train.divergence).count(f'"{DIVERGED_MARK}:') == 2   # what lrzoo-train prints
+    diverged = composer.run(lora, "glue/sst2", 3e-3, 0)
+    status = json.loads((diverged.run_dir / STATUS_FILE).read_text())
+    assert status["status"] == "diverged" and "Training diverged" in status["detail"]
+    assert "Training diverged" in (diverged.run_dir / "sweep.log").read_text()
+    # Again: finished and diverged runs are not started again; the failure is retried, then dora's seeds run.
+    fake = FakeRuns()
+    assert run_plan(plan, jobs=2, composer=Composer(plan), launch=fake) == 0
+    assert [(r.method, r.lr, r.seed) for r in fake.launched][0] == ("dora", 3.3e-4, 0)
+    assert {(r.method, r.seed) for r in fake.launched} == {("dora", 0), ("dora", 1), ("dora", 2)}
+    assert not (composer.run(dora, "glue/sst2", 3.3e-4, 0).run_dir / STATUS_FILE).exists()
+    # --retry-failed re-runs the diverged grid point; now it finishes with the best held-out score, so lora's
+    # choice moves to 3e-3 and its seeds run there (the seed run that diverged at 1e-3 is no longer needed)
+    fake = FakeRuns()
+    assert run_plan(plan, jobs=2, composer=Composer(plan), launch=fake, retry_failed=True) == 0
+    assert [(r.method, r.lr, r.seed) for r in fake.launched][0] == ("lora", 3e-3, 0)
+    assert {(r.method, r.lr, r.seed) for r in fake.launched} == {("lora", 3e-3, s) for s in (0, 1, 2)}
+    fake = FakeRuns()
+    assert run_plan(plan, jobs=2, composer=Composer(plan), launch=fake) == 0 and not fake.launched
+
+
+def test_dry_run_filters_and_time_limit(tmp_path):
+    plan = _plan(tmp_path, tmp_path / "data", tasks=("glue/sst2", "glue/cola"))
+    lines = []
+    fake = FakeRuns()
+    assert run_plan(plan.filtered(["dora"], ["glue/cola"]), dry_run=True, launch=fake, out=lines.append) == 0
+    assert not fake.launched
+    commands = [line for line in lines if "lrzoo-train" in line]
+    assert len(commands) == 3 and all("adapter=dora" in c and "task=glue/cola" in c and "seed=0" in c for c in commands)
+    assert "seeds 1,2 at the chosen lr" in lines[-1]
+    assert run_plan(plan, max_minutes=0, launch=fake, out=lines.append) == 0 and not fake.launched
+    assert "--max-minutes reached with" in lines[-1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_an_interrupted_sweep_stops_its_runs_and_continues_when_run_again(tmp_path, signum):
+    plan = _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), seeds=(0,))
+    hanging = FakeRuns(hang=True)
+    stop = threading.Event()
+
+    def interrupt_once_both_run():  # Ctrl-C or kill, once the two runs are in flight (run_plan handles SIGTERM then)
+        while len(hanging.processes) < 2 and not stop.wait(0.1):
+            pass
+        if not stop.is_set():
+            os.kill(os.getpid(), signum)
+
+    watcher = threading.Thread(target=interrupt_once_both_run)
+    watcher.start()
+    lines = []
+    try:
+        assert run_plan(plan, jobs=2, launch=hanging, out=lines.append) == 130
+    finally:
+        stop.set()
+        watcher.join()
+    assert len(hanging.launched) == 2 and all(r.seed == 0 for r in hanging.launched)
+    assert all(p.poll() is not None for p in hanging.processes)  # stopped, not left running
+    assert "interrupted: stopped 2 run(s)" in lines[-1]
+    assert not list((tmp_path / "runs").rglob(STATUS_FILE))  # an interruption is not a failure
+    fake = FakeRuns()
+    assert run_plan(plan, jobs=2, launch=fake) == 0
+    assert sorted(r.lr for r in fake.launched) == [3.3e-4, 1e-3, 3e-3]
+
+
+# ---- end to end, tiny model ----
+
+@pytest.mark.slow
+def test_lrzoo_sweep_then_report_on_a_tiny_model(tmp_path, capsys):
+    """The real thing, kept short: a one-point grid (stage 1) then a second seed at the chosen lr (stage 2)."""
+    from lrzoo.cli.report import main as report
+
+    data = write_sst2(tmp_path / "data", train=48, dev=16)
+    plan = _plan(tmp_path, data, methods=("lora trainer.lr=5e-3",), seeds=(0, 1),
+                 extra=("trainer.max_steps=2", "trainer.eval_batch_size=32"))
+    text = Path(plan.path).read_text().replace('"points": 3', '"points": 1')
+    Path(plan.path).write_text(text)
+    plan = load_plan(plan.path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    sweep = subprocess.run([sys.executable, "-m", "lrzoo.cli.sweep", plan.path, "--jobs", "2"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    assert sweep.stdout.count("[lrzoo-sweep] done") == 2, sweep.stdout
+    results = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("results.json")]
+    assert sorted(r["seed"] for r in results) == [0, 1] and all(r["config"]["trainer"]["lr"] == 5e-3 for r in results)
+    assert all(r["config"]["task"]["heldout_size"] == 16 for r in results)
+    assert all(any(k.startswith(HELDOUT_PREFIX) for k in r["metrics"]) for r in results)
+    assert all(r["selection_score"] is not None for r in results)       # the held-out slice's accuracy
+    assert all((p.parent / "predictions.json").is_file() for p in (tmp_path / "runs").rglob("results.json"))
+    assert all((p.parent / "sweep.log").is_file() for p in (tmp_path / "runs").rglob("results.json"))
+    lines = []
+    assert run_plan(plan, out=lines.append) == 0 and not any(" start " in line for line in lines)
+    assert "1/1 cells complete" in lines[-1]
+    report([str(tmp_path / "runs"), "--plan", plan.path, "--out", str(tmp_path / "report")])
+    out = capsys.readouterr().out
+    assert "1/1 cells complete" in out and "(missing:" not in out
+    assert re.search(r"^\| lora \| \*\*[0-9.]+\*\* \[[0-9.]+, [0-9.]+\] \|$", out, re.M), out  # mean [95% interval]
+    assert (tmp_path / "report" / "results.csv").is_file() and plan_key(results[0]["config"])

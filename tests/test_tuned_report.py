@@ -1,0 +1,197 @@
+"""lrzoo-report --plan: bootstrap intervals over dev examples pooled over seeds, paired differences to the best
+method of a task, the chosen learning rates, and missing cells; on hand-written results.json/predictions.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from lrzoo.cli import intervals
+from lrzoo.cli.plan import Composer, load_plan
+from lrzoo.cli.report import collect
+from lrzoo.cli.report import main as report
+from lrzoo.tasks.metrics import METRICS
+
+
+@pytest.mark.parametrize("metric, kind", [("accuracy", "labels"), ("f1", "labels"), ("matthews_correlation", "labels"),
+                                          ("matthews_correlation", "three"), ("pearson", "scores"),
+                                          ("spearmanr", "scores")])
+def test_vectorised_metrics_are_lrzoo_tasks_metrics_on_each_resample(metric, kind):
+    rng = np.random.default_rng(1)
+    n = 60
+    if kind == "scores":
+        references = rng.uniform(0, 5, n).round(1)
+        predictions = references + rng.normal(0, 1.0, n)
+    else:
+        references = rng.integers(0, 3 if kind == "three" else 2, n)
+        predictions = np.where(rng.random(n) < 0.3, rng.integers(0, 3 if kind == "three" else 2, n), references)
+    indices = intervals.replicate_indices(n, "any", replicates=40)
+    indices[0] = 0  # one degenerate resample: a single example repeated (MCC 0, correlation undefined)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = np.array([METRICS[metric](predictions[i], references[i]) for i in indices], dtype=float)
+    np.testing.assert_allclose(intervals.metric_replicates(metric, predictions, references, indices), direct,
+                               rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def _noisy(references, flip, rng):
+    return np.where(rng.random(len(references)) < flip, 1 - references, references)
+
+
+def test_bootstrap_interval_is_the_percentile_interval_of_seed_means_over_shared_resamples():
+    rng = np.random.default_rng(0)
+    references = rng.integers(0, 2, 300)
+    seeds = [_noisy(references, flip, rng) for flip in (0.1, 0.15, 0.2)]
+    indices = intervals.replicate_indices(300, "glue/sst2", replicates=1000)
+    assert (indices == intervals.replicate_indices(300, "glue/sst2", replicates=1000)).all()   # fixed RNG
+    assert not (indices == intervals.replicate_indices(300, "glue/mrpc", replicates=1000)).all()  # per task
+    replicates = intervals.cell_replicates("accuracy", seeds, references, indices)
+    direct = [np.mean([(p[idx] == references[idx]).mean() for p in seeds]) for idx in indices]
+    np.testing.assert_allclose(replicates, direct)
+    low, high = intervals.percentile_interval(replicates)
+    assert (low, high) == tuple(np.percentile(direct, [2.5, 97.5]))
+    mean = np.mean([(p == references).mean() for p in seeds])
+    assert low < mean < high and 0.03 < high - low < 0.09   # about ±1.96·sqrt(p(1-p)/n), a bit less: seeds share rows
+
+
+def test_the_paired_difference_flags_a_clearly_better_method_and_ties_identical_ones():
+    rng = np.random.default_rng(0)
+    references = rng.integers(0, 2, 400)
+    indices = intervals.replicate_indices(400, "glue/sst2")
+    good = [_noisy(references, 0.1, rng) for _ in range(3)]
+    bad = [_noisy(references, 0.4, rng) for _ in range(3)]
+    close = [p.copy() for p in good]
+    for p in close:
+        p[:2] = 1 - p[:2]
+    reps = {name: intervals.cell_replicates("accuracy", preds, references, indices)
+            for name, preds in (("good", good), ("bad", bad), ("same", [p.copy() for p in good]), ("close", close))}
+    low, high, verdict = intervals.paired_difference(reps["bad"], reps["good"])
+    assert verdict == "worse" and high < -0.2
+    assert intervals.paired_difference(reps["same"], reps["good"]) == (0.0, 0.0, "tied")
+    assert intervals.paired_difference(reps["close"], reps["good"])[2] == "tied"
+    assert intervals.paired_difference(reps["good"], reps["bad"])[2] == "better"
+
+
+# ---- the tuned report on a hand-written run tree ----
+
+N_DEV = {"glue/sst2": 300, "glue/stsb": 200}
+
+
+def _plan(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text(json.dumps({
+        "overrides": ["model=tiny_bert", "task.data_dir=/nowhere", f"output_root={tmp_path / 'runs'}",
+                      "+task.heldout_size=16"],
+        "tasks": ["glue/sst2", "glue/stsb"], "seeds": [0, 1, 2], "grid": {"factor": 3, "points": 3},
+        "methods": ["lora trainer.lr=1e-3", "dora trainer.lr=1e-3", "lora_xs trainer.lr=1e-2"]}))
+    return load_plan(path)
+
+
+def _dev(task, quality, seed):
+    """References and one seed's predictions: ``quality`` good/bad; the same for lora and dora (a tie)."""
+    rng = np.random.default_rng(7)
+    n = N_DEV[task]
+    if task == "glue/sst2":
+        references = rng.integers(0, 2, n)
+        noise = np.random.default_rng(100 + seed).random(n)
+        predictions = np.where(noise < (0.08 if quality == "good" else 0.4), 1 - references, references)
+        return references.tolist(), predictions.tolist(), "accuracy", "classification"
+    references = rng.uniform(0, 5, n)
+    noise = np.random.default_rng(100 + seed).normal(0, 0.6 if quality == "good" else 3.0, n)
+    return references.tolist(), (references + noise).tolist(), "pearson", "regression"
+
+
+def _write(run, quality, selection):
+    references, predictions, metric, kind = _dev(run.task, quality, run.seed)
+    score = METRICS[metric](predictions, references)
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "results.json").write_text(json.dumps({
+        "config_hash": run.config_hash, "config": run.config, "seed": run.seed, "adapter": run.method,
+        "model": "tiny_bert", "task": run.task, "primary_metric": metric, "score": score, "selection_score": selection,
+        "metrics": {f"{run.task}/{metric}": score, f"heldout/{run.task}/{metric}": selection, "score": score},
+        "trainable_params": {"lora": 1000, "dora": 1100, "lora_xs": 64}[run.method]}))
+    sets = {run.task: {"task": run.task, "kind": kind, "primary_metric": metric, "references": references,
+                       "predictions": predictions},
+            f"heldout/{run.task}": {"task": run.task, "kind": kind, "primary_metric": metric,
+                                    "references": references[:16], "predictions": predictions[:16]}}
+    (run.run_dir / "predictions.json").write_text(json.dumps({"sets": sets}))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    plan = _plan(tmp_path)
+    composer = Composer(plan)
+    quality = {"lora": "good", "dora": "good", "lora_xs": "bad"}
+    for method in plan.methods:
+        low, mid, high = plan.grid(method)
+        for task in plan.tasks:
+            # held-out scores: the middle lr wins, except lora_xs on sst2 where the two lowest tie (-> the lower)
+            scores = {low: 0.7, mid: 0.8, high: 0.6}
+            if (method.name, task) == ("lora_xs", "glue/sst2"):
+                scores = {low: 0.8, mid: 0.8, high: 0.6}
+            chosen = min(lr for lr in scores if scores[lr] == max(scores.values()))
+            grid = [low, mid, high]
+            if (method.name, task) == ("dora", "glue/stsb"):
+                grid = [low, mid]                                  # missing: one grid point never ran
+            for lr in grid:
+                _write(composer.run(method, task, lr, 0), quality[method.name], scores[lr])
+            if len(grid) < 3:
+                continue
+            seeds = [1] if (method.name, task) == ("lora_xs", "glue/stsb") else [1, 2]   # missing: seed 2
+            for seed in seeds:
+                _write(composer.run(method, task, chosen, seed), quality[method.name], scores[chosen])
+    return plan, tmp_path / "runs"
+
+
+def test_tuned_report_intervals_ties_chosen_lrs_and_missing_cells(tree, tmp_path, capsys):
+    plan, runs = tree
+    out = tmp_path / "report"
+    report([str(runs), "--plan", plan.path, "--out", str(out)])
+    text = (out / "results.md").read_text()
+    assert capsys.readouterr().out.startswith(text)
+    table = text.split("\n\n")[1].splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
+    # sst2: lora and dora identical -> both bold (one best, one tied); lora_xs really worse (not bold)
+    assert rows["lora"].split(" | ")[1].startswith("**") and rows["dora"].split(" | ")[1].startswith("**")
+    assert not rows["lora_xs"].split(" | ")[1].startswith("**")
+    # missing cells are shown, with what is missing; averages only for complete rows
+    assert "— (missing: lr grid 2/3 done)" in rows["dora"] and "— (missing: 2/3 seeds done)" in rows["lora_xs"]
+    assert rows["lora"].split(" | ")[-1].startswith("**") and rows["dora"].endswith("| — |")
+    assert "- dora × glue/stsb: lr grid 2/3 done" in text and "- lora_xs × glue/stsb: 2/3 seeds done" in text
+    assert "4/6 cells complete" in text
+    diffs = text.split("### Difference")[1]
+    assert "+0.00 [+0.0, +0.0] tied" in diffs and "worse" in diffs and "best" in diffs
+    # chosen lr: the middle of the grid, or the smaller of two tied grid points
+    lrs = {line.split(" | ")[0].strip("| "): line for line in text.split("### Learning rate")[1].splitlines()
+           if line.startswith("| lo") or line.startswith("| do")}
+    assert "| 1e-3 (70.0 / **80.0** / 60.0)" in lrs["lora"]
+    assert "| 3.3e-3 (**80.0** / 80.0 / 60.0)" in lrs["lora_xs"]
+
+    with open(out / "results.csv", newline="") as handle:
+        csv_rows = {(r["method"], r["task"]): r for r in csv.DictReader(handle)}
+    assert set(csv_rows) == {(m, t) for m in ("lora", "dora", "lora_xs") for t in ("glue/sst2", "glue/stsb", "average")} \
+        - {("dora", "average"), ("lora_xs", "average")}
+    # the interval is the direct computation: the task's shared resamples, accuracy per seed, mean over seeds
+    references = _dev("glue/sst2", "good", 0)[0]
+    seeds = [_dev("glue/sst2", "good", s)[1] for s in (0, 1, 2)]
+    indices = intervals.replicate_indices(len(references), "glue/sst2")
+    direct = [np.mean([(np.array(p)[i] == np.array(references)[i]).mean() for p in seeds]) for i in indices]
+    low, high = np.percentile(direct, [2.5, 97.5])
+    row = csv_rows[("lora", "glue/sst2")]
+    assert float(row["ci_low"]) == pytest.approx(100 * low, abs=1e-3) and float(row["ci_high"]) == pytest.approx(100 * high, abs=1e-3)
+    assert float(row["mean"]) == pytest.approx(100 * np.mean([(np.array(p) == references).mean() for p in seeds]))
+    assert row["chosen_lr"] == "0.001" and row["n_seeds"] == "3"
+    assert {csv_rows[("lora", "glue/sst2")]["verdict"], csv_rows[("dora", "glue/sst2")]["verdict"]} == {"best", "tied"}
+    assert csv_rows[("lora_xs", "glue/sst2")]["verdict"] == "worse"
+    assert csv_rows[("dora", "glue/stsb")]["status"] == "missing: lr grid 2/3 done"
+    assert (out / "results.png").is_file()
+
+
+def test_plain_report_leaves_out_the_heldout_slice(tree):
+    _, runs = tree
+    rows = collect(runs)
+    assert rows and {row["task"] for row in rows} == {"glue/sst2", "glue/stsb"}
