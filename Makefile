@@ -13,7 +13,7 @@ BENCH_ARGS ?= --quick
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench docs clean results-glue results-glue-tuned gpu-check
+.PHONY: install test demo bench docs clean results-glue results-glue-tuned results-cs-loglik gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ SWEEP_ARGS ?=
 results-glue-tuned: install
 	$(VENV)/bin/lrzoo-sweep recipes/sweeps/glue_tuned.yaml --jobs 2 $(SWEEP_ARGS); status=$$?; \
 	  $(VENV)/bin/lrzoo-report runs/glue-tuned --plan recipes/sweeps/glue_tuned.yaml; exit $$status
+
+# docs/results.md's likelihood-scored commonsense table: every method of recipes/sweeps/cs_loglik.yaml on SmolLM2-135M
+# (20 steps, 200 items x 7 test sets by log-likelihood; about 20 minutes a run on one core), plus the zero-shot base
+# scored by option text. Resumable like results-glue-tuned; the report marks the methods still missing.
+results-cs-loglik: install
+	$(VENV)/bin/lrzoo-sweep recipes/sweeps/cs_loglik.yaml --jobs 2 $(SWEEP_ARGS); status=$$?; \
+	  OMP_NUM_THREADS=1 $(VENV)/bin/lrzoo-train experiment=cs_loglik adapter=zero_shot eval.choices=text > /dev/null || status=1; \
+	  $(VENV)/bin/lrzoo-report runs/cs-loglik --plan recipes/sweeps/cs_loglik.yaml; exit $$status
 
 # Everything that needs CUDA (GPU-marked tests, Triton vs torch on the GPU, lrzoo-bench at the H100 shapes)
 # with one summary, in under 8 minutes; exits 2 with "no CUDA device" elsewhere. Uses the venv when there
