@@ -166,7 +166,11 @@ def test_the_best_heldout_score_wins_ties_go_to_the_smaller_lr_and_divergence_is
     # results written before selection_score was recorded: the held-out entry of metrics
     old = Outcome("done", {"primary_metric": "accuracy", "metrics": {"heldout/t/accuracy": 0.7, "t/accuracy": 0.9}})
     assert choose_lr("t", {1e-3: old, 3e-3: _done(0.6)})[0] == 1e-3
-    assert "no selection_score" in choose_lr("t", {1e-3: Outcome("done", {"metrics": {}})})[1]
+    unscored = Outcome("done", {"metrics": {}})
+    assert "no selection_score" in choose_lr("t", {1e-3: unscored, 3e-3: unscored})[1]
+    # a one-point grid (one lr per method, e.g. the cs_loglik plan) needs no held-out score
+    assert choose_lr("t", {1e-3: unscored})[0] == 1e-3
+    assert choose_lr("t", {1e-3: Outcome("diverged")}) == (None, "its only lr diverged", {})
 
 
 # ---- the driver, with stand-in runs ----

@@ -195,3 +195,46 @@ def test_plain_report_leaves_out_the_heldout_slice(tree):
     _, runs = tree
     rows = collect(runs)
     assert rows and {row["task"] for row in rows} == {"glue/sst2", "glue/stsb"}
+
+
+def test_a_one_point_plan_scored_on_several_sets_has_a_column_per_set(tmp_path):
+    """commonsense/all is one run scored on 7 test sets and the cs_loglik plan has one lr per method: the report
+    needs no held-out selection and shows each eval set (from predictions.json) as its own column."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(json.dumps({
+        "overrides": ["model=tiny_llama", "task.data_dir=/nowhere", f"output_root={tmp_path / 'runs'}"],
+        "tasks": ["commonsense/all"], "seeds": [0], "grid": {"factor": 3, "points": 1},
+        "methods": ["lora trainer.lr=1e-3", "dora trainer.lr=1e-3", "tera trainer.lr=2e-2"]}))
+    plan = load_plan(path)
+    composer = Composer(plan)
+    rng = np.random.default_rng(0)
+    gold = {"commonsense/piqa": rng.integers(0, 2, 150).tolist(), "commonsense/arc_e": rng.integers(0, 4, 150).tolist()}
+    for method, flip in (("lora", 0.1), ("dora", 0.6)):
+        run = composer.run(next(m for m in plan.methods if m.name == method), "commonsense/all", 1e-3, 0)
+        sets = {}
+        for name, references in gold.items():
+            noise = np.random.default_rng(len(name)).random(150)
+            chosen = [(g + 1) % 2 if n < flip else g for g, n in zip(references, noise)]
+            sets[name] = {"task": name, "kind": "loglik", "primary_metric": "accuracy", "references": references,
+                          "predictions": chosen, "predictions_norm": chosen}
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "predictions.json").write_text(json.dumps({"sets": sets}))
+        metrics = {f"{name}/accuracy": float(np.mean(np.array(s["predictions"]) == np.array(s["references"])))
+                   for name, s in sets.items()}
+        (run.run_dir / "results.json").write_text(json.dumps({
+            "config_hash": run.config_hash, "config": run.config, "seed": 0, "adapter": method, "model": "tiny_llama",
+            "task": "commonsense/all", "primary_metric": "accuracy", "score": float(np.mean(list(metrics.values()))),
+            "metrics": metrics, "trainable_params": 10}))
+    out = tmp_path / "report"
+    report([str(tmp_path / "runs"), "--plan", plan.path, "--out", str(out)])
+    text = (out / "results.md").read_text()
+    table = text.split("\n\n")[1].splitlines()
+    assert table[0].startswith("| method | commonsense/piqa (accuracy) | commonsense/arc_e (accuracy) | average")
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table[2:]}
+    assert rows["lora"][1].startswith("**") and not rows["dora"][1].startswith("**")   # lora really better
+    lora_piqa = np.mean(np.array(gold["commonsense/piqa"]) == np.array(
+        [(g + 1) % 2 if n < 0.1 else g for g, n in zip(gold["commonsense/piqa"],
+                                                        np.random.default_rng(len("commonsense/piqa")).random(150))]))
+    assert rows["lora"][1].startswith(f"**{100 * lora_piqa:.2f}** [")
+    assert rows["tera"][1] == "— (missing: not run)"
+    assert "one learning rate (a one-point grid: nothing chosen)" in text and "2/3" not in text

@@ -284,6 +284,9 @@ def choose_lr(task: str, grid: dict[float, Outcome]) -> tuple[Optional[float], s
     """``(chosen lr or None, why none, {lr: selection score})`` from a cell's grid outcomes."""
     scores: dict[float, float] = {}
     unresolved = [lr for lr, o in grid.items() if o.status not in ("done", "diverged")]
+    if len(grid) == 1 and not unresolved:  # a one-point grid (a fixed lr per method): nothing to choose
+        (lr, outcome), = grid.items()
+        return (lr, "", scores) if outcome.status == "done" else (None, "its only lr diverged", scores)
     for lr, outcome in grid.items():
         if outcome.status == "done":
             recorded, score = selection_score(outcome.result or {}, task)

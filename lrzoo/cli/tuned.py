@@ -98,16 +98,38 @@ def build_cells(root: Path, plan: Plan, replicates: int = intervals.REPLICATES) 
     """Every planned cell with its chosen lr, per-seed dev scores, and (complete cells with predictions)
     bootstrap replicates, interval and paired difference to the best of its task."""
     composer, index = Composer(plan), RunIndex(root)
+    states = [cell_state(plan, composer, method, task, index) for method, task in plan.cells()]
+    columns = {task: eval_columns(task, [s for s in states if s.task == task]) for task in plan.tasks}
     cells: dict[tuple[str, str], Cell] = {}
-    for method, task in plan.cells():
-        state = cell_state(plan, composer, method, task, index)
-        cell = cells[(method.name, task)] = Cell(method.name, task, state, len(plan.seeds))
+    for state in states:
+        for column in columns[state.task]:
+            cells[(state.method.name, column)] = _fill_cell(Cell(state.method.name, column, state, len(plan.seeds)),
+                                                            plan)
+    for column in (c for task in plan.tasks for c in columns[task]):
+        _bootstrap_task([c for c in cells.values() if c.task == column and c.mean is not None], column, replicates)
+    return cells
+
+
+def eval_columns(task: str, states: list[CellState]) -> list[str]:
+    """The columns of a plan task: its eval sets other than held-out slices, read from the first finished run's
+    ``predictions.json`` (``commonsense/all`` is scored on 7 test sets), else the task itself."""
+    for state in states:
         for outcome in [*state.grid.values(), *state.seeds.values()]:
-            if outcome.result:
-                cell.model = cell.model or outcome.result.get("model")
-                cell.metric = cell.metric or outcome.result.get("primary_metric")
-        if not cell.complete:
-            continue
+            sets = ((read_json(outcome.run_dir / "predictions.json") or {}).get("sets") or {}) if outcome.run_dir else {}
+            names = [name for name in sets if not name.startswith("heldout/")]
+            if outcome.status == "done" and names:
+                return names
+    return [task]
+
+
+def _fill_cell(cell: Cell, plan: Plan) -> Cell:
+    """Per-seed scores and predictions of a complete cell (its column: an eval set of the cell's runs)."""
+    state, task = cell.state, cell.task
+    for outcome in [*state.grid.values(), *state.seeds.values()]:
+        if outcome.result:
+            cell.model = cell.model or outcome.result.get("model")
+            cell.metric = cell.metric or outcome.result.get("primary_metric")
+    if cell.complete:
         for seed in plan.seeds:
             outcome = state.seeds[seed]
             cell.trainable_params = outcome.result.get("trainable_params")
@@ -126,9 +148,7 @@ def build_cells(root: Path, plan: Plan, replicates: int = intervals.REPLICATES) 
                 cell.scores.append(dev_score(outcome.result, task))
         if all(s is not None for s in cell.scores):
             cell.mean = statistics.fmean(cell.scores)
-    for task in plan.tasks:
-        _bootstrap_task([c for c in cells.values() if c.task == task and c.mean is not None], task, replicates)
-    return cells
+    return cell
 
 
 def _bootstrap_task(column: list[Cell], task: str, replicates: int) -> None:
@@ -177,11 +197,17 @@ class Average:
     best: bool = False
 
 
+def columns_of(cells: dict[tuple[str, str], Cell]) -> list[str]:
+    """The report's columns in plan order: one per task, or per eval set for a task scored on several."""
+    return list(dict.fromkeys(column for _, column in cells))
+
+
 def averages(cells: dict[tuple[str, str], Cell], plan: Plan) -> dict[str, Average]:
     out = {}
+    columns = columns_of(cells)
     for method in plan.methods:
-        mine = [cells[(method.name, task)] for task in plan.tasks]
-        if len(plan.tasks) < 2 or not all(c.mean is not None for c in mine):
+        mine = [cells[(method.name, column)] for column in columns]
+        if len(columns) < 2 or not all(c.mean is not None for c in mine):
             continue
         reps = (np.mean([c.replicates for c in mine], axis=0) if all(c.replicates is not None for c in mine)
                 else None)
@@ -245,7 +271,7 @@ def _primary(task: str) -> str:
 
 
 def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Average], replicates: int) -> str:
-    tasks = list(plan.tasks)
+    tasks = columns_of(cells)
     models = sorted({c.model for c in cells.values() if c.model}) or ["?"]
     metric_of = {t: next((c.metric for c in cells.values() if c.task == t and c.metric), None) or _primary(t)
                  for t in tasks}
@@ -256,7 +282,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             f"{','.join(map(str, plan.seeds))})", "", "| " + " | ".join(header) + " |", rule]
     diffs = ["### Difference to the best method of each column (paired bootstrap)", "",
              "| " + " | ".join(header) + " |", rule]
-    lrs = ["### Learning rate chosen on the held-out training slice", "",
+    lrs = ["### Learning rate chosen on the held-out training slice" if plan.points > 1 else "### Learning rate", "",
            "| method | lr grid | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
     for method in plan.methods:
         row = [cells[(method.name, t)] for t in tasks]
@@ -269,8 +295,9 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                                       *(_shown_lr(c) for c in row)]) + " |")
     missing = [c for c in cells.values() if not c.complete]
     complete = len(cells) - len(missing)
-    note = (f"Dev scores ×100: mean over {len(plan.seeds)} seeds at the learning rate chosen per method and task on "
-            "the held-out slice of the training set (never on dev), with a 95% bootstrap interval over dev examples "
+    chosen = ("the learning rate chosen per method and task on the held-out slice of the training set (never on dev)"
+              if plan.points > 1 else "each method's one learning rate (a one-point grid: nothing chosen)")
+    note = (f"Dev scores ×100: mean over {len(plan.seeds)} seeds at {chosen}, with a 95% bootstrap interval over dev examples "
             f"pooled over seeds ({replicates} replicates of the dev set, fixed RNG; the same resampled examples for "
             "every seed and every method of a task; percentile interval). **Bold**: the best mean of the column and "
             "every cell statistically tied with it (the paired bootstrap 95% interval of its difference to the best "
