@@ -150,7 +150,9 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
                 f"{','.join(map(str, plan.seeds[1:]))} at the chosen lr")
         return 0
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C and kill both stop the sweep; SIGINT is installed explicitly too, as a process started in the
+    # background by a non-interactive shell (or a pytest-xdist worker) inherits it ignored
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     launched, durations, changed = 0, [], True
     try:
         while True:
@@ -190,12 +192,13 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
         out(f"[lrzoo-sweep] interrupted: stopped {stopped} run(s) in flight; run the same command again to continue")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return _summary(sweep, launched, time.monotonic() - start, deadline is not None and time.monotonic() >= deadline,
                     out)
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM (kill) stops the sweep like Ctrl-C
+def _raise_interrupt(signum, frame):  # SIGTERM (kill) and SIGINT (Ctrl-C) stop the sweep
     raise KeyboardInterrupt
 
 
