@@ -258,7 +258,9 @@ def _shown_lr(cell: Cell) -> str:
                 math.isfinite(score) else "null" if score is not None else "—")
         parts.append(f"**{text}**" if lr == s.chosen else text)
     chosen = format_lr(s.chosen) if s.chosen is not None else "—"
-    return f"{chosen} ({' / '.join(parts)})"
+    # the best point at an end of the grid: the optimum may lie beyond it (the cell may be under-tuned)
+    edge = " edge" if s.chosen is not None and len(s.grid) > 1 and s.chosen in (min(s.grid), max(s.grid)) else ""
+    return f"{chosen}{edge} ({' / '.join(parts)})"
 
 
 def _primary(task: str) -> str:
@@ -305,7 +307,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             "(shown only for methods complete on every task; its interval averages the tasks' replicates). "
             f"{complete}/{len(cells)} cells complete; a missing cell says what is missing.")
     lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "
-               "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished).")
+               "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished). `edge`: the best point is "
+               "an end of the grid, so the best rate may lie beyond it and the cell may be under-tuned.")
     parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), lr_note]
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
