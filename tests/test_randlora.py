@@ -144,3 +144,57 @@ def test_wrap_uses_the_fast_layer_and_peft_from_pretrained_keeps_peft_layers(tmp
     model.save_pretrained(tmp_path)
     plain = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path))
     assert {type(m) for m in plain.modules() if isinstance(m, PeftRandLoraLinear)} == {PeftRandLoraLinear}
+
+
+@pytest.mark.parametrize("d_in,d_out", [(64, 64), (64, 96), (96, 64)])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_merged_path_keeps_no_weight_sized_tensor_for_the_backward(d_in, d_out, dropout):
+    """The merged path rebuilds W' (ΔW with dropout) in the backward: it keeps x (and the mask), nothing d_out×d_in.
+
+    Counted as lrzoo-bench counts (one count per storage, parameters and the shared bases excluded).
+    With d_in ≤ d_out that is no more than PEFT, which keeps x and the P×d factor; a wide-input layer
+    still keeps x (N×d_in) where PEFT keeps x·Bf (N×P), the remaining excess (docs/benchmarks.md).
+    """
+    from lrzoo.cli.bench import saved_activation_bytes
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)),
+                           RandLoraConfig(r=8, target_modules=["0"], init_weights=False, randlora_dropout=dropout))
+    layer = model.base_model.model[0].train()
+    exclude = [*model.parameters(), *model.buffers()]
+    x = torch.randn(512, d_in, requires_grad=True)
+    assert materialize_wins(512, d_in, d_out, layer.randlora_lambda["default"].numel(), True)
+    peft_bytes = saved_activation_bytes(lambda: PeftRandLoraLinear.forward(layer, x), exclude)
+    layer.__class__ = FastRandLoraLinear
+    ours = saved_activation_bytes(lambda: layer(x), exclude)
+    mask_bytes = x.numel() if dropout else 0  # the boolean keep-mask
+    assert ours == x.numel() * x.element_size() + mask_bytes, (ours, peft_bytes)
+    if d_in <= d_out and not dropout:
+        assert ours <= peft_bytes, (ours, peft_bytes)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(24, 40), (40, 24), (32, 32)])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_merged_path_backward_is_bit_identical_to_keeping_w_prime(d_in, d_out, dropout):
+    """Rebuilding ΔW in the backward repeats the forward's operations: ∂x equals ∂x from the kept W' exactly."""
+    torch.manual_seed(0)
+    r, n = 4, 6
+    W, b = torch.randn(d_out, d_in), torch.randn(d_out)
+    A, B = torch.randn(r, 1, max(d_in, d_out)), torch.randn(max(d_in, d_out), n, r)
+    lam, gamma = torch.randn(r, n, requires_grad=True), torch.randn(n, min(d_in, d_out), requires_grad=True)
+    x = torch.randn(64, d_in, requires_grad=True)
+    torch.manual_seed(1)
+    out = RandLoraLinearFunction.apply(x, W, b, A, B, lam, gamma, 1.5, d_in <= d_out, dropout, True)
+    dy = torch.randn_like(out)
+    grad_x, grad_lam, grad_gamma = torch.autograd.grad(out, [x, lam, gamma], dy)
+    from lrzoo.kernels.randlora import _update
+
+    with torch.no_grad():
+        delta, _, _ = _update(A, B, lam, gamma, max(d_in, d_out), x.dtype, 1.5, d_in <= d_out)
+        if dropout:
+            torch.manual_seed(1)
+            keep = torch.rand_like(x, dtype=torch.float32) >= dropout
+            expected_x = dy @ W + (dy @ delta) * keep * (1.0 / (1.0 - dropout))
+        else:
+            expected_x = dy @ delta.add_(W)
+    assert torch.equal(grad_x, expected_x)

@@ -15,8 +15,9 @@ interchangeable if lrzoo does the same.
 Why materialise: PEFT applies ΔW as ``(x·firstᵀ)·secondᵀ``, two GEMMs of about the base GEMM's size
 each (P ≈ d), so its forward + backward costs about 7 base GEMMs (U). With ``W' = W + ΔW`` built once
 the layer costs: build ΔW (U·P/N), ``x·W'ᵀ`` (U), ``dX = dY·W'`` (U), ``dM = dYᵀ·x`` (U) and
-``dAf = Bfᵀ·dM`` (U·P/N): 3U + 2U·P/N, 4U at N = 2P. Saved for backward: ``x`` and ``W'`` (weight
-sized, only when x needs a gradient), instead of x, the N×P product and the P×d factor.
+``dAf = Bfᵀ·dM`` (U·P/N), and rebuild ΔW for ``dX`` (U·P/N): 3U + 3U·P/N, 4.5U at N = 2P. Saved for
+backward: ``x`` only (and the parameters/bases), instead of PEFT's x, N×P product and P×d factor; ``W'``
+is rebuilt in the backward rather than kept (see :class:`RandLoraLinearFunction`).
 With few tokens (decoding) the two thin GEMMs are cheaper; :func:`lrzoo.kernels.common.materialize_wins`
 picks by FLOPs. The Triton side is :mod:`lrzoo.kernels.triton_randlora`; the dispatch entry is at the bottom.
 """
@@ -82,8 +83,32 @@ def randlora_factors(basis_A: torch.Tensor, basis_B: torch.Tensor, lam: torch.Te
     return Bf, Af, A_k
 
 
+def _update(basis_A, basis_B, lam, gamma, max_dim: int, dtype, scaling: float, in_is_min: bool):
+    """``(ΔW (d_out, d_in), Bf, A_k)``, no autograd: the forward builds ΔW with it and the backward rebuilds
+    it with it, by the same operations in the same order, so both see bit-identical values."""
+    Bf, Af, A_k = randlora_factors(basis_A, basis_B, lam, gamma, max_dim, dtype)
+    M = Bf @ Af
+    return (M if in_is_min else M.t()).mul_(scaling), Bf, A_k
+
+
 class RandLoraLinearFunction(torch.autograd.Function):
-    """``x (W + ΔW)ᵀ + b`` (or ``x Wᵀ + drop(x) ΔWᵀ + b`` with dropout), ΔW built once, hand-written backward."""
+    """``x (W + ΔW)ᵀ + b`` (or ``x Wᵀ + drop(x) ΔWᵀ + b`` with dropout), ΔW built once, hand-written backward.
+
+    Saved for the backward: x (and the dropout mask), plus the frozen weight, the shared bases and λ, γ,
+    which are parameters or buffers, not activations. ``W'`` (or ΔW with dropout) is *not* kept: that was a
+    d_out×d_in tensor per layer for the whole forward + backward, 1.12× PEFT's saved bytes end to end on
+    SmolLM2-135M at 8×256 tokens (docs/benchmarks.md), where PEFT keeps a P×d factor instead. Keeping it
+    on square layers only (the size of PEFT's factor there) was tried: 1.005× PEFT end to end, so no.
+
+    The backward rebuilds ΔW from the factors for ``∂x = dy·W'``. The trade, measured per layer at N = 2048
+    tokens on SmolLM2's widths (fp32, one CPU thread, fastest of 15; docs/benchmarks.md): rebuilding costs
+    ``D·d·P`` multiply-adds, P/N of one base GEMM against about 3.2–3.6 for the layer's forward + backward, so
+    +3% (192-wide, P = 192) to +8% (P = 576) in theory, +3–13% measured on a loaded machine. The alternative
+    without rebuilding, ``∂x = dy·W + s·(dy·second)·first`` through the two thin factors, costs
+    ``N·P·(d_in + d_out)`` instead, ≈ 2·P/d base GEMMs, and measured +38–53% on the same layers: it only
+    wins below N ≈ D·d/(d_in + d_out), which is about where :func:`materialize_wins` already sends the
+    layer to the factored path. Rebuilding also keeps ∂x bit-identical to the kept-``W'`` version.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, basis_A, basis_B, lam, gamma, scaling: float, in_is_min: bool,
@@ -91,22 +116,18 @@ class RandLoraLinearFunction(torch.autograd.Function):
         x2 = flatten(x)
         dtype = x2.dtype
         with torch.no_grad():
-            Bf, Af, _ = randlora_factors(basis_A, basis_B, lam, gamma, max(weight.shape), dtype)
-            M = Bf @ Af
-            delta = (M if in_is_min else M.t()).mul_(scaling)
+            delta, _, _ = _update(basis_A, basis_B, lam, gamma, max(weight.shape), dtype, scaling, in_is_min)
         mask = dropout_mask(x2, dropout_p, training)
         W = weight.to(dtype)
         if mask is None:
-            merged = delta.add_(W)  # W' = W + ΔW: one GEMM forward, one backward
-            out = x2 @ merged.t()
-            keep = merged if ctx.needs_input_grad[0] else None
+            out = x2 @ delta.add_(W).t()  # W' = W + ΔW: one GEMM forward, one backward
         else:
             out = x2 @ W.t()
             out.addmm_(apply_mask(x2, mask, dropout_p), delta.t())
-            keep = delta if ctx.needs_input_grad[0] else None
+        del delta  # freed here: the backward rebuilds it (see the class docstring)
         if bias is not None:
             out.add_(bias.to(dtype))
-        ctx.save_for_backward(x2, weight, keep, basis_A, basis_B, lam, gamma, mask)
+        ctx.save_for_backward(x2, weight, basis_A, basis_B, lam, gamma, mask)
         ctx.scaling, ctx.in_is_min, ctx.dropout_p = scaling, in_is_min, dropout_p
         ctx.x_shape = x.shape
         remember_bias(ctx, bias)
@@ -114,22 +135,28 @@ class RandLoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, weight, keep, basis_A, basis_B, lam, gamma, mask = ctx.saved_tensors
+        x2, weight, basis_A, basis_B, lam, gamma, mask = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
         dy = flatten(grad_out).to(x2.dtype)
         need_x, need_lam, need_gamma = (ctx.needs_input_grad[i] for i in (0, 5, 6))
         grad_x = grad_lam = grad_gamma = None
+        Bf = A_k = None
         if need_x:
+            # ΔW rebuilt (D·d·P, P/N of a base GEMM), bit-identical to the forward's; freed before dM below
+            delta, Bf, A_k = _update(basis_A, basis_B, lam, gamma, max(weight.shape), dy.dtype, s, ctx.in_is_min)
+            merged = delta.add_(weight.to(dy.dtype)) if mask is None else delta
             if mask is None:
-                grad_x = dy @ keep
+                grad_x = dy @ merged
             else:
-                grad_x = dy @ weight.to(dy.dtype) + apply_mask(dy @ keep, mask, p)
+                grad_x = dy @ weight.to(dy.dtype) + apply_mask(dy @ merged, mask, p)
+            del merged
             grad_x = grad_x.reshape(ctx.x_shape)
         if need_lam or need_gamma:
             xin = apply_mask(x2, mask, p)
             # dM = s·dΔW (or its transpose), then dAf = Bfᵀ·dM: two weight-sized GEMMs, no N×P tensor.
             dM = (dy.t() @ xin) if ctx.in_is_min else (xin.t() @ dy)
-            Bf, _, A_k = randlora_factors(basis_A, basis_B, lam, gamma, max(weight.shape), dy.dtype)
+            if Bf is None:
+                Bf, _, A_k = randlora_factors(basis_A, basis_B, lam, gamma, max(weight.shape), dy.dtype)
             r, n = lam.shape
             dAf = (Bf.t() @ dM).mul_(s).reshape(r, n, -1) * A_k[:, None, :]
             if need_lam:
