@@ -19,7 +19,8 @@ import pytest
 
 from lrzoo.cli.plan import (STATUS_FILE, Composer, Outcome, PlanError, choose_lr, load_plan, plan_key, format_lr)
 from lrzoo.cli.sweep import run_plan
-from lrzoo.cli.train import HELDOUT_PREFIX, config_hash, run_recipe, split_heldout
+from lrzoo.cli.train import config_hash, run_recipe, split_heldout
+from lrzoo.train.config import HELDOUT_PREFIX
 from lrzoo.configs import config_dir
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 

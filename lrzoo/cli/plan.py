@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from ..train.config import HELDOUT_PREFIX
+
 #: what ``lrzoo-sweep`` writes in a run directory whose run did not finish: ``status`` (``diverged`` or
 #: ``failed``), ``returncode``, ``config_hash``, ``key``, ``seed``, ``log``
 STATUS_FILE = "sweep-status.json"
@@ -247,7 +249,7 @@ def selection_score(result: dict[str, Any], task: str) -> tuple[bool, float]:
     if "selection_score" in result:
         value = result["selection_score"]
     else:
-        name = f"heldout/{task}/{result.get('primary_metric')}"
+        name = f"{HELDOUT_PREFIX}{task}/{result.get('primary_metric')}"
         metrics = result.get("metrics") or {}
         if name not in metrics:
             return False, -math.inf

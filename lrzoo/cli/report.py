@@ -30,7 +30,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-HELDOUT_PREFIX = "heldout/"  # lrzoo.cli.train.HELDOUT_PREFIX (not imported: that module loads Hydra)
+from ..train.config import HELDOUT_PREFIX
+
 CSV_FIELDS = ("model", "adapter", "variant", "task", "metric", "n_seeds", "mean", "std", "trainable_params",
               "peak_memory_mb", "wall_time_s")
 #: differing keys named in a variant's label before it is cut short (with its digest)

@@ -43,9 +43,6 @@ _HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_a
 _HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label"}
 
 
-#: eval sets named ``heldout/<task>`` (``task.heldout_size``) are slices of the training split: the trainer
-#: reports their primary metric as ``selection_score``, not as part of ``score``
-HELDOUT_PREFIX = "heldout/"
 #: the held-out slice's permutation seed: fixed, independent of the run's ``seed``
 HELDOUT_SEED = 1234
 
@@ -72,22 +69,27 @@ def hashed_config(cfg: DictConfig) -> dict[str, Any]:
         cfg = OmegaConf.create(unresolved)
     data = OmegaConf.to_container(cfg, resolve=True)
     for dotted in _HASH_EXCLUDED:
-        *parents, leaf = dotted.split(".")
-        node = data
-        for key in parents:
-            node = node.get(key, {})
-        node.pop(leaf, None)
+        _pop_dotted(data, dotted)
     for dotted, default in _HASH_DEFAULTS.items():
-        *parents, leaf = dotted.split(".")
-        nodes = [data]
-        for key in parents:
-            nodes.append(nodes[-1].get(key) if isinstance(nodes[-1].get(key), dict) else {})
-        if leaf in nodes[-1] and nodes[-1][leaf] == default:
-            nodes[-1].pop(leaf)
-            for key, parent in zip(reversed(parents), reversed(nodes[:-1])):
-                if parent.get(key) == {}:
-                    parent.pop(key)
+        _pop_dotted(data, dotted, only_if=lambda value, default=default: value == default, prune_empty=True)
     return data
+
+
+def _pop_dotted(data: dict[str, Any], dotted: str, only_if: Any = None, prune_empty: bool = False) -> None:
+    """Remove ``dotted`` (``"trainer.stop_after"``) from the nested dict ``data`` if present (and ``only_if``
+    its value, when given); ``prune_empty`` also removes the parents this leaves empty."""
+    *parents, leaf = dotted.split(".")
+    nodes = [data]
+    for key in parents:
+        child = nodes[-1].get(key)
+        nodes.append(child if isinstance(child, dict) else {})
+    if leaf not in nodes[-1] or (only_if is not None and not only_if(nodes[-1][leaf])):
+        return
+    nodes[-1].pop(leaf)
+    if prune_empty:
+        for key, parent in zip(reversed(parents), reversed(nodes[:-1])):
+            if parent.get(key) == {}:
+                parent.pop(key)
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -150,7 +152,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     from lrzoo.train.baselines import BASELINES, prepare_baseline
     from lrzoo.train.budget import check_limits, check_splits
     from lrzoo.train.callbacks import make_logger
-    from lrzoo.train.config import EvalConfig
+    from lrzoo.train.config import HELDOUT_PREFIX, EvalConfig
     from lrzoo.train.procedures import LowRankOptimizerProcedure, procedure_for
     from lrzoo.train.resume import resume_latest
     from lrzoo.train.trainer import Trainer, TrainerConfig, seed_everything

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..train.config import HELDOUT_PREFIX
 from . import intervals
 from .plan import CellState, Composer, Plan, RunIndex, cell_state, format_lr, read_json
 
@@ -65,7 +66,7 @@ def dev_set(predictions: dict[str, Any], task: str) -> Optional[dict[str, Any]]:
     sets = (predictions or {}).get("sets") or {}
     if task in sets:
         return sets[task]
-    dev = [entry for name, entry in sets.items() if not name.startswith("heldout/")]
+    dev = [entry for name, entry in sets.items() if not name.startswith(HELDOUT_PREFIX)]
     return dev[0] if len(dev) == 1 else None
 
 
@@ -116,7 +117,7 @@ def eval_columns(task: str, states: list[CellState]) -> list[str]:
     for state in states:
         for outcome in [*state.grid.values(), *state.seeds.values()]:
             sets = ((read_json(outcome.run_dir / "predictions.json") or {}).get("sets") or {}) if outcome.run_dir else {}
-            names = [name for name in sets if not name.startswith("heldout/")]
+            names = [name for name in sets if not name.startswith(HELDOUT_PREFIX)]
             if outcome.status == "done" and names:
                 return names
     return [task]

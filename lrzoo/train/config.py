@@ -66,12 +66,12 @@ class TrainerConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown trainer option(s) {unknown}; known: {', '.join(sorted(known))}.")
-        return cls(**values)
+        return _from_dict(cls, values, "trainer")
 
+
+#: eval sets whose name starts with this are slices of the training split (``task.heldout_size``) for choosing
+#: hyperparameters: the trainer reports them as ``selection_score``, never as part of ``score``
+HELDOUT_PREFIX = "heldout/"
 
 #: ``eval.mode``: ``generate`` decodes and extracts the answer (the task's own protocol, LLM-Adapters for
 #: commonsense); ``loglik`` scores each option of a multiple-choice item by its likelihood (lm-eval's rule,
@@ -100,8 +100,13 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EvalConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown eval option(s) {unknown}; known: {', '.join(sorted(known))}.")
-        return cls(**values)
+        return _from_dict(cls, values, "eval")
+
+
+def _from_dict(cls: type, values: dict[str, Any], node: str) -> Any:
+    """``cls(**values)`` for the config node ``node``, with an error naming unknown keys and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Unknown {node} option(s) {unknown}; known: {', '.join(sorted(known))}.")
+    return cls(**values)

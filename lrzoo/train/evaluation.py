@@ -31,13 +31,11 @@ from ..io import atomic_file
 from ..optimizers import state_bytes
 from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
 from . import loglik
+from .config import HELDOUT_PREFIX
 from .data import collate, encode_rows
 from .divergence import is_finite_number, json_safe
 from .sharding import gathered_root
 
-#: eval sets whose name starts with this are slices of the training split (for choosing hyperparameters):
-#: reported as ``selection_score`` (the mean of their primary metrics), never part of ``score``
-HELDOUT_PREFIX = "heldout/"
 
 
 def peak_memory_mb() -> float:
