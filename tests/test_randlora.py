@@ -68,7 +68,7 @@ def test_an_lrzoo_checkpoint_loads_in_stock_peft(tmp_path, fresh_python):
 @pytest.mark.parametrize("d_in,d_out,r", [(24, 40, 4), (40, 24, 4), (33, 33, 5), (17, 50, 3)])
 @pytest.mark.parametrize("materialize", [True, False])
 def test_randlora_linear_matches_peft_values_and_gradients(d_in, d_out, r, materialize, monkeypatch):
-    monkeypatch.setattr("lrzoo.kernels.randlora.materialize_wins", lambda *a: materialize)
+    monkeypatch.setattr("lrzoo.kernels.randlora.materialize_wins", lambda *a, **k: materialize)
     torch.manual_seed(0)
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)),
                            RandLoraConfig(r=r, randlora_alpha=2 * r, target_modules=["0"], init_weights=False))
@@ -110,6 +110,13 @@ def test_materialising_is_chosen_when_tokens_exceed_width():
     assert materialize_wins(2048, 1024, 1024, 1024, training=True)
     assert not materialize_wins(1, 1024, 1024, 1024, training=False)
     assert not materialize_wins(64, 1024, 1024, 1024, training=True)
+
+
+def test_backward_rebuild_moves_the_boundary():
+    # d = D = P = 1024: keeping W' pays off above 512 tokens, rebuilding ΔW in the backward above 768
+    assert materialize_wins(600, 1024, 1024, 1024, training=True)
+    assert not materialize_wins(600, 1024, 1024, 1024, training=True, rebuilds=True)
+    assert materialize_wins(800, 1024, 1024, 1024, training=True, rebuilds=True)
 
 
 def saved_bytes(fn) -> int:
@@ -163,7 +170,7 @@ def test_merged_path_keeps_no_weight_sized_tensor_for_the_backward(d_in, d_out, 
     layer = model.base_model.model[0].train()
     exclude = [*model.parameters(), *model.buffers()]
     x = torch.randn(512, d_in, requires_grad=True)
-    assert materialize_wins(512, d_in, d_out, layer.randlora_lambda["default"].numel(), True)
+    assert materialize_wins(512, d_in, d_out, layer.randlora_lambda["default"].numel(), True, rebuilds=True)
     peft_bytes = saved_activation_bytes(lambda: PeftRandLoraLinear.forward(layer, x), exclude)
     layer.__class__ = FastRandLoraLinear
     ours = saved_activation_bytes(lambda: layer(x), exclude)

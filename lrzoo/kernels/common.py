@@ -52,13 +52,17 @@ def bias_grad(ctx, dy: torch.Tensor, index: int = 2) -> Optional[torch.Tensor]:
     return dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
 
 
-def materialize_wins(tokens: int, d_in: int, d_out: int, num_products: int, training: bool) -> bool:
+def materialize_wins(tokens: int, d_in: int, d_out: int, num_products: int, training: bool,
+                     rebuilds: bool = False) -> bool:
     """Whether building ΔW beats the two thin GEMMs, by multiply-add count.
 
     ``num_products`` is the inner size P of ``ΔW = Bf·Af`` (the rank of the update); the counts are
     derived in :mod:`lrzoo.kernels.randlora`'s docstring. TeRA uses the same rule with P = R^K.
+    ``rebuilds``: the merged path builds ΔW a second time in the backward instead of keeping ``W'``
+    (the torch RandLoRA path does, to save memory), one more ``D·d·P`` on its side of the scale.
     """
     d, D, P = min(d_in, d_out), max(d_in, d_out), num_products
     if training:
-        return 2 * D * d * P + tokens * D * d < tokens * P * (2 * (d_in + d_out) + d)
+        builds = 3 if rebuilds else 2  # ΔW forward, ∂factors from ∂ΔW (+ the rebuild for ∂x)
+        return builds * D * d * P + tokens * D * d < tokens * P * (2 * (d_in + d_out) + d)
     return D * d * P < tokens * P * (d_in + d_out)

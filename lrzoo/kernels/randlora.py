@@ -202,7 +202,7 @@ def randlora_linear(
     tokens = x.numel() // d_in
     args = (x, weight.detach(), bias, basis_A.detach(), basis_B.detach(),
             lam, gamma, float(scaling), in_is_min, float(dropout_p), bool(training))
-    if materialize_wins(tokens, d_in, d_out, r * n, torch.is_grad_enabled()):
+    if materialize_wins(tokens, d_in, d_out, r * n, torch.is_grad_enabled(), rebuilds=True):
         return RandLoraLinearFunction.apply(*args)
     return _factored(*args)
 
