@@ -91,6 +91,47 @@ def test_tera_linear_matches_the_materialised_update_in_both_forms(modes, rank, 
     torch.testing.assert_close(lam.grad, lam_ref.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n_modes,rank", [(4, 5), (6, 3)])
+def test_tera_core_scaling_is_autograds_chain_without_its_intermediates(n_modes, rank):
+    from lrzoo.cli.bench import saved_activation_bytes
+    from lrzoo.kernels.tera import ScaledCoreFunction
+
+    g = torch.Generator().manual_seed(0)
+    core = torch.randn((rank,) * n_modes, generator=g)
+    lam = torch.randn(n_modes, rank, generator=g).requires_grad_()
+
+    def chain(lam):  # what autograd records: one product per mode, each keeping its R^N left operand
+        scaled = core
+        for n in range(n_modes):
+            shape = [1] * n_modes
+            shape[n] = rank
+            scaled = scaled * lam[n].reshape(shape)
+        return scaled
+
+    dy = torch.randn(core.shape, generator=g)
+    ours, want = ScaledCoreFunction.apply(core, lam), chain(lam)
+    assert torch.equal(ours, want)
+    assert torch.equal(torch.autograd.grad(ours, lam, dy)[0], torch.autograd.grad(want, lam, dy)[0])
+    exclude = [core, lam]
+    assert saved_activation_bytes(lambda: ScaledCoreFunction.apply(core, lam), exclude) == 0
+    assert saved_activation_bytes(lambda: chain(lam), exclude) >= (n_modes - 1) * core.numel() * 4
+
+
+def test_tera_row_factor_product_is_autograds_without_keeping_the_kronecker_rows():
+    from lrzoo.cli.bench import saved_activation_bytes
+    from lrzoo.kernels.tera import KronRowsProductFunction, _kron_rows
+
+    g = torch.Generator().manual_seed(0)
+    us = [torch.randn(size, 3, generator=g) for size in (4, 5)]
+    scaled = torch.randn(9, 9, generator=g).requires_grad_()
+    dy = torch.randn(20, 9, generator=g)
+    ours, want = KronRowsProductFunction.apply(scaled, *us), _kron_rows(us) @ scaled
+    assert torch.equal(ours, want)
+    assert torch.equal(torch.autograd.grad(ours, scaled, dy)[0], torch.autograd.grad(want, scaled, dy)[0])
+    assert saved_activation_bytes(lambda: KronRowsProductFunction.apply(scaled, *us), [scaled, *us]) == 0
+    assert saved_activation_bytes(lambda: _kron_rows(us) @ scaled, [scaled, *us]) == 20 * 9 * 4
+
+
 @pytest.mark.parametrize("op", ["lora", "dora", "randlora", "tera_lora_form", "tera_merged"])
 def test_a_trained_bias_gets_its_gradient_on_every_torch_path(op):
     """∂b = Σ_tokens ∂y, in the bias's own dtype, whatever the method (PEFT's bias="all", ReLoRA)."""

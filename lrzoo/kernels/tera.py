@@ -35,6 +35,68 @@ def _kron_rows(mats: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+class ScaledCoreFunction(torch.autograd.Function):
+    """``G ⊙ λ_1 ∘ … ∘ λ_N`` (the core scaled mode by mode) saving only G and the λ, not N intermediates.
+
+    Through plain autograd each of the N products keeps its R^N left operand for λ_n's gradient:
+    with the default (16, 16, 16, 16) core that is 1 MiB per adapted layer, 158 MiB on SmolLM2-135M
+    (docs/benchmarks.md). Here the prefix products are recomputed in the backward and the gradient is
+    taken with the same operations in the same order as autograd's ``MulBackward`` chain, so values and
+    gradients are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, core, lam):
+        ctx.save_for_backward(core, lam)
+        return _scale_core(core, lam)[-1]
+
+    @staticmethod
+    def backward(ctx, grad_scaled):
+        core, lam = ctx.saved_tensors
+        prefixes = _scale_core(core, lam)  # prefixes[n] = G ⊙ λ_1 ∘ … ∘ λ_n
+        grad_lam = torch.zeros_like(lam) if ctx.needs_input_grad[1] else None
+        grad = grad_scaled
+        for n in reversed(range(lam.shape[0])):  # d(prefix_n) = d(prefix_n+1) · λ_n+1, as MulBackward does
+            factor = lam[n].reshape(_mode_shape(lam, n))
+            if grad_lam is not None:
+                grad_lam[n] = (grad * prefixes[n]).sum_to_size(factor.shape).reshape(-1)
+            grad = grad * factor
+        return (grad if ctx.needs_input_grad[0] else None), grad_lam
+
+
+class KronRowsProductFunction(torch.autograd.Function):
+    """``T = (U_1 ⊙ … ⊙ U_K)·Gλ`` saving the frozen U_k (views of the shared factors), not their product L.
+
+    Through autograd the GEMM keeps L, a (d_out, Q) tensor per adapted layer built from frozen factors
+    (~159 MiB on SmolLM2-135M with Q = 256); rebuilding it in the backward costs d_out·Q multiplies,
+    nothing next to the layer's GEMMs. ``∂Gλ = Lᵀ·∂T`` is the product autograd's ``MmBackward`` takes.
+    """
+
+    @staticmethod
+    def forward(ctx, scaled, *us):
+        ctx.save_for_backward(*us)
+        return _kron_rows(list(us)) @ scaled
+
+    @staticmethod
+    def backward(ctx, grad_t):
+        left = _kron_rows(list(ctx.saved_tensors))
+        return (left.t() @ grad_t, *(None for _ in ctx.saved_tensors))
+
+
+def _mode_shape(lam: torch.Tensor, n: int) -> list[int]:
+    shape = [1] * lam.shape[0]
+    shape[n] = lam.shape[1]
+    return shape
+
+
+def _scale_core(core: torch.Tensor, lam: torch.Tensor) -> list[torch.Tensor]:
+    """``[G, G ⊙ λ_1, …, G ⊙ λ_1 ∘ … ∘ λ_N]``: the products autograd would record, one mode at a time."""
+    prefixes = [core]
+    for n in range(lam.shape[0]):
+        prefixes.append(prefixes[-1] * lam[n].reshape(_mode_shape(lam, n)))
+    return prefixes
+
+
 def tera_factors(factors: torch.Tensor, core: torch.Tensor, lam: torch.Tensor, modes: tuple[int, ...],
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(T = L·Gλ (d_out, Q), Rc (d_in, Q))`` in ``dtype``; T is differentiable in ``lam``.
@@ -45,12 +107,14 @@ def tera_factors(factors: torch.Tensor, core: torch.Tensor, lam: torch.Tensor, m
     k = n_modes // 2
     like = dict(device=lam.device, dtype=dtype)  # the shared tensors live on the tuner
     us = [factors[n, :size].to(**like) for n, size in enumerate(modes)]
-    scaled = core.to(**like)
-    for n in range(n_modes):  # G ⊙ λ_1 ∘ … ∘ λ_N, one mode at a time
-        shape = [1] * n_modes
-        shape[n] = rank
-        scaled = scaled * lam[n].to(dtype).reshape(shape)
+    core_d, lam_d = core.to(**like), lam.to(dtype)
+    if torch.is_grad_enabled() and (lam_d.requires_grad or core_d.requires_grad):
+        scaled = ScaledCoreFunction.apply(core_d, lam_d)
+    else:
+        scaled = _scale_core(core_d, lam_d)[-1]
     q = rank ** k
+    if scaled.requires_grad and not any(u.requires_grad for u in us[:k]):
+        return KronRowsProductFunction.apply(scaled.reshape(q, q), *us[:k]), _kron_rows(us[k:])
     return _kron_rows(us[:k]) @ scaled.reshape(q, q), _kron_rows(us[k:])
 
 
