@@ -84,6 +84,17 @@ def test_config_hash_ignores_only_bookkeeping_keys():
     assert config_hash(compose(["adapter=dora"])) != base
 
 
+def test_config_hash_names_the_data_folder_not_its_spelling(tmp_path, monkeypatch):
+    data = tmp_path / "shared" / "data"
+    data.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "shared")
+    monkeypatch.chdir(tmp_path / "shared")
+    spellings = [str(data), "data", "./data/", str(tmp_path / "link" / "data")]
+    hashes = {config_hash(compose([f"task.data_dir={where}"])) for where in spellings}
+    assert len(hashes) == 1
+    assert config_hash(compose([f"task.data_dir={tmp_path}"])) not in hashes
+
+
 def test_unknown_adapter_is_refused_with_the_options():
     with pytest.raises(Exception, match="(?s)adapter.*lora_xs"):
         compose(["adapter=lorra"])

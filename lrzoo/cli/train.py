@@ -68,6 +68,11 @@ def hashed_config(cfg: DictConfig) -> dict[str, Any]:
         unresolved.pop("hydra")
         cfg = OmegaConf.create(unresolved)
     data = OmegaConf.to_container(cfg, resolve=True)
+    task = data.get("task")
+    if isinstance(task, dict) and isinstance(task.get("data_dir"), str):
+        # the folder, not its spelling: ``../shared/data`` and LRZOO_DATA_DIR=/abs/shared/data are the same
+        # data, and a sweep resumed under the other spelling must still find its finished runs
+        task["data_dir"] = os.path.realpath(os.path.expanduser(task["data_dir"]))
     for dotted in _HASH_EXCLUDED:
         _pop_dotted(data, dotted)
     for dotted, default in _HASH_DEFAULTS.items():
