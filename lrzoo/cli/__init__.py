@@ -1,0 +1,1 @@
+"""lrzoo's console entry points (``lrzoo-train``, ``lrzoo-sweep``, ``lrzoo-report``, ``lrzoo-bench``, ...)."""
