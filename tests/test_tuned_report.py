@@ -113,7 +113,9 @@ def _write(run, quality, selection):
         "config_hash": run.config_hash, "config": run.config, "seed": run.seed, "adapter": run.method,
         "model": "tiny_bert", "task": run.task, "primary_metric": metric, "score": score, "selection_score": selection,
         "metrics": {f"{run.task}/{metric}": score, f"heldout/{run.task}/{metric}": selection, "score": score},
-        "trainable_params": {"lora": 1000, "dora": 1100, "lora_xs": 64}[run.method]}))
+        "trainable_params": {"lora": 1000, "dora": 1100, "lora_xs": 64}[run.method],
+        "wall_time_s": {"lora": 10, "dora": 20, "lora_xs": 5}[run.method] + run.seed, "peak_memory_mb": 300.0,
+        "optimizer_state_mb": {"lora": 0.5, "dora": 0.6, "lora_xs": 0.01}[run.method], "peak_memory_kind": "cpu_max_rss"}))
     sets = {run.task: {"task": run.task, "kind": kind, "primary_metric": metric, "references": references,
                        "predictions": predictions},
             f"heldout/{run.task}": {"task": run.task, "kind": kind, "primary_metric": metric,
@@ -166,7 +168,7 @@ def test_tuned_report_intervals_ties_chosen_lrs_and_missing_cells(tree, tmp_path
     diffs = text.split("### Difference")[1]
     assert "+0.00 [+0.0, +0.0] tied" in diffs and "worse" in diffs and "best" in diffs
     # chosen lr: the middle of the grid, or the smaller of two tied grid points
-    lrs = {line.split(" | ")[0].strip("| "): line for line in text.split("### Learning rate")[1].splitlines()
+    lrs = {line.split(" | ")[0].strip("| "): line for line in text.split("### Learning rate")[1].split("### Cost")[0].splitlines()
            if line.startswith("| lo") or line.startswith("| do")}
     assert "| 1e-3 (70.0 / **80.0** / 60.0)" in lrs["lora"]
     assert "| 3.3e-3 edge (**80.0** / 80.0 / 60.0)" in lrs["lora_xs"]   # the lowest point won: flagged
@@ -189,6 +191,11 @@ def test_tuned_report_intervals_ties_chosen_lrs_and_missing_cells(tree, tmp_path
     assert csv_rows[("lora_xs", "glue/sst2")]["verdict"] == "worse"
     assert csv_rows[("dora", "glue/stsb")]["status"] == "missing: lr grid 2/3 done"
     assert (out / "results.png").is_file()
+    # cost per run: every finished run of the method (grid and seeds, both tasks), each counted once
+    cost = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
+            for line in text.split("### Cost per run")[1].splitlines() if line.startswith("| ") and "---" not in line}
+    assert cost["lora"] == ["lora", "1,000", "0.5", "300", "10 (10–12)", "10"]   # 6 grid runs at seed 0, 2 + 2 seeds
+    assert cost["dora"][-1] == "7" and cost["lora_xs"][-1] == "9"   # dora's stsb: 2 grid runs; lora_xs: 1 seed short
 
 
 def test_plain_report_leaves_out_the_heldout_slice(tree):

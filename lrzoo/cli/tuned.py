@@ -273,6 +273,46 @@ def _primary(task: str) -> str:
         return "?"
 
 
+def _span(values: list[float], fmt: str) -> str:
+    """``a`` when every run agrees, else ``a–b`` (e.g. a head sized per task)."""
+    if not values:
+        return "—"
+    low, high = min(values), max(values)
+    return format(low, fmt) if low == high else f"{format(low, fmt)}–{format(high, fmt)}"
+
+
+def cost_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> str:
+    """Per method, over every finished run of the plan (grid points and seeds, all tasks): trainable parameters,
+    optimizer state, peak memory and the training wall time per run (median, and the range)."""
+    lines = ["### Cost per run", "", "| method | trainable params | optimizer state MB | peak memory MB | "
+             "train wall s per run, median (range) | finished runs |", "|---|---|---|---|---|---|"]
+    kind = None
+    for method in plan.methods:
+        results, seen = [], set()
+        for cell in (c for (name, _), c in cells.items() if name == method.name):
+            for outcome in [*cell.state.grid.values(), *cell.state.seeds.values()]:
+                if outcome.status == "done" and outcome.result and outcome.run_dir not in seen:
+                    seen.add(outcome.run_dir)
+                    results.append(outcome.result)
+        kind = kind or next((r.get("peak_memory_kind") for r in results if r.get("peak_memory_kind")), None)
+
+        def values(key: str) -> list[float]:
+            return [r[key] for r in results if isinstance(r.get(key), (int, float))]
+
+        walls = values("wall_time_s")
+        wall = ("—" if not walls else _span(walls, ".0f") if len(set(walls)) == 1
+                else f"{statistics.median(walls):.0f} ({_span(walls, '.0f')})")
+        lines.append("| " + " | ".join([method.name, _span(values("trainable_params"), ","),
+                                        _span(values("optimizer_state_mb"), ".1f"), _span(values("peak_memory_mb"), ".0f"),
+                                        wall, str(len(results))]) + " |")
+    note = ("Read from each finished run's results.json. Trainable parameters differ by task when the head does "
+            "(e.g. STS-B's one regression output); peak memory is "
+            + ("the process's peak RSS (`cpu_max_rss`: it includes the model, the data and Python)"
+               if kind == "cpu_max_rss" else "the peak CUDA allocation" if kind else "as recorded")
+            + "; the wall time is the training loop's, without loading and evaluation.")
+    return "\n".join(lines) + "\n\n" + note
+
+
 def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Average], replicates: int) -> str:
     tasks = columns_of(cells)
     models = sorted({c.model for c in cells.values() if c.model}) or ["?"]
@@ -310,7 +350,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "
                "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished). `edge`: the best point is "
                "an end of the grid, so the best rate may lie beyond it and the cell may be under-tuned.")
-    parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), lr_note]
+    parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), lr_note, cost_table(cells, plan)]
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
     return "\n\n".join(parts) + "\n"
