@@ -56,15 +56,24 @@ def test_baseline_trains_what_it_says_and_resumes(name, tmp_path):
         assert results["trainable_params"] == results["total_params"]
 
 
-def test_head_gets_head_lr_in_both_baselines():
-    for name in ("head_only", "full_finetune"):
-        model = prepare_baseline(tiny_bert(0, num_labels=2), name)
-        optimizer = make_optimizer(model, lr=1e-4, head_lr=3e-3)
-        head_ids = {id(p) for p in model.classifier.parameters()}
-        for group in optimizer.param_groups:
-            in_head = {id(p) in head_ids for p in group["params"]}
-            assert len(in_head) == 1
-            assert group["lr"] == (3e-3 if in_head.pop() else 1e-4)
+def test_head_gets_head_lr_in_full_finetuning():
+    model = prepare_baseline(tiny_bert(0, num_labels=2), "full_finetune")
+    optimizer = make_optimizer(model, lr=1e-4, head_lr=3e-3)
+    head_ids = {id(p) for p in model.classifier.parameters()}
+    for group in optimizer.param_groups:
+        in_head = {id(p) in head_ids for p in group["params"]}
+        assert len(in_head) == 1
+        assert group["lr"] == (3e-3 if in_head.pop() else 1e-4)
+
+
+def test_head_only_refuses_an_lr_that_trains_nothing():
+    # only the head trains: with a head_lr of its own, lr would be unused and an lr sweep a row of identical runs
+    model = prepare_baseline(tiny_bert(0, num_labels=2), "head_only")
+    with pytest.raises(ValueError, match=r"lr=0.0001 trains nothing.*head_lr=None"):
+        make_optimizer(model, lr=1e-4, head_lr=3e-3)
+    for head_lr in (None, 3e-3):
+        optimizer = make_optimizer(model, lr=3e-3, head_lr=head_lr)
+        assert [group["lr"] for group in optimizer.param_groups] == [3e-3] * len(optimizer.param_groups)
 
 
 def test_baselines_are_recipe_options_not_adapters():

@@ -110,7 +110,10 @@ def test_glue_tuned_plan_is_glue_cpu_with_a_grid_around_each_lr():
     assert [m.adapter for m in plan.methods] == [tokens[0] for tokens in lines]
     for method, tokens in zip(plan.methods, lines):
         lr = next(float(t.split("=")[1]) for t in tokens if t.startswith("trainer.lr="))
-        assert method.centre == lr and list(method.overrides) == [t for t in tokens[1:] if not t.startswith("trainer.lr=")]
+        # head-only's grid moves the head's lr itself (its head_lr would leave trainer.lr unused: refused)
+        swept_head = ["trainer.head_lr=null"] if method.adapter == "head_only" else []
+        assert method.centre == lr
+        assert list(method.overrides) == [t for t in tokens[1:] if not t.startswith("trainer.lr=")] + swept_head
         grid = plan.grid(method)
         assert len(grid) == 3 and grid[1] == lr
         assert all(2.9 < b / a < 3.1 for a, b in zip(grid, grid[1:]))       # log-spaced, x3
@@ -329,5 +332,5 @@ def test_lrzoo_sweep_then_report_on_a_tiny_model(tmp_path, capsys):
     report([str(tmp_path / "runs"), "--plan", plan.path, "--out", str(tmp_path / "report")])
     out = capsys.readouterr().out
     assert "1/1 cells complete" in out and "(missing:" not in out
-    assert re.search(r"^\| lora \| \*\*[0-9.]+\*\* \[[0-9.]+, [0-9.]+\] \|$", out, re.M), out  # mean [95% interval]
+    assert re.search(r"^\| lora \| \*\*[0-9.]+\*\* \[[0-9.]+, [0-9.]+\] ±[0-9.]+ \|$", out, re.M), out  # mean [95% interval] ±sd
     assert (tmp_path / "report" / "results.csv").is_file() and plan_key(results[0]["config"])

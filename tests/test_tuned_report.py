@@ -187,6 +187,8 @@ def test_tuned_report_intervals_ties_chosen_lrs_and_missing_cells(tree, tmp_path
     assert float(row["ci_low"]) == pytest.approx(100 * low, abs=1e-3) and float(row["ci_high"]) == pytest.approx(100 * high, abs=1e-3)
     assert float(row["mean"]) == pytest.approx(100 * np.mean([(np.array(p) == references).mean() for p in seeds]))
     assert row["chosen_lr"] == "0.001" and row["n_seeds"] == "3"
+    seed_sd = np.std([(np.array(p) == references).mean() for p in seeds], ddof=1)
+    assert rows["lora"].split(" | ")[1].endswith(f"] ±{100 * seed_sd:.1f}")   # the spread over training seeds
     assert {csv_rows[("lora", "glue/sst2")]["verdict"], csv_rows[("dora", "glue/sst2")]["verdict"]} == {"best", "tied"}
     assert csv_rows[("lora_xs", "glue/sst2")]["verdict"] == "worse"
     assert csv_rows[("dora", "glue/stsb")]["status"] == "missing: lr grid 2/3 done"

@@ -234,7 +234,10 @@ def _shown_cell(cell: Cell) -> str:
         if cell.complete:
             return "— (undefined: a seed's score is null)"
         return f"— (missing: {cell.missing()})"
-    return _value(cell.mean, cell.interval, _tied(cell))
+    shown = _value(cell.mean, cell.interval, _tied(cell))
+    if len(cell.scores) > 1:  # the training-seed spread, which the interval over dev examples does not contain
+        shown += f" ±{100 * statistics.stdev(cell.scores):.1f}"
+    return shown
 
 
 def _shown_diff(item: Any) -> str:
@@ -342,9 +345,11 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
               if plan.points > 1 else "each method's one learning rate (a one-point grid: nothing chosen)")
     note = (f"Dev scores ×100: mean over {len(plan.seeds)} seeds at {chosen}, with a 95% bootstrap interval over dev examples "
             f"pooled over seeds ({replicates} replicates of the dev set, fixed RNG; the same resampled examples for "
-            "every seed and every method of a task; percentile interval). **Bold**: the best mean of the column and "
+            "every seed and every method of a task; percentile interval), then ±: the standard deviation over seeds "
+            "(the interval is the dev set's sampling error of the seed mean; the ± shows how much training runs vary). **Bold**: the best mean of the column and "
             "every cell statistically tied with it (the paired bootstrap 95% interval of its difference to the best "
-            "contains 0); a cell not in bold is really worse than the best. The average is the mean over tasks "
+            "contains 0); a cell not in bold is really worse than the best. Each comparison is at 95% on its own, not "
+            "corrected for the number of methods: among many truly tied methods about one in twenty reads as worse. The average is the mean over tasks "
             "(shown only for methods complete on every task; its interval averages the tasks' replicates). "
             f"{complete}/{len(cells)} cells complete; a missing cell says what is missing.")
     lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "

@@ -57,6 +57,7 @@ def make_optimizer(
             pair takes the step closest to full fine-tuning's, the rest plain AdamW. Defaults to what
             ``wrap(..., "lora_pro")`` recorded (with its ``bias_correction_offset``).
     """
+    _check_lr_is_used(model, lr, head_lr)
     if method is not None:
         if loraplus_lr_ratio is not None or optimizer_cls is not torch.optim.AdamW:
             raise ValueError(f"method={method!r} is an optimizer of its own: drop loraplus_lr_ratio and optimizer_cls.")
@@ -94,6 +95,22 @@ def make_optimizer(
         return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
 
     return optimizer_cls(_plain_groups(model, lr, weight_decay, head_lr), lr=lr, **optimizer_kwargs)
+
+
+def _check_lr_is_used(model: nn.Module, lr: float, head_lr: Optional[float]) -> None:
+    """Refuse an ``lr`` that would train nothing: every trainable tensor is the head, which trains at ``head_lr``.
+
+    A head-only run swept over ``lr`` with ``head_lr`` set would otherwise repeat one run under several names
+    (a learning-rate grid of identical points, reported as tuned).
+    """
+    if head_lr is None or head_lr == lr:
+        return
+    head = head_parameter_ids(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable and all(id(p) in head for p in trainable):
+        raise ValueError(f"lr={lr:g} trains nothing: every trainable parameter is the task head, which trains at "
+                         f"head_lr={head_lr:g}. Set head_lr=None (trainer.head_lr=null: the head trains at lr) "
+                         "or make the two equal.")
 
 
 def _plain_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: Optional[float]) -> list[dict]:
