@@ -172,6 +172,7 @@ def test_tuned_report_intervals_ties_chosen_lrs_and_missing_cells(tree, tmp_path
            if line.startswith("| lo") or line.startswith("| do")}
     assert "| 1e-3 (70.0 / **80.0** / 60.0)" in lrs["lora"]
     assert "| 3.3e-3 edge (**80.0** / 80.0 / 60.0)" in lrs["lora_xs"]   # the lowest point won: flagged
+    assert not any(" flat (" in line for line in lrs.values())
 
     with open(out / "results.csv", newline="") as handle:
         csv_rows = {(r["method"], r["task"]): r for r in csv.DictReader(handle)}
@@ -247,3 +248,18 @@ def test_a_one_point_plan_scored_on_several_sets_has_a_column_per_set(tmp_path):
     assert rows["lora"][1].startswith(f"**{100 * lora_piqa:.2f}** [")
     assert rows["tera"][1] == "— (missing: not run)"
     assert "one learning rate (a one-point grid: nothing chosen)" in text and "2/3" not in text
+
+
+def test_a_grid_whose_points_all_score_the_same_is_flagged_flat():
+    from types import SimpleNamespace
+
+    from lrzoo.cli.plan import Outcome
+    from lrzoo.cli.tuned import _shown_lr
+
+    def shown(scores):
+        grid = {lr: Outcome("done") for lr in scores}
+        state = SimpleNamespace(grid=grid, scores=scores, chosen=min(scores, key=lambda lr: (-scores[lr], lr)))
+        return _shown_lr(SimpleNamespace(state=state))
+
+    assert shown({1e-3: 0.652, 3e-3: 0.652, 9e-3: 0.652}) == "1e-3 edge flat (**65.2** / 65.2 / 65.2)"
+    assert shown({1e-3: 0.652, 3e-3: 0.70, 9e-3: 0.652}) == "3e-3 (65.2 / **70.0** / 65.2)"

@@ -264,7 +264,10 @@ def _shown_lr(cell: Cell) -> str:
     chosen = format_lr(s.chosen) if s.chosen is not None else "—"
     # the best point at an end of the grid: the optimum may lie beyond it (the cell may be under-tuned)
     edge = " edge" if s.chosen is not None and len(s.grid) > 1 and s.chosen in (min(s.grid), max(s.grid)) else ""
-    return f"{chosen}{edge} ({' / '.join(parts)})"
+    # every grid point scored exactly the same: the swept rate probably reaches nothing that trains
+    finite = [v for v in s.scores.values() if v is not None and math.isfinite(v)]
+    flat = " flat" if len(s.grid) > 1 and len(finite) == len(s.grid) and len(set(finite)) == 1 else ""
+    return f"{chosen}{edge}{flat} ({' / '.join(parts)})"
 
 
 def _primary(task: str) -> str:
@@ -354,7 +357,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             f"{complete}/{len(cells)} cells complete; a missing cell says what is missing.")
     lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "
                "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished). `edge`: the best point is "
-               "an end of the grid, so the best rate may lie beyond it and the cell may be under-tuned.")
+               "an end of the grid, so the best rate may lie beyond it and the cell may be under-tuned. `flat`: every grid "
+               "point scored exactly the same, so the swept rate may not be the one that trains (a bug in the plan).")
     parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), lr_note, cost_table(cells, plan)]
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
