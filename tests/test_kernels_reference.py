@@ -132,6 +132,41 @@ def test_tera_row_factor_product_is_autograds_without_keeping_the_kronecker_rows
     assert saved_activation_bytes(lambda: _kron_rows(us) @ scaled, [scaled, *us]) == 20 * 9 * 4
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_tera_low_rank_form_is_lora_linears_keeping_only_xa(dropout):
+    from lrzoo.cli.bench import saved_activation_bytes
+    from lrzoo.kernels import lora, tera
+
+    g = torch.Generator().manual_seed(0)
+    modes, rank, tokens = (8, 8, 8, 8), 2, 24
+    factors = torch.randn(4, 9, rank, generator=g)
+    core = torch.randn((rank,) * 4, generator=g)
+    lam = torch.randn(4, rank, generator=g).requires_grad_()
+    weight, bias = torch.randn(64, 64, generator=g), torch.randn(64, generator=g).requires_grad_()
+    x = torch.randn(tokens, 64, generator=g).requires_grad_()
+    dy = torch.randn(tokens, 64, generator=g)
+    assert not tera.merge_wins(x, weight, rank ** 2, dropout, True)
+
+    def through_lora_linear():  # the form before: T and Rc built through autograd, kept by lora_linear
+        T, Rc = tera.tera_factors(factors, core, lam, modes, x.dtype)
+        return lora.lora_linear(x, weight, bias, Rc.t(), T, 0.7, dropout, True)
+
+    def ours():
+        return tera.tera_linear(x, weight, bias, factors, core, lam, modes, 0.7, dropout, True)
+
+    results = []
+    for forward in (through_lora_linear, ours):
+        torch.manual_seed(1)  # the same dropout mask
+        out = forward()
+        results.append((out, *torch.autograd.grad(out, [x, lam, bias], dy)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    exclude = [factors, core, lam, weight, bias]
+    mask_bytes = tokens * 64 if dropout else 0
+    assert saved_activation_bytes(ours, exclude) == tokens * rank ** 2 * 4 + mask_bytes   # xa (N×Q) and the mask
+    assert saved_activation_bytes(through_lora_linear, exclude) > saved_activation_bytes(ours, exclude) + 64 * 4 * 4
+
+
 @pytest.mark.parametrize("op", ["lora", "dora", "randlora", "tera_lora_form", "tera_merged"])
 def test_a_trained_bias_gets_its_gradient_on_every_torch_path(op):
     """∂b = Σ_tokens ∂y, in the bias's own dtype, whatever the method (PEFT's bias="all", ReLoRA)."""

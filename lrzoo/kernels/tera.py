@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import materialize_wins
-from .lora import lora_linear
+from .common import apply_mask, bias_grad, dropout_mask, flatten, materialize_wins, remember_bias
+from .lora import _base_out, lora_linear
 from .registry import KernelEntry, register
 
 
@@ -126,11 +126,63 @@ def merge_wins(x: torch.Tensor, weight: torch.Tensor, rank_q: int, dropout_p: fl
     return materialize_wins(x.numel() // d_in, d_in, d_out, rank_q, torch.is_grad_enabled())
 
 
+class TeraLowRankFunction(torch.autograd.Function):
+    """The rank-Q form ``x Wᵀ + b + s·(drop(x)·Rc)·Tᵀ`` keeping only ``xa = drop(x)·Rc`` (N×Q) and λ.
+
+    Through :func:`lora_linear` with ``A = Rcᵀ, B = T`` the backward kept T (d_out×Q) and Rc (d_in×Q),
+    tensors built from λ and the shared factors on every call: ~300 MiB on SmolLM2-135M (Q = 256), where
+    LoRA's A and B are parameters. Here both are rebuilt in the backward (a few small GEMMs against the
+    layer's N-sized ones) and ``∂λ`` flows through the rebuilt T by autograd, with the same operations
+    as :func:`lora_linear`'s backward, so values and gradients are those of the ``lora_linear`` form.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lam, factors, core, modes: tuple[int, ...], scaling: float, dropout_p: float,
+                training: bool):
+        x2 = flatten(x)
+        T, Rc = tera_factors(factors, core, lam, modes, x2.dtype)  # no graph: forward runs without grad
+        mask = dropout_mask(x2, dropout_p, training)
+        xa = apply_mask(x2, mask, dropout_p) @ Rc
+        out = _base_out(x2, weight.to(x2.dtype), bias)
+        out.addmm_(xa, T.t(), alpha=scaling)
+        ctx.save_for_backward(weight, lam, factors, core, xa, mask)
+        ctx.modes, ctx.scaling, ctx.dropout_p, ctx.x_shape = modes, scaling, dropout_p, x.shape
+        remember_bias(ctx, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, lam, factors, core, xa, mask = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        dy = flatten(grad_out).to(xa.dtype)
+        need_x, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        with torch.enable_grad():
+            lam_ = lam.detach().requires_grad_(need_lam)
+            T, Rc = tera_factors(factors, core, lam_, ctx.modes, dy.dtype)
+        grad_x = grad_lam = None
+        if need_x:
+            ds = (dy @ T.detach()) * s  # (N, Q): the gradient of xa
+            if mask is None:
+                grad_x = torch.addmm(dy @ weight.to(dy.dtype), ds, Rc.t())
+            else:
+                grad_x = dy @ weight.to(dy.dtype) + apply_mask(ds @ Rc.t(), mask, p)
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if need_lam:
+            grad_lam, = torch.autograd.grad(T, lam_, (dy.t() @ xa).mul_(s))
+        return grad_x, None, bias_grad(ctx, dy), grad_lam, None, None, None, None, None, None
+
+
 def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
     """``x (W + ΔW)ᵀ + b`` (``x Wᵀ + drop(x) ΔWᵀ + b`` with dropout). The base weight is frozen; a trained
     bias gets its gradient."""
-    T, Rc = tera_factors(factors, core, lam, tuple(modes), x.dtype)
-    if not merge_wins(x, weight, T.shape[1], dropout_p, training):
+    modes = tuple(modes)
+    rank_q = lam.shape[1] ** (lam.shape[0] // 2)
+    low_rank = not merge_wins(x, weight, rank_q, dropout_p, training)
+    if low_rank and torch.is_grad_enabled() and lam.requires_grad and not (factors.requires_grad or core.requires_grad):
+        return TeraLowRankFunction.apply(x, weight.detach(), bias, lam, factors, core, modes, float(scaling),
+                                         float(dropout_p), bool(training))
+    T, Rc = tera_factors(factors, core, lam, modes, x.dtype)
+    if low_rank:
         return lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
     merged = weight.detach().to(x.dtype) + scaling * (T @ Rc.t())
     return F.linear(x, merged, None if bias is None else bias.to(x.dtype))
