@@ -358,7 +358,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "
                "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished). `edge`: the best point is "
                "an end of the grid, so the best rate may lie beyond it and the cell may be under-tuned. `flat`: every grid "
-               "point scored exactly the same, so the swept rate may not be the one that trains (a bug in the plan).")
+               "point scored exactly the same: no rate moved the model off a constant prediction (an MCC of 0), or "
+               "the swept rate is not the one that trains (a plan bug, e.g. a head-only run with its own head lr).")
     parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), lr_note, cost_table(cells, plan)]
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
