@@ -331,8 +331,11 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             f"{','.join(map(str, plan.seeds))})", "", "| " + " | ".join(header) + " |", rule]
     diffs = ["### Difference to the best method of each column (paired bootstrap)", "",
              "| " + " | ".join(header) + " |", rule]
-    lrs = ["### Learning rate chosen on the held-out training slice" if plan.points > 1 else "### Learning rate", "",
-           "| method | lr grid | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+    tuned = plan.points > 1
+    # a one-point grid chooses nothing: its table is the one rate per method, without per-task columns
+    lrs = (["### Learning rate chosen on the held-out training slice", "",
+            "| method | lr grid | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)] if tuned else
+           ["### Learning rate", "", "| method | lr (one per method, not tuned) |", "|---|---|"])
     for method in plan.methods:
         row = [cells[(method.name, t)] for t in tasks]
         a = avg.get(method.name)
@@ -341,15 +344,19 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
         diffs.append("| " + " | ".join([method.name, *(_shown_diff(c) if c.mean is not None else "—" for c in row)] +
                                         ([_shown_diff(a)] if with_avg else [])) + " |")
         lrs.append("| " + " | ".join([method.name, ", ".join(format_lr(x) for x in plan.grid(method)),
-                                      *(_shown_lr(c) for c in row)]) + " |")
+                                      *(_shown_lr(c) for c in row if tuned)]) + " |")
     missing = [c for c in cells.values() if not c.complete]
     complete = len(cells) - len(missing)
     chosen = ("the learning rate chosen per method and task on the held-out slice of the training set (never on dev)"
               if plan.points > 1 else "each method's one learning rate (a one-point grid: nothing chosen)")
-    note = (f"Dev scores ×100: mean over {len(plan.seeds)} seeds at {chosen}, with a 95% bootstrap interval over dev examples "
-            f"pooled over seeds ({replicates} replicates of the dev set, fixed RNG; the same resampled examples for "
-            "every seed and every method of a task; percentile interval), then ±: the standard deviation over seeds "
-            "(the interval is the dev set's sampling error of the seed mean; the ± shows how much training runs vary). **Bold**: the best mean of the column and "
+    several = len(plan.seeds) > 1
+    note = (("Dev scores ×100: mean over " + (f"{len(plan.seeds)} seeds" if several else "one seed") + f" at {chosen}, "
+             "with a 95% bootstrap interval over dev examples" + (" pooled over seeds" if several else "") +
+             f" ({replicates} replicates of the dev set, fixed RNG; the same resampled examples for "
+             + ("every seed and " if several else "") + "every method of a task; percentile interval)")
+            + (", then ±: the standard deviation over seeds (the interval is the dev set's sampling error of the seed "
+               "mean; the ± shows how much training runs vary)" if several else
+               "; with one seed the interval does not contain how much training runs vary") + ". **Bold**: the best mean of the column and "
             "every cell statistically tied with it (the paired bootstrap 95% interval of its difference to the best "
             "contains 0); a cell not in bold is really worse than the best. Each comparison is at 95% on its own, not "
             "corrected for the number of methods: among many truly tied methods about one in twenty reads as worse. The average is the mean over tasks "
@@ -360,7 +367,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                "an end of the grid, so the best rate may lie beyond it and the cell may be under-tuned. `flat`: every grid "
                "point scored exactly the same: no rate moved the model off a constant prediction (an MCC of 0), or "
                "the swept rate is not the one that trains (a plan bug, e.g. a head-only run with its own head lr).")
-    parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), lr_note, cost_table(cells, plan)]
+    parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), *([lr_note] if tuned else []),
+             cost_table(cells, plan)]
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
     return "\n\n".join(parts) + "\n"
