@@ -168,7 +168,7 @@ def test_tuned_report_intervals_ties_chosen_lrs_and_missing_cells(tree, tmp_path
     diffs = text.split("### Difference")[1]
     assert "+0.00 [+0.0, +0.0] tied" in diffs and "worse" in diffs and "best" in diffs
     # chosen lr: the middle of the grid, or the smaller of two tied grid points
-    lrs = {line.split(" | ")[0].strip("| "): line for line in text.split("### Learning rate")[1].split("### Cost")[0].splitlines()
+    lrs = {line.split(" | ")[0].strip("| "): line for line in text.split("### Learning rate")[1].split("### Answer diversity")[0].splitlines()
            if line.startswith("| lo") or line.startswith("| do")}
     assert "| 1e-3 (70.0 / **80.0** / 60.0)" in lrs["lora"]
     assert "| 3.3e-3 edge (**80.0** / 80.0 / 60.0)" in lrs["lora_xs"]   # the lowest point won: flagged
@@ -194,6 +194,12 @@ def test_tuned_report_intervals_ties_chosen_lrs_and_missing_cells(tree, tmp_path
     assert csv_rows[("lora_xs", "glue/sst2")]["verdict"] == "worse"
     assert csv_rows[("dora", "glue/stsb")]["status"] == "missing: lr grid 2/3 done"
     assert (out / "results.png").is_file()
+    # answer diversity: label columns only (STS-B regresses), the modal answer's share per seed, and the majority row
+    diversity = text.split("### Answer diversity")[1].split("### Cost")[0]
+    assert "| method | glue/sst2 |" in diversity and "glue/stsb" not in diversity
+    share = np.mean([np.bincount(p).max() / len(p) for p in seeds])
+    assert f"| lora | {100 * share:.0f} |" in diversity
+    assert f"answer (accuracy)* | {100 * np.bincount(references).max() / len(references):.1f} |" in diversity
     # cost per run: every finished run of the method (grid and seeds, both tasks), each counted once
     cost = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
             for line in text.split("### Cost per run")[1].splitlines() if line.startswith("| ") and "---" not in line}

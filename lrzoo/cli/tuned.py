@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -44,6 +45,7 @@ class Cell:
     interval: tuple[float, float] = (math.nan, math.nan)
     diff: Optional[tuple[float, float, float, str]] = None   # (point, low, high, verdict) vs the column's best
     best: bool = False
+    modal_shares: list[float] = field(default_factory=list)   # per seed: share of the most frequent answer
 
     @property
     def complete(self) -> bool:
@@ -83,6 +85,15 @@ def _comparable(entry: dict[str, Any], task: str) -> tuple[list, list, str]:
         references = [True] * len(references)
         metric = "accuracy"
     return predictions, references, metric
+
+
+#: predictions.json kinds whose answers are labels or options (not numbers, not free text)
+DISCRETE_KINDS = ("classification", "loglik")
+
+
+def modal_share(answers: list) -> float:
+    """The share of the most frequent answer: 1.0 for a model that always gives the same one."""
+    return Counter(answers).most_common(1)[0][1] / len(answers)
 
 
 def dev_score(result: dict[str, Any], task: str) -> Optional[float]:
@@ -136,6 +147,8 @@ def _fill_cell(cell: Cell, plan: Plan) -> Cell:
             cell.trainable_params = outcome.result.get("trainable_params")
             entry = dev_set(read_json(outcome.run_dir / "predictions.json") or {}, task) if outcome.run_dir else None
             if entry is not None:
+                if entry.get("kind") in DISCRETE_KINDS and entry.get("predictions"):
+                    cell.modal_shares.append(modal_share(entry["predictions"]))
                 predictions, references, metric = _comparable(entry, task)
                 cell.metric = entry.get("primary_metric", cell.metric)
                 if cell.references is None:
@@ -319,6 +332,29 @@ def cost_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
+def diversity_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> Optional[str]:
+    """Per method and label-scored column: how often the model gives its most frequent answer (mean over seeds),
+    and the accuracy of always giving the most frequent gold answer. None when no column has discrete answers."""
+    columns = [t for t in columns_of(cells) if any(c.modal_shares for (m, col), c in cells.items() if col == t)]
+    if not columns:
+        return None
+    lines = ["### Answer diversity", "", "| method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for method in plan.methods:
+        shares = [cells[(method.name, t)].modal_shares for t in columns]
+        lines.append("| " + " | ".join([method.name, *(f"{100 * statistics.fmean(v):.0f}" if v else "—"
+                                                       for v in shares)]) + " |")
+    majority = []
+    for t in columns:
+        refs = next((c.references for (m, col), c in cells.items() if col == t and c.references), None)
+        majority.append(f"{100 * modal_share(refs):.1f}" if refs and all(not isinstance(r, bool) for r in refs) else "—")
+    lines.append("| *always the most frequent gold answer (accuracy)* | " + " | ".join(majority) + " |")
+    note = ("Share ×100 of the dev answers that are the method's most frequent answer (mean over seeds). Near 100, a "
+            "method gives (almost) the same label or option to every item: its accuracy is then that answer's frequency "
+            "in the set, not what it knows, whatever the interval says. The last row is the accuracy of always giving "
+            "the set's most frequent gold answer, a baseline that knows only the label distribution of the dev set.")
+    return "\n".join(lines) + "\n\n" + note
+
+
 def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Average], replicates: int) -> str:
     tasks = columns_of(cells)
     models = sorted({c.model for c in cells.values() if c.model}) or ["?"]
@@ -367,8 +403,9 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                "an end of the grid, so the best rate may lie beyond it and the cell may be under-tuned. `flat`: every grid "
                "point scored exactly the same: no rate moved the model off a constant prediction (an MCC of 0), or "
                "the swept rate is not the one that trains (a plan bug, e.g. a head-only run with its own head lr).")
+    diversity = diversity_table(cells, plan)
     parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), *([lr_note] if tuned else []),
-             cost_table(cells, plan)]
+             *([diversity] if diversity else []), cost_table(cells, plan)]
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
     return "\n\n".join(parts) + "\n"
