@@ -293,11 +293,16 @@ def _primary(task: str) -> str:
 
 
 def _span(values: list[float], fmt: str) -> str:
-    """``a`` when every run agrees, else ``a–b`` (e.g. a head sized per task)."""
+    """``a`` when every run agrees, else ``a–b`` (e.g. a head sized per task). ``fmt="mb"``: one decimal, three
+    below 1 (the vector methods' optimizer state is a few kB)."""
     if not values:
         return "—"
+
+    def shown(value: float) -> str:
+        return format(value, (".1f" if value >= 1 or value == 0 else ".3f") if fmt == "mb" else fmt)
+
     low, high = min(values), max(values)
-    return format(low, fmt) if low == high else f"{format(low, fmt)}–{format(high, fmt)}"
+    return shown(low) if low == high else f"{shown(low)}–{shown(high)}"
 
 
 def cost_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> str:
@@ -322,7 +327,7 @@ def cost_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> str:
         wall = ("—" if not walls else _span(walls, ".0f") if len(set(walls)) == 1
                 else f"{statistics.median(walls):.0f} ({_span(walls, '.0f')})")
         lines.append("| " + " | ".join([method.name, _span(values("trainable_params"), ","),
-                                        _span(values("optimizer_state_mb"), ".1f"), _span(values("peak_memory_mb"), ".0f"),
+                                        _span(values("optimizer_state_mb"), "mb"), _span(values("peak_memory_mb"), ".0f"),
                                         wall, str(len(results))]) + " |")
     note = ("Read from each finished run's results.json. Trainable parameters differ by task when the head does "
             "(e.g. STS-B's one regression output); peak memory is "
