@@ -203,7 +203,7 @@ def test_tuned_report_intervals_ties_chosen_lrs_and_missing_cells(tree, tmp_path
     # cost per run: every finished run of the method (grid and seeds, both tasks), each counted once
     cost = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
             for line in text.split("### Cost per run")[1].splitlines() if line.startswith("| ") and "---" not in line}
-    assert cost["lora"] == ["lora", "1,000", "0.5", "300", "10 (10–12)", "10"]   # 6 grid runs at seed 0, 2 + 2 seeds
+    assert cost["lora"] == ["lora", "1,000", "0.500", "300", "10 (10–12)", "10"]   # 6 grid runs at seed 0, 2 + 2 seeds
     assert cost["dora"][-1] == "7" and cost["lora_xs"][-1] == "9"   # dora's stsb: 2 grid runs; lora_xs: 1 seed short
 
 
