@@ -4,7 +4,7 @@
 >>> peft_model = lrzoo.wrap(model, "dora", r=8, alpha=16)      # doctest: +SKIP
 """
 
-from . import _offline_notices  # noqa: F401  (before PEFT imports bitsandbytes)
+from . import offline_notices  # noqa: F401  (before PEFT imports bitsandbytes)
 from . import methods  # noqa: F401  (registers every adapter)
 from .export import export_lora
 from .kernels.backend import requested_backend as get_backend

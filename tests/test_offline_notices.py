@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from lrzoo._offline_notices import LOGGER, NOTICE, OfflineHubKernelNotice
+from lrzoo.offline_notices import LOGGER, NOTICE, OfflineHubKernelNotice
 
 
 def _record(message: str) -> logging.LogRecord:

@@ -3,6 +3,7 @@
 * reshaping and dropout on the flattened activation (``flatten``, ``dropout_mask``, ``apply_mask``);
 * the trained-bias contract of every autograd Function (``remember_bias`` in forward, ``bias_grad``
   in backward);
+* ``base_out``: the frozen base product ``x Wᵀ + b`` in one GEMM (LoRA, DoRA, TeRA's low-rank form);
 * ``materialize_wins``: whether building ``W' = W + ΔW`` beats two thin GEMMs (RandLoRA, TeRA);
 * ``DORA_EPS``, the floor of DoRA's row norm (also read by the DoRA layer and the PEFT export).
 """
@@ -50,6 +51,13 @@ def bias_grad(ctx, dy: torch.Tensor, index: int = 2) -> Optional[torch.Tensor]:
     if ctx.bias_dtype is None or not ctx.needs_input_grad[index]:
         return None
     return dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+
+
+def base_out(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x Wᵀ + b`` for a flattened ``x2``, the bias added inside the GEMM (``addmm``)."""
+    if bias is not None:
+        return torch.addmm(bias.to(x2.dtype), x2, weight.t())
+    return x2 @ weight.t()
 
 
 def materialize_wins(tokens: int, d_in: int, d_out: int, num_products: int, training: bool,

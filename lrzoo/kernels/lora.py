@@ -24,14 +24,8 @@ from typing import Optional
 
 import torch
 
-from .common import DORA_EPS, apply_mask, bias_grad, dropout_mask, flatten, remember_bias
+from .common import DORA_EPS, apply_mask, base_out, bias_grad, dropout_mask, flatten, remember_bias
 from .registry import KernelEntry, register
-
-
-def _base_out(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if bias is not None:
-        return torch.addmm(bias.to(x2.dtype), x2, weight.t())
-    return x2 @ weight.t()
 
 
 def _lora_grads(ctx, dz, x2, weight, lora_A, lora_B, xa, mask):
@@ -65,7 +59,7 @@ class LoraLinearFunction(torch.autograd.Function):
         A = lora_A.to(x2.dtype)
         B = lora_B.to(x2.dtype)
         xa = apply_mask(x2, mask, dropout_p) @ A.t()
-        out = _base_out(x2, weight.to(x2.dtype), bias)
+        out = base_out(x2, weight.to(x2.dtype), bias)
         out.addmm_(xa, B.t(), alpha=scaling)
         # x is needed only for ∂A; a frozen A (the r×r-core family) keeps just the N×r tensor xa.
         ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, xa, mask)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import apply_mask, bias_grad, dropout_mask, flatten, materialize_wins, remember_bias
-from .lora import _base_out, lora_linear
+from .common import apply_mask, base_out, bias_grad, dropout_mask, flatten, materialize_wins, remember_bias
+from .lora import lora_linear
 from .registry import KernelEntry, register
 
 
@@ -143,7 +143,7 @@ class TeraLowRankFunction(torch.autograd.Function):
         T, Rc = tera_factors(factors, core, lam, modes, x2.dtype)  # no graph: forward runs without grad
         mask = dropout_mask(x2, dropout_p, training)
         xa = apply_mask(x2, mask, dropout_p) @ Rc
-        out = _base_out(x2, weight.to(x2.dtype), bias)
+        out = base_out(x2, weight.to(x2.dtype), bias)
         out.addmm_(xa, T.t(), alpha=scaling)
         ctx.save_for_backward(weight, lam, factors, core, xa, mask)
         ctx.modes, ctx.scaling, ctx.dropout_p, ctx.x_shape = modes, scaling, dropout_p, x.shape
