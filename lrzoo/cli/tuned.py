@@ -351,7 +351,7 @@ def diversity_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> Optional[
     majority = []
     for t in columns:
         refs = next((c.references for (m, col), c in cells.items() if col == t and c.references), None)
-        majority.append(f"{100 * modal_share(refs):.1f}" if refs and all(not isinstance(r, bool) for r in refs) else "—")
+        majority.append(f"{100 * modal_share(refs):.1f}" if refs else "—")
     lines.append("| *always the most frequent gold answer (accuracy)* | " + " | ".join(majority) + " |")
     note = ("Share ×100 of the dev answers that are the method's most frequent answer (mean over seeds). Near 100, a "
             "method gives (almost) the same label or option to every item: its accuracy is then that answer's frequency "

@@ -28,11 +28,12 @@ from .common import DORA_EPS, apply_mask, base_out, bias_grad, dropout_mask, fla
 from .registry import KernelEntry, register
 
 
-def _lora_grads(ctx, dz, x2, weight, lora_A, lora_B, xa, mask):
+def lora_grads(ctx, dz, x2, weight, lora_A, lora_B, xa, mask, needs=None):
     """``(∂x, ∂A, ∂B)`` of ``z = x Wᵀ + s·(drop(x) Aᵀ) Bᵀ`` given ``∂z: (N, d_out)``, each ``None`` where
-    ``ctx.needs_input_grad`` (x at 0, A at 3, B at 4) does not ask for it. Reads x only for ∂A."""
+    ``needs`` (default ``ctx.needs_input_grad`` at x 0, A 3, B 4) does not ask for it. Reads x only for ∂A.
+    ``ctx`` carries ``scaling``, ``dropout_p`` and ``x_shape`` (TeRA's low-rank Function reuses it, A = Rcᵀ)."""
     s, p = ctx.scaling, ctx.dropout_p
-    need_x, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+    need_x, need_A, need_B = needs if needs is not None else (ctx.needs_input_grad[i] for i in (0, 3, 4))
     A, B = lora_A.to(dz.dtype), lora_B.to(dz.dtype)
     ds = (dz @ B) * s if (need_x or need_A) else None  # (N, r): grad of xa
     grad_x = grad_A = grad_B = None
@@ -71,7 +72,7 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
         dy = flatten(grad_out).to(xa.dtype)
-        grad_x, grad_A, grad_B = _lora_grads(ctx, dy, x2, weight.to(dy.dtype), lora_A, lora_B, xa, mask)
+        grad_x, grad_A, grad_B = lora_grads(ctx, dy, x2, weight.to(dy.dtype), lora_A, lora_B, xa, mask)
         return grad_x, None, bias_grad(ctx, dy), grad_A, grad_B, None, None, None
 
 
@@ -145,7 +146,7 @@ class DoraLinearFunction(torch.autograd.Function):
             zsum = (dy * (x2 @ W.t())).sum(0, dtype=torch.float32) + s * (dyt_xa.float() * B.float()).sum(1)
             grad_m = (zsum / norm).to(magnitude.dtype)
         # z's gradient is dy scaled per output channel; from there the grads are LoRA's.
-        grad_x, grad_A, grad_B = _lora_grads(ctx, dy * g, x2, W, lora_A, lora_B, xa, mask)
+        grad_x, grad_A, grad_B = lora_grads(ctx, dy * g, x2, W, lora_A, lora_B, xa, mask)
         return grad_x, None, bias_grad(ctx, dy), grad_A, grad_B, grad_m, None, None, None
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import apply_mask, base_out, bias_grad, dropout_mask, flatten, materialize_wins, remember_bias
-from .lora import lora_linear
+from .lora import lora_grads, lora_linear
 from .registry import KernelEntry, register
 
 
@@ -153,22 +153,15 @@ class TeraLowRankFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, lam, factors, core, xa, mask = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
         dy = flatten(grad_out).to(xa.dtype)
         need_x, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         with torch.enable_grad():
             lam_ = lam.detach().requires_grad_(need_lam)
             T, Rc = tera_factors(factors, core, lam_, ctx.modes, dy.dtype)
-        grad_x = grad_lam = None
-        if need_x:
-            ds = (dy @ T.detach()) * s  # (N, Q): the gradient of xa
-            if mask is None:
-                grad_x = torch.addmm(dy @ weight.to(dy.dtype), ds, Rc.t())
-            else:
-                grad_x = dy @ weight.to(dy.dtype) + apply_mask(ds @ Rc.t(), mask, p)
-            grad_x = grad_x.reshape(ctx.x_shape)
-        if need_lam:
-            grad_lam, = torch.autograd.grad(T, lam_, (dy.t() @ xa).mul_(s))
+        # LoRA's backward with A = Rcᵀ (frozen) and B = T; ∂T then flows into λ through the rebuilt T
+        grad_x, _, grad_T = lora_grads(ctx, dy, None, weight.to(dy.dtype), Rc.t(), T.detach(), xa, mask,
+                                       needs=(need_x, False, need_lam))
+        grad_lam = torch.autograd.grad(T, lam_, grad_T)[0] if need_lam else None
         return grad_x, None, bias_grad(ctx, dy), grad_lam, None, None, None, None, None, None
 
 
