@@ -13,7 +13,7 @@ BENCH_ARGS ?= --quick
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench docs clean results-glue results-glue-tuned results-cs-loglik gpu-check
+.PHONY: install test demo bench docs clean results-glue results-glue-tuned results-cs-loglik results-docs gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ results-cs-loglik: install
 	$(VENV)/bin/lrzoo-sweep recipes/sweeps/cs_loglik.yaml --jobs 2 $(SWEEP_ARGS); status=$$?; \
 	  OMP_NUM_THREADS=1 $(VENV)/bin/lrzoo-train experiment=cs_loglik adapter=zero_shot eval.choices=text > /dev/null || status=1; \
 	  $(VENV)/bin/lrzoo-report runs/cs-loglik --plan recipes/sweeps/cs_loglik.yaml; exit $$status
+
+# Rewrite docs/ from the tuned sweeps' runs (lrzoo/cli/results_docs.py): docs/results.md between its
+# <!-- tuned-glue/cs-loglik:begin/end --> markers, the plots, and each method page's generated "Measured" bullets.
+# The prose around them is not touched; a sweep with no runs/ directory leaves its blocks as they are.
+results-docs: install
+	OMP_NUM_THREADS=1 $(PY) -m lrzoo.cli.results_docs
 
 # Everything that needs CUDA (GPU-marked tests, Triton vs torch on the GPU, lrzoo-bench at the H100 shapes)
 # with one summary, in under 8 minutes; exits 2 with "no CUDA device" elsewhere. Uses the venv when there

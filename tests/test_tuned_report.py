@@ -269,3 +269,56 @@ def test_a_grid_whose_points_all_score_the_same_is_flagged_flat():
 
     assert shown({1e-3: 0.652, 3e-3: 0.652, 9e-3: 0.652}) == "1e-3 edge flat (**65.2** / 65.2 / 65.2)"
     assert shown({1e-3: 0.652, 3e-3: 0.70, 9e-3: 0.652}) == "3e-3 (65.2 / **70.0** / 65.2)"
+
+
+def test_results_docs_rewrites_only_the_generated_blocks_from_the_report(tree, tmp_path):
+    """``make results-docs``: docs/results.md's marked block becomes the report (headings demoted, no missing-cell
+    list, the plot), each method page's bullets carry its cells' CSV values; prose, and the blocks of a comparison
+    without runs, stay; a second run changes nothing."""
+    from lrzoo.cli.results_docs import PAGE_BEGIN, PAGE_END, Section, refresh
+
+    plan, runs = tree
+    docs = tmp_path / "docs"
+    (docs / "adapters").mkdir(parents=True)
+    prose = "# Results\n\nHand-written prose.\n\n"
+    (docs / "results.md").write_text(prose + "<!-- glue:begin -->\nold table\n<!-- glue:end -->\n\nMore prose.\n")
+    old_cs = "- **CS** (setting): average accuracy 1.0, best."
+    for method in ("lora", "dora", "lora_xs", "tera"):
+        (docs / "adapters" / f"{method}.md").write_text(
+            f"# {method}\n\n## Measured\n{PAGE_BEGIN}\n- **GLUE** (setting): stale.\n{old_cs}\n{PAGE_END}\n- by hand\n")
+    sections = (Section("glue", "runs", "plan.yaml", "glue.png", "GLUE", "setting", True),
+                Section("cs", "no-runs-yet", "plan.yaml", "cs.png", "CS", "setting", False))
+    changed = refresh(tmp_path, docs, sections)
+    assert set(changed) == {docs / "results.md", *(docs / "adapters" / f"{m}.md" for m in ("lora", "dora", "lora_xs", "tera"))}
+
+    results = (docs / "results.md").read_text()
+    assert results.startswith(prose) and results.endswith("<!-- glue:end -->\n\nMore prose.\n")
+    block = results.split("<!-- glue:begin -->\n")[1].split("\n<!-- glue:end -->")[0]
+    report_text = (runs / "results.md").read_text()
+    assert block.startswith(report_text.split("\n", 1)[0].replace("### ", "#### "))
+    assert "\n### " not in block and "Missing cells" not in block and "- dora × glue/stsb" not in block
+    assert "| — (missing: lr grid 2/3 done) |" in block and block.endswith("![dev score (95% interval) against "
+                                                                         "trainable parameters](glue.png)")
+    assert (docs / "glue.png").read_bytes() == (runs / "results.png").read_bytes()
+
+    with open(runs / "results.csv", newline="") as handle:
+        cells = {(r["method"], r["task"]): r for r in csv.DictReader(handle)}
+
+    def shown(method, task, verdict):
+        r = cells[(method, task)]
+        return f"{float(r['mean']):.1f} [{float(r['ci_low']):.1f}, {float(r['ci_high']):.1f}] at lr {verdict}"
+
+    pages = {m: (docs / "adapters" / f"{m}.md").read_text() for m in ("lora", "dora", "lora_xs", "tera")}
+    verdicts = {m: {"best": "best", "tied": "tied with the best"}[cells[(m, "glue/sst2")]["verdict"]] for m in ("lora", "dora")}
+    assert (f"- **GLUE** (setting): SST-2 {shown('lora', 'glue/sst2', '1e-3, ' + verdicts['lora'])}; STS-B "
+            f"{shown('lora', 'glue/stsb', '1e-3, the only finished cell of its column so far')}.\n{old_cs}\n") in pages["lora"]
+    assert f"SST-2 {shown('dora', 'glue/sst2', '1e-3, ' + verdicts['dora'])}; STS-B not finished.\n" in pages["dora"]
+    assert f"SST-2 {shown('lora_xs', 'glue/sst2', '3.3e-3, really below the best')}; STS-B not finished." in pages["lora_xs"]
+    # a method outside the plan loses the plan's bullet; the comparison without runs keeps the page's bullet
+    assert pages["tera"].endswith(f"## Measured\n{PAGE_BEGIN}\n{old_cs}\n{PAGE_END}\n- by hand\n")
+    assert all(page.endswith(f"{PAGE_END}\n- by hand\n") for page in pages.values())
+
+    assert refresh(tmp_path, docs, sections) == []   # idempotent
+    (docs / "results.md").write_text(prose)          # markers gone: a clear error, nothing written
+    with pytest.raises(ValueError, match="restore the markers"):
+        refresh(tmp_path, docs, sections)

@@ -276,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except PlanError as err:
             parser.error(str(err))
         out = args.out or args.root
-        print(write_report(args.root, plan, out))
+        print(write_report(args.root, plan, out).text)
         print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'} (plan {args.plan})")
         return
     rows = collect(args.root, args.select)

@@ -441,8 +441,18 @@ def csv_rows(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     return rows
 
 
-def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.REPLICATES) -> str:
-    """Write ``results.md``, ``results.csv`` and ``results.png`` for ``plan``'s runs under ``root``; returns the markdown."""
+@dataclass
+class Report:
+    """A plan's tuned comparison: its cells, the per-method averages and the markdown of both."""
+
+    plan: Plan
+    cells: dict[tuple[str, str], Cell]
+    averages: dict[str, Average]
+    text: str
+
+
+def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.REPLICATES) -> Report:
+    """Write ``results.md``, ``results.csv`` and ``results.png`` for ``plan``'s runs under ``root``."""
     from .report import plot
 
     cells = build_cells(root, plan, replicates)
@@ -459,4 +469,4 @@ def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.
                "trainable_params": c.trainable_params or 1} for c in cells.values() if c.mean is not None]
     if points:
         plot(points, out / "results.png")
-    return text
+    return Report(plan, cells, avg, text)
