@@ -322,3 +322,44 @@ def test_results_docs_rewrites_only_the_generated_blocks_from_the_report(tree, t
     (docs / "results.md").write_text(prose)          # markers gone: a clear error, nothing written
     with pytest.raises(ValueError, match="restore the markers"):
         refresh(tmp_path, docs, sections)
+
+
+def test_seeds_resampled_draws_whole_seeds_and_catches_a_verdict_one_failed_seed_decides():
+    """The pooled replicates hold the seeds fixed; resampling them too (two-level bootstrap) must average k seeds
+    drawn with replacement per replicate, and turn 'worse' into 'tied' when one failed seed makes the gap."""
+    from types import SimpleNamespace
+
+    from lrzoo.cli.tuned import _compare, _shown_cell, _shown_diff
+
+    per_seed = np.arange(3 * 5, dtype=float).reshape(3, 5)   # seed i, replicate r -> 5i + r
+    resampled = intervals.seeds_resampled(per_seed, "glue/sst2")
+    draws = np.random.default_rng([intervals.SEED, __import__("zlib").crc32(b"glue/sst2"), 1]).integers(0, 3, (5, 3))
+    np.testing.assert_allclose(resampled, [per_seed[draws[r], r].mean() for r in range(5)])
+    same = np.tile(np.linspace(0, 1, 7), (3, 1))
+    np.testing.assert_allclose(intervals.seeds_resampled(same, "glue/sst2"), same[0])   # identical seeds: no change
+
+    rng = np.random.default_rng(0)
+    references = rng.integers(0, 2, 400)
+    indices = intervals.replicate_indices(400, "glue/sst2")
+    steady = [_noisy(references, 0.15, rng) for _ in range(3)]
+    shaky = [_noisy(references, flip, rng) for flip in (0.05, 0.05, 0.45)]   # two good seeds, one failed
+
+    def cell(seeds):
+        per = intervals.seed_replicates("accuracy", seeds, references, indices)
+        scores = [float((p == references).mean()) for p in seeds]
+        return SimpleNamespace(mean=float(np.mean(scores)), scores=scores, replicates=per.mean(0),
+                               interval=intervals.percentile_interval(per.mean(0)),
+                               seeds_replicates=intervals.seeds_resampled(per, "glue/sst2"), diff=None, seeds_diff=None,
+                               best=False)
+
+    a, b = cell(steady), cell(shaky)
+    _compare([a, b])
+    assert a.best and b.diff[3] == "worse" and b.diff[2] < 0        # the pooled bootstrap: really worse
+    assert b.seeds_diff[2] == "tied" and b.seeds_diff[0] < b.diff[1] # seeds resampled: a far wider interval, tied
+    assert " †" in _shown_cell(b) and "seeds resampled: [" in _shown_diff(b) and _shown_diff(b).endswith("tied †")
+    from lrzoo.cli.results_docs import _verdict
+    assert _verdict(b, 2) == "really below the best (tied with the best once the training seeds are resampled too)"
+    steady_too = cell([p.copy() for p in steady])
+    steady_too.mean -= 1e-9
+    _compare([a, steady_too])
+    assert steady_too.seeds_diff[2] == steady_too.diff[3] == "tied" and "†" not in _shown_cell(steady_too)

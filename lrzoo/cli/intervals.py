@@ -87,10 +87,30 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(constant | ~(denominator > 0), np.nan, (x * y).sum(1) / denominator)
 
 
+def seed_replicates(metric: str, per_seed_predictions: Sequence[Sequence], references: Sequence,
+                    indices: np.ndarray) -> np.ndarray:
+    """Each seed's metric on each replicate: ``(seeds, replicates)``."""
+    return np.stack([metric_replicates(metric, p, references, indices) for p in per_seed_predictions])
+
+
 def cell_replicates(metric: str, per_seed_predictions: Sequence[Sequence], references: Sequence,
                     indices: np.ndarray) -> np.ndarray:
     """The mean over seeds of each replicate's metric: one cell's bootstrap distribution (``(replicates,)``)."""
-    return np.mean([metric_replicates(metric, p, references, indices) for p in per_seed_predictions], axis=0)
+    return seed_replicates(metric, per_seed_predictions, references, indices).mean(axis=0)
+
+
+def seeds_resampled(per_seed: np.ndarray, task: str, seed: int = SEED) -> np.ndarray:
+    """Replicates that also resample the training seeds: replicate r averages ``k`` seeds drawn with replacement
+    from the cell's ``k`` (the same draws for every cell of a task), each on replicate r's resampled examples.
+
+    The pooled replicates of :func:`cell_replicates` hold the seeds fixed, so their interval is the dev set's
+    sampling error of *these* seeds' mean; a method whose seeds disagree (a seed that fails) can look really
+    worse or better by it when another draw of seeds would not. This two-level bootstrap adds the seed spread
+    (with 3 seeds it underestimates it by about (k - 1)/k, and only 10 seed multisets exist: a coarse check)."""
+    k, replicates = per_seed.shape
+    rng = np.random.default_rng([seed, zlib.crc32(task.encode()), 1])
+    draws = rng.integers(0, k, size=(replicates, k))
+    return per_seed[draws, np.arange(replicates)[:, None]].mean(axis=1)
 
 
 def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:

@@ -3,8 +3,9 @@
 Per (method, task) only the configuration at the learning rate chosen on the held-out training slice
 is shown: the mean over seeds of the dev primary metric, its 95% bootstrap interval over dev examples
 pooled over seeds (:mod:`lrzoo.cli.intervals`, from each run's ``predictions.json``), and whether it is
-statistically tied with the best method of its column (paired bootstrap of the difference). Every
-planned cell appears: one whose grid or seeds have not all finished reads ``— (missing: ...)``.
+statistically tied with the best method of its column (paired bootstrap of the difference), and whether
+that verdict survives resampling the training seeds as well (:func:`lrzoo.cli.intervals.seeds_resampled`;
+a ``†`` marks a verdict the seeds decide). Every planned cell appears: one whose grid or seeds have not all finished reads ``— (missing: ...)``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from . import intervals
 from .plan import CellState, Composer, Plan, RunIndex, cell_state, format_lr, read_json
 
 CSV_FIELDS = ("model", "method", "task", "metric", "status", "chosen_lr", "n_seeds", "planned_seeds", "mean",
-              "ci_low", "ci_high", "diff_to_best", "diff_low", "diff_high", "verdict", "trainable_params")
+              "ci_low", "ci_high", "diff_to_best", "diff_low", "diff_high", "verdict", "seeds_diff_low",
+              "seeds_diff_high", "seeds_verdict", "trainable_params")
 AVERAGE = "average"
 
 
@@ -44,6 +46,8 @@ class Cell:
     replicates: Optional[np.ndarray] = None
     interval: tuple[float, float] = (math.nan, math.nan)
     diff: Optional[tuple[float, float, float, str]] = None   # (point, low, high, verdict) vs the column's best
+    seeds_replicates: Optional[np.ndarray] = None   # training seeds resampled too (intervals.seeds_resampled)
+    seeds_diff: Optional[tuple[float, float, str]] = None    # (low, high, verdict) of the same difference with them
     best: bool = False
     modal_shares: list[float] = field(default_factory=list)   # per seed: share of the most frequent answer
 
@@ -171,9 +175,11 @@ def _bootstrap_task(column: list[Cell], task: str, replicates: int) -> None:
         indices = intervals.replicate_indices(len(references), task, replicates)
         for cell in column:
             if cell.references == references and all(p is not None for p in cell.predictions):
-                metric = _bootstrap_metric(cell)
-                cell.replicates = intervals.cell_replicates(metric, cell.predictions, references, indices)
+                per_seed = intervals.seed_replicates(_bootstrap_metric(cell), cell.predictions, references, indices)
+                cell.replicates = per_seed.mean(axis=0)
                 cell.interval = intervals.percentile_interval(cell.replicates)
+                if len(per_seed) > 1:
+                    cell.seeds_replicates = intervals.seeds_resampled(per_seed, task)
     _compare(column)
 
 
@@ -196,6 +202,8 @@ def _compare(column: list[Any]) -> None:
         else:
             low, high, verdict = math.nan, math.nan, "n/a"
         cell.diff = (cell.mean - best.mean, low, high, verdict)
+        if cell.seeds_replicates is not None and best.seeds_replicates is not None:
+            cell.seeds_diff = intervals.paired_difference(cell.seeds_replicates, best.seeds_replicates)
 
 
 @dataclass
@@ -208,6 +216,8 @@ class Average:
     replicates: Optional[np.ndarray]
     interval: tuple[float, float] = (math.nan, math.nan)
     diff: Optional[tuple[float, float, float, str]] = None
+    seeds_replicates: Optional[np.ndarray] = None
+    seeds_diff: Optional[tuple[float, float, str]] = None
     best: bool = False
 
 
@@ -225,8 +235,11 @@ def averages(cells: dict[tuple[str, str], Cell], plan: Plan) -> dict[str, Averag
             continue
         reps = (np.mean([c.replicates for c in mine], axis=0) if all(c.replicates is not None for c in mine)
                 else None)
+        seeds = (np.mean([c.seeds_replicates for c in mine], axis=0)
+                 if all(c.seeds_replicates is not None for c in mine) else None)
         out[method.name] = Average(method.name, statistics.fmean(c.mean for c in mine), reps,
-                                   intervals.percentile_interval(reps) if reps is not None else (math.nan, math.nan))
+                                   intervals.percentile_interval(reps) if reps is not None else (math.nan, math.nan),
+                                   seeds_replicates=seeds)
     _compare(list(out.values()))
     return out
 
@@ -242,6 +255,11 @@ def _tied(item: Any) -> bool:
     return item.best or (item.diff is not None and item.diff[3] == "tied")
 
 
+def seeds_disagree(item: Any) -> bool:
+    """The verdict against the best changes when the training seeds are resampled too."""
+    return item.diff is not None and item.seeds_diff is not None and item.seeds_diff[2] != item.diff[3]
+
+
 def _shown_cell(cell: Cell) -> str:
     if cell.mean is None:
         if cell.complete:
@@ -250,7 +268,7 @@ def _shown_cell(cell: Cell) -> str:
     shown = _value(cell.mean, cell.interval, _tied(cell))
     if len(cell.scores) > 1:  # the training-seed spread, which the interval over dev examples does not contain
         shown += f" ±{100 * statistics.stdev(cell.scores):.1f}"
-    return shown
+    return shown + (" †" if seeds_disagree(cell) else "")
 
 
 def _shown_diff(item: Any) -> str:
@@ -263,7 +281,11 @@ def _shown_diff(item: Any) -> str:
     point, low, high, verdict = item.diff
     if verdict == "n/a":
         return f"{100 * point:+.2f} (no interval)"
-    return f"{100 * point:+.2f} [{100 * low:+.1f}, {100 * high:+.1f}] {verdict}"
+    shown = f"{100 * point:+.2f} [{100 * low:+.1f}, {100 * high:+.1f}] {verdict}"
+    if seeds_disagree(item):
+        low, high, verdict = item.seeds_diff
+        shown += f"; seeds resampled: [{100 * low:+.1f}, {100 * high:+.1f}] {verdict} †"
+    return shown
 
 
 def _shown_lr(cell: Cell) -> str:
@@ -381,7 +403,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
         row = [cells[(method.name, t)] for t in tasks]
         a = avg.get(method.name)
         main.append("| " + " | ".join([method.name, *(_shown_cell(c) for c in row)] +
-                                       ([_value(a.mean, a.interval, _tied(a)) if a else "—"] if with_avg else [])) + " |")
+                                       ([_value(a.mean, a.interval, _tied(a)) + (" †" if seeds_disagree(a) else "")
+                                         if a else "—"] if with_avg else [])) + " |")
         diffs.append("| " + " | ".join([method.name, *(_shown_diff(c) if c.mean is not None else "—" for c in row)] +
                                         ([_shown_diff(a)] if with_avg else [])) + " |")
         lrs.append("| " + " | ".join([method.name, ", ".join(format_lr(x) for x in plan.grid(method)),
@@ -400,7 +423,11 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                "; with one seed the interval does not contain how much training runs vary") + ". **Bold**: the best mean of the column and "
             "every cell statistically tied with it (the paired bootstrap 95% interval of its difference to the best "
             "contains 0); a cell not in bold is really worse than the best. Each comparison is at 95% on its own, not "
-            "corrected for the number of methods: among many truly tied methods about one in twenty reads as worse. The average is the mean over tasks "
+            "corrected for the number of methods: among many truly tied methods about one in twenty reads as worse. "
+            + ("†: the verdict changes when the training seeds are resampled as well (a two-level bootstrap: seeds "
+               "drawn with replacement, then dev examples; the difference table gives its interval): these seeds "
+               "decide the verdict, another draw of seeds might not, so read it as uncertain. " if several else "")
+            + "The average is the mean over tasks "
             "(shown only for methods complete on every task; its interval averages the tasks' replicates). "
             f"{complete}/{len(cells)} cells complete; a missing cell says what is missing.")
     lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "
@@ -414,6 +441,14 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
     return "\n\n".join(parts) + "\n"
+
+
+def _seeds_fields(item: Any) -> dict[str, Any]:
+    if item.seeds_diff is None:
+        return {"seeds_diff_low": "", "seeds_diff_high": "", "seeds_verdict": ""}
+    low, high, verdict = item.seeds_diff
+    shown = (lambda v: round(100 * v, 4) if math.isfinite(v) else "")
+    return {"seeds_diff_low": shown(low), "seeds_diff_high": shown(high), "seeds_verdict": verdict}
 
 
 def csv_rows(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Average]) -> list[dict[str, Any]]:
@@ -431,13 +466,15 @@ def csv_rows(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                      "ci_low": number(c.interval[0]), "ci_high": number(c.interval[1]),
                      "diff_to_best": number(c.diff[0]) if c.diff else "", "diff_low": number(c.diff[1]) if c.diff else "",
                      "diff_high": number(c.diff[2]) if c.diff else "", "verdict": verdict,
+                     **_seeds_fields(c),
                      "trainable_params": c.trainable_params if c.trainable_params is not None else ""})
     for a in avg.values():
         rows.append({**{k: "" for k in CSV_FIELDS}, "method": a.method, "task": AVERAGE, "status": "complete",
                      "mean": number(a.mean), "ci_low": number(a.interval[0]), "ci_high": number(a.interval[1]),
                      "diff_to_best": number(a.diff[0]) if a.diff else "", "diff_low": number(a.diff[1]) if a.diff else "",
                      "diff_high": number(a.diff[2]) if a.diff else "", "verdict": "best" if a.best else
-                     (a.diff[3] if a.diff else ""), "n_seeds": len(plan.seeds), "planned_seeds": len(plan.seeds)})
+                     (a.diff[3] if a.diff else ""), **_seeds_fields(a), "n_seeds": len(plan.seeds),
+                     "planned_seeds": len(plan.seeds)})
     return rows
 
 
