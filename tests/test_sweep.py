@@ -14,10 +14,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from lrzoo.cli.plan import (STATUS_FILE, Composer, Outcome, PlanError, choose_lr, load_plan, plan_key, format_lr)
+from lrzoo.cli.plan import (STATUS_FILE, Composer, Outcome, PlanError, RunIndex, beyond_edge, cell_state, choose_lr,
+                            format_lr, load_plan, plan_key)
 from lrzoo.cli.sweep import run_plan
 from lrzoo.cli.train import config_hash, run_recipe, split_heldout
 from lrzoo.train.config import HELDOUT_PREFIX
@@ -142,11 +144,13 @@ def test_composed_runs_are_what_the_command_line_gives(tmp_path):
 
 def test_bad_plans_and_filters_are_refused(tmp_path):
     path = tmp_path / "plan.yaml"
-    path.write_text("tasks: [glue/sst2, glue/sst2]\nseeds: []\ngrid: {factor: 1, points: 2}\nmethods: [lora, dora trainer.lr=x]\n"
+    path.write_text("tasks: [glue/sst2, glue/sst2]\nseeds: []\ngrid: {factor: 1, points: 2, extend: -1, grow: 1}\n"
+                    "methods: [lora, dora trainer.lr=x]\n"
                     "extra: 1\n")
     with pytest.raises(PlanError) as err:
         load_plan(path)
-    for part in ("unknown key", "tasks:", "seeds:", "grid.factor", "grid.points", "'lora'", "not a number"):
+    for part in ("unknown key", "tasks:", "seeds:", "grid.factor", "grid.points", "grid.extend", "grid: unknown key(s) ['grow']",
+                 "'lora'", "not a number"):
         assert part in str(err.value)
     plan = load_plan(SWEEPS / "glue_tuned.yaml")
     with pytest.raises(PlanError, match="--only nope"):
@@ -180,11 +184,12 @@ def test_the_best_heldout_score_wins_ties_go_to_the_smaller_lr_and_divergence_is
 # ---- the driver, with stand-in runs ----
 
 def _plan(tmp_path, data, methods=("lora trainer.lr=1e-3", "dora trainer.lr=1e-3"), tasks=("glue/sst2",),
-          seeds=(0, 1, 2), extra=()):
+          seeds=(0, 1, 2), extra=(), extend=0):
     path = tmp_path / "plan.yaml"
     overrides = [*tiny_run_overrides(data, tmp_path / "runs"), "+task.heldout_size=16", *extra]
     path.write_text(json.dumps({"overrides": [o for o in overrides if not o.startswith("trainer.lr=")],
-                                "tasks": list(tasks), "seeds": list(seeds), "grid": {"factor": 3, "points": 3},
+                                "tasks": list(tasks), "seeds": list(seeds),
+                                "grid": {"factor": 3, "points": 3, "extend": extend},
                                 "methods": list(methods)}))
     return load_plan(path)
 
@@ -257,6 +262,46 @@ def test_stages_order_skip_failures_and_divergence(tmp_path):
     assert {(r.method, r.lr, r.seed) for r in fake.launched} == {("lora", 3e-3, s) for s in (0, 1, 2)}
     fake = FakeRuns()
     assert run_plan(plan, jobs=2, composer=Composer(plan), launch=fake) == 0 and not fake.launched
+
+
+def test_a_grid_grows_past_a_winning_end_before_seeds_run(tmp_path):
+    """grid.extend: lora's held-out score peaks at 1e-4, below its grid (3.3e-4, 1e-3, 3e-3): the grid grows to
+    1.1e-4 (which wins), then 3.7e-5 (which does not), and only then do seeds run, at 1.1e-4. dora peaks inside
+    its grid: nothing grows. The report names the added points and keeps `edge` for a grid that ran out."""
+    peak = {"lora": -4.0, "dora": -3.0}
+    plan = _plan(tmp_path, tmp_path / "data", extend=2)
+    fake = FakeRuns(score=lambda run: 1 - abs(math.log10(run.lr) - peak[run.method]))
+    lines = []
+    assert run_plan(plan, jobs=1, composer=Composer(plan), launch=fake, out=lines.append) == 0
+    launched = [(r.method, r.lr, r.seed) for r in fake.launched]
+    assert launched[:7] == [("lora", lr, 0) for lr in (3.3e-4, 1e-3, 3e-3, 1.1e-4, 3.7e-5)] + \
+        [("lora", 1.1e-4, 1), ("lora", 1.1e-4, 2)]
+    assert launched[7:] == [("dora", lr, 0) for lr in (3.3e-4, 1e-3, 3e-3)] + [("dora", 1e-3, 1), ("dora", 1e-3, 2)]
+    assert "a grid may grow by 2 past a winning end" in lines[0]
+    state = cell_state(plan, Composer(plan), plan.methods[0], "glue/sst2", RunIndex(tmp_path / "runs"))
+    assert list(state.grid) == [3.7e-5, 1.1e-4, 3.3e-4, 1e-3, 3e-3] and state.chosen == 1.1e-4
+
+    from lrzoo.cli.tuned import _shown_lr
+    shown = _shown_lr(SimpleNamespace(state=state), plan.grid(plan.methods[0]))
+    assert shown.startswith("1.1e-4 (3.7e-5: ") and "1.1e-4: **" in shown and "edge" not in shown
+    # the growth is capped: a peak far below stops after `extend` points and stays flagged as an edge
+    peak["lora"] = -7.0
+    (tmp_path / "capped").mkdir()
+    capped = _plan(tmp_path / "capped", tmp_path / "data", extend=1)
+    fake = FakeRuns(score=lambda run: 1 - abs(math.log10(run.lr) - peak[run.method]))
+    assert run_plan(capped, jobs=1, composer=Composer(capped), launch=fake, out=lines.append) == 0
+    state = cell_state(capped, Composer(capped), capped.methods[0], "glue/sst2", RunIndex(tmp_path / "capped" / "runs"))
+    assert list(state.grid) == [1.1e-4, 3.3e-4, 1e-3, 3e-3] and state.chosen == 1.1e-4
+    assert " edge (" in _shown_lr(SimpleNamespace(state=state), capped.grid(capped.methods[0]))
+
+
+def test_beyond_edge_only_past_an_end_strictly_better_than_its_neighbour():
+    grid = [1e-4, 1e-3, 1e-2]
+    assert beyond_edge(grid, {1e-4: 0.9, 1e-3: 0.8, 1e-2: 0.1}, 1e-4, 10) == 1e-5
+    assert beyond_edge(grid, {1e-4: 0.1, 1e-3: 0.8, 1e-2: 0.9}, 1e-2, 10) == 0.1
+    assert beyond_edge(grid, {1e-4: 0.8, 1e-3: 0.8, 1e-2: 0.1}, 1e-4, 10) is None   # a tie: flat, not beyond
+    assert beyond_edge(grid, {1e-4: 0.1, 1e-3: 0.9, 1e-2: 0.1}, 1e-3, 10) is None   # an inner winner
+    assert beyond_edge([1e-3], {1e-3: 0.5}, 1e-3, 10) is None                       # a one-point grid
 
 
 def test_dry_run_filters_and_time_limit(tmp_path):

@@ -7,7 +7,7 @@ learning-rate grid rule and the methods, one line each as in ``recipes/sweeps/gl
     experiment: glue_tuned
     tasks: [glue/sst2, glue/mrpc]
     seeds: [0, 1, 2]
-    grid: {factor: 3, points: 3}      # centre × 3^k, k = -1, 0, 1, rounded to 2 significant digits
+    grid: {factor: 3, points: 3, extend: 2}   # centre × 3^k, k = -1, 0, 1, rounded to 2 significant digits
     methods:
       - lora trainer.lr=1e-3
       - loldu trainer.lr=2e-2 adapter.alpha=1.0
@@ -15,8 +15,11 @@ learning-rate grid rule and the methods, one line each as in ``recipes/sweeps/gl
 A *cell* is one (method, task). Its learning rate is chosen on the held-out slice of the training set
 (``task.heldout_size``; ``results.json``'s ``selection_score``) from the grid runs at the first seed:
 the best score wins, ties go to the smaller learning rate, a run that diverged counts as the worst and
-a run that failed otherwise (or has not run) leaves the grid incomplete. The other seeds then run at
-the chosen rate (the first seed's run there is the same configuration, not run again).
+a run that failed otherwise (or has not run) leaves the grid incomplete. When the winner is an end of the
+grid and strictly better than its neighbour, the optimum may lie beyond it: with ``grid.extend: N`` the
+grid grows by one point past that end (× or ÷ ``factor``), up to N times, before anything is chosen. The
+other seeds then run at the chosen rate (the first seed's run there is the same configuration, not run
+again).
 
 Each run is the configuration ``lrzoo-train`` composes from the plan; :class:`Composer` composes it
 once per cell with Hydra and sets ``trainer.lr`` and ``seed`` on copies, which gives the same run
@@ -70,11 +73,16 @@ class Plan:
     factor: float
     points: int
     methods: tuple[Method, ...]
+    extend: int = 0   # points a cell's grid may grow past an end that wins (see cell_state)
 
     def grid(self, method: Method) -> list[float]:
         """``centre × factor^k`` for ``k = -(points // 2) .. points // 2``, rounded to 2 significant digits."""
         half = self.points // 2
-        return [float(f"{method.centre * self.factor ** k:.2g}") for k in range(-half, half + 1)]
+        return [self.rounded(method.centre * self.factor ** k) for k in range(-half, half + 1)]
+
+    @staticmethod
+    def rounded(lr: float) -> float:
+        return float(f"{lr:.2g}")
 
     def cells(self) -> list[tuple[Method, str]]:
         """Every (method, task), method by method: the order ``lrzoo-sweep`` completes them in."""
@@ -96,7 +104,8 @@ class Plan:
             if unknown:
                 raise PlanError(f"--tasks {','.join(unknown)}: not in {self.path}; its tasks: {', '.join(self.tasks)}")
             kept_tasks = tuple(t for t in self.tasks if t in wanted)
-        return Plan(self.path, self.experiment, self.overrides, kept_tasks, self.seeds, self.factor, self.points, methods)
+        return Plan(self.path, self.experiment, self.overrides, kept_tasks, self.seeds, self.factor, self.points, methods,
+                    self.extend)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -117,11 +126,16 @@ def load_plan(path: str | Path) -> Plan:
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
         errors.append(f"seeds: {seeds!r} must be a non-empty list of distinct integers; the grid runs at the first")
     grid = data.get("grid") or {}
-    factor, points = grid.get("factor", 3), grid.get("points", 3)
+    factor, points, extend = grid.get("factor", 3), grid.get("points", 3), grid.get("extend", 0)
+    if set(grid) - {"factor", "points", "extend"}:
+        errors.append(f"grid: unknown key(s) {sorted(set(grid) - {'factor', 'points', 'extend'})}; "
+                      "a grid has factor, points and extend")
     if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 1:
         errors.append(f"grid.factor: {factor!r} must be a number > 1 (neighbouring grid points differ by it)")
     if not isinstance(points, int) or isinstance(points, bool) or points < 1 or points % 2 == 0:
         errors.append(f"grid.points: {points!r} must be an odd positive integer (the centre and as many on each side)")
+    if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
+        errors.append(f"grid.extend: {extend!r} must be an integer >= 0 (points a grid may grow past a winning end)")
     overrides = data.get("overrides") or []
     if not all(isinstance(o, str) for o in overrides):
         errors.append(f"overrides: {overrides!r} must be a list of lrzoo-train overrides (key=value)")
@@ -147,7 +161,7 @@ def load_plan(path: str | Path) -> Plan:
     if errors:
         raise PlanError(f"{path}:\n  " + "\n  ".join(errors))
     return Plan(str(path), data.get("experiment"), tuple(overrides), tuple(tasks), tuple(seeds), float(factor), points,
-                tuple(methods))
+                tuple(methods), extend)
 
 
 def format_lr(lr: float) -> str:
@@ -307,11 +321,32 @@ def choose_lr(task: str, grid: dict[float, Outcome]) -> tuple[Optional[float], s
     return min(lr for lr, score in finished.items() if score == best), "", scores
 
 
+def beyond_edge(grid: list[float], scores: dict[float, float], chosen: float, factor: float) -> Optional[float]:
+    """The next grid point past ``chosen`` when it is an end of ``grid`` (sorted) and strictly better than its
+    neighbour there (a tie says the optimum is flat, not beyond); else ``None``."""
+    if len(grid) < 2 or chosen not in (grid[0], grid[-1]):
+        return None
+    neighbour = grid[1] if chosen == grid[0] else grid[-2]
+    if not scores.get(chosen, -math.inf) > scores.get(neighbour, -math.inf):
+        return None
+    return Plan.rounded(chosen / factor if chosen == grid[0] else chosen * factor)
+
+
 def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup: Any) -> CellState:
-    """The state of one cell, with ``lookup(run) -> Outcome`` telling what happened to each run."""
+    """The state of one cell, with ``lookup(run) -> Outcome`` telling what happened to each run. The grid is
+    the plan's, grown past a winning end up to ``plan.extend`` points (:func:`beyond_edge`) once it has
+    finished; the choice waits for each added point."""
     grid = {lr: lookup(composer.run(method, task, lr, plan.seeds[0])) for lr in plan.grid(method)}
     state = CellState(method, task, grid)
     state.chosen, state.why_not, state.scores = choose_lr(task, grid)
+    for _ in range(plan.extend):
+        extra = (beyond_edge(sorted(grid), state.scores, state.chosen, plan.factor)
+                 if state.chosen is not None else None)
+        if extra is None or extra in grid:
+            break
+        grid[extra] = lookup(composer.run(method, task, extra, plan.seeds[0]))
+        state.grid = grid = dict(sorted(grid.items()))
+        state.chosen, state.why_not, state.scores = choose_lr(task, grid)
     if state.chosen is not None:
         state.seeds = {seed: grid[state.chosen] if seed == plan.seeds[0] else
                        lookup(composer.run(method, task, state.chosen, seed)) for seed in plan.seeds}

@@ -137,10 +137,11 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
     start = time.monotonic()
     deadline = start + 60 * max_minutes if max_minutes is not None else None
     states = sweep.states()
-    total = sum(len(plan.grid(m)) + len(plan.seeds) - 1 for m, _ in plan.cells())
+    total = sum(len(s.grid) + len(plan.seeds) - 1 for s in states)   # grids grown so far included
     done = sum(s.grid_done + max(s.seeds_done - 1, 0) for s in states)
+    grows = f"; a grid may grow by {plan.extend} past a winning end" if plan.extend else ""
     out(f"[lrzoo-sweep] {plan.path}: {len(plan.methods)} methods × {len(plan.tasks)} tasks, "
-        f"{total} runs planned ({done} finished or diverged)")
+        f"{total} runs planned ({done} finished or diverged{grows})")
     if dry_run:
         for run in sweep.ready(states):
             out(shown_command(run))

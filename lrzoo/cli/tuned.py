@@ -16,7 +16,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -288,14 +288,16 @@ def _shown_diff(item: Any) -> str:
     return shown
 
 
-def _shown_lr(cell: Cell) -> str:
+def _shown_lr(cell: Cell, base_grid: Sequence[float] = ()) -> str:
     s = cell.state
     parts = []
     for lr, outcome in s.grid.items():
         score = s.scores.get(lr)
         text = ("diverged" if outcome.status == "diverged" else f"{100 * score:.1f}" if score is not None and
                 math.isfinite(score) else "null" if score is not None else "—")
-        parts.append(f"**{text}**" if lr == s.chosen else text)
+        text = f"**{text}**" if lr == s.chosen else text
+        # a point the grid grew to past a winning end (plan grid.extend) is named by its lr
+        parts.append(f"{format_lr(lr)}: {text}" if base_grid and lr not in base_grid else text)
     chosen = format_lr(s.chosen) if s.chosen is not None else "—"
     # the best point at an end of the grid: the optimum may lie beyond it (the cell may be under-tuned)
     edge = " edge" if s.chosen is not None and len(s.grid) > 1 and s.chosen in (min(s.grid), max(s.grid)) else ""
@@ -408,7 +410,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
         diffs.append("| " + " | ".join([method.name, *(_shown_diff(c) if c.mean is not None else "—" for c in row)] +
                                         ([_shown_diff(a)] if with_avg else [])) + " |")
         lrs.append("| " + " | ".join([method.name, ", ".join(format_lr(x) for x in plan.grid(method)),
-                                      *(_shown_lr(c) for c in row if tuned)]) + " |")
+                                      *(_shown_lr(c, plan.grid(method)) for c in row if tuned)]) + " |")
     missing = [c for c in cells.values() if not c.complete]
     complete = len(cells) - len(missing)
     chosen = ("the learning rate chosen per method and task on the held-out slice of the training set (never on dev)"
@@ -431,8 +433,11 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             "(shown only for methods complete on every task; its interval averages the tasks' replicates). "
             f"{complete}/{len(cells)} cells complete; a missing cell says what is missing.")
     lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "
-               "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished). `edge`: the best point is "
-               "an end of the grid, so the best rate may lie beyond it and the cell may be under-tuned. `flat`: every grid "
+               "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished)" + (
+                   f"; a point shown as `lr: score` is one the grid grew to (up to {plan.extend} per cell) because "
+                   "the end next to it won" if plan.extend else "") + ". `edge`: the best point is "
+               "an end of the grid" + (" after the growth" if plan.extend else "") + ", so the best rate may lie "
+               "beyond it and the cell may be under-tuned. `flat`: every grid "
                "point scored exactly the same: no rate moved the model off a constant prediction (an MCC of 0), or "
                "the swept rate is not the one that trains (a plan bug, e.g. a head-only run with its own head lr).")
     diversity = diversity_table(cells, plan)
