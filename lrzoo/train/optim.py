@@ -57,22 +57,22 @@ def make_optimizer(
             pair takes the step closest to full fine-tuning's, the rest plain AdamW. Defaults to what
             ``wrap(..., "lora_pro")`` recorded (with its ``bias_correction_offset``).
     """
-    _check_lr_is_used(model, lr, head_lr)
+    head = head_parameter_ids(model)
+    _check_lr_is_used(model, lr, head_lr, head)
     if method is not None:
         if loraplus_lr_ratio is not None or optimizer_cls is not torch.optim.AdamW:
             raise ValueError(f"method={method!r} is an optimizer of its own: drop loraplus_lr_ratio and optimizer_cls.")
         return create_optimizer(model, method, lr, weight_decay=weight_decay, head_lr=head_lr,
-                                head_params=head_parameter_ids(model), **optimizer_kwargs)
+                                head_params=head, **optimizer_kwargs)
     training = training_options(model)  # wrap's record: defaults for what the caller did not give
     if lora_pro is None:
         lora_pro = bool(training.get("lora_pro", False))
     if lora_pro:
         optimizer_kwargs.setdefault("bias_correction_offset", training.get("bias_correction_offset", 0))
-        return LoraProAdamW(_plain_groups(model, lr, weight_decay, head_lr), lora_pairs(model), lr=lr,
+        return LoraProAdamW(_plain_groups(model, lr, weight_decay, head_lr, head), lora_pairs(model), lr=lr,
                             **optimizer_kwargs)
     if loraplus_lr_ratio is None:
         loraplus_lr_ratio = training.get("loraplus_lr_ratio")
-    head = head_parameter_ids(model)
     if loraplus_lr_ratio is not None:
         # PEFT's implementation is the reference one (it matches the paper's code): lora_B and
         # every 1-D parameter get lr·λ, LoRA embeddings get loraplus_lr_embedding.
@@ -94,10 +94,10 @@ def make_optimizer(
                     param_groups.append({**options, "params": params, **({"lr": head_lr} if in_head else {})})
         return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
 
-    return optimizer_cls(_plain_groups(model, lr, weight_decay, head_lr), lr=lr, **optimizer_kwargs)
+    return optimizer_cls(_plain_groups(model, lr, weight_decay, head_lr, head), lr=lr, **optimizer_kwargs)
 
 
-def _check_lr_is_used(model: nn.Module, lr: float, head_lr: Optional[float]) -> None:
+def _check_lr_is_used(model: nn.Module, lr: float, head_lr: Optional[float], head: set[int]) -> None:
     """Refuse an ``lr`` that would train nothing: every trainable tensor is the head, which trains at ``head_lr``.
 
     A head-only run swept over ``lr`` with ``head_lr`` set would otherwise repeat one run under several names
@@ -105,7 +105,6 @@ def _check_lr_is_used(model: nn.Module, lr: float, head_lr: Optional[float]) -> 
     """
     if head_lr is None or head_lr == lr:
         return
-    head = head_parameter_ids(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if trainable and all(id(p) in head for p in trainable):
         raise ValueError(f"lr={lr:g} trains nothing: every trainable parameter is the task head, which trains at "
@@ -113,9 +112,10 @@ def _check_lr_is_used(model: nn.Module, lr: float, head_lr: Optional[float]) -> 
                          "or make the two equal.")
 
 
-def _plain_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: Optional[float]) -> list[dict]:
-    """Param groups of the trainable parameters: the head at ``head_lr``, weight decay on ≥2-D tensors."""
-    head = head_parameter_ids(model)
+def _plain_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: Optional[float],
+                  head: set[int]) -> list[dict]:
+    """Param groups of the trainable parameters: the head (``head``: its parameter ids) at ``head_lr``,
+    weight decay on ≥2-D tensors."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
