@@ -153,12 +153,41 @@ def test_randlora_matches_the_torch_path(monkeypatch, d_in, d_out):
     r = 8
     d, D = min(d_in, d_out), max(d_in, d_out)
     n = -(-d // r)
-    inputs = dict(x=_rand(2, 16, d_in), weight=_rand(d_out, d_in, scale=0.2, seed=1), bias=_rand(d_out, seed=2),
-                  basis_A=_rand(r, 1, d + 3, seed=3), basis_B=_rand(D + 2, n + 1, r, seed=4),
-                  lam=_rand(r, n, seed=5), gamma=_rand(n, d, seed=6), scaling=0.7)
-    assert common.materialize_wins(32, d_in, d_out, r * n, True), "shape must take the fused path"
+    inputs = _randlora_inputs(d_in, d_out, r)
+    assert common.materialize_wins(64, d_in, d_out, r * n, True, rebuilds=True), "shape must take the fused path"
     _assert_close(*_both_paths(kernels.randlora_linear, monkeypatch, inputs, ["x", "bias", "lam", "gamma"]),
                   torch.float32)
+
+
+def _randlora_inputs(d_in, d_out, r, lead=(2, 32)):
+    d, D = min(d_in, d_out), max(d_in, d_out)
+    n = -(-d // r)
+    return dict(x=_rand(*lead, d_in), weight=_rand(d_out, d_in, scale=0.2, seed=1), bias=_rand(d_out, seed=2),
+                basis_A=_rand(r, 1, d + 3, seed=3), basis_B=_rand(D + 2, n + 1, r, seed=4),
+                lam=_rand(r, n, seed=5), gamma=_rand(n, d, seed=6), scaling=0.7)
+
+
+def test_merged_weight_paths_keep_no_merged_weight_for_the_backward(monkeypatch):
+    """RandLoRA's and TeRA's fused paths merge W' again in the backward: nothing d_out×d_in is saved but the
+    frozen W itself (a parameter), and ∂x is still right (the torch-path comparisons above)."""
+    monkeypatch.setenv("LRZOO_BACKEND", "triton")
+    # TeRA with Q = 16 < 24 = d: T and Rc (24×16) are not weight-shaped, W' (24×24) would be
+    tera = dict(x=_rand(2, 20, 24), weight=_rand(24, 24, scale=0.2, seed=1), bias=_rand(24, seed=2),
+                factors=_rand(4, 6, 4, seed=3, scale=0.5), core=_rand(4, 4, 4, 4, seed=4), lam=_rand(4, 4, seed=5),
+                modes=(4, 6, 4, 6), scaling=0.4)
+    assert common.materialize_wins(40, 24, 24, 16, True, rebuilds=True), "TeRA must take the merged path"
+    for fn, inputs in ((kernels.randlora_linear, _randlora_inputs(40, 48, 8)), (kernels.tera_linear, tera)):
+        inputs = {k: (v.detach().clone().requires_grad_(k in ("x", "lam")) if isinstance(v, torch.Tensor) else v)
+                  for k, v in inputs.items()}
+        weight = inputs["weight"]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(**inputs)
+        weight_sized = [t for t in saved if t.shape == weight.shape]
+        assert weight_sized and all(t.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+                                    for t in weight_sized), fn.__name__
+        out.sum().backward()
+        assert inputs["x"].grad is not None and inputs["lam"].grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -67,7 +67,8 @@ def materialize_wins(tokens: int, d_in: int, d_out: int, num_products: int, trai
     ``num_products`` is the inner size P of ``ΔW = Bf·Af`` (the rank of the update); the counts are
     derived in :mod:`lrzoo.kernels.randlora`'s docstring. TeRA uses the same rule with P = R^K.
     ``rebuilds``: the merged path builds ΔW a second time in the backward instead of keeping ``W'``
-    (the torch RandLoRA path does, to save memory), one more ``D·d·P`` on its side of the scale.
+    (the torch RandLoRA path and both Triton merged paths do, to save memory), one more ``D·d·P`` on its
+    side of the scale.
     """
     d, D, P = min(d_in, d_out), max(d_in, d_out), num_products
     if training:

@@ -118,12 +118,14 @@ def tera_factors(factors: torch.Tensor, core: torch.Tensor, lam: torch.Tensor, m
     return _kron_rows(us[:k]) @ scaled.reshape(q, q), _kron_rows(us[k:])
 
 
-def merge_wins(x: torch.Tensor, weight: torch.Tensor, rank_q: int, dropout_p: float, training: bool) -> bool:
-    """Whether building ``W' = W + ΔW`` beats the rank-Q LoRA form for this call (never with dropout on x)."""
+def merge_wins(x: torch.Tensor, weight: torch.Tensor, rank_q: int, dropout_p: float, training: bool,
+               rebuilds: bool = False) -> bool:
+    """Whether building ``W' = W + ΔW`` beats the rank-Q LoRA form for this call (never with dropout on x);
+    ``rebuilds``: the merged path builds W' again in the backward (the Triton one) instead of keeping it."""
     if dropout_p > 0 and training:
         return False
     d_out, d_in = weight.shape
-    return materialize_wins(x.numel() // d_in, d_in, d_out, rank_q, torch.is_grad_enabled())
+    return materialize_wins(x.numel() // d_in, d_in, d_out, rank_q, torch.is_grad_enabled(), rebuilds)
 
 
 class TeraLowRankFunction(torch.autograd.Function):

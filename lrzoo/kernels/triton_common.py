@@ -210,10 +210,14 @@ def new_seed() -> int:
 class MergedWeightFunction(torch.autograd.Function):
     """``x W'ᵀ + b`` with ``W' = merge(W, *factors, s, dtype)``, a fused kernel of the family's.
 
-    Backward: ``∂x = dy W'`` (one GEMM with the saved W'), the weight-gradient GEMM ``G = dyᵀ x``
-    (fp32, only when a factor needs a gradient), then the family's contraction
-    ``contract(G, factors, s, needs) -> one gradient (or None) per factor``. Saved: x, the factors
-    and W' (only when x needs a gradient). The bias gets ``Σ_N dy`` when it trains.
+    Backward: ``∂x = dy W'`` (one GEMM with W' merged again by the same kernel), the weight-gradient GEMM
+    ``G = dyᵀ x`` (fp32, only when a factor needs a gradient), then the family's contraction
+    ``contract(G, factors, s, needs) -> one gradient (or None) per factor``. Saved: x, the frozen W (a
+    parameter: no new memory) and the factors. W' is not kept from forward to backward: it is a d_out×d_in
+    tensor per layer alive through the whole step, where the torch RandLoRA path (which rebuilds ΔW the same
+    way) keeps only x; merging again costs ``D·d·P`` multiply-adds, a small fraction of the layer's GEMMs
+    where :func:`lrzoo.kernels.common.materialize_wins` (``rebuilds=True``) sends a layer here. The bias gets
+    ``Σ_N dy`` when it trains.
 
     ``apply(x, weight, bias, scaling, merge, contract, *factors)``.
     """
@@ -223,20 +227,23 @@ class MergedWeightFunction(torch.autograd.Function):
         x2 = flatten(x)
         merged = merge(weight, *factors, scaling, x2.dtype)
         out = fused_mm(x2, merged, bias=bias)
-        ctx.save_for_backward(x2, merged if ctx.needs_input_grad[0] else None, *factors)
-        ctx.scaling, ctx.contract, ctx.x_shape = scaling, contract, x.shape
+        del merged  # merged again in the backward (see the docstring)
+        ctx.save_for_backward(x2, weight if ctx.needs_input_grad[0] else None, *factors)
+        ctx.scaling, ctx.merge, ctx.contract, ctx.x_shape = scaling, merge, contract, x.shape
         remember_bias(ctx, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, merged, *factors = ctx.saved_tensors
+        x2, weight, *factors = ctx.saved_tensors
         dy = flatten(grad_out).to(x2.dtype)
         needs = ctx.needs_input_grad[6:]
         grad_x = None
         grad_factors = (None,) * len(factors)
         if ctx.needs_input_grad[0]:
+            merged = ctx.merge(weight, *factors, ctx.scaling, x2.dtype)
             grad_x = fused_mm(dy, merged.t()).reshape(ctx.x_shape)
+            del merged
         if any(needs):
             grad_w = fused_mm(dy.t(), x2.t(), out_dtype=torch.float32)  # (d_out, d_in)
             grad_factors = ctx.contract(grad_w, tuple(factors), ctx.scaling, needs)

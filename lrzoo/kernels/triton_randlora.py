@@ -168,7 +168,7 @@ def randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, drop
     """
     d_out, d_in = weight.shape
     r, n = lam.shape
-    if not materialize_wins(x.numel() // d_in, d_in, d_out, r * n, torch.is_grad_enabled()):
+    if not materialize_wins(x.numel() // d_in, d_in, d_out, r * n, torch.is_grad_enabled(), rebuilds=True):
         return torch_randlora_linear(x, weight, bias, basis_A, basis_B, lam, gamma, scaling, dropout_p, training)
     return MergedWeightFunction.apply(x, weight.detach(), bias, float(scaling), merged_weight, contract_diag_grads,
                                       basis_A.detach(), basis_B.detach(), lam, gamma)

@@ -3,7 +3,7 @@
 * few tokens per weight or dropout: the Triton LoRA kernel with ``A = Rcᵀ`` and ``B = T`` (the
   rank-Q expand fused into the base GEMM, dropout mask recomputed from its seed);
 * otherwise (Q near the layer width): one fused kernel writes ``W' = W + s·T·Rcᵀ`` once, in the
-  activation dtype, and one GEMM applies it. Backward: ``∂x = dy·W'`` and ``∂T = s·(dyᵀx)·Rc``; the
+  activation dtype, and one GEMM applies it. Backward: ``∂x = dy·W'`` (W' merged again) and ``∂T = s·(dyᵀx)·Rc``; the
   λ gradients follow from ``T = L·Gλ`` by autograd on (Q, Q)-sized tensors. The autograd Function
   is the shared :class:`lrzoo.kernels.triton_common.MergedWeightFunction` with this file's merge
   kernel and contraction.
@@ -70,7 +70,7 @@ def contract_to_T(grad_w: torch.Tensor, factors: tuple, scaling: float, needs: t
 def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
     """Triton TeRA linear; same contract as :func:`lrzoo.kernels.tera.tera_linear`."""
     T, Rc = tera_factors(factors, core, lam, tuple(modes), x.dtype)
-    if not merge_wins(x, weight, T.shape[1], dropout_p, training):
+    if not merge_wins(x, weight, T.shape[1], dropout_p, training, rebuilds=True):
         return triton_lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
     return MergedWeightFunction.apply(x, weight.detach(), bias, float(scaling), merged_weight, contract_to_T, T,
                                       Rc.detach())
