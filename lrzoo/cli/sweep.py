@@ -159,7 +159,9 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
         while True:
             if changed and len(sweep.running) < jobs and (deadline is None or time.monotonic() < deadline):
                 changed = False  # what can start changes only when a run ends: no re-reading the tree meanwhile
-                for run in sweep.ready():
+                states = sweep.states()
+                total = sum(len(s.grid) + len(plan.seeds) - 1 for s in states)   # grids may have grown
+                for run in sweep.ready(states):
                     if len(sweep.running) >= jobs:
                         break
                     run.run_dir.mkdir(parents=True, exist_ok=True)
