@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from typing import Iterator
@@ -40,10 +41,14 @@ def atomic_directory(path: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w") -> Iterator:
-    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success."""
+    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
+
+    The file keeps the permissions ``path`` had, or gets those of a plain ``open`` (0666 less the umask),
+    not ``mkstemp``'s private 0600: a rewritten doc or result stays readable by whoever could read it.
+    """
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    fd, tmp = _new_sibling(path)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -54,6 +59,24 @@ def atomic_file(path: str, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _new_sibling(path: str) -> tuple[int, str]:
+    """``(fd, name)`` of a new ``.<name>.tmp-XXXXXXXX`` beside ``path``, created as ``open`` would (0666 less
+    the umask), then given ``path``'s own mode if it exists."""
+    directory, base = os.path.split(path)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{base}.tmp-{secrets.token_hex(4)}")   # LEFTOVER_RE's 8 characters
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        return fd, tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def refuse_foreign_files(path: str, overwrite: bool, writes: tuple[str, ...], what: str) -> None:

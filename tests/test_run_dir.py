@@ -198,3 +198,24 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     # the named fix works
     assert run_recipe(compose([*tiny_run_overrides(data, tmp_path / "runs", *extra), "resume=never"]),
                       str(run_dir))["steps"] == 8
+
+
+def test_atomic_file_keeps_the_permissions_a_plain_write_would_have(tmp_path):
+    """mkstemp creates 0600 files; a file rewritten through atomic_file keeps its mode, a new one gets 0666 less
+    the umask, as open() would give it (docs rewritten by make results-docs stay readable)."""
+    from lrzoo.io import atomic_file
+
+    umask = os.umask(0o022)
+    try:
+        existing = tmp_path / "page.md"
+        existing.write_text("old")
+        existing.chmod(0o640)
+        with atomic_file(str(existing)) as handle:
+            handle.write("new")
+        assert existing.read_text() == "new" and existing.stat().st_mode & 0o777 == 0o640
+        fresh = tmp_path / "results.json"
+        with atomic_file(str(fresh)) as handle:
+            handle.write("{}")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
