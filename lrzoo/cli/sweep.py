@@ -137,7 +137,7 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
     start = time.monotonic()
     deadline = start + 60 * max_minutes if max_minutes is not None else None
     states = sweep.states()
-    total = sum(len(s.grid) + len(plan.seeds) - 1 for s in states)   # grids grown so far included
+    total = _planned_runs(plan, states)
     done = sum(s.grid_done + max(s.seeds_done - 1, 0) for s in states)
     grows = f"; a grid may grow by {plan.extend} past a winning end" if plan.extend else ""
     out(f"[lrzoo-sweep] {plan.path}: {len(plan.methods)} methods × {len(plan.tasks)} tasks, "
@@ -160,7 +160,7 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
             if changed and len(sweep.running) < jobs and (deadline is None or time.monotonic() < deadline):
                 changed = False  # what can start changes only when a run ends: no re-reading the tree meanwhile
                 states = sweep.states()
-                total = sum(len(s.grid) + len(plan.seeds) - 1 for s in states)   # grids may have grown
+                total = _planned_runs(plan, states)
                 for run in sweep.ready(states):
                     if len(sweep.running) >= jobs:
                         break
@@ -199,6 +199,12 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
             signal.signal(signum, handler)
     return _summary(sweep, launched, time.monotonic() - start, deadline is not None and time.monotonic() >= deadline,
                     out)
+
+
+def _planned_runs(plan: Plan, states: list[CellState]) -> int:
+    """Runs the plan needs as far as the cells' states tell: every grid point, grown ones included, and the
+    seeds past the first."""
+    return sum(len(s.grid) + len(plan.seeds) - 1 for s in states)
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM (kill) and SIGINT (Ctrl-C) stop the sweep

@@ -5,7 +5,8 @@ is shown: the mean over seeds of the dev primary metric, its 95% bootstrap inter
 pooled over seeds (:mod:`lrzoo.cli.intervals`, from each run's ``predictions.json``), and whether it is
 statistically tied with the best method of its column (paired bootstrap of the difference), and whether
 that verdict survives resampling the training seeds as well (:func:`lrzoo.cli.intervals.seeds_resampled`;
-a ``†`` marks a verdict the seeds decide). Every planned cell appears: one whose grid or seeds have not all finished reads ``— (missing: ...)``.
+a ``†`` marks a verdict the seeds decide). Every planned cell appears: one whose grid or seeds have not all
+finished reads ``— (missing: ...)``.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 * few tokens per weight or dropout: the Triton LoRA kernel with ``A = Rcᵀ`` and ``B = T`` (the
   rank-Q expand fused into the base GEMM, dropout mask recomputed from its seed);
 * otherwise (Q near the layer width): one fused kernel writes ``W' = W + s·T·Rcᵀ`` once, in the
-  activation dtype, and one GEMM applies it. Backward: ``∂x = dy·W'`` (W' merged again) and ``∂T = s·(dyᵀx)·Rc``; the
-  λ gradients follow from ``T = L·Gλ`` by autograd on (Q, Q)-sized tensors. The autograd Function
-  is the shared :class:`lrzoo.kernels.triton_common.MergedWeightFunction` with this file's merge
-  kernel and contraction.
+  activation dtype, and one GEMM applies it. Backward: ``∂x = dy·W'`` (W' merged again, not kept) and
+  ``∂T = s·(dyᵀx)·Rc``; the λ gradients follow from ``T = L·Gλ`` by autograd on (Q, Q)-sized tensors.
+  The autograd Function is the shared :class:`lrzoo.kernels.triton_common.MergedWeightFunction` with
+  this file's merge kernel and contraction.
 """
 
 from __future__ import annotations
