@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lrzoo.cli.plan import (STATUS_FILE, Composer, Outcome, PlanError, RunIndex, beyond_edge, cell_state, choose_lr,
-                            format_lr, load_plan, plan_key)
+from lrzoo.cli.plan import (STATUS_FILE, Composer, Outcome, PlanError, RunIndex, beyond_edge, cell_state, choose_head,
+                            choose_lr, format_lr, load_plan, plan_key)
 from lrzoo.cli.sweep import run_plan
 from lrzoo.cli.train import config_hash, run_recipe, split_heldout
 from lrzoo.train.config import HELDOUT_PREFIX
@@ -120,7 +120,8 @@ def test_glue_tuned_plan_is_glue_cpu_with_a_grid_around_each_lr():
         assert len(grid) == 3 and grid[1] == lr
         assert all(2.9 < b / a < 3.1 for a, b in zip(grid, grid[1:]))       # log-spaced, x3
     assert plan.tasks == ("glue/sst2", "glue/stsb", "glue/mrpc", "glue/cola") and plan.seeds == (0, 1, 2)
-    assert plan.experiment == "glue_tuned"
+    assert plan.experiment == "glue_tuned" and plan.head_grid == (2e-2,)
+    assert [m.adapter for m in plan.methods if not plan.head_lrs(m)] == ["head_only"]
     cfg = compose(["experiment=glue_tuned"])
     assert cfg.task.heldout_size == 400 and cfg.output_root == "runs/glue-tuned"
     assert (cfg.adapter.r, cfg.model.name) == (8, "minilm")
@@ -136,8 +137,15 @@ def test_composed_runs_are_what_the_command_line_gives(tmp_path):
             cfg = compose(list(run.overrides))
             assert str(run.run_dir) == run_dir_of(cfg) and run.config_hash == config_hash(cfg)
             assert run.overrides[-2:] == (f"trainer.lr={lr!r}", f"seed={seed}") and cfg.trainer.lr == lr
-    # the seeds of a configuration share its key; the lr does not
+    # a head-lr trial (plan head_grid) is the command line with trainer.head_lr set: its own directory and key
     m = plan.methods[0]
+    head = composer.run(m, "glue/cola", m.centre, 0, 2e-2)
+    cfg = compose(list(head.overrides))
+    assert "trainer.head_lr=0.02" in head.overrides and cfg.trainer.head_lr == 2e-2
+    assert str(head.run_dir) == run_dir_of(cfg) and head.config_hash == config_hash(cfg)
+    assert head.key != composer.run(m, "glue/cola", m.centre, 0).key and composer.preset_head(m, "glue/cola") == 2e-3
+    assert "head_lr=2e-2" in head.label()
+    # the seeds of a configuration share its key; the lr does not
     assert composer.run(m, "glue/cola", m.centre, 0).key == composer.run(m, "glue/cola", m.centre, 1).key
     assert composer.run(m, "glue/cola", m.centre, 0).key != composer.run(m, "glue/cola", plan.grid(m)[0], 0).key
 
@@ -145,11 +153,11 @@ def test_composed_runs_are_what_the_command_line_gives(tmp_path):
 def test_bad_plans_and_filters_are_refused(tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text("tasks: [glue/sst2, glue/sst2]\nseeds: []\ngrid: {factor: 1, points: 2, extend: -1, grow: 1}\n"
-                    "methods: [lora, dora trainer.lr=x]\n"
+                    "methods: [lora, dora trainer.lr=x]\nhead_grid: [2e-2, 0]\n"
                     "extra: 1\n")
     with pytest.raises(PlanError) as err:
         load_plan(path)
-    for part in ("unknown key", "tasks:", "seeds:", "grid.factor", "grid.points", "grid.extend", "grid: unknown key(s) ['grow']",
+    for part in ("unknown key", "tasks:", "seeds:", "head_grid:", "grid.factor", "grid.points", "grid.extend", "grid: unknown key(s) ['grow']",
                  "'lora'", "not a number"):
         assert part in str(err.value)
     plan = load_plan(SWEEPS / "glue_tuned.yaml")
@@ -293,6 +301,63 @@ def test_a_grid_grows_past_a_winning_end_before_seeds_run(tmp_path):
     state = cell_state(capped, Composer(capped), capped.methods[0], "glue/sst2", RunIndex(tmp_path / "capped" / "runs"))
     assert list(state.grid) == [1.1e-4, 3.3e-4, 1e-3, 3e-3] and state.chosen == 1.1e-4
     assert " edge (" in _shown_lr(SimpleNamespace(state=state), capped.grid(capped.methods[0]))
+
+
+def test_the_head_lr_changes_only_when_a_trial_beats_the_preset_strictly():
+    preset = _done(0.80)
+    assert choose_head("t", preset, {}) == (True, None, "", {})
+    assert choose_head("t", preset, {2e-2: _done(0.85)})[:2] == (True, 2e-2)
+    assert choose_head("t", preset, {2e-2: _done(0.80)})[:2] == (True, None)          # a tie keeps the preset
+    assert choose_head("t", preset, {2e-2: Outcome("diverged")})[:2] == (True, None)
+    assert choose_head("t", preset, {6e-3: _done(0.9), 2e-2: _done(0.9)})[:2] == (True, 6e-3)  # then the smaller
+    assert choose_head("t", preset, {6e-3: _done(0.9), 2e-2: Outcome("failed")})[:3] == \
+        (False, None, "head lr trials 1/2 done")
+    assert "no selection_score" in choose_head("t", preset, {2e-2: Outcome("done", {"metrics": {}})})[2]
+
+
+def test_head_lr_trials_run_at_the_chosen_lr_before_the_seeds(tmp_path):
+    """head_grid: after lora's lr is chosen (1e-3), its first seed trains there with the head at 2e-2 (better
+    held-out than the preset's 2e-3), so its seeds run at the pair; dora's line fixes its head lr: no trial."""
+    plan_path = tmp_path / "plan.yaml"
+    _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3", "dora trainer.lr=1e-3 trainer.head_lr=5e-3"),
+          extra=("trainer.head_lr=2e-3",))
+    plan_path.write_text(json.dumps({**json.loads(plan_path.read_text()), "head_grid": [2e-2, 2e-3]}))
+    plan = load_plan(plan_path)
+    assert plan.head_grid == (2e-2, 2e-3) and plan.head_lrs(plan.methods[1]) == ()
+
+    def score(run):
+        bonus = 0.1 if run.head == 2e-2 else 0.0
+        return 1 - abs(math.log10(run.lr) + 3) + bonus
+
+    lines = []
+    fake = FakeRuns(score=score)
+    assert run_plan(plan, jobs=1, composer=Composer(plan), launch=fake, out=lines.append) == 0
+    launched = [(r.method, r.lr, r.head, r.seed) for r in fake.launched]
+    # the preset's own rate (2e-3) in head_grid is not run twice
+    assert launched == [("lora", lr, None, 0) for lr in (3.3e-4, 1e-3, 3e-3)] + [("lora", 1e-3, 2e-2, 0)] + \
+        [("lora", 1e-3, 2e-2, s) for s in (1, 2)] + \
+        [("dora", lr, None, 0) for lr in (3.3e-4, 1e-3, 3e-3)] + [("dora", 1e-3, None, s) for s in (1, 2)]
+    assert "head lr 2e-2, 2e-3 tried at each chosen lr" in lines[0] and "11 runs planned" in lines[0]
+    assert "2/2 cells complete" in "\n".join(lines)
+    index = RunIndex(tmp_path / "runs")
+    state = cell_state(plan, Composer(plan), plan.methods[0], "glue/sst2", index)
+    assert state.complete(3) and (state.chosen, state.head, state.head_lr, state.preset_head) == (1e-3, 2e-2, 2e-2, 2e-3)
+    assert all(o.result["config"]["trainer"]["head_lr"] == 2e-2 for o in state.seeds.values())
+
+    from lrzoo.cli.tuned import _shown_lr
+    assert _shown_lr(SimpleNamespace(state=state)).endswith("; head 2e-2 (2e-3: 100.0 / 2e-2: **110.0**)")
+    dora = cell_state(plan, Composer(plan), plan.methods[1], "glue/sst2", index)
+    assert dora.complete(3) and dora.head is None and dora.head_lr == 5e-3 and not dora.heads
+    assert "head" not in _shown_lr(SimpleNamespace(state=dora))
+    # a head trial that does not beat the preset leaves the seeds at the preset: the runs already made count
+    (tmp_path / "tie").mkdir()
+    _plan(tmp_path / "tie", tmp_path / "data", methods=("lora trainer.lr=1e-3",), extra=("trainer.head_lr=2e-3",))
+    tie_path = tmp_path / "tie" / "plan.yaml"
+    tie_path.write_text(json.dumps({**json.loads(tie_path.read_text()), "head_grid": [2e-2]}))
+    tie = load_plan(tie_path)
+    fake = FakeRuns(score=lambda run: 1 - abs(math.log10(run.lr) + 3))
+    assert run_plan(tie, jobs=1, composer=Composer(tie), launch=fake) == 0
+    assert [(r.lr, r.head, r.seed) for r in fake.launched][3:] == [(1e-3, 2e-2, 0), (1e-3, None, 1), (1e-3, None, 2)]
 
 
 def test_beyond_edge_only_past_an_end_strictly_better_than_its_neighbour():

@@ -188,6 +188,8 @@ def test_tuned_report_intervals_ties_chosen_lrs_and_missing_cells(tree, tmp_path
     assert float(row["ci_low"]) == pytest.approx(100 * low, abs=1e-3) and float(row["ci_high"]) == pytest.approx(100 * high, abs=1e-3)
     assert float(row["mean"]) == pytest.approx(100 * np.mean([(np.array(p) == references).mean() for p in seeds]))
     assert row["chosen_lr"] == "0.001" and row["n_seeds"] == "3"
+    preset_head = Composer(plan).run(plan.methods[0], "glue/sst2", 1e-3, 0).config["trainer"]["head_lr"]
+    assert row["chosen_head_lr"] == ("lr" if preset_head is None else str(preset_head))   # no head_grid: the preset
     seed_sd = np.std([(np.array(p) == references).mean() for p in seeds], ddof=1)
     assert rows["lora"].split(" | ")[1].endswith(f"] ±{100 * seed_sd:.1f}")   # the spread over training seeds
     assert {csv_rows[("lora", "glue/sst2")]["verdict"], csv_rows[("dora", "glue/sst2")]["verdict"]} == {"best", "tied"}
@@ -259,12 +261,12 @@ def test_a_one_point_plan_scored_on_several_sets_has_a_column_per_set(tmp_path):
 def test_a_grid_whose_points_all_score_the_same_is_flagged_flat():
     from types import SimpleNamespace
 
-    from lrzoo.cli.plan import Outcome
+    from lrzoo.cli.plan import CellState, Outcome
     from lrzoo.cli.tuned import _shown_lr
 
     def shown(scores):
         grid = {lr: Outcome("done") for lr in scores}
-        state = SimpleNamespace(grid=grid, scores=scores, chosen=min(scores, key=lambda lr: (-scores[lr], lr)))
+        state = CellState(None, "t", grid, chosen=min(scores, key=lambda lr: (-scores[lr], lr)), scores=scores)
         return _shown_lr(SimpleNamespace(state=state))
 
     assert shown({1e-3: 0.652, 3e-3: 0.652, 9e-3: 0.652}) == "1e-3 edge flat (**65.2** / 65.2 / 65.2)"

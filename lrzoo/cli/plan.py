@@ -8,6 +8,7 @@ learning-rate grid rule and the methods, one line each as in ``recipes/sweeps/gl
     tasks: [glue/sst2, glue/mrpc]
     seeds: [0, 1, 2]
     grid: {factor: 3, points: 3, extend: 2}   # centre × 3^k, k = -1, 0, 1, rounded to 2 significant digits
+    head_grid: [2e-2]                         # then the task head's lr: the preset's, or one of these
     methods:
       - lora trainer.lr=1e-3
       - loldu trainer.lr=2e-2 adapter.alpha=1.0
@@ -20,6 +21,13 @@ grid and strictly better than its neighbour, the optimum may lie beyond it: with
 grid grows by one point past that end (× or ÷ ``factor``), up to N times, before anything is chosen. The
 other seeds then run at the chosen rate (the first seed's run there is the same configuration, not run
 again).
+
+The task head (``modules_to_save``) trains at its own rate, ``trainer.head_lr`` (the experiment preset's;
+null: the body's). With ``head_grid`` the plan tunes it too, one coordinate after the other: once the body's
+rate is chosen, the first seed trains at it with each head rate of ``head_grid``; one of them replaces the
+preset's only when its held-out score beats the preset's run at the chosen rate strictly (ties: the smaller
+head rate), and the seeds run at the pair. A method whose line sets ``trainer.head_lr`` itself (head-only:
+null, its head is what ``trainer.lr`` sweeps) keeps it and gets no head trials.
 
 Each run is the configuration ``lrzoo-train`` composes from the plan; :class:`Composer` composes it
 once per cell with Hydra and sets ``trainer.lr`` and ``seed`` on copies, which gives the same run
@@ -44,7 +52,8 @@ from ..train.config import HELDOUT_PREFIX
 STATUS_FILE = "sweep-status.json"
 #: each run's stdout and stderr, appended by ``lrzoo-sweep`` in its run directory
 LOG_FILE = "sweep.log"
-PLAN_KEYS = {"experiment", "overrides", "tasks", "seeds", "grid", "methods"}
+PLAN_KEYS = {"experiment", "overrides", "tasks", "seeds", "grid", "head_grid", "methods"}
+HEAD_LR = "trainer.head_lr="
 #: keys left out of a plan's run identity (:func:`plan_key`): the seed, and where the data was read from
 KEY_EXCLUDED = ("seed", "task.data_dir")
 
@@ -62,6 +71,11 @@ class Method:
     centre: float
     overrides: tuple[str, ...]
 
+    @property
+    def fixes_head(self) -> bool:
+        """Its line sets ``trainer.head_lr``: the plan's ``head_grid`` leaves its head alone."""
+        return any(o.startswith(HEAD_LR) for o in self.overrides)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -74,6 +88,11 @@ class Plan:
     points: int
     methods: tuple[Method, ...]
     extend: int = 0   # points a cell's grid may grow past an end that wins (see cell_state)
+    head_grid: tuple[float, ...] = ()   # head learning rates tried at the chosen lr (see cell_state)
+
+    def head_lrs(self, method: Method) -> tuple[float, ...]:
+        """The head learning rates ``method`` is tried at besides the preset's (none if its line fixes one)."""
+        return () if method.fixes_head else self.head_grid
 
     def grid(self, method: Method) -> list[float]:
         """``centre × factor^k`` for ``k = -(points // 2) .. points // 2``, rounded to 2 significant digits."""
@@ -105,7 +124,7 @@ class Plan:
                 raise PlanError(f"--tasks {','.join(unknown)}: not in {self.path}; its tasks: {', '.join(self.tasks)}")
             kept_tasks = tuple(t for t in self.tasks if t in wanted)
         return Plan(self.path, self.experiment, self.overrides, kept_tasks, self.seeds, self.factor, self.points, methods,
-                    self.extend)
+                    self.extend, self.head_grid)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -139,6 +158,13 @@ def load_plan(path: str | Path) -> Plan:
     overrides = data.get("overrides") or []
     if not all(isinstance(o, str) for o in overrides):
         errors.append(f"overrides: {overrides!r} must be a list of lrzoo-train overrides (key=value)")
+    head_grid = data.get("head_grid") or []
+    if isinstance(head_grid, list):  # PyYAML reads 2e-2 (no dot) as a string: take numbers written either way
+        head_grid = [_number(h) for h in head_grid]
+    if not isinstance(head_grid, list) or not all(h is not None and math.isfinite(h) and h > 0 for h in head_grid) \
+            or len(set(head_grid)) != len(head_grid):
+        errors.append(f"head_grid: {head_grid!r} must be a list of distinct positive learning rates (e.g. [2e-2]) "
+                      "tried for the task head at each cell's chosen lr")
     methods = []
     for line in data.get("methods") or []:
         tokens = shlex.split(str(line))
@@ -161,7 +187,16 @@ def load_plan(path: str | Path) -> Plan:
     if errors:
         raise PlanError(f"{path}:\n  " + "\n  ".join(errors))
     return Plan(str(path), data.get("experiment"), tuple(overrides), tuple(tasks), tuple(seeds), float(factor), points,
-                tuple(methods), extend)
+                tuple(methods), extend, tuple(float(h) for h in head_grid) if isinstance(head_grid, list) else ())
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def format_lr(lr: float) -> str:
@@ -195,9 +230,11 @@ class PlannedRun:
     config_hash: str             # results.json's config_hash when finished
     key: str                     # plan_key of its config
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # results.json's config
+    head: Optional[float] = None  # its trainer.head_lr when the plan sets one (head_grid); None: the preset's
 
     def label(self) -> str:
-        return f"{self.method} {self.task} lr={format_lr(self.lr)} seed {self.seed}"
+        head = f" head_lr={format_lr(self.head)}" if self.head is not None else ""
+        return f"{self.method} {self.task} lr={format_lr(self.lr)}{head} seed {self.seed}"
 
 
 class Composer:
@@ -206,12 +243,19 @@ class Composer:
     def __init__(self, plan: Plan):
         self.plan = plan
         self._cells: dict[tuple[str, str], Any] = {}
-        self._runs: dict[tuple[str, str, float, int], PlannedRun] = {}
+        self._runs: dict[tuple[str, str, float, int, Optional[float]], PlannedRun] = {}
 
-    def overrides(self, method: Method, task: str, lr: float, seed: int) -> tuple[str, ...]:
+    def overrides(self, method: Method, task: str, lr: float, seed: int,
+                  head: Optional[float] = None) -> tuple[str, ...]:
         experiment = (f"experiment={self.plan.experiment}",) if self.plan.experiment else ()
+        head_lr = (f"{HEAD_LR}{head!r}",) if head is not None else ()
         return (*experiment, *self.plan.overrides, f"adapter={method.adapter}", *method.overrides, f"task={task}",
-                f"trainer.lr={lr!r}", f"seed={seed}")
+                *head_lr, f"trainer.lr={lr!r}", f"seed={seed}")
+
+    def preset_head(self, method: Method, task: str) -> Optional[float]:
+        """The cell's ``trainer.head_lr`` without a plan head rate (None: the head trains at ``trainer.lr``)."""
+        value = self._cell_config(method, task).trainer.get("head_lr")
+        return float(value) if value is not None else None
 
     def _cell_config(self, method: Method, task: str) -> Any:
         if (method.name, task) not in self._cells:
@@ -226,19 +270,23 @@ class Composer:
                     "config", overrides=list(self.overrides(method, task, method.centre, self.plan.seeds[0])))
         return self._cells[(method.name, task)]
 
-    def run(self, method: Method, task: str, lr: float, seed: int) -> PlannedRun:
-        """The run of ``method`` on ``task`` at ``lr`` and ``seed``: its command, directory and hashes."""
-        cached = self._runs.get((method.name, task, lr, seed))
+    def run(self, method: Method, task: str, lr: float, seed: int, head: Optional[float] = None) -> PlannedRun:
+        """The run of ``method`` on ``task`` at ``lr`` and ``seed`` (and head lr ``head``, None: the preset's):
+        its command, directory and hashes."""
+        cached = self._runs.get((method.name, task, lr, seed, head))
         if cached is None:
             from .train import _digest, hashed_config
 
             cfg = copy.deepcopy(self._cell_config(method, task))
             cfg.trainer.lr = lr
+            if head is not None:
+                cfg.trainer.head_lr = head
             cfg.seed = seed
             config = hashed_config(cfg)
-            cached = PlannedRun(method.name, task, lr, seed, self.overrides(method, task, lr, seed),
-                                Path(cfg.output_root) / cfg.run_name, _digest(config)[:16], plan_key(config), config)
-            self._runs[(method.name, task, lr, seed)] = cached
+            cached = PlannedRun(method.name, task, lr, seed, self.overrides(method, task, lr, seed, head),
+                                Path(cfg.output_root) / cfg.run_name, _digest(config)[:16], plan_key(config), config,
+                                head)
+            self._runs[(method.name, task, lr, seed, head)] = cached
         return cached
 
 
@@ -273,8 +321,8 @@ def selection_score(result: dict[str, Any], task: str) -> tuple[bool, float]:
 
 @dataclass
 class CellState:
-    """A cell's grid outcomes (first seed), its chosen learning rate (or why there is none yet) and the
-    outcomes of every seed at that rate."""
+    """A cell's grid outcomes (first seed), its chosen learning rate (or why there is none yet), the head
+    rates tried at it and the one chosen, and the outcomes of every seed at that pair."""
 
     method: Method
     task: str
@@ -283,17 +331,40 @@ class CellState:
     why_not: str = ""
     seeds: dict[int, Outcome] = field(default_factory=dict)
     scores: dict[float, float] = field(default_factory=dict)
+    preset_head: Optional[float] = None                      # the cell's head lr without head_grid (None: = lr)
+    head_trials: tuple[float, ...] = ()                      # the plan's other head rates for this cell
+    heads: dict[float, Outcome] = field(default_factory=dict)  # their first-seed runs at the chosen lr
+    head_scores: dict[float, float] = field(default_factory=dict)
+    head: Optional[float] = None                             # the head rate chosen among them; None: the preset's
+    head_why_not: str = ""                                   # why the head rate is not chosen yet
 
     @property
     def grid_done(self) -> int:
         return sum(o.status in ("done", "diverged") for o in self.grid.values())
 
     @property
+    def heads_done(self) -> int:
+        return sum(o.status in ("done", "diverged") for o in self.heads.values())
+
+    @property
+    def head_chosen(self) -> bool:
+        return self.chosen is not None and not self.head_why_not
+
+    @property
+    def head_lr(self) -> Optional[float]:
+        """The head learning rate the seeds run at (None: the body's)."""
+        return self.head if self.head is not None else self.preset_head
+
+    @property
     def seeds_done(self) -> int:
         return sum(o.status == "done" for o in self.seeds.values())
 
+    def outcomes(self) -> list[Outcome]:
+        """Every run of the cell so far: grid points, head-lr trials and seeds (a run may appear twice)."""
+        return [*self.grid.values(), *self.heads.values(), *self.seeds.values()]
+
     def complete(self, n_seeds: int) -> bool:
-        return self.chosen is not None and self.seeds_done == n_seeds
+        return self.head_chosen and self.seeds_done == n_seeds
 
 
 def choose_lr(task: str, grid: dict[float, Outcome]) -> tuple[Optional[float], str, dict[float, float]]:
@@ -321,6 +392,29 @@ def choose_lr(task: str, grid: dict[float, Outcome]) -> tuple[Optional[float], s
     return min(lr for lr, score in finished.items() if score == best), "", scores
 
 
+def choose_head(task: str, preset: Outcome, heads: dict[float, Outcome]) -> tuple[bool, Optional[float], str,
+                                                                                 dict[float, float]]:
+    """``(chosen, head lr or None for the preset's, why not chosen, {head lr: selection score})``: the best head
+    rate of ``heads`` (first-seed runs at the chosen lr) when it beats ``preset`` (the grid's run there) strictly;
+    ties between them go to the smaller rate, a diverged run counts as the worst."""
+    scores: dict[float, float] = {}
+    for head, outcome in heads.items():
+        if outcome.status == "diverged":
+            scores[head] = -math.inf
+        elif outcome.status == "done":
+            recorded, scores[head] = selection_score(outcome.result or {}, task)
+            if not recorded:
+                return False, None, f"no selection_score in {outcome.run_dir}: no held-out slice", scores
+    if len(scores) < len(heads):
+        return False, None, f"head lr trials {len(scores)}/{len(heads)} done", scores
+    if not scores:
+        return True, None, "", scores
+    best = max(scores.values())
+    if best > selection_score(preset.result or {}, task)[1]:
+        return True, min(h for h, score in scores.items() if score == best), "", scores
+    return True, None, "", scores
+
+
 def beyond_edge(grid: list[float], scores: dict[float, float], chosen: float, factor: float) -> Optional[float]:
     """The next grid point past ``chosen`` when it is an end of ``grid`` (sorted) and strictly better than its
     neighbour there (a tie says the optimum is flat, not beyond); else ``None``."""
@@ -335,7 +429,8 @@ def beyond_edge(grid: list[float], scores: dict[float, float], chosen: float, fa
 def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup: Any) -> CellState:
     """The state of one cell, with ``lookup(run) -> Outcome`` telling what happened to each run. The grid is
     the plan's, grown past a winning end up to ``plan.extend`` points (:func:`beyond_edge`) once it has
-    finished; the choice waits for each added point."""
+    finished; the choice waits for each added point. Then the head rates of ``plan.head_grid`` are tried at
+    the chosen lr (:func:`choose_head`), and the seeds wait for that choice."""
     grid = {lr: lookup(composer.run(method, task, lr, plan.seeds[0])) for lr in plan.grid(method)}
     state = CellState(method, task, grid)
     state.chosen, state.why_not, state.scores = choose_lr(task, grid)
@@ -347,9 +442,19 @@ def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup
         grid[extra] = lookup(composer.run(method, task, extra, plan.seeds[0]))
         state.grid = grid = dict(sorted(grid.items()))
         state.chosen, state.why_not, state.scores = choose_lr(task, grid)
-    if state.chosen is not None:
-        state.seeds = {seed: grid[state.chosen] if seed == plan.seeds[0] else
-                       lookup(composer.run(method, task, state.chosen, seed)) for seed in plan.seeds}
+    state.preset_head = composer.preset_head(method, task)
+    state.head_trials = tuple(h for h in plan.head_lrs(method) if h != state.preset_head)
+    if state.chosen is None:
+        state.head_why_not = "the lr is not chosen yet"
+        return state
+    state.heads = {head: lookup(composer.run(method, task, state.chosen, plan.seeds[0], head))
+                   for head in state.head_trials}
+    resolved, state.head, why, state.head_scores = choose_head(task, grid[state.chosen], state.heads)
+    state.head_why_not = "" if resolved else why
+    if resolved:
+        first = state.heads[state.head] if state.head is not None else grid[state.chosen]
+        state.seeds = {seed: first if seed == plan.seeds[0] else
+                       lookup(composer.run(method, task, state.chosen, seed, state.head)) for seed in plan.seeds}
     return state
 
 

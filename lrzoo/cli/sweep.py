@@ -6,8 +6,9 @@
 
 For every cell (method × task of the plan, :mod:`lrzoo.cli.plan`): stage 1 trains the method at each
 learning rate of its grid with the first seed; once the whole grid has finished, the rate with the best
-held-out score (``selection_score``; ties: the smaller rate) is chosen and stage 2 trains the other
-seeds at it. Cells are completed method by method (every task of a method, then the next method): the
+held-out score (``selection_score``; ties: the smaller rate) is chosen; with the plan's ``head_grid``, the
+first seed then trains at that rate with each of its head learning rates, and the task head's rate is chosen
+the same way (the preset's unless one beats it); stage 2 trains the other seeds at the chosen rate(s). Cells are completed method by method (every task of a method, then the next method): the
 scheduler always starts the earliest ready run of the plan, so at most the two or three cells in flight
 are incomplete when the sweep stops.
 
@@ -91,15 +92,20 @@ class Sweep:
         return [cell_state(self.plan, self.composer, method, task, self.lookup) for method, task in self.plan.cells()]
 
     def ready(self, states: Optional[list[CellState]] = None) -> list[PlannedRun]:
-        """Runs that can start now, in plan order: a cell's pending grid runs, or its pending seeds once chosen."""
+        """Runs that can start now, in plan order: a cell's pending grid runs, its pending head-lr trials once
+        the lr is chosen, or its pending seeds once the head lr is chosen too."""
         out = []
+        first = self.plan.seeds[0]
         for state in states if states is not None else self.states():
             if state.chosen is None:
                 lrs = [lr for lr, o in state.grid.items() if o.status == "pending"]
-                out += [self.composer.run(state.method, state.task, lr, self.plan.seeds[0]) for lr in lrs]
+                out += [self.composer.run(state.method, state.task, lr, first) for lr in lrs]
+            elif not state.head_chosen:
+                heads = [h for h, o in state.heads.items() if o.status == "pending"]
+                out += [self.composer.run(state.method, state.task, state.chosen, first, h) for h in heads]
             else:
                 seeds = [s for s, o in state.seeds.items() if o.status == "pending"]
-                out += [self.composer.run(state.method, state.task, state.chosen, s) for s in seeds]
+                out += [self.composer.run(state.method, state.task, state.chosen, s, state.head) for s in seeds]
         return out
 
     def finish(self, item: Running, returncode: int) -> str:
@@ -138,17 +144,20 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
     deadline = start + 60 * max_minutes if max_minutes is not None else None
     states = sweep.states()
     total = _planned_runs(plan, states)
-    done = sum(s.grid_done + max(s.seeds_done - 1, 0) for s in states)
+    done = sum(s.grid_done + s.heads_done + max(s.seeds_done - 1, 0) for s in states)
     grows = f"; a grid may grow by {plan.extend} past a winning end" if plan.extend else ""
+    grows += (f"; head lr {', '.join(map(format_lr, plan.head_grid))} tried at each chosen lr" if plan.head_grid
+              else "")
     out(f"[lrzoo-sweep] {plan.path}: {len(plan.methods)} methods × {len(plan.tasks)} tasks, "
         f"{total} runs planned ({done} finished or diverged{grows})")
     if dry_run:
         for run in sweep.ready(states):
             out(shown_command(run))
-        waiting = [s for s in states if s.chosen is None]
+        waiting = [s for s in states if not s.head_chosen]
         if waiting:
-            out(f"# then, for {len(waiting)} cell(s) whose lr grid is not complete yet: seeds "
-                f"{','.join(map(str, plan.seeds[1:]))} at the chosen lr")
+            heads = " (and head lr)" if any(s.head_trials for s in waiting) else ""
+            out(f"# then, for {len(waiting)} cell(s) whose lr{heads} is not chosen yet: seeds "
+                f"{','.join(map(str, plan.seeds[1:]))} at the chosen lr{heads}")
         return 0
 
     # Ctrl-C and kill both stop the sweep; SIGINT is installed explicitly too, as a process started in the
@@ -202,9 +211,9 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
 
 
 def _planned_runs(plan: Plan, states: list[CellState]) -> int:
-    """Runs the plan needs as far as the cells' states tell: every grid point, grown ones included, and the
-    seeds past the first."""
-    return sum(len(s.grid) + len(plan.seeds) - 1 for s in states)
+    """Runs the plan needs as far as the cells' states tell: every grid point, grown ones included, the head-lr
+    trials, and the seeds past the first."""
+    return sum(len(s.grid) + len(s.head_trials) + len(plan.seeds) - 1 for s in states)
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM (kill) and SIGINT (Ctrl-C) stop the sweep
@@ -243,7 +252,9 @@ def _summary(sweep: Sweep, launched: int, seconds: float, timed_out: bool, out: 
     for state in states:
         if state.chosen is not None and state.complete(n_seeds):
             continue
-        why = state.why_not or f"{state.seeds_done}/{n_seeds} seeds at lr={format_lr(state.chosen)}"
+        head = f" head_lr={format_lr(state.head)}" if state.head is not None else ""
+        why = (state.why_not or state.head_why_not or
+               f"{state.seeds_done}/{n_seeds} seeds at lr={format_lr(state.chosen)}{head}")
         out(f"  incomplete: {state.method.name} {state.task}: {why}")
     if timed_out and left:
         out(f"[lrzoo-sweep] --max-minutes reached with {left} run(s) ready to start: run the same command to continue")

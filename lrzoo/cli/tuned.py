@@ -25,7 +25,7 @@ from ..train.config import HELDOUT_PREFIX
 from . import intervals
 from .plan import CellState, Composer, Plan, RunIndex, cell_state, format_lr, read_json
 
-CSV_FIELDS = ("model", "method", "task", "metric", "status", "chosen_lr", "n_seeds", "planned_seeds", "mean",
+CSV_FIELDS = ("model", "method", "task", "metric", "status", "chosen_lr", "chosen_head_lr", "n_seeds", "planned_seeds", "mean",
               "ci_low", "ci_high", "diff_to_best", "diff_low", "diff_high", "verdict", "seeds_diff_low",
               "seeds_diff_high", "seeds_verdict", "trainable_params")
 AVERAGE = "average"
@@ -63,6 +63,9 @@ class Cell:
             if not s.grid_done and not failed:
                 return "not run"
             return s.why_not + (f" ({', '.join(failed)})" if failed else "")
+        if not s.head_chosen:
+            failed = [f"head lr {format_lr(h)} failed" for h, o in s.heads.items() if o.status == "failed"]
+            return s.head_why_not + (f" ({', '.join(failed)})" if failed else "")
         failed = [f"seed {seed} {o.status}" for seed, o in s.seeds.items() if o.status in ("diverged", "failed")]
         return f"{s.seeds_done}/{self.planned_seeds} seeds done" + (f", {', '.join(failed)}" if failed else "")
 
@@ -131,7 +134,7 @@ def eval_columns(task: str, states: list[CellState]) -> list[str]:
     """The columns of a plan task: its eval sets other than held-out slices, read from the first finished run's
     ``predictions.json`` (``commonsense/all`` is scored on 7 test sets), else the task itself."""
     for state in states:
-        for outcome in [*state.grid.values(), *state.seeds.values()]:
+        for outcome in state.outcomes():
             sets = ((read_json(outcome.run_dir / "predictions.json") or {}).get("sets") or {}) if outcome.run_dir else {}
             names = [name for name in sets if not name.startswith(HELDOUT_PREFIX)]
             if outcome.status == "done" and names:
@@ -142,7 +145,7 @@ def eval_columns(task: str, states: list[CellState]) -> list[str]:
 def _fill_cell(cell: Cell, plan: Plan) -> Cell:
     """Per-seed scores and predictions of a complete cell (its column: an eval set of the cell's runs)."""
     state, task = cell.state, cell.task
-    for outcome in [*state.grid.values(), *state.seeds.values()]:
+    for outcome in state.outcomes():
         if outcome.result:
             cell.model = cell.model or outcome.result.get("model")
             cell.metric = cell.metric or outcome.result.get("primary_metric")
@@ -305,7 +308,27 @@ def _shown_lr(cell: Cell, base_grid: Sequence[float] = ()) -> str:
     # every grid point scored exactly the same: the swept rate probably reaches nothing that trains
     finite = [v for v in s.scores.values() if v is not None and math.isfinite(v)]
     flat = " flat" if len(s.grid) > 1 and len(finite) == len(s.grid) and len(set(finite)) == 1 else ""
-    return f"{chosen}{edge}{flat} ({' / '.join(parts)})"
+    return f"{chosen}{edge}{flat} ({' / '.join(parts)}){_shown_head(s)}"
+
+
+def _shown_head(s: CellState) -> str:
+    """``; head 2e-2 (2e-3: 44.8 / 2e-2: **76.9**)``: the head rates tried at the chosen lr (plan head_grid),
+    the preset's first; empty for a cell without head trials."""
+    if not s.head_trials or s.chosen is None:
+        return ""
+    preset_score = s.scores.get(s.chosen)
+    rows = [(s.preset_head, preset_score, s.head_chosen and s.head is None)]
+    for head, outcome in s.heads.items():
+        score = s.head_scores.get(head)
+        rows.append((head, score if outcome.status == "done" else "diverged" if outcome.status == "diverged" else None,
+                     s.head_chosen and s.head == head))
+    parts = []
+    for head, score, won in rows:
+        text = (score if isinstance(score, str) else "—" if score is None else
+                f"{100 * score:.1f}" if math.isfinite(score) else "null")
+        parts.append(f"{format_lr(head) if head is not None else 'lr'}: " + (f"**{text}**" if won else text))
+    chosen = ("—" if not s.head_chosen else format_lr(s.head_lr) if s.head_lr is not None else "lr")
+    return f"; head {chosen} ({' / '.join(parts)})"
 
 
 def _primary(task: str) -> str:
@@ -339,7 +362,7 @@ def cost_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> str:
     for method in plan.methods:
         results, seen = [], set()
         for cell in (c for (name, _), c in cells.items() if name == method.name):
-            for outcome in [*cell.state.grid.values(), *cell.state.seeds.values()]:
+            for outcome in cell.state.outcomes():
                 if outcome.status == "done" and outcome.result and outcome.run_dir not in seen:
                     seen.add(outcome.run_dir)
                     results.append(outcome.result)
@@ -440,7 +463,11 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                "an end of the grid" + (" after the growth" if plan.extend else "") + ", so the best rate may lie "
                "beyond it and the cell may be under-tuned. `flat`: every grid "
                "point scored exactly the same: no rate moved the model off a constant prediction (an MCC of 0), or "
-               "the swept rate is not the one that trains (a plan bug, e.g. a head-only run with its own head lr).")
+               "the swept rate is not the one that trains (a plan bug, e.g. a head-only run with its own head lr)."
+               + (" `head`: the task head's lr the seeds ran at, then the held-out score ×100 of the first seed at "
+                  "the chosen lr with the preset's head lr and with each rate of the plan's head_grid (the preset's "
+                  "is kept unless another beats it strictly; a method whose line fixes its head lr has none)."
+                  if plan.head_grid else ""))
     diversity = diversity_table(cells, plan)
     parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), *([lr_note] if tuned else []),
              *([diversity] if diversity else []), cost_table(cells, plan)]
@@ -468,6 +495,8 @@ def csv_rows(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
         rows.append({"model": c.model or "", "method": method, "task": task, "metric": c.metric or "",
                      "status": "complete" if c.complete else f"missing: {c.missing()}",
                      "chosen_lr": c.state.chosen if c.state.chosen is not None else "",
+                     "chosen_head_lr": ("" if not c.state.head_chosen else c.state.head_lr if c.state.head_lr is not None
+                                        else "lr"),
                      "n_seeds": c.state.seeds_done, "planned_seeds": c.planned_seeds, "mean": number(c.mean),
                      "ci_low": number(c.interval[0]), "ci_high": number(c.interval[1]),
                      "diff_to_best": number(c.diff[0]) if c.diff else "", "diff_low": number(c.diff[1]) if c.diff else "",
