@@ -345,7 +345,7 @@ def test_head_lr_trials_run_at_the_chosen_lr_before_the_seeds(tmp_path):
     assert all(o.result["config"]["trainer"]["head_lr"] == 2e-2 for o in state.seeds.values())
 
     from lrzoo.cli.tuned import _shown_lr
-    assert _shown_lr(SimpleNamespace(state=state)).endswith("; head 2e-2 (2e-3: 100.0 / 2e-2: **110.0**)")
+    assert _shown_lr(SimpleNamespace(state=state)).endswith("; head 2e-2 edge (2e-3: 100.0 / 2e-2: **110.0**)")
     dora = cell_state(plan, Composer(plan), plan.methods[1], "glue/sst2", index)
     assert dora.complete(3) and dora.head is None and dora.head_lr == 5e-3 and not dora.heads
     assert "head" not in _shown_lr(SimpleNamespace(state=dora))

@@ -312,7 +312,7 @@ def _shown_lr(cell: Cell, base_grid: Sequence[float] = ()) -> str:
 
 
 def _shown_head(s: CellState) -> str:
-    """``; head 2e-2 (2e-3: 44.8 / 2e-2: **76.9**)``: the head rates tried at the chosen lr (plan head_grid),
+    """``; head 2e-2 edge (2e-3: 70.2 / 2e-2: **79.6**)``: the head rates tried at the chosen lr (plan head_grid),
     the preset's first; empty for a cell without head trials."""
     if not s.head_trials or s.chosen is None:
         return ""
@@ -328,7 +328,10 @@ def _shown_head(s: CellState) -> str:
                 f"{100 * score:.1f}" if math.isfinite(score) else "null")
         parts.append(f"{format_lr(head) if head is not None else 'lr'}: " + (f"**{text}**" if won else text))
     chosen = ("—" if not s.head_chosen else format_lr(s.head_lr) if s.head_lr is not None else "lr")
-    return f"; head {chosen} ({' / '.join(parts)})"
+    # the fastest head rate tried won: a faster one might do better still (the head grid does not grow)
+    tried = [h for h in (s.preset_head, *s.heads) if h is not None]
+    edge = " edge" if s.head is not None and s.head == max(tried) else ""
+    return f"; head {chosen}{edge} ({' / '.join(parts)})"
 
 
 def _primary(task: str) -> str:
@@ -466,7 +469,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                "the swept rate is not the one that trains (a plan bug, e.g. a head-only run with its own head lr)."
                + (" `head`: the task head's lr the seeds ran at, then the held-out score ×100 of the first seed at "
                   "the chosen lr with the preset's head lr and with each rate of the plan's head_grid (the preset's "
-                  "is kept unless another beats it strictly; a method whose line fixes its head lr has none)."
+                  "is kept unless another beats it strictly; a method whose line fixes its head lr has none; `edge`: the "
+                  "fastest head rate tried won, so a faster one might be better still)."
                   if plan.head_grid else ""))
     diversity = diversity_table(cells, plan)
     parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), *([lr_note] if tuned else []),
