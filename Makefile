@@ -46,8 +46,8 @@ results-glue: install
 	$(VENV)/bin/lrzoo-report runs/glue-cpu
 
 # The tuned GLUE comparison (docs/recipes.md#tuned-comparisons-lrzoo-sweep): every method of glue_cpu.txt x 4 GLUE
-# tasks, a 3-point lr grid at seed 0 chosen on 400 held-out training rows, then seeds 1 and 2 at the chosen lr
-# (recipes/sweeps/glue_tuned.yaml, 340 runs), two at a time with one thread each, method by method. Stop it at any
+# tasks, a 3-point lr grid at seed 0 chosen on 400 held-out training rows, then the head's lr, then seeds 1 and 2
+# (recipes/sweeps/glue_tuned.yaml, ~430 runs), two at a time with one thread each, method by method. Stop it at any
 # point and run it again to continue; the report (runs/glue-tuned/results.md) marks the cells still missing.
 # SWEEP_ARGS: e.g. --max-minutes 240, --only lora,dora, --tasks glue/mrpc, --dry-run.
 SWEEP_ARGS ?=

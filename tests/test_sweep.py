@@ -324,6 +324,7 @@ def test_head_lr_trials_run_at_the_chosen_lr_before_the_seeds(tmp_path):
     plan_path.write_text(json.dumps({**json.loads(plan_path.read_text()), "head_grid": [2e-2, 2e-3]}))
     plan = load_plan(plan_path)
     assert plan.head_grid == (2e-2, 2e-3) and plan.head_lrs(plan.methods[1]) == ()
+    assert Composer(plan).preset_head(plan.methods[0], "glue/sst2") == 2e-3
 
     def score(run):
         bonus = 0.1 if run.head == 2e-2 else 0.0
@@ -339,6 +340,12 @@ def test_head_lr_trials_run_at_the_chosen_lr_before_the_seeds(tmp_path):
         [("dora", lr, None, 0) for lr in (3.3e-4, 1e-3, 3e-3)] + [("dora", 1e-3, None, s) for s in (1, 2)]
     assert "head lr 2e-2, 2e-3 tried at each chosen lr" in lines[0] and "11 runs planned" in lines[0]
     assert "2/2 cells complete" in "\n".join(lines)
+    # the runs at the preset's head rate are the plain command lines (their directories predate head_grid)
+    assert all(not any(o.startswith("trainer.head_lr=0.02") for o in r.overrides) for r in fake.launched if r.head is None)
+    # run again: everything is there, counted once (the winning trial is also seed 0)
+    lines.clear()
+    assert run_plan(plan, jobs=1, composer=Composer(plan), launch=FakeRuns(), out=lines.append) == 0
+    assert "11 runs planned (11 finished or diverged" in lines[0]
     index = RunIndex(tmp_path / "runs")
     state = cell_state(plan, Composer(plan), plan.methods[0], "glue/sst2", index)
     assert state.complete(3) and (state.chosen, state.head, state.head_lr, state.preset_head) == (1e-3, 2e-2, 2e-2, 2e-3)
@@ -346,6 +353,9 @@ def test_head_lr_trials_run_at_the_chosen_lr_before_the_seeds(tmp_path):
 
     from lrzoo.cli.tuned import _shown_lr
     assert _shown_lr(SimpleNamespace(state=state)).endswith("; head 2e-2 edge (2e-3: 100.0 / 2e-2: **110.0**)")
+    from lrzoo.cli.tuned import build_cells, csv_rows
+    rows = {r["method"]: r for r in csv_rows(build_cells(tmp_path / "runs", plan, replicates=10), plan, {})}
+    assert (rows["lora"]["chosen_head_lr"], rows["dora"]["chosen_head_lr"]) == (2e-2, 5e-3)
     dora = cell_state(plan, Composer(plan), plan.methods[1], "glue/sst2", index)
     assert dora.complete(3) and dora.head is None and dora.head_lr == 5e-3 and not dora.heads
     assert "head" not in _shown_lr(SimpleNamespace(state=dora))
@@ -358,6 +368,28 @@ def test_head_lr_trials_run_at_the_chosen_lr_before_the_seeds(tmp_path):
     fake = FakeRuns(score=lambda run: 1 - abs(math.log10(run.lr) + 3))
     assert run_plan(tie, jobs=1, composer=Composer(tie), launch=fake) == 0
     assert [(r.lr, r.head, r.seed) for r in fake.launched][3:] == [(1e-3, 2e-2, 0), (1e-3, None, 1), (1e-3, None, 2)]
+
+
+def test_which_methods_get_head_trials_and_which_plans_cannot_have_them(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text("tasks: [glue/sst2]\nseeds: [0]\nhead_grid: ['2e-2']\n"
+                    "methods: [lora trainer.lr=1e-3, dora trainer.lr=1e-3 +trainer.head_lr=5e-3, "
+                    "head_only trainer.lr=2e-3 trainer.head_lr=null]\n")
+    plan = load_plan(path)
+    assert [plan.head_lrs(m) for m in plan.methods] == [(2e-2,), (), ()]
+    path.write_text("tasks: [glue/sst2]\nseeds: [0]\ngrid: {points: 1}\nhead_grid: [2.0e-2]\n"
+                    "methods: [lora trainer.lr=1e-3]\n")
+    with pytest.raises(PlanError, match="head_grid with a one-point lr grid"):
+        load_plan(path)
+
+
+def test_retry_failed_retries_an_old_divergence_once_not_forever(tmp_path):
+    plan = _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), seeds=(0,))
+    diverging = FakeRuns(diverge={("lora", 3e-3, 0)})
+    assert run_plan(plan, jobs=1, composer=Composer(plan), launch=diverging) == 0
+    again = FakeRuns(diverge={("lora", 3e-3, 0)})
+    assert run_plan(plan, jobs=1, composer=Composer(plan), launch=again, retry_failed=True) == 0
+    assert [(r.lr, r.seed) for r in again.launched] == [(3e-3, 0)]
 
 
 def test_beyond_edge_only_past_an_end_strictly_better_than_its_neighbour():

@@ -74,7 +74,7 @@ class Method:
     @property
     def fixes_head(self) -> bool:
         """Its line sets ``trainer.head_lr``: the plan's ``head_grid`` leaves its head alone."""
-        return any(o.startswith(HEAD_LR) for o in self.overrides)
+        return any(o.lstrip("+").startswith(HEAD_LR) for o in self.overrides)  # also +key= and ++key=
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,9 @@ def load_plan(path: str | Path) -> Plan:
             or len(set(head_grid)) != len(head_grid):
         errors.append(f"head_grid: {head_grid!r} must be a list of distinct positive learning rates (e.g. [2e-2]) "
                       "tried for the task head at each cell's chosen lr")
+    elif head_grid and points == 1:
+        errors.append("head_grid with a one-point lr grid: such a plan chooses nothing (and needs no held-out "
+                      "slice), so it cannot choose a head lr either; set grid.points >= 3 or drop head_grid")
     methods = []
     for line in data.get("methods") or []:
         tokens = shlex.split(str(line))
@@ -447,6 +450,8 @@ def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup
     if state.chosen is None:
         state.head_why_not = "the lr is not chosen yet"
         return state
+    if state.preset_head is None:  # the preset's head trains at the chosen lr: a trial there would repeat it
+        state.head_trials = tuple(h for h in state.head_trials if h != state.chosen)
     state.heads = {head: lookup(composer.run(method, task, state.chosen, plan.seeds[0], head))
                    for head in state.head_trials}
     resolved, state.head, why, state.head_scores = choose_head(task, grid[state.chosen], state.heads)

@@ -8,7 +8,7 @@ For every cell (method × task of the plan, :mod:`lrzoo.cli.plan`): stage 1 trai
 learning rate of its grid with the first seed; once the whole grid has finished, the rate with the best
 held-out score (``selection_score``; ties: the smaller rate) is chosen; with the plan's ``head_grid``, the
 first seed then trains at that rate with each of its head learning rates, and the task head's rate is chosen
-the same way (the preset's unless one beats it); stage 2 trains the other seeds at the chosen rate(s). Cells are completed method by method (every task of a method, then the next method): the
+on the same score (the preset's unless one beats it strictly); stage 2 trains the other seeds at the chosen rate(s). Cells are completed method by method (every task of a method, then the next method): the
 scheduler always starts the earliest ready run of the plan, so at most the two or three cells in flight
 are incomplete when the sweep stops.
 
@@ -79,6 +79,7 @@ class Sweep:
         self.composer = composer or Composer(plan)
         self.retry_failed = retry_failed
         self.failed: dict[Path, str] = {}          # this invocation's failures: not retried until the next one
+        self.diverged: dict[Path, str] = {}        # this invocation's divergences: final even with --retry-failed
         self.running: dict[Path, Running] = {}
 
     def lookup(self, run: PlannedRun) -> Outcome:
@@ -86,6 +87,8 @@ class Sweep:
             return Outcome("running", None, run.run_dir)
         if run.run_dir in self.failed:
             return Outcome("failed", None, run.run_dir, self.failed[run.run_dir])
+        if run.run_dir in self.diverged:  # --retry-failed retries an old divergence once, not forever
+            return Outcome("diverged", None, run.run_dir, self.diverged[run.run_dir])
         return outcome_in_dir(run, self.retry_failed)
 
     def states(self) -> list[CellState]:
@@ -125,9 +128,12 @@ class Sweep:
         detail = next((line.strip() for line in lines if DIVERGED_MARK in line), lines[-1].strip() if lines else "")
         status = {"status": "diverged" if diverged else "failed", "returncode": returncode, "detail": detail[:500],
                   "config_hash": run.config_hash, "key": run.key, "seed": run.seed, "method": run.method,
-                  "task": run.task, "lr": run.lr, "log": LOG_FILE, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                  "task": run.task, "lr": run.lr, "head_lr": run.head, "log": LOG_FILE,
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         status_path.write_text(json.dumps(status, indent=1) + "\n")
-        if not diverged:
+        if diverged:
+            self.diverged[run.run_dir] = detail[:300]
+        else:
             self.failed[run.run_dir] = f"exit status {returncode}: {detail[:300]}"
         return status["status"]
 

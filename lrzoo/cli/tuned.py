@@ -329,7 +329,7 @@ def _shown_head(s: CellState) -> str:
         parts.append(f"{format_lr(head) if head is not None else 'lr'}: " + (f"**{text}**" if won else text))
     chosen = ("—" if not s.head_chosen else format_lr(s.head_lr) if s.head_lr is not None else "lr")
     # the fastest head rate tried won: a faster one might do better still (the head grid does not grow)
-    tried = [h for h in (s.preset_head, *s.heads) if h is not None]
+    tried = [s.preset_head if s.preset_head is not None else s.chosen, *s.heads]   # a None preset runs at the lr
     edge = " edge" if s.head is not None and s.head == max(tried) else ""
     return f"; head {chosen}{edge} ({' / '.join(parts)})"
 
