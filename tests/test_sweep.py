@@ -370,6 +370,38 @@ def test_head_lr_trials_run_at_the_chosen_lr_before_the_seeds(tmp_path):
     assert [(r.lr, r.head, r.seed) for r in fake.launched][3:] == [(1e-3, 2e-2, 0), (1e-3, None, 1), (1e-3, None, 2)]
 
 
+def test_head_trials_grow_past_a_winning_end_and_not_past_the_preset(tmp_path):
+    """grid.extend also grows the head rates: 2e-2 beats the preset 2e-3, so 6e-2 is tried (it wins), then
+    1.8e-1 (it loses) and the seeds run at 6e-2. A preset that wins grows nothing."""
+    bonus = {None: 0.0, 2e-2: 0.10, 6e-2: 0.15, 1.8e-1: 0.12}
+    path = tmp_path / "plan.yaml"
+    _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), extend=2, extra=("trainer.head_lr=2e-3",))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "head_grid": [2e-2]}))
+    plan = load_plan(path)
+    fake = FakeRuns(score=lambda run: 1 - abs(math.log10(run.lr) + 3) + bonus[run.head])
+    lines = []
+    assert run_plan(plan, jobs=1, composer=Composer(plan), launch=fake, out=lines.append) == 0
+    assert [(r.lr, r.head, r.seed) for r in fake.launched][3:] == \
+        [(1e-3, 2e-2, 0), (1e-3, 6e-2, 0), (1e-3, 1.8e-1, 0), (1e-3, 6e-2, 1), (1e-3, 6e-2, 2)]
+    state = cell_state(plan, Composer(plan), plan.methods[0], "glue/sst2", RunIndex(tmp_path / "runs"))
+    assert state.complete(3) and state.head == 6e-2 and state.head_trials == (2e-2, 6e-2, 1.8e-1)
+
+    from lrzoo.cli.tuned import _shown_lr
+    assert _shown_lr(SimpleNamespace(state=state)).endswith("; head 6e-2 (2e-3: 100.0 / 2e-2: 110.0 / 6e-2: **115.0** / "
+                                                            "1.8e-1: 112.0)")
+    # the preset wins: no trial below it
+    bonus.update({2e-2: -0.1})
+    (tmp_path / "preset").mkdir()
+    _plan(tmp_path / "preset", tmp_path / "data", methods=("lora trainer.lr=1e-3",), extend=2,
+          extra=("trainer.head_lr=2e-3",))
+    path = tmp_path / "preset" / "plan.yaml"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "head_grid": [2e-2]}))
+    plan = load_plan(path)
+    fake = FakeRuns(score=lambda run: 1 - abs(math.log10(run.lr) + 3) + bonus[run.head])
+    assert run_plan(plan, jobs=1, composer=Composer(plan), launch=fake) == 0
+    assert [(r.lr, r.head, r.seed) for r in fake.launched][3:] == [(1e-3, 2e-2, 0), (1e-3, None, 1), (1e-3, None, 2)]
+
+
 def test_which_methods_get_head_trials_and_which_plans_cannot_have_them(tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text("tasks: [glue/sst2]\nseeds: [0]\nhead_grid: ['2e-2']\n"

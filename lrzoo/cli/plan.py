@@ -26,8 +26,10 @@ The task head (``modules_to_save``) trains at its own rate, ``trainer.head_lr`` 
 null: the body's). With ``head_grid`` the plan tunes it too, one coordinate after the other: once the body's
 rate is chosen, the first seed trains at it with each head rate of ``head_grid``; one of them replaces the
 preset's only when its held-out score beats the preset's run at the chosen rate strictly (ties: the smaller
-head rate), and the seeds run at the pair. A method whose line sets ``trainer.head_lr`` itself (head-only:
-null, its head is what ``trainer.lr`` sweeps) keeps it and gets no head trials.
+head rate); a trial that wins at the end of the rates tried grows them past it (× or ÷ ``factor``, up to
+``extend`` times, as the lr grid does), and the seeds run at the pair. A method whose line sets
+``trainer.head_lr`` itself (head-only: null, its head is what ``trainer.lr`` sweeps) keeps it and gets no
+head trials.
 
 Each run is the configuration ``lrzoo-train`` composes from the plan; :class:`Composer` composes it
 once per cell with Hydra and sets ``trainer.lr`` and ``seed`` on copies, which gives the same run
@@ -433,7 +435,8 @@ def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup
     """The state of one cell, with ``lookup(run) -> Outcome`` telling what happened to each run. The grid is
     the plan's, grown past a winning end up to ``plan.extend`` points (:func:`beyond_edge`) once it has
     finished; the choice waits for each added point. Then the head rates of ``plan.head_grid`` are tried at
-    the chosen lr (:func:`choose_head`), and the seeds wait for that choice."""
+    the chosen lr (:func:`choose_head`), growing past a trial that wins at their end as the lr grid does, and
+    the seeds wait for that choice."""
     grid = {lr: lookup(composer.run(method, task, lr, plan.seeds[0])) for lr in plan.grid(method)}
     state = CellState(method, task, grid)
     state.chosen, state.why_not, state.scores = choose_lr(task, grid)
@@ -455,6 +458,19 @@ def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup
     state.heads = {head: lookup(composer.run(method, task, state.chosen, plan.seeds[0], head))
                    for head in state.head_trials}
     resolved, state.head, why, state.head_scores = choose_head(task, grid[state.chosen], state.heads)
+    # A trial that beats the preset at the end of the rates tried grows them past it, like the lr grid (the
+    # preset winning grows nothing: it is the default the trials question, not a point of a grid)
+    preset = state.preset_head if state.preset_head is not None else state.chosen
+    for _ in range(plan.extend):
+        if not resolved or state.head is None:
+            break
+        tried = {preset: state.scores[state.chosen], **state.head_scores}
+        extra = beyond_edge(sorted(tried), tried, state.head, plan.factor)
+        if extra is None or extra in tried:
+            break
+        state.heads[extra] = lookup(composer.run(method, task, state.chosen, plan.seeds[0], extra))
+        state.head_trials += (extra,)
+        resolved, state.head, why, state.head_scores = choose_head(task, grid[state.chosen], state.heads)
     state.head_why_not = "" if resolved else why
     if resolved:
         first = state.heads[state.head] if state.head is not None else grid[state.chosen]

@@ -328,7 +328,7 @@ def _shown_head(s: CellState) -> str:
                 f"{100 * score:.1f}" if math.isfinite(score) else "null")
         parts.append(f"{format_lr(head) if head is not None else 'lr'}: " + (f"**{text}**" if won else text))
     chosen = ("—" if not s.head_chosen else format_lr(s.head_lr) if s.head_lr is not None else "lr")
-    # the fastest head rate tried won: a faster one might do better still (the head grid does not grow)
+    # the fastest head rate tried won (after any growth): a faster one might do better still
     tried = [s.preset_head if s.preset_head is not None else s.chosen, *s.heads]   # a None preset runs at the lr
     edge = " edge" if s.head is not None and s.head == max(tried) else ""
     return f"; head {chosen}{edge} ({' / '.join(parts)})"
@@ -469,8 +469,9 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                "the swept rate is not the one that trains (a plan bug, e.g. a head-only run with its own head lr)."
                + (" `head`: the task head's lr the seeds ran at, then the held-out score ×100 of the first seed at "
                   "the chosen lr with the preset's head lr and with each rate of the plan's head_grid (the preset's "
-                  "is kept unless another beats it strictly; a method whose line fixes its head lr has none; `edge`: the "
-                  "fastest head rate tried won, so a faster one might be better still)."
+                  "is kept unless another beats it strictly; a method whose line fixes its head lr has none; a trial that won at the "
+                  "end of the rates tried grows them past it, like the lr grid; `edge`: the fastest head rate tried "
+                  "won even so, and a faster one might be better still)."
                   if plan.head_grid else ""))
     diversity = diversity_table(cells, plan)
     parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), *([lr_note] if tuned else []),
