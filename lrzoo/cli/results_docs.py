@@ -54,7 +54,7 @@ class Section:
 
 SECTIONS = (
     Section("tuned-glue", "runs/glue-tuned", "recipes/sweeps/glue_tuned.yaml", "results_glue_tuned.png", "Tuned GLUE",
-            "`make results-glue-tuned`: MiniLM-L6, r = 8 on query/value, 200 steps, lr chosen on 400 held-out "
+            "`make results-glue-tuned`: MiniLM-L6, r = 8 on query/value, 200 steps, lr and head lr chosen on 400 held-out "
             "training rows, 3 seeds, dev ×100 with 95% bootstrap intervals and the verdict against the column's best; "
             "[results.md](../results.md#tuned-glue-on-minilm-l6-issue-16-budget-learning-rate-grid-intervals)", True),
     Section("cs-loglik", "runs/cs-loglik", "recipes/sweeps/cs_loglik.yaml", "results_cs_loglik.png",
