@@ -192,7 +192,7 @@ def load_plan(path: str | Path) -> Plan:
     if errors:
         raise PlanError(f"{path}:\n  " + "\n  ".join(errors))
     return Plan(str(path), data.get("experiment"), tuple(overrides), tuple(tasks), tuple(seeds), float(factor), points,
-                tuple(methods), extend, tuple(float(h) for h in head_grid) if isinstance(head_grid, list) else ())
+                tuple(methods), extend, tuple(head_grid))   # numbers by now: anything else was refused above
 
 
 def _number(value: Any) -> Optional[float]:
@@ -356,6 +356,11 @@ class CellState:
         return self.chosen is not None and not self.head_why_not
 
     @property
+    def preset_rate(self) -> Optional[float]:
+        """The rate the preset's head trains at: ``preset_head``, or the chosen lr when that is null."""
+        return self.preset_head if self.preset_head is not None else self.chosen
+
+    @property
     def head_lr(self) -> Optional[float]:
         """The head learning rate the seeds run at (None: the body's)."""
         return self.head if self.head is not None else self.preset_head
@@ -453,18 +458,17 @@ def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup
     if state.chosen is None:
         state.head_why_not = "the lr is not chosen yet"
         return state
-    if state.preset_head is None:  # the preset's head trains at the chosen lr: a trial there would repeat it
-        state.head_trials = tuple(h for h in state.head_trials if h != state.chosen)
+    # a null preset's head trains at the chosen lr: a trial there would repeat the grid's run
+    state.head_trials = tuple(h for h in state.head_trials if h != state.preset_rate)
     state.heads = {head: lookup(composer.run(method, task, state.chosen, plan.seeds[0], head))
                    for head in state.head_trials}
     resolved, state.head, why, state.head_scores = choose_head(task, grid[state.chosen], state.heads)
     # A trial that beats the preset at the end of the rates tried grows them past it, like the lr grid (the
     # preset winning grows nothing: it is the default the trials question, not a point of a grid)
-    preset = state.preset_head if state.preset_head is not None else state.chosen
     for _ in range(plan.extend):
         if not resolved or state.head is None:
             break
-        tried = {preset: state.scores[state.chosen], **state.head_scores}
+        tried = {state.preset_rate: state.scores[state.chosen], **state.head_scores}
         extra = beyond_edge(sorted(tried), tried, state.head, plan.factor)
         if extra is None or extra in tried:
             break

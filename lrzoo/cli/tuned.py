@@ -296,9 +296,7 @@ def _shown_lr(cell: Cell, base_grid: Sequence[float] = ()) -> str:
     s = cell.state
     parts = []
     for lr, outcome in s.grid.items():
-        score = s.scores.get(lr)
-        text = ("diverged" if outcome.status == "diverged" else f"{100 * score:.1f}" if score is not None and
-                math.isfinite(score) else "null" if score is not None else "—")
+        text = _score_text(outcome, s.scores.get(lr))
         text = f"**{text}**" if lr == s.chosen else text
         # a point the grid grew to past a winning end (plan grid.extend) is named by its lr
         parts.append(f"{format_lr(lr)}: {text}" if base_grid and lr not in base_grid else text)
@@ -316,22 +314,28 @@ def _shown_head(s: CellState) -> str:
     the preset's first; empty for a cell without head trials."""
     if not s.head_trials or s.chosen is None:
         return ""
-    preset_score = s.scores.get(s.chosen)
-    rows = [(s.preset_head, preset_score, s.head_chosen and s.head is None)]
-    for head, outcome in s.heads.items():
-        score = s.head_scores.get(head)
-        rows.append((head, score if outcome.status == "done" else "diverged" if outcome.status == "diverged" else None,
-                     s.head_chosen and s.head == head))
+    # (key, label, outcome, score); key None: the preset's head, whose run is the grid's at the chosen lr
+    rows = [(None, format_lr(s.preset_head) if s.preset_head is not None else "lr", s.grid[s.chosen],
+             s.scores.get(s.chosen)),
+            *((head, format_lr(head), outcome, s.head_scores.get(head)) for head, outcome in s.heads.items())]
     parts = []
-    for head, score, won in rows:
-        text = (score if isinstance(score, str) else "—" if score is None else
-                f"{100 * score:.1f}" if math.isfinite(score) else "null")
-        parts.append(f"{format_lr(head) if head is not None else 'lr'}: " + (f"**{text}**" if won else text))
+    for key, label, outcome, score in rows:
+        text = _score_text(outcome, score)
+        parts.append(f"{label}: " + (f"**{text}**" if s.head_chosen and s.head == key else text))
     chosen = ("—" if not s.head_chosen else format_lr(s.head_lr) if s.head_lr is not None else "lr")
     # the fastest head rate tried won (after any growth): a faster one might do better still
-    tried = [s.preset_head if s.preset_head is not None else s.chosen, *s.heads]   # a None preset runs at the lr
-    edge = " edge" if s.head is not None and s.head == max(tried) else ""
+    edge = " edge" if s.head is not None and s.head == max([s.preset_rate, *s.heads]) else ""
     return f"; head {chosen}{edge} ({' / '.join(parts)})"
+
+
+def _score_text(outcome: Any, score: Optional[float]) -> str:
+    """A grid point's or head trial's held-out score ×100: ``diverged``, ``null`` (a NaN score) or ``—`` (not
+    finished)."""
+    if outcome.status == "diverged":
+        return "diverged"
+    if score is None:
+        return "—"
+    return f"{100 * score:.1f}" if math.isfinite(score) else "null"
 
 
 def _primary(task: str) -> str:
