@@ -20,7 +20,7 @@ import pytest
 
 from lrzoo.cli.plan import (STATUS_FILE, Composer, Outcome, PlanError, RunIndex, beyond_edge, cell_state, choose_head,
                             choose_lr, format_lr, load_plan, plan_key)
-from lrzoo.cli.sweep import run_plan
+from lrzoo.cli.sweep import Sweep, run_plan
 from lrzoo.cli.train import config_hash, run_recipe, split_heldout
 from lrzoo.train.config import HELDOUT_PREFIX
 from lrzoo.configs import config_dir
@@ -402,6 +402,84 @@ def test_head_trials_grow_past_a_winning_end_and_not_past_the_preset(tmp_path):
     assert [(r.lr, r.head, r.seed) for r in fake.launched][3:] == [(1e-3, 2e-2, 0), (1e-3, None, 1), (1e-3, None, 2)]
 
 
+def _recheck_plan(tmp_path, recheck=True, extend=2):
+    path = tmp_path / "plan.yaml"
+    _plan(tmp_path, tmp_path / "data", extend=extend, extra=("trainer.head_lr=2e-3",))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "head_grid": [2e-2], "recheck_lr": recheck}))
+    return load_plan(path)
+
+
+def test_the_lr_is_rechecked_at_a_changed_head_before_the_seeds(tmp_path):
+    """recheck_lr: lora's held-out optimum moves from 1e-3 to 3e-3 once its head trains at 2e-2 (the DoRA-on-STS-B
+    case), so after the head stage its first seed runs at 1e-3's neighbours with the new head, 3e-3 wins, the
+    grid-like growth tries 9e-3 (it loses) and the seeds run at (3e-3, 2e-2). dora's head keeps the preset's
+    rate: its lr was chosen at that head, nothing is rechecked."""
+    plan = _recheck_plan(tmp_path)
+    assert plan.recheck_lr
+
+    def score(run):
+        peak = -3.0 if run.head is None else -2.5
+        bonus = {None: 0.0, 2e-2: 0.6 if run.method == "lora" else -0.1, 6e-2: 0.0}[run.head]
+        return 1 - abs(math.log10(run.lr) - peak) + bonus
+
+    lines = []
+    fake = FakeRuns(score=score)
+    assert run_plan(plan, jobs=1, composer=Composer(plan), launch=fake, out=lines.append) == 0
+    launched = [(r.method, r.lr, r.head, r.seed) for r in fake.launched]
+    assert launched[:10] == [("lora", lr, None, 0) for lr in (3.3e-4, 1e-3, 3e-3)] + \
+        [("lora", 1e-3, 2e-2, 0), ("lora", 1e-3, 6e-2, 0)] + \
+        [("lora", lr, 2e-2, 0) for lr in (3.3e-4, 3e-3, 9e-3)] + [("lora", 3e-3, 2e-2, s) for s in (1, 2)]
+    assert launched[10:] == [("dora", lr, None, 0) for lr in (3.3e-4, 1e-3, 3e-3)] + [("dora", 1e-3, 2e-2, 0)] + \
+        [("dora", 1e-3, None, s) for s in (1, 2)]
+    assert "the lr rechecked where the head's changed" in lines[0]
+    assert "2/2 cells complete" in "\n".join(lines)
+
+    index = RunIndex(tmp_path / "runs")
+    state = cell_state(plan, Composer(plan), plan.methods[0], "glue/sst2", index)
+    assert state.complete(3) and (state.chosen, state.head, state.moved, state.seed_lr) == (1e-3, 2e-2, 3e-3, 3e-3)
+    assert list(state.rechecks) == [3.3e-4, 3e-3, 9e-3] and state.seeds[0] is state.rechecks[3e-3]
+    assert all(o.result["config"]["trainer"]["lr"] == 3e-3 for o in state.seeds.values())
+    dora = cell_state(plan, Composer(plan), plan.methods[1], "glue/sst2", index)
+    assert dora.complete(3) and dora.head is None and not dora.rechecks and dora.seed_lr == 1e-3
+
+    from lrzoo.cli.tuned import _shown_lr, build_cells, csv_rows
+    shown = _shown_lr(SimpleNamespace(state=state))
+    assert shown.startswith("1e-3 (") and "; head 2e-2 (" in shown
+    assert shown.endswith("; lr at the new head 3e-3 (3.3e-4: 61.9 / 1e-3: 110.0 / 3e-3: **157.7** / 9e-3: 114.6)")
+    assert "new head" not in _shown_lr(SimpleNamespace(state=dora))
+    rows = {r["method"]: r for r in csv_rows(build_cells(tmp_path / "runs", plan, replicates=10), plan, {})}
+    assert (rows["lora"]["chosen_lr"], rows["lora"]["chosen_head_lr"]) == (3e-3, 2e-2)
+    # the same runs without recheck_lr: the seeds at (1e-3, 2e-2) are missing, nothing else is
+    plain = _recheck_plan(tmp_path, recheck=False)
+    state = cell_state(plain, Composer(plain), plain.methods[0], "glue/sst2", index)
+    assert not state.rechecks and state.seed_lr == 1e-3 and state.seeds_done == 1
+
+
+def test_a_recheck_waits_for_its_runs_keeps_the_lr_on_a_tie_and_steps_past_a_grid_end(tmp_path):
+    plan = _recheck_plan(tmp_path, extend=0)
+    composer, lora = Composer(plan), plan.methods[0]
+    scores = {}
+
+    def lookup(run):
+        key = (run.lr, run.head, run.seed)
+        return _done(scores[key]) if key in scores else Outcome("pending", run_dir=run.run_dir)
+
+    scores.update({(lr, None, 0): 0.5 for lr in (3.3e-4, 1e-3, 3e-3)})
+    scores[(3e-3, None, 0)] = 0.6                     # the grid's top end wins (no growth: extend 0)
+    scores[(3e-3, 2e-2, 0)] = 0.7                     # and the faster head beats the preset there
+    state = cell_state(plan, composer, lora, "glue/sst2", lookup)
+    assert (state.chosen, state.head, state.settled) == (3e-3, 2e-2, False)
+    assert list(state.rechecks) == [1e-3, 9e-3]       # the grid's neighbour below, one factor past the top
+    assert state.recheck_why_not == "lr rechecks 0/2 done" and not state.seeds
+    assert [(r.lr, r.head, r.seed) for r in Sweep(plan, composer).ready([state])] == [(1e-3, 2e-2, 0), (9e-3, 2e-2, 0)]
+    from lrzoo.cli.tuned import Cell
+    assert Cell("lora", "glue/sst2", state, 3).missing() == "lr rechecks 0/2 done"
+    scores.update({(1e-3, 2e-2, 0): 0.7, (9e-3, 2e-2, 0): 0.65})   # a tie with the chosen lr keeps it
+    state = cell_state(plan, composer, lora, "glue/sst2", lookup)
+    assert state.settled and state.moved is None and state.seed_lr == 3e-3
+    assert state.seeds[0] is state.heads[2e-2]
+
+
 def test_which_methods_get_head_trials_and_which_plans_cannot_have_them(tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text("tasks: [glue/sst2]\nseeds: [0]\nhead_grid: ['2e-2']\n"
@@ -412,6 +490,13 @@ def test_which_methods_get_head_trials_and_which_plans_cannot_have_them(tmp_path
     path.write_text("tasks: [glue/sst2]\nseeds: [0]\ngrid: {points: 1}\nhead_grid: [2.0e-2]\n"
                     "methods: [lora trainer.lr=1e-3]\n")
     with pytest.raises(PlanError, match="head_grid with a one-point lr grid"):
+        load_plan(path)
+    path.write_text("tasks: [glue/sst2]\nseeds: [0]\nrecheck_lr: true\nmethods: [lora trainer.lr=1e-3]\n")
+    with pytest.raises(PlanError, match="recheck_lr: true without head_grid"):
+        load_plan(path)
+    path.write_text("tasks: [glue/sst2]\nseeds: [0]\nhead_grid: [2e-2]\nrecheck_lr: 'yes'\n"
+                    "methods: [lora trainer.lr=1e-3]\n")
+    with pytest.raises(PlanError, match="recheck_lr: 'yes' must be true or false"):
         load_plan(path)
 
 

@@ -117,7 +117,7 @@ def method_bullet(report: Report, section: Section, method: str) -> Optional[str
             continue
         finished = sum(1 for (_, t), c in report.cells.items() if t == task and c.mean is not None)
         head_lr = cell.state.head   # a head rate the plan's head_grid chose over the preset's
-        parts.append(f"{label} {_score(cell.mean, cell.interval)} at lr {format_lr(cell.state.chosen)}"
+        parts.append(f"{label} {_score(cell.mean, cell.interval)} at lr {format_lr(cell.state.seed_lr)}"
                      + (f" (head {format_lr(head_lr)})" if head_lr is not None else "") + ", "
                      f"{_verdict(cell, finished)}")
     if all(part.endswith(" not finished") for part in parts):

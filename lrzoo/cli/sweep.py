@@ -96,7 +96,8 @@ class Sweep:
 
     def ready(self, states: Optional[list[CellState]] = None) -> list[PlannedRun]:
         """Runs that can start now, in plan order: a cell's pending grid runs, its pending head-lr trials once
-        the lr is chosen, or its pending seeds once the head lr is chosen too."""
+        the lr is chosen, its pending lr rechecks once a new head lr is chosen (``recheck_lr``), or its pending
+        seeds once both rates are final."""
         out = []
         first = self.plan.seeds[0]
         for state in states if states is not None else self.states():
@@ -106,9 +107,12 @@ class Sweep:
             elif not state.head_chosen:
                 heads = [h for h, o in state.heads.items() if o.status == "pending"]
                 out += [self.composer.run(state.method, state.task, state.chosen, first, h) for h in heads]
+            elif not state.settled:
+                lrs = [lr for lr, o in state.rechecks.items() if o.status == "pending"]
+                out += [self.composer.run(state.method, state.task, lr, first, state.head) for lr in lrs]
             else:
                 seeds = [s for s, o in state.seeds.items() if o.status == "pending"]
-                out += [self.composer.run(state.method, state.task, state.chosen, s, state.head) for s in seeds]
+                out += [self.composer.run(state.method, state.task, state.seed_lr, s, state.head) for s in seeds]
         return out
 
     def finish(self, item: Running, returncode: int) -> str:
@@ -150,16 +154,17 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
     deadline = start + 60 * max_minutes if max_minutes is not None else None
     states = sweep.states()
     total = _planned_runs(plan, states)
-    done = sum(s.grid_done + s.heads_done + max(s.seeds_done - 1, 0) for s in states)
+    done = sum(s.grid_done + s.heads_done + s.rechecks_done + max(s.seeds_done - 1, 0) for s in states)
     grows = f"; a grid may grow by {plan.extend} past a winning end" if plan.extend else ""
     grows += (f"; head lr {', '.join(map(format_lr, plan.head_grid))} tried at each chosen lr" if plan.head_grid
               else "")
+    grows += "; the lr rechecked where the head's changed" if plan.recheck_lr else ""
     out(f"[lrzoo-sweep] {plan.path}: {len(plan.methods)} methods × {len(plan.tasks)} tasks, "
         f"{total} runs planned ({done} finished or diverged{grows})")
     if dry_run:
         for run in sweep.ready(states):
             out(shown_command(run))
-        waiting = [s for s in states if not s.head_chosen]
+        waiting = [s for s in states if not s.settled]
         if waiting:
             heads = " (and head lr)" if any(s.head_trials for s in waiting) else ""
             out(f"# then, for {len(waiting)} cell(s) whose lr{heads} is not chosen yet: seeds "
@@ -218,8 +223,8 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
 
 def _planned_runs(plan: Plan, states: list[CellState]) -> int:
     """Runs the plan needs as far as the cells' states tell: every grid point, grown ones included, the head-lr
-    trials, and the seeds past the first."""
-    return sum(len(s.grid) + len(s.head_trials) + len(plan.seeds) - 1 for s in states)
+    trials, the lr rechecks, and the seeds past the first."""
+    return sum(len(s.grid) + len(s.head_trials) + len(s.rechecks) + len(plan.seeds) - 1 for s in states)
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM (kill) and SIGINT (Ctrl-C) stop the sweep
@@ -259,8 +264,8 @@ def _summary(sweep: Sweep, launched: int, seconds: float, timed_out: bool, out: 
         if state.chosen is not None and state.complete(n_seeds):
             continue
         head = f" head_lr={format_lr(state.head)}" if state.head is not None else ""
-        why = (state.why_not or state.head_why_not or
-               f"{state.seeds_done}/{n_seeds} seeds at lr={format_lr(state.chosen)}{head}")
+        why = (state.why_not or state.head_why_not or state.recheck_why_not or
+               f"{state.seeds_done}/{n_seeds} seeds at lr={format_lr(state.seed_lr)}{head}")
         out(f"  incomplete: {state.method.name} {state.task}: {why}")
     if timed_out and left:
         out(f"[lrzoo-sweep] --max-minutes reached with {left} run(s) ready to start: run the same command to continue")

@@ -66,6 +66,9 @@ class Cell:
         if not s.head_chosen:
             failed = [f"head lr {format_lr(h)} failed" for h, o in s.heads.items() if o.status == "failed"]
             return s.head_why_not + (f" ({', '.join(failed)})" if failed else "")
+        if not s.settled:
+            failed = [f"lr {format_lr(lr)} failed" for lr, o in s.rechecks.items() if o.status == "failed"]
+            return s.recheck_why_not + (f" ({', '.join(failed)})" if failed else "")
         failed = [f"seed {seed} {o.status}" for seed, o in s.seeds.items() if o.status in ("diverged", "failed")]
         return f"{s.seeds_done}/{self.planned_seeds} seeds done" + (f", {', '.join(failed)}" if failed else "")
 
@@ -306,7 +309,7 @@ def _shown_lr(cell: Cell, base_grid: Sequence[float] = ()) -> str:
     # every grid point scored exactly the same: the swept rate probably reaches nothing that trains
     finite = [v for v in s.scores.values() if v is not None and math.isfinite(v)]
     flat = " flat" if len(s.grid) > 1 and len(finite) == len(s.grid) and len(set(finite)) == 1 else ""
-    return f"{chosen}{edge}{flat} ({' / '.join(parts)}){_shown_head(s)}"
+    return f"{chosen}{edge}{flat} ({' / '.join(parts)}){_shown_head(s)}{_shown_recheck(s)}"
 
 
 def _shown_head(s: CellState) -> str:
@@ -326,6 +329,24 @@ def _shown_head(s: CellState) -> str:
     # the fastest head rate tried won (after any growth): a faster one might do better still
     edge = " edge" if s.head is not None and s.head == max([s.preset_rate, *s.heads]) else ""
     return f"; head {chosen}{edge} ({' / '.join(parts)})"
+
+
+def _shown_recheck(s: CellState) -> str:
+    """``; lr at the new head 1e-3 (1.1e-4: 30.1 / 3.3e-4: 59.8 / 1e-3: **77.1**)``: the body's rate tried again at the
+    chosen head rate (plan recheck_lr), the grid's choice among them; empty for a cell without a recheck."""
+    if not s.rechecks or s.head is None:
+        return ""
+    rows = sorted([(s.chosen, s.heads[s.head], s.head_scores.get(s.head)),
+                   *((lr, outcome, s.recheck_scores.get(lr)) for lr, outcome in s.rechecks.items())],
+                  key=lambda row: row[0])
+    final = s.seed_lr if s.settled else None
+    parts = []
+    for lr, outcome, score in rows:
+        text = _score_text(outcome, score)
+        parts.append(f"{format_lr(lr)}: " + (f"**{text}**" if lr == final else text))
+    shown = format_lr(final) if final is not None else "—"
+    edge = " edge" if s.moved is not None and s.moved in (rows[0][0], rows[-1][0]) else ""
+    return f"; lr at the new head {shown}{edge} ({' / '.join(parts)})"
 
 
 def _score_text(outcome: Any, score: Optional[float]) -> str:
@@ -476,7 +497,11 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                   "is kept unless another beats it strictly; a method whose line fixes its head lr has none; a trial that won at the "
                   "end of the rates tried grows them past it, like the lr grid; `edge`: the fastest head rate tried "
                   "won even so, and a faster one might be better still)."
-                  if plan.head_grid else ""))
+                  if plan.head_grid else "")
+               + (" `lr at the new head`: where the head's rate changed, the body's lr the seeds ran at after trying the "
+                  "chosen lr's neighbours again with the new head (held-out ×100, first seed; a neighbour replaces "
+                  "the chosen lr only when strictly better, and grows past a winning end like the grid; `edge`: it "
+                  "won at the end of the rates tried)." if plan.recheck_lr else ""))
     diversity = diversity_table(cells, plan)
     parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), *([lr_note] if tuned else []),
              *([diversity] if diversity else []), cost_table(cells, plan)]
@@ -503,7 +528,7 @@ def csv_rows(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
         verdict = "best" if c.best else c.diff[3] if c.diff else ("missing" if not c.complete else "")
         rows.append({"model": c.model or "", "method": method, "task": task, "metric": c.metric or "",
                      "status": "complete" if c.complete else f"missing: {c.missing()}",
-                     "chosen_lr": c.state.chosen if c.state.chosen is not None else "",
+                     "chosen_lr": c.state.seed_lr if c.state.seed_lr is not None else "",
                      "chosen_head_lr": ("" if not c.state.head_chosen else c.state.head_lr if c.state.head_lr is not None
                                         else "lr"),
                      "n_seeds": c.state.seeds_done, "planned_seeds": c.planned_seeds, "mean": number(c.mean),
