@@ -136,8 +136,10 @@ def test_acc_and_acc_norm():
     assert loglik.choose([-3.0, -3.0, -6.0], [1, 1, 2]) == (0, 0)  # ties: the first option
     assert loglik.choose([-4.0, -1.0, -2.0], [8, 1, 1]) == (1, 0)
     assert loglik.choose([-4.0, -1.0], [4, 1]) == (1, 0)  # -1 per character each: the first for acc_norm
-    assert loglik.metrics([0, 1, 1, 2], [1, 1, 0, 2], [0, 1, 0, 1]) == {"accuracy": 0.5, "acc_norm": 0.5}
-    assert loglik.metrics([0, 0], [1, 1], [1, 1]) == {"accuracy": 0.0, "acc_norm": 1.0}
+    assert loglik.metrics([0, 1, 1, 2], [1, 1, 0, 2], [0, 1, 0, 1]) == {"accuracy": 0.5, "acc_norm": 0.5,
+                                                                        "modal_share": 0.5}
+    assert loglik.metrics([0, 0], [1, 1], [1, 1]) == {"accuracy": 0.0, "acc_norm": 1.0, "modal_share": 1.0}
+    assert loglik.metrics([2, 0, 2, 2, 1], [0] * 5, [0] * 5)["modal_share"] == 0.6   # option 2 on 3 of 5 items
 
 
 def test_packing_keeps_items_whole():
@@ -219,7 +221,7 @@ def test_recipe_with_loglik_writes_accuracy_acc_norm_and_predictions(tmp_path, c
     results = run_recipe(cfg, run_dir_of(cfg))
     run_dir = Path(run_dir_of(cfg))
     saved = json.loads((run_dir / "results.json").read_text())
-    assert saved["steps"] == 2 and set(saved["metrics"]) == {"accuracy", "acc_norm", "score"}
+    assert saved["steps"] == 2 and set(saved["metrics"]) == {"accuracy", "acc_norm", "modal_share", "score"}
     assert saved["score"] == saved["metrics"]["accuracy"] == results["score"]
     assert saved["config"]["eval"] == {"mode": "loglik", **({"choices": "text"} if choices == "text" else {})}
 
