@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 from conftest import SHARED_DATA
 from lrzoo.cli.train import config_hash, hashed_config, run_hash, run_recipe
 from lrzoo.tasks import get_task
-from lrzoo.tasks.commonsense import SPECS, CommonsenseTask
+from lrzoo.tasks.commonsense import (SPECS, CommonsenseTask, choice_labels, choice_question, choice_texts,
+                                     question_row)
+from lrzoo.tasks.prompts import alpaca_prompt
 from lrzoo.train import loglik
 from lrzoo.train.config import EvalConfig
 from lrzoo.train.evaluation import EvaluationMixin
@@ -176,6 +178,53 @@ def test_labels_and_texts_of_the_shared_test_sets(key):
     assert context == row["prompt"] + "the correct answer is" and index == gold
     assert len(continuations) == len(labels) and continuations[0] == " " + first_text
     assert all(c.startswith(" ") and c.strip() and "Answer format" not in c for c in continuations)
+    # lm-eval's plain shape: the bare question, the same option texts
+    question, same, index = task.choice_request(row, "question")
+    assert same == continuations and index == gold
+    assert question.startswith("Question: ") and question.endswith("\nAnswer:") and question.count("\n") == 1
+    assert not any(word in question for word in ("Please", "Answer format", "Answer1:", "Solution1:", "Option1:",
+                                                 "### Response"))
+    trained = question_row(row)
+    assert trained["prompt"] == question and trained["target"] == continuations[gold] and trained["answer"] == row["answer"]
+
+
+def test_question_format_reads_each_template():
+    cases = {  # instruction -> (question, option texts)
+        "Please answer the following question with true or false, question: is it wet?\n\nAnswer format: true/false":
+            ("is it wet?", ["true", "false"]),
+        "Please choose the correct answer to fill in the blank to complete the given sentence: A saw B so _ ran."
+        "\n\nOption1: A Option2: B Answer format: option1/option2": ("A saw B so _ ran.", ["A", "B"]),
+        "Please choose the correct solution to the question: How to boil: water?\n\nSolution1: heat it\n\n"
+        "Solution2: cool it\n\nAnswer format: solution1/solution2": ("How to boil: water?", ["heat it", "cool it"]),
+    }
+    for instruction, (question, texts) in cases.items():
+        prompt = alpaca_prompt(instruction, "", "\n")
+        labels = choice_labels(prompt)
+        assert choice_question(prompt) == question and choice_texts(prompt, labels) == texts
+        row = {"prompt": prompt, "target": f"the correct answer is {labels[1]}", "answer": labels[1]}
+        assert question_row(row) == {**row, "prompt": f"Question: {question}\nAnswer:", "target": " " + texts[1]}
+    with pytest.raises(ValueError, match="its question is unknown"):
+        choice_question(alpaca_prompt("What is 2+2?\n\nAnswer format: a/b", "", "\n"))
+
+
+def test_question_training_format_is_checked_against_the_evaluation():
+    from lrzoo.cli.train import formatted_train_rows
+
+    task, rows = get_task("commonsense/arc_e"), _rows()
+    scored = EvalConfig(mode="loglik", choices="question")
+    assert formatted_train_rows(task, rows, None, EvalConfig()) is rows
+    formatted = formatted_train_rows(task, rows, "question", scored)
+    assert [r["prompt"] for r in formatted] == [task.choice_request(r, "question")[0] for r in rows]
+    assert [r["target"] for r in formatted] == [task.choice_request(r, "question")[1][task.choice_request(r)[2]]
+                                                for r in rows]
+    with pytest.raises(ValueError, match="set eval.mode=loglik eval.choices=question"):
+        formatted_train_rows(task, rows, "question", EvalConfig(mode="loglik", choices="label"))
+    with pytest.raises(ValueError, match="set eval.mode=loglik eval.choices=question"):
+        formatted_train_rows(task, rows, "question", EvalConfig())
+    with pytest.raises(ValueError, match="must be null .* or 'question'"):
+        formatted_train_rows(task, rows, "lm_eval", scored)
+    with pytest.raises(ValueError, match="glue/sst2 has none"):
+        formatted_train_rows(get_task("glue/sst2"), [], "question", scored)
 
 
 def test_bad_items_are_refused():
@@ -215,15 +264,17 @@ def _overrides(tmp_path: Path, *extra: str) -> list[str]:
             "trainer.eval_batch_size=6", *extra]
 
 
-@pytest.mark.parametrize("choices", ["label", "text"])
+@pytest.mark.parametrize("choices", ["label", "text", "question"])
 def test_recipe_with_loglik_writes_accuracy_acc_norm_and_predictions(tmp_path, choices):
-    cfg = compose(_overrides(tmp_path, "eval.mode=loglik", f"eval.choices={choices}"))
+    trained_as = ("+task.format=question",) if choices == "question" else ()
+    cfg = compose(_overrides(tmp_path, "eval.mode=loglik", f"eval.choices={choices}", *trained_as))
     results = run_recipe(cfg, run_dir_of(cfg))
     run_dir = Path(run_dir_of(cfg))
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["steps"] == 2 and set(saved["metrics"]) == {"accuracy", "acc_norm", "modal_share", "score"}
     assert saved["score"] == saved["metrics"]["accuracy"] == results["score"]
-    assert saved["config"]["eval"] == {"mode": "loglik", **({"choices": "text"} if choices == "text" else {})}
+    assert saved["config"]["eval"] == {"mode": "loglik", **({"choices": choices} if choices != "label" else {})}
+    assert saved["config"]["task"].get("format") == ("question" if trained_as else None)
 
     record = json.loads((run_dir / "predictions.json").read_text())["sets"]["commonsense/arc_e"]
     assert record["task"] == "commonsense/arc_e" and record["kind"] == "loglik"

@@ -191,6 +191,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
                              plain.get("train_limit") if heldout_size is None else None)
     train_rows, heldout_rows = split_heldout(train_rows, heldout_size, task.name, config.batch_size,
                                              plain.get("train_limit"), task_cfg.get("train_tasks"))
+    train_rows = formatted_train_rows(task, train_rows, task_cfg.get("format"), evaluation)
     eval_sets = {}
     for name in task_cfg.get("eval_tasks") or getattr(task, "eval_tasks", (task.name,)):
         eval_task = task if name == task.name else get_task(name)
@@ -282,6 +283,27 @@ def split_heldout(rows: Any, size: Any, task_name: str, batch_size: int, train_l
         return rows.select(indices) if hasattr(rows, "select") else [rows[i] for i in indices]
 
     return pick(kept), pick(held)
+
+
+def formatted_train_rows(task: Any, rows: Any, fmt: Optional[str], evaluation: Any) -> Any:
+    """The training rows in ``task.format`` (absent/null: the task's own, e.g. LLM-Adapters' instruction).
+    ``question``: multiple-choice rows as lm-eval's plain ``Question: <q>\nAnswer:`` + " <gold option text>"
+    (:func:`lrzoo.tasks.commonsense.question_row`), scored the same way by ``eval.choices=question``; any other
+    evaluation would score a format the model was not trained on, so it is refused."""
+    if fmt is None:
+        return rows
+    if fmt != "question":
+        raise ValueError(f"task.format={fmt!r}: must be null (the task's own prompt) or 'question' (multiple-choice "
+                         "rows as 'Question: <q>\\nAnswer: <option text>').")
+    if not getattr(task, "multiple_choice", False):
+        raise ValueError(f"task.format=question rewrites multiple-choice rows (commonsense/*); {task.name} has none.")
+    if (evaluation.mode, evaluation.choices) != ("loglik", "question"):
+        raise ValueError(f"task.format=question trains on 'Question: <q>\\nAnswer: <option text>', but "
+                         f"eval.mode={evaluation.mode} eval.choices={evaluation.choices} scores another format; set "
+                         "eval.mode=loglik eval.choices=question.")
+    from lrzoo.tasks.commonsense import question_row
+
+    return [question_row(row) for row in rows]
 
 
 def _train_rows(task: Any, train_tasks: Optional[list[str]], data_dir: Optional[str], limit: Optional[int]) -> Any:

@@ -96,6 +96,38 @@ def choice_texts(prompt: str, labels: list[str]) -> list[str]:
     return [prompt[bounds[k]:marks[k + 1].start() if k + 1 < len(marks) else end].strip() for k in range(len(marks))]
 
 
+#: the instruction's lead-in before the question ("Please choose the correct answer to the question: ")
+LEAD_IN = re.compile(r"Please [^:\n]*?: ")
+
+
+def choice_question(prompt: str) -> str:
+    """The bare question of an LLM-Adapters instruction in ``prompt``: after its "Please ...: " lead-in, before
+    the first option ("Answer1:", ...) or the "Answer format:" line (BoolQ lists no options)."""
+    lead = LEAD_IN.search(prompt)
+    end = prompt.rfind("Answer format:")
+    if lead is None or end < lead.end():
+        raise ValueError(f"no 'Please ...: <question>' before 'Answer format:' in the prompt {prompt[-160:]!r}: "
+                         "not an LLM-Adapters commonsense item, its question is unknown.")
+    option = OPTION_MARK.search(prompt, lead.end(), end)
+    return prompt[lead.end():option.start() if option else end].strip()
+
+
+def question_context(prompt: str) -> str:
+    """lm-evaluation-harness's plain multiple-choice context ``Question: <q>\nAnswer:`` (its ARC/OBQA/PIQA shape),
+    for ``eval.choices=question`` and ``task.format=question``."""
+    return f"Question: {choice_question(prompt)}\nAnswer:"
+
+
+def question_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A training row in the ``question`` format (``task.format=question``): context ``Question: <q>\nAnswer:``,
+    target " <the gold option's text>", so training and ``eval.choices=question`` scoring see the same text."""
+    labels = choice_labels(row["prompt"])
+    if row["answer"] not in labels:
+        raise ValueError(f"the gold answer {row['answer']!r} is not among the labels {labels} of the row's answer format.")
+    text = choice_texts(row["prompt"], labels)[labels.index(row["answer"])]
+    return {**row, "prompt": question_context(row["prompt"]), "target": " " + text}
+
+
 UNION = CommonsenseSpec("all", "", tuple(dict.fromkeys(c for s in SPECS.values() for c in s.choices)),
                         "|".join(dict.fromkeys(p for s in SPECS.values() for p in s.pattern.split("|"))))
 
@@ -173,6 +205,9 @@ class CommonsenseTask(Task):
         the context is the prompt and option i the target with the gold answer replaced by label i ("the
         correct answer is answer1", ...). ``choices="text"``: the context is the prompt plus the target up to
         the answer ("...### Response:\nthe correct answer is"), option i is " " + its text in the instruction.
+        ``choices="question"``: lm-eval's plain shape, the context ``Question: <q>\nAnswer:`` without the
+        instruction, the template or the listed options, option i " " + its text (:func:`question_row` trains
+        on the same shape).
         """
         labels = choice_labels(row["prompt"])
         answer, target = row["answer"], row["target"]
@@ -184,8 +219,11 @@ class CommonsenseTask(Task):
             raise ValueError(f"{self.name}: the target {target!r} does not contain the gold answer {answer!r}.")
         if choices == "label":
             return row["prompt"], [head + label + tail for label in labels], labels.index(answer)
+        if choices == "question":
+            return question_context(row["prompt"]), [" " + text for text in choice_texts(row["prompt"], labels)], \
+                labels.index(answer)
         if choices != "text":
-            raise ValueError(f"choices={choices!r}: must be 'label' or 'text'.")
+            raise ValueError(f"choices={choices!r}: must be 'label', 'text' or 'question'.")
         return row["prompt"] + head.rstrip(), [" " + text for text in choice_texts(row["prompt"], labels)], \
             labels.index(answer)
 

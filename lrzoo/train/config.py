@@ -78,8 +78,10 @@ HELDOUT_PREFIX = "heldout/"
 #: :mod:`lrzoo.train.loglik`).
 EVAL_MODES = ("generate", "loglik")
 #: ``eval.choices`` (loglik only): ``label`` scores "the correct answer is answer<i>" for every label,
-#: ``text`` scores " <option text>" after "the correct answer is".
-EVAL_CHOICES = ("label", "text")
+#: ``text`` scores " <option text>" after "the correct answer is", ``question`` scores " <option text>" after
+#: lm-eval's plain ``Question: <q>\nAnswer:`` (no instruction, no listed options; ``task.format=question`` trains
+#: on that shape).
+EVAL_CHOICES = ("label", "text", "question")
 
 
 @dataclass
