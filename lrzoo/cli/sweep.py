@@ -165,7 +165,7 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
         for run in sweep.ready(states):
             out(shown_command(run))
         waiting = [s for s in states if not s.settled]
-        if waiting:
+        if waiting and len(plan.seeds) > 1:   # a one-seed plan has nothing to run after the choice
             heads = " (and head lr)" if any(s.head_trials for s in waiting) else ""
             out(f"# then, for {len(waiting)} cell(s) whose lr{heads} is not chosen yet: seeds "
                 f"{','.join(map(str, plan.seeds[1:]))} at the chosen lr{heads}")
