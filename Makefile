@@ -13,7 +13,7 @@ BENCH_ARGS ?= --quick
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench docs clean results-glue results-glue-tuned results-cs-loglik results-docs gpu-check
+.PHONY: install test demo bench docs clean results-glue results-glue-tuned results-cs-loglik results-cs-question results-docs gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,8 +63,15 @@ results-cs-loglik: install
 	  OMP_NUM_THREADS=1 $(VENV)/bin/lrzoo-train experiment=cs_loglik adapter=zero_shot eval.choices=text > /dev/null || status=1; \
 	  $(VENV)/bin/lrzoo-report runs/cs-loglik --plan recipes/sweeps/cs_loglik.yaml; exit $$status
 
+# docs/results.md's commonsense table: every method of recipes/sweeps/cs_question.yaml on SmolLM2-135M (160 steps
+# in lm-eval's "Question: ... Answer: ..." shape, 500 items x 7 test sets by log-likelihood, the zero-shot base
+# first; ~15 minutes a run on one core). Resumable like results-glue-tuned.
+results-cs-question: install
+	$(VENV)/bin/lrzoo-sweep recipes/sweeps/cs_question.yaml --jobs 2 $(SWEEP_ARGS); status=$$?; \
+	  $(VENV)/bin/lrzoo-report runs/cs-question --plan recipes/sweeps/cs_question.yaml; exit $$status
+
 # Rewrite docs/ from the tuned sweeps' runs (lrzoo/cli/results_docs.py): docs/results.md between its
-# <!-- tuned-glue/cs-loglik:begin/end --> markers, the plots, and each method page's generated "Measured" bullets.
+# <!-- tuned-glue/cs-question:begin/end --> markers, the plots, and each method page's generated "Measured" bullets.
 # The prose around them is not touched; a sweep with no runs/ directory leaves its blocks as they are.
 results-docs: install
 	OMP_NUM_THREADS=1 $(PY) -m lrzoo.cli.results_docs
