@@ -47,7 +47,7 @@ results-glue: install
 
 # The tuned GLUE comparison (docs/recipes.md#tuned-comparisons-lrzoo-sweep): every method of glue_cpu.txt x 4 GLUE
 # tasks, a 3-point lr grid at seed 0 chosen on 400 held-out training rows, then the head's lr, then seeds 1 and 2
-# (recipes/sweeps/glue_tuned.yaml, ~600 runs), two at a time with one thread each, method by method. Stop it at any
+# (recipes/sweeps/glue_tuned.yaml, ~700 runs), two at a time with one thread each, method by method. Stop it at any
 # point and run it again to continue; the report (runs/glue-tuned/results.md) marks the cells still missing.
 # SWEEP_ARGS: e.g. --max-minutes 240, --only lora,dora, --tasks glue/mrpc, --dry-run.
 SWEEP_ARGS ?=
