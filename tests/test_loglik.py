@@ -16,8 +16,7 @@ from omegaconf import OmegaConf
 from conftest import SHARED_DATA
 from lrzoo.cli.train import config_hash, hashed_config, run_hash, run_recipe
 from lrzoo.tasks import get_task
-from lrzoo.tasks.commonsense import (SPECS, CommonsenseTask, choice_labels, choice_question, choice_texts,
-                                     question_row)
+from lrzoo.tasks.commonsense import SPECS, CommonsenseTask, choice_labels, choice_question, choice_texts
 from lrzoo.tasks.prompts import alpaca_prompt
 from lrzoo.train import loglik
 from lrzoo.train.config import EvalConfig
@@ -184,7 +183,7 @@ def test_labels_and_texts_of_the_shared_test_sets(key):
     assert question.startswith("Question: ") and question.endswith("\nAnswer:") and question.count("\n") == 1
     assert not any(word in question for word in ("Please", "Answer format", "Answer1:", "Solution1:", "Option1:",
                                                  "### Response"))
-    trained = question_row(row)
+    trained = task.question_row(row)
     assert trained["prompt"] == question and trained["target"] == continuations[gold] and trained["answer"] == row["answer"]
 
 
@@ -202,7 +201,8 @@ def test_question_format_reads_each_template():
         labels = choice_labels(prompt)
         assert choice_question(prompt) == question and choice_texts(prompt, labels) == texts
         row = {"prompt": prompt, "target": f"the correct answer is {labels[1]}", "answer": labels[1]}
-        assert question_row(row) == {**row, "prompt": f"Question: {question}\nAnswer:", "target": " " + texts[1]}
+        trained = get_task("commonsense/all").question_row(row)
+        assert trained == {**row, "prompt": f"Question: {question}\nAnswer:", "target": " " + texts[1]}
     with pytest.raises(ValueError, match="its question is unknown"):
         choice_question(alpaca_prompt("What is 2+2?\n\nAnswer format: a/b", "", "\n"))
 

@@ -288,7 +288,7 @@ def split_heldout(rows: Any, size: Any, task_name: str, batch_size: int, train_l
 def formatted_train_rows(task: Any, rows: Any, fmt: Optional[str], evaluation: Any) -> Any:
     """The training rows in ``task.format`` (absent/null: the task's own, e.g. LLM-Adapters' instruction).
     ``question``: multiple-choice rows as lm-eval's plain ``Question: <q>\nAnswer:`` + " <gold option text>"
-    (:func:`lrzoo.tasks.commonsense.question_row`), scored the same way by ``eval.choices=question``; any other
+    (:meth:`lrzoo.tasks.commonsense.CommonsenseTask.question_row`), scored the same way by ``eval.choices=question``; any other
     evaluation would score a format the model was not trained on, so it is refused."""
     if fmt is None:
         return rows
@@ -301,9 +301,7 @@ def formatted_train_rows(task: Any, rows: Any, fmt: Optional[str], evaluation: A
         raise ValueError(f"task.format=question trains on 'Question: <q>\\nAnswer: <option text>', but "
                          f"eval.mode={evaluation.mode} eval.choices={evaluation.choices} scores another format; set "
                          "eval.mode=loglik eval.choices=question.")
-    from lrzoo.tasks.commonsense import question_row
-
-    return [question_row(row) for row in rows]
+    return [task.question_row(row) for row in rows]
 
 
 def _train_rows(task: Any, train_tasks: Optional[list[str]], data_dir: Optional[str], limit: Optional[int]) -> Any:

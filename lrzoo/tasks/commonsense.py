@@ -118,16 +118,6 @@ def question_context(prompt: str) -> str:
     return f"Question: {choice_question(prompt)}\nAnswer:"
 
 
-def question_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A training row in the ``question`` format (``task.format=question``): context ``Question: <q>\nAnswer:``,
-    target " <the gold option's text>", so training and ``eval.choices=question`` scoring see the same text."""
-    labels = choice_labels(row["prompt"])
-    if row["answer"] not in labels:
-        raise ValueError(f"the gold answer {row['answer']!r} is not among the labels {labels} of the row's answer format.")
-    text = choice_texts(row["prompt"], labels)[labels.index(row["answer"])]
-    return {**row, "prompt": question_context(row["prompt"]), "target": " " + text}
-
-
 UNION = CommonsenseSpec("all", "", tuple(dict.fromkeys(c for s in SPECS.values() for c in s.choices)),
                         "|".join(dict.fromkeys(p for s in SPECS.values() for p in s.pattern.split("|"))))
 
@@ -206,7 +196,7 @@ class CommonsenseTask(Task):
         correct answer is answer1", ...). ``choices="text"``: the context is the prompt plus the target up to
         the answer ("...### Response:\nthe correct answer is"), option i is " " + its text in the instruction.
         ``choices="question"``: lm-eval's plain shape, the context ``Question: <q>\nAnswer:`` without the
-        instruction, the template or the listed options, option i " " + its text (:func:`question_row` trains
+        instruction, the template or the listed options, option i " " + its text (:meth:`question_row` trains
         on the same shape).
         """
         labels = choice_labels(row["prompt"])
@@ -226,6 +216,13 @@ class CommonsenseTask(Task):
             raise ValueError(f"choices={choices!r}: must be 'label', 'text' or 'question'.")
         return row["prompt"] + head.rstrip(), [" " + text for text in choice_texts(row["prompt"], labels)], \
             labels.index(answer)
+
+    def question_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` for training in the ``question`` format (``task.format=question``): the context and the gold
+        option of :meth:`choice_request` ``(row, "question")`` as prompt and target, so training and
+        ``eval.choices=question`` scoring see the same text."""
+        context, options, gold = self.choice_request(row, "question")
+        return {**row, "prompt": context, "target": options[gold]}
 
 
 class CommonsenseUnion(CommonsenseTask):
