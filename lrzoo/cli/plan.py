@@ -497,19 +497,10 @@ def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup
     state.head_trials = tuple(h for h in state.head_trials if h != state.preset_rate)
     state.heads = {head: lookup(composer.run(method, task, state.chosen, plan.seeds[0], head))
                    for head in state.head_trials}
-    resolved, state.head, why, state.head_scores = choose_head(task, grid[state.chosen], state.heads)
-    # A trial that beats the preset at the end of the rates tried grows them past it, like the lr grid (the
-    # preset winning grows nothing: it is the default the trials question, not a point of a grid)
-    for _ in range(plan.extend):
-        if not resolved or state.head is None:
-            break
-        tried = {state.preset_rate: state.scores[state.chosen], **state.head_scores}
-        extra = beyond_edge(sorted(tried), tried, state.head, plan.factor)
-        if extra is None or extra in tried:
-            break
-        state.heads[extra] = lookup(composer.run(method, task, state.chosen, plan.seeds[0], extra))
-        state.head_trials += (extra,)
-        resolved, state.head, why, state.head_scores = choose_head(task, grid[state.chosen], state.heads)
+    resolved, state.head, why, state.head_scores = _challenge(
+        plan, task, state.preset_rate, grid[state.chosen], state.heads, "head lr trials",
+        lambda head: lookup(composer.run(method, task, state.chosen, plan.seeds[0], head)))
+    state.head_trials = tuple(state.heads)   # with the rates grown past a winning trial
     state.head_why_not = "" if resolved else why
     if resolved and plan.recheck_lr and state.head is not None:
         resolved = _recheck_lr(plan, composer, state, lookup)
@@ -531,20 +522,31 @@ def _recheck_lr(plan: Plan, composer: Composer, state: CellState, lookup: Any) -
     below = lrs[i - 1] if i > 0 else Plan.rounded(state.chosen / plan.factor)
     above = lrs[i + 1] if i + 1 < len(lrs) else Plan.rounded(state.chosen * plan.factor)
     state.rechecks = {lr: lookup(composer.run(method, task, lr, first, head)) for lr in (below, above)}
-    incumbent = state.heads[head]
-    resolved, state.moved, why, state.recheck_scores = choose_head(task, incumbent, state.rechecks, "lr rechecks")
-    for _ in range(plan.extend):
-        if not resolved or state.moved is None:
-            break
-        tried = {state.chosen: state.head_scores[head], **state.recheck_scores}
-        extra = beyond_edge(sorted(tried), tried, state.moved, plan.factor)
-        if extra is None or extra in tried:
-            break
-        state.rechecks[extra] = lookup(composer.run(method, task, extra, first, head))
-        state.rechecks = dict(sorted(state.rechecks.items()))
-        resolved, state.moved, why, state.recheck_scores = choose_head(task, incumbent, state.rechecks, "lr rechecks")
+    resolved, state.moved, why, state.recheck_scores = _challenge(
+        plan, task, state.chosen, state.heads[head], state.rechecks, "lr rechecks",
+        lambda lr: lookup(composer.run(method, task, lr, first, head)))
+    state.rechecks = dict(sorted(state.rechecks.items()))
     state.recheck_why_not = "" if resolved else why
     return resolved
+
+
+def _challenge(plan: Plan, task: str, incumbent_rate: float, incumbent: Outcome, trials: dict[float, Outcome],
+               what: str, run_at: Any) -> tuple[bool, Optional[float], str, dict[float, float]]:
+    """Rates ``trials`` (first-seed runs, filled in place) challenging ``incumbent`` (the run at
+    ``incumbent_rate``) by :func:`choose_head`'s rule. A challenger that wins at the end of the rates tried grows
+    them past it (``run_at(rate)`` gives the new run), up to ``plan.extend`` times, like the lr grid; the
+    incumbent winning grows nothing: it is the default the trials question, not a point of a grid."""
+    resolved, winner, why, scores = choose_head(task, incumbent, trials, what)
+    for _ in range(plan.extend):
+        if not resolved or winner is None:
+            break
+        tried = {incumbent_rate: selection_score(incumbent.result or {}, task)[1], **scores}
+        extra = beyond_edge(sorted(tried), tried, winner, plan.factor)
+        if extra is None or extra in tried:
+            break
+        trials[extra] = run_at(extra)
+        resolved, winner, why, scores = choose_head(task, incumbent, trials, what)
+    return resolved, winner, why, scores
 
 
 def read_json(path: Path) -> Optional[dict[str, Any]]:
