@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..tasks.metrics import modal_share
 from ..train.config import HELDOUT_PREFIX
 from . import intervals
 from .plan import CellState, Composer, Plan, RunIndex, cell_state, format_lr, read_json
@@ -100,11 +100,6 @@ def _comparable(entry: dict[str, Any], task: str) -> tuple[list, list, str]:
 
 #: predictions.json kinds whose answers are labels or options (not numbers, not free text)
 DISCRETE_KINDS = ("classification", "loglik")
-
-
-def modal_share(answers: list) -> float:
-    """The share of the most frequent answer: 1.0 for a model that always gives the same one."""
-    return Counter(answers).most_common(1)[0][1] / len(answers)
 
 
 def dev_score(result: dict[str, Any], task: str) -> Optional[float]:

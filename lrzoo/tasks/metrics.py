@@ -11,6 +11,7 @@ rather than scipy's generic warning.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import math
@@ -19,6 +20,12 @@ import warnings
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
+
+
+def modal_share(answers: Sequence) -> float:
+    """The share of the most frequent answer (non-empty ``answers``): 1.0 for a model that always gives the
+    same one, whatever its accuracy (the report's answer-diversity table, loglik's ``modal_share``)."""
+    return Counter(answers).most_common(1)[0][1] / len(answers)
 
 
 def check_lengths(predictions: Sequence, references: Sequence) -> None:

@@ -17,12 +17,13 @@ the plain path's scores up to float rounding.
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+
+from ..tasks.metrics import modal_share
 
 #: ``modal_share``: the share of items given the most frequent option (by acc's choice), near 1 for a model that
 #: answers by the label prior, whatever its accuracy; logged at every evaluation, so a budget curve shows when a
@@ -84,7 +85,7 @@ def metrics(chosen: Sequence[int], chosen_norm: Sequence[int], gold: Sequence[in
     n = max(len(gold), 1)
     return {"accuracy": sum(c == g for c, g in zip(chosen, gold)) / n,
             "acc_norm": sum(c == g for c, g in zip(chosen_norm, gold)) / n,
-            "modal_share": max(Counter(chosen).values(), default=0) / n}
+            "modal_share": modal_share(chosen) if chosen else 0.0}
 
 
 def score_items(model: nn.Module, items: Sequence[dict], *, pad_id: int, device: Any,
