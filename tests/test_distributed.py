@@ -60,3 +60,35 @@ def test_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path, la
         # Same rows per step; only the order of the float reduction differs.
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5, msg=name)
     assert distributed["metrics"] == pytest.approx(single["metrics"])
+
+
+_CLI_IN_A_PROCESS_GROUP = """
+import sys, tempfile
+import torch.distributed as dist
+from lrzoo.cli.train import main
+
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+sys.argv = ["lrzoo-train", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as stop:
+    print("exit", stop.code)
+print("process group left behind:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("outcome", ["finished", "refused"])
+def test_the_cli_destroys_the_process_group_before_exit(tmp_path, outcome):
+    """A rank that leaves gloo's group to interpreter shutdown can abort (SIGABRT, "terminate called without
+    an active exception") after a run that succeeded; the CLI tears the group down itself, also when the
+    run fails."""
+    data = write_sst2(tmp_path / "data")
+    overrides = tiny_run_overrides(data, tmp_path / "out", "trainer.max_steps=1")
+    if outcome == "refused":
+        overrides.append("adapter.r=100000")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _CLI_IN_A_PROCESS_GROUP, *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert ("exit 1" in done.stdout) == (outcome == "refused"), done.stdout + done.stderr[-2000:]
+    assert "process group left behind: False" in done.stdout, done.stdout + done.stderr[-2000:]

@@ -364,7 +364,20 @@ def main() -> None:
         # One run directory for all ranks (hydra#2070): only rank 0 writes .hydra/ and the log.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     app = hydra.main(config_path=str(config_dir("recipes")), config_name="config", version_base="1.3")(_hydra_task)
-    app()
+    try:
+        app()
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group (if torchrun/accelerate made one) while the interpreter is whole. Left to
+    interpreter shutdown, gloo's worker threads can die holding Python tensors and the rank aborts with
+    "terminate called without an active exception" (SIGABRT) after a run that succeeded (pytorch#190489)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
