@@ -537,10 +537,11 @@ def _challenge(plan: Plan, task: str, incumbent_rate: float, incumbent: Outcome,
     them past it (``run_at(rate)`` gives the new run), up to ``plan.extend`` times, like the lr grid; the
     incumbent winning grows nothing: it is the default the trials question, not a point of a grid."""
     resolved, winner, why, scores = choose_head(task, incumbent, trials, what)
+    incumbent_score = selection_score(incumbent.result or {}, task)[1]
     for _ in range(plan.extend):
         if not resolved or winner is None:
             break
-        tried = {incumbent_rate: selection_score(incumbent.result or {}, task)[1], **scores}
+        tried = {incumbent_rate: incumbent_score, **scores}
         extra = beyond_edge(sorted(tried), tried, winner, plan.factor)
         if extra is None or extra in tried:
             break
