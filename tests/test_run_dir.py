@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import REPO
 from lrzoo.cli.train import run_recipe
 from lrzoo.train.resume import CheckpointFallbackWarning, UnreadableCheckpoint
-from lrzoo.train.run_dir import LOCK_NAME, RunDirInUse, RunLock, remove_leftovers
+from lrzoo.train.run_dir import LOCK_NAME, RunDirInUse, RunLock, live_holder, remove_leftovers
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -127,6 +128,25 @@ def test_lock_refuses_while_held_and_takes_over_a_dead_pid(tmp_path, capfd):
         assert f"pid={os.getpid()}" in (tmp_path / "run" / LOCK_NAME).read_text()
     err = capfd.readouterr().err
     assert f"left by process {dead} (no longer running" in err and "taking over" in err
+
+
+def test_live_holder_names_a_live_holder_only_and_a_look_never_refuses_a_run(tmp_path):
+    import fcntl
+
+    run_dir = str(tmp_path / "run")
+    assert live_holder(run_dir) is None                     # no lock file yet
+    with RunLock(run_dir):
+        assert live_holder(run_dir)["pid"] == str(os.getpid())
+    assert live_holder(run_dir) is None                     # released
+    (tmp_path / "run" / LOCK_NAME).write_text(f"pid={os.getpid()}\nhost=x\n")
+    assert live_holder(run_dir) is None                     # a stale record (kill -9, or a reused PID) is free
+
+    # A look holds the lock shared for an instant; a run starting just then waits it out instead of being refused.
+    look = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDONLY)
+    fcntl.flock(look, fcntl.LOCK_SH)
+    threading.Timer(0.1, lambda: (fcntl.flock(look, fcntl.LOCK_UN), os.close(look))).start()
+    with RunLock(run_dir):
+        pass
 
 
 def test_only_rank_0_takes_the_lock(tmp_path, monkeypatch):

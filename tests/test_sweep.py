@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from lrzoo.cli.plan import (STATUS_FILE, Composer, Outcome, PlanError, RunIndex, beyond_edge, cell_state, choose_head,
-                            choose_lr, format_lr, load_plan, plan_key)
+                            choose_lr, format_lr, load_plan, outcome_in_dir, plan_key)
 from lrzoo.cli.sweep import Sweep, run_plan
 from lrzoo.cli.train import config_hash, run_recipe, split_heldout
 from lrzoo.train.config import HELDOUT_PREFIX
@@ -558,6 +558,76 @@ def test_an_interrupted_sweep_stops_its_runs_and_continues_when_run_again(tmp_pa
     fake = FakeRuns()
     assert run_plan(plan, jobs=2, launch=fake) == 0
     assert sorted(r.lr for r in fake.launched) == [3.3e-4, 1e-3, 3e-3]
+
+
+# A run started by another process (another sweep's lane, or by hand): holds the run directory as lrzoo-train
+# does, says so, finishes after a while and writes the results.
+HOLDER = """
+import json, pathlib, sys, time
+from lrzoo.train.run_dir import RunLock
+run_dir, result, hold_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with RunLock(run_dir):
+    print("holding", flush=True)
+    time.sleep(hold_s)
+    pathlib.Path(run_dir, "results.json").write_text(result)
+"""
+
+
+def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path, monkeypatch):
+    import lrzoo.cli.sweep
+
+    monkeypatch.setattr(lrzoo.cli.sweep, "HELD_POLL_S", 0.2)
+    plan = _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), seeds=(0, 1))
+    composer = Composer(plan)
+    taken = composer.run(plan.methods[0], "glue/sst2", 1e-3, 0)   # the grid's best point (FakeRuns' score)
+    result = {"config_hash": taken.config_hash, "config": taken.config, "seed": 0, "adapter": "lora",
+              "selection_score": 1.0, "score": 0.5}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(taken.run_dir), json.dumps(result), "3"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert cell_state(plan, composer, plan.methods[0], "glue/sst2", outcome_in_dir).grid[1e-3].status == "running"
+        lines, fake = [], FakeRuns()
+        assert run_plan(plan, jobs=2, composer=composer, launch=fake, out=lines.append) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    # never started twice: the other grid points ran here, the held one was waited for and its score (the best)
+    # chose the lr of the seed run that followed
+    assert [(r.lr, r.seed) for r in fake.launched[:2]] == [(3.3e-4, 0), (3e-3, 0)]
+    assert [(r.lr, r.seed) for r in fake.launched[2:]] == [(1e-3, 1)]
+    text = "\n".join(lines)
+    assert f"held by another process, left to it: {taken.run_dir} (process {holder.pid})" in text
+    assert not (taken.run_dir / STATUS_FILE).exists()
+
+
+def test_a_run_taken_between_look_and_launch_is_not_a_failure(tmp_path):
+    plan = _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), seeds=(0,))
+    composer = Composer(plan)
+    taken = composer.run(plan.methods[0], "glue/sst2", 3.3e-4, 0)
+    holder = None
+
+    def launch(run, log):  # the other sweep wins the race for the first run: ours is refused (RunDirInUse)
+        nonlocal holder
+        if run.run_dir == taken.run_dir and holder is None:
+            result = {"config_hash": run.config_hash, "config": run.config, "seed": 0, "selection_score": 0.0}
+            holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run.run_dir), json.dumps(result), "2"],
+                                      stdout=subprocess.PIPE, text=True)
+            assert holder.stdout.readline().strip() == "holding"
+            return subprocess.Popen([sys.executable, "-c", "import sys; print('RunDirInUse: in use'); sys.exit(1)"],
+                                    stdout=log, stderr=subprocess.STDOUT)
+        return FakeRuns()(run, log)
+
+    lines = []
+    try:
+        assert run_plan(plan, jobs=1, composer=composer, launch=launch, out=lines.append) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    text = "\n".join(lines)
+    assert "another process took it first; left to it" in text and "failed" not in text
+    assert not (taken.run_dir / STATUS_FILE).exists()
+    assert json.loads((taken.run_dir / "results.json").read_text())["selection_score"] == 0.0
 
 
 # ---- end to end, tiny model ----

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from ..train.config import HELDOUT_PREFIX
+from ..train.run_dir import live_holder
 
 #: what ``lrzoo-sweep`` writes in a run directory whose run did not finish: ``status`` (``diverged`` or
 #: ``failed``), ``returncode``, ``config_hash``, ``key``, ``seed``, ``log``
@@ -558,13 +559,18 @@ def read_json(path: Path) -> Optional[dict[str, Any]]:
 
 
 def outcome_in_dir(run: PlannedRun, retry_failed: bool = False) -> Outcome:
-    """What ``run``'s own directory says (``lrzoo-sweep``): finished with this configuration, diverged, or pending."""
+    """What ``run``'s own directory says (``lrzoo-sweep``): finished with this configuration, diverged, held by
+    another live process (``running``, with its PID in ``detail``: another sweep of the plan, or a hand-started
+    run), or pending."""
     result = read_json(run.run_dir / "results.json")
     if result is not None and result.get("config_hash") == run.config_hash:
         return Outcome("done", result, run.run_dir)
     status = read_json(run.run_dir / STATUS_FILE)
     if status and status.get("config_hash") == run.config_hash and status.get("status") == "diverged" and not retry_failed:
         return Outcome("diverged", None, run.run_dir, status.get("detail", ""))
+    holder = live_holder(str(run.run_dir))
+    if holder is not None:
+        return Outcome("running", None, run.run_dir, f"process {holder.get('pid', '?')}")
     return Outcome("pending", None, run.run_dir)
 
 

@@ -20,6 +20,11 @@ its checkpoint if it wrote one (``trainer.save_every``), else starts over. A run
 recorded as such in its directory (``sweep-status.json``) and counts as its grid point's worst score; it
 is not retried unless ``--retry-failed``. Any other failure is listed at the end (exit status 1) and
 retried by the next invocation; the other runs go on.
+
+Several sweeps of one plan share the work (a second lane started later, or machines sharing the runs
+folder): a run directory has one writer at a time (:mod:`lrzoo.train.run_dir`), and a sweep leaves every run
+that another live process holds to that process, goes on with the rest, and before it stops waits for those
+runs, since the choices that follow them may need them.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ DIVERGED_MARK = "Training diverged"
 POLL_S = 0.5
 #: seconds a stopped run gets to exit after SIGTERM before SIGKILL
 STOP_GRACE_S = 30
+#: how often the plan is looked at again while another process holds some of its runs
+HELD_POLL_S = 10.0
 
 
 def train_env(threads: int = 1) -> dict[str, str]:
@@ -120,10 +127,13 @@ class Sweep:
         item.log.close()
         run = item.run
         status_path = run.run_dir / STATUS_FILE
-        if outcome_in_dir(run).status == "done":
+        outcome = outcome_in_dir(run)
+        if outcome.status == "done":
             if status_path.exists():
                 status_path.unlink()
             return "done"
+        if outcome.status == "running":  # another sweep started it between our look and our launch: its run
+            return "held"
         with open(run.run_dir / LOG_FILE, "rb") as handle:
             handle.seek(item.log_start)
             text = handle.read().decode(errors="replace")
@@ -175,12 +185,23 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
     # background by a non-interactive shell (or a pytest-xdist worker) inherits it ignored
     previous = {signum: signal.signal(signum, _raise_interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     launched, durations, changed = 0, [], True
+    held: dict[Path, str] = {}   # runs of the plan that another live process holds, and who
+    look_again = 0.0
     try:
         while True:
-            if changed and len(sweep.running) < jobs and (deadline is None or time.monotonic() < deadline):
-                changed = False  # what can start changes only when a run ends: no re-reading the tree meanwhile
+            before_deadline = deadline is None or time.monotonic() < deadline
+            if ((changed or (held and time.monotonic() >= look_again)) and len(sweep.running) < jobs
+                    and before_deadline):
+                # what can start changes only when a run ends (ours, or one another process holds): no re-reading
+                # the tree meanwhile
+                changed = False
                 states = sweep.states()
                 total = _planned_runs(plan, states)
+                now_held = _held_elsewhere(sweep, states)
+                if now_held.keys() - held.keys():
+                    out(f"[lrzoo-sweep] {len(now_held)} run(s) of the plan are held by another process, left to it: "
+                        + ", ".join(f"{path} ({who})" for path, who in now_held.items()))
+                held, look_again = now_held, time.monotonic() + HELD_POLL_S
                 for run in sweep.ready(states):
                     if len(sweep.running) >= jobs:
                         break
@@ -191,7 +212,7 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
                     sweep.running[run.run_dir] = Running(run, launch(run, log), log, log.tell(), time.monotonic())
                     launched += 1
                     out(f"[lrzoo-sweep] start {run.label()} -> {run.run_dir}")
-            if not sweep.running:
+            if not sweep.running and not (held and before_deadline):
                 break
             time.sleep(POLL_S)
             for key, item in list(sweep.running.items()):
@@ -202,6 +223,9 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
                 changed = True
                 status = sweep.finish(item, code)
                 took = time.monotonic() - item.started
+                if status == "held":
+                    out(f"[lrzoo-sweep] {item.run.label()}: another process took it first; left to it")
+                    continue
                 note = f" (see {item.run.run_dir / LOG_FILE})" if status != "done" else ""
                 if status != "failed":
                     done += 1
@@ -219,6 +243,16 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
             signal.signal(signum, handler)
     return _summary(sweep, launched, time.monotonic() - start, deadline is not None and time.monotonic() >= deadline,
                     out)
+
+
+def _held_elsewhere(sweep: Sweep, states: list[CellState]) -> dict[Path, str]:
+    """The plan's runs that a live process other than this sweep's own runs holds (:func:`outcome_in_dir`)."""
+    held = {}
+    for state in states:
+        for outcome in (*state.grid.values(), *state.heads.values(), *state.rechecks.values(), *state.seeds.values()):
+            if outcome.status == "running" and outcome.run_dir not in sweep.running:
+                held[outcome.run_dir] = outcome.detail
+    return held
 
 
 def _planned_runs(plan: Plan, states: list[CellState]) -> int:

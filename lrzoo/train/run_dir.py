@@ -8,6 +8,8 @@
   or :func:`lrzoo.io.atomic_file` leaves behind (``.<name>.tmp-XXXXXXXX``, ``.<name>.old-XXXXXXXX``):
   only in the run directory and its ``checkpoints/``, only names of that pattern, and only to be
   called while holding the lock.
+* :func:`live_holder` tells, without taking the lock, whether a live process holds a run directory
+  (``lrzoo-sweep`` skips such runs, so two sweeps of one plan share the work).
 
 Only rank 0 of a distributed job takes the lock: the other ranks are the same job.
 """
@@ -28,6 +30,10 @@ from typing import Optional
 LOCK_NAME = "run.lock"
 #: ``tempfile``'s names: a prefix, then 8 characters of ``[a-z0-9_]``.
 LEFTOVER_RE = re.compile(r"^\..+\.(tmp|old)-[a-z0-9_]{8}$")
+#: how long :meth:`RunLock.acquire` retries a lock it found taken before refusing: :func:`live_holder` takes it
+#: shared for microseconds, and a run must not be refused because a sweep looked at its directory then
+ACQUIRE_RETRY_S = 0.5
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 class RunDirInUse(RuntimeError):
@@ -89,13 +95,19 @@ class RunLock:
             return
         os.makedirs(self.run_dir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirInUse(self.run_dir, _read_holder(self.path)) from None
-            raise
+        give_up = time.monotonic() + ACQUIRE_RETRY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno in _BUSY and time.monotonic() < give_up:
+                    time.sleep(0.02)
+                    continue
+                os.close(fd)
+                if err.errno in _BUSY:
+                    raise RunDirInUse(self.run_dir, _read_holder(self.path)) from None
+                raise
         previous = _read_holder(self.path)
         if previous.get("pid"):
             # A clean exit empties the file: a PID left in an unlocked file is from a killed process.
@@ -126,6 +138,30 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def live_holder(run_dir: str) -> Optional[dict[str, str]]:
+    """The lock record (``{"pid": ..., "host": ..., ...}``; empty if not written yet) of the live process that
+    holds ``run_dir``, or None when nobody does. Never blocks and never takes the lock over: a shared lock
+    held for an instant tells it (an exclusive holder makes it fail), so a stale file of a killed process
+    and a reused PID both read as free.
+    """
+    path = os.path.join(run_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in _BUSY:
+                return _read_holder(path)
+            raise
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def remove_leftovers(run_dir: str) -> list[str]:
