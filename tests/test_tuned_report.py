@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import warnings
 
 import numpy as np
@@ -15,6 +16,7 @@ from lrzoo.cli.plan import Composer, load_plan
 from lrzoo.cli.report import collect
 from lrzoo.cli.report import main as report
 from lrzoo.tasks.metrics import METRICS
+from lrzoo.train.run_dir import RunLock
 
 
 @pytest.mark.parametrize("metric, kind", [("accuracy", "labels"), ("f1", "labels"), ("matthews_correlation", "labels"),
@@ -244,6 +246,11 @@ def test_a_one_point_plan_scored_on_several_sets_has_a_column_per_set(tmp_path):
             "task": "commonsense/all", "primary_metric": "accuracy", "score": float(np.mean(list(metrics.values()))),
             "metrics": metrics, "trainable_params": 10}))
     out = tmp_path / "report"
+    tera = composer.run(next(m for m in plan.methods if m.name == "tera"), "commonsense/all", 2e-2, 0)
+    with RunLock(str(tera.run_dir)):   # tera is training now (a sweep's run, or one started by hand)
+        report([str(tmp_path / "runs"), "--plan", plan.path, "--out", str(out)])
+    held = (out / "results.md").read_text().split("\n\n")[1]
+    assert f"— (missing: not run; 1 run(s) in flight now (process {os.getpid()}))" in held
     report([str(tmp_path / "runs"), "--plan", plan.path, "--out", str(out)])
     text = (out / "results.md").read_text()
     table = text.split("\n\n")[1].splitlines()

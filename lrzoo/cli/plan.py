@@ -594,6 +594,9 @@ class RunIndex:
         if (run.key, run.seed) in self.results:
             run_dir, result = self.results[(run.key, run.seed)]
             return Outcome("done", result, run_dir)
+        holder = live_holder(str(run.run_dir))   # in flight where the plan puts it (a sweep, or by hand)
+        if holder is not None:
+            return Outcome("running", None, run.run_dir, f"process {holder.get('pid', '?')}")
         if (run.key, run.seed) in self.statuses:
             run_dir, status = self.statuses[(run.key, run.seed)]
             return Outcome(status.get("status", "failed"), None, run_dir, status.get("detail", ""))

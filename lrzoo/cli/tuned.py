@@ -58,6 +58,13 @@ class Cell:
 
     def missing(self) -> str:
         s = self.state
+        running = [o for o in (*s.grid.values(), *s.heads.values(), *s.rechecks.values(), *s.seeds.values())
+                   if o.status == "running"]
+        now = f"; {len(running)} run(s) in flight now ({', '.join(o.detail for o in running)})" if running else ""
+        return self._missing() + now
+
+    def _missing(self) -> str:
+        s = self.state
         if s.chosen is None:
             failed = [f"lr={format_lr(lr)} failed" for lr, o in s.grid.items() if o.status == "failed"]
             if not s.grid_done and not failed:
