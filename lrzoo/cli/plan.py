@@ -568,10 +568,14 @@ def outcome_in_dir(run: PlannedRun, retry_failed: bool = False) -> Outcome:
     status = read_json(run.run_dir / STATUS_FILE)
     if status and status.get("config_hash") == run.config_hash and status.get("status") == "diverged" and not retry_failed:
         return Outcome("diverged", None, run.run_dir, status.get("detail", ""))
+    return _in_flight(run) or Outcome("pending", None, run.run_dir)
+
+
+def _in_flight(run: PlannedRun) -> Optional[Outcome]:
+    """``running`` (with the holder's PID in ``detail``) when a live process holds the run's directory where the
+    plan puts it (a sweep, or a run started by hand), else None."""
     holder = live_holder(str(run.run_dir))
-    if holder is not None:
-        return Outcome("running", None, run.run_dir, f"process {holder.get('pid', '?')}")
-    return Outcome("pending", None, run.run_dir)
+    return None if holder is None else Outcome("running", None, run.run_dir, f"process {holder.get('pid', '?')}")
 
 
 class RunIndex:
@@ -594,9 +598,9 @@ class RunIndex:
         if (run.key, run.seed) in self.results:
             run_dir, result = self.results[(run.key, run.seed)]
             return Outcome("done", result, run_dir)
-        holder = live_holder(str(run.run_dir))   # in flight where the plan puts it (a sweep, or by hand)
-        if holder is not None:
-            return Outcome("running", None, run.run_dir, f"process {holder.get('pid', '?')}")
+        in_flight = _in_flight(run)
+        if in_flight is not None:
+            return in_flight
         if (run.key, run.seed) in self.statuses:
             run_dir, status = self.statuses[(run.key, run.seed)]
             return Outcome(status.get("status", "failed"), None, run_dir, status.get("detail", ""))

@@ -247,12 +247,8 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
 
 def _held_elsewhere(sweep: Sweep, states: list[CellState]) -> dict[Path, str]:
     """The plan's runs that a live process other than this sweep's own runs holds (:func:`outcome_in_dir`)."""
-    held = {}
-    for state in states:
-        for outcome in (*state.grid.values(), *state.heads.values(), *state.rechecks.values(), *state.seeds.values()):
-            if outcome.status == "running" and outcome.run_dir not in sweep.running:
-                held[outcome.run_dir] = outcome.detail
-    return held
+    return {outcome.run_dir: outcome.detail for state in states for outcome in state.outcomes()
+            if outcome.status == "running" and outcome.run_dir not in sweep.running}
 
 
 def _planned_runs(plan: Plan, states: list[CellState]) -> int:

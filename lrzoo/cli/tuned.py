@@ -57,10 +57,8 @@ class Cell:
         return self.state.complete(self.planned_seeds)
 
     def missing(self) -> str:
-        s = self.state
-        running = [o for o in (*s.grid.values(), *s.heads.values(), *s.rechecks.values(), *s.seeds.values())
-                   if o.status == "running"]
-        now = f"; {len(running)} run(s) in flight now ({', '.join(o.detail for o in running)})" if running else ""
+        running = {o.run_dir: o.detail for o in self.state.outcomes() if o.status == "running"}  # a run once
+        now = f"; {len(running)} run(s) in flight now ({', '.join(running.values())})" if running else ""
         return self._missing() + now
 
     def _missing(self) -> str:
