@@ -129,7 +129,11 @@ def test_reverse_std_on_a_wide_matrix_with_full_rank_works_where_the_official_cr
     group = {"rank": 4, "update_proj_gap": 2, "scale": 1.0, "proj_type": "reverse_std"}
     ours_param, theirs_param = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
     ours_param.grad, theirs_param.grad = torch.randn(4, 8), torch.randn(4, 8)
-    GaLoreAdamW([{"params": [ours_param], **group}]).step()
+    # beside a wider weight that rank 4 does project: full rank on some weights only is a warning, not an error
+    wider = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.warns(UserWarning, match=r"rank=4 is ≥ min\(m, n\) of 1 of the 2 projected weights"):
+        ours = GaLoreAdamW([{"params": [ours_param, wider], **group}])
+    ours.step()
     assert not torch.equal(ours_param, weight)
     with pytest.raises(RuntimeError):
         official_cls([{"params": [theirs_param], **group}], no_deprecation_warning=True).step()
@@ -273,3 +277,63 @@ def test_a_misspelt_option_is_refused_not_ignored():
 def test_every_optimizer_has_a_docs_page_linked_from_the_index(method):
     assert (REPO / "docs" / "optimizers" / f"{method}.md").is_file()
     assert f"(optimizers/{method}.md)" in (REPO / "docs" / "index.md").read_text()
+
+
+# Issue 25 item 6: options that would train wrong are refused with the option and its valid range.
+@pytest.mark.parametrize("method", sorted(OURS))
+@pytest.mark.parametrize("options, message", [
+    ({"scale": -1.0}, r"scale must be a finite number > 0, got -1.0"),  # would reverse every update
+    ({"scale": float("nan")}, r"scale must be a finite number > 0, got nan"),  # NaN weights after one step
+    ({"scale": 0.0}, r"scale must be a finite number > 0"),
+    ({"lr": float("nan")}, r"lr must be a finite number > 0, got nan"),
+    ({"lr": float("inf")}, r"lr must be a finite number > 0, got inf"),
+    ({"eps": 0.0}, r"eps must be a finite number > 0"),
+    ({"eps": float("nan")}, r"eps must be a finite number > 0"),
+    ({"betas": (0.9, 1.0)}, r"betas must be two numbers in \[0, 1\)"),
+    ({"betas": (float("nan"), 0.999)}, r"betas must be two numbers in \[0, 1\)"),
+    ({"weight_decay": float("nan")}, r"weight_decay must be a finite number ≥ 0"),
+    ({"weight_decay": 200.0}, r"lr·weight_decay must be < 1"),
+    ({"update_proj_gap": 0}, r"update_proj_gap must be a positive integer"),
+    ({"rank": 0}, r"rank must be a positive integer"),
+])
+def test_an_option_that_would_train_wrong_is_refused_naming_its_range(method, options, message):
+    options = dict(options)
+    lr = options.pop("lr", LR)
+    with pytest.raises(ValueError, match=message):
+        lrzoo.make_optimizer(tiny_llama(), lr=lr, method=method, **{**OPTIONS, **options})
+
+
+@pytest.mark.parametrize("limit", [float("nan"), 0.5, float("inf")])
+def test_fira_refuses_a_norm_growth_limit_outside_its_range(limit):
+    with pytest.raises(ValueError, match=r"norm_growth_limit \(γ\) must be a finite number ≥ 1"):
+        make(tiny_llama(), "fira", norm_growth_limit=limit)
+
+
+def test_a_param_group_of_its_own_is_checked_too():
+    weight = torch.nn.Parameter(torch.randn(16, 8))
+    with pytest.raises(ValueError, match=r"GaLoreAdamW: scale must be a finite number > 0, got -1"):
+        GaLoreAdamW([{"params": [weight], "rank": 2, "update_proj_gap": 1, "scale": -1, "proj_type": "std"}])
+    optimizer = GaLoreAdamW([torch.nn.Parameter(torch.randn(4))])
+    with pytest.raises(ValueError, match=r"lr \(of a param group\) must be a finite number > 0, got nan"):
+        optimizer.add_param_group({"params": [weight], "lr": float("nan"), "rank": 2, "update_proj_gap": 1,
+                                   "scale": 1.0, "proj_type": "std"})
+
+
+@pytest.mark.parametrize("method", sorted(OURS))
+def test_a_rank_that_projects_no_weight_is_refused(method):
+    """tiny LLaMA's projected weights are 32×32, 16×32, 48×32, 32×48: rank 32 keeps every gradient whole."""
+    with pytest.raises(ValueError, match=r"rank=32 is ≥ min\(m, n\) of every projected weight "
+                                         r"\(model\.layers\.0\.self_attn\.q_proj\.weight \(32×32\).*Choose rank < 32"):
+        make(tiny_llama(), method, rank=32)
+
+
+@pytest.mark.parametrize("method", sorted(OURS))
+def test_a_rank_full_for_some_weights_only_warns_once_naming_them(method):
+    """rank 16 projects the 32-wide weights but not the 16×32 k/v projections (grouped-query attention)."""
+    with pytest.warns(UserWarning) as caught:
+        optimizer = make(tiny_llama(), method, rank=16)
+    full = [str(w.message) for w in caught if "min(m, n)" in str(w.message)]
+    assert len(full) == 1, full
+    assert "rank=16 is ≥ min(m, n) of 4 of the 14 projected weights" in full[0]
+    assert "model.layers.0.self_attn.k_proj.weight (16×32)" in full[0] and "q_proj" not in full[0]
+    assert sum(len(g["params"]) for g in optimizer.param_groups if "rank" in g) == 14  # still built, still GaLore

@@ -17,8 +17,11 @@ official code). Defaults: the C4 scripts for 60M-350M models (r 128 for 60M, T 2
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .checks import as_real
 from .projector import ProjectedAdamW, project_back
 from .registry import register_optimizer
 
@@ -30,11 +33,21 @@ class FiraAdamW(ProjectedAdamW):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, norm_growth_limit: float = 1.01):
-        if norm_growth_limit < 1.0:
-            raise ValueError(f"norm_growth_limit (γ) must be ≥ 1, got {norm_growth_limit}.")
+                 weight_decay: float = 0.0, norm_growth_limit: float = 1.01, weight_names=None):
+        self._check_limit(norm_growth_limit)
         self.method_defaults = {"norm_growth_limit": norm_growth_limit}
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, weight_names=weight_names)
+
+    def check_method_options(self, param_group: dict) -> None:
+        if "norm_growth_limit" in param_group:
+            self._check_limit(param_group["norm_growth_limit"])
+
+    @staticmethod
+    def _check_limit(limit) -> None:
+        value = as_real(limit)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+            raise ValueError(f"FiraAdamW: norm_growth_limit (γ) must be a finite number ≥ 1, got {limit!r} "
+                             "(the residual's norm may grow by at most γ per step; the official γ is 1.01).")
 
     def full_update(self, grad: torch.Tensor, low_rank_grad: torch.Tensor, normed: torch.Tensor,
                     state: dict, group: dict, side: str) -> torch.Tensor:

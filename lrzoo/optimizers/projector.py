@@ -27,9 +27,12 @@ projected groups.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional, Union
+import warnings
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
+
+from .checks import check_adamw, check_group_lr, check_positive
 
 #: The projection sides ``proj_type`` may ask for (the official two-sided ``full`` is not offered).
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -93,14 +96,25 @@ class ProjectedAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        weight_names: Optional[Mapping[int, str]] = None,
     ):
-        if lr < 0.0 or eps < 0.0 or weight_decay < 0.0 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Invalid AdamW options: lr={lr}, eps={eps}, weight_decay={weight_decay}, betas={betas} "
-                             "(lr, eps, weight_decay ≥ 0 and 0 ≤ β < 1).")
+        """``weight_names`` (``id(weight)`` → its name in the model) only makes messages name the weights."""
+        check_adamw(self._owner(), lr, betas, eps, weight_decay)
+        self._weight_names = dict(weight_names or {})
+        # The rank check runs once over every group after __init__ (one warning for the whole model),
+        # then on each group added later.
+        self._building = True
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **self.method_defaults)
         super().__init__(params, defaults)
+        self._building = False
+        self._check_groups(self.param_groups)
+
+    @classmethod
+    def _owner(cls) -> str:
+        return cls.__name__
 
     def add_param_group(self, param_group: dict) -> None:
+        owner = self._owner()
         if "rank" in param_group:
             missing = [key for key in GROUP_KEYS if key not in param_group]
             if missing:
@@ -109,7 +123,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
             for key in ("rank", "update_proj_gap"):
                 value = param_group[key]
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{key} must be a positive integer, got {value!r}.")
+                    raise ValueError(f"{owner}: {key} must be a positive integer, got {value!r}.")
+            check_positive(owner, "scale", param_group["scale"],
+                           " It multiplies every projected update: < 0 reverses it, 0 trains nothing, NaN makes "
+                           "every weight NaN (the official scripts use 0.25; the GLUE README 4).")
             projection_side((1, 1), param_group["proj_type"])
             params = param_group["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -118,7 +135,46 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"Projected param groups hold 2-D weights only; got shapes {not_matrices}. "
                                  "Put biases, norms and other tensors in a group without 'rank'.")
             param_group["params"] = params
+        self.check_method_options(param_group)
         super().add_param_group(param_group)
+        if not getattr(self, "_building", False):
+            self._check_groups([self.param_groups[-1]])
+
+    def check_method_options(self, param_group: dict) -> None:
+        """A subclass's check of its own group options (before the defaults fill the group)."""
+
+    def _check_groups(self, groups: list[dict]) -> None:
+        check_group_lr(self._owner(), groups)
+        self._check_ranks(groups)
+
+    def _check_ranks(self, groups: list[dict]) -> None:
+        """Refuse a rank that projects nothing away; warn (once) where it does so for some weights only.
+
+        With r ≥ min(m, n), P spans the whole gradient: the weight is trained at full rank, as AdamW in a
+        rotated basis, with more optimizer state than AdamW (moments r·max(m, n) each, plus P). If that holds
+        for every projected weight the run is not GaLore/Fira at all, a sizing mistake: an error. If it holds
+        for some small matrices among larger ones (a narrow k/v projection), the rest is still low-rank, and
+        the user may have chosen the rank for those: a warning naming them.
+        """
+        projected = [(p, group["rank"]) for group in groups if "rank" in group for p in group["params"]]
+        full = [(p, rank) for p, rank in projected if rank >= min(p.shape)]
+        if not full:
+            return
+        rank = full[0][1]
+        named = ", ".join(f"{self._weight_names.get(id(p), 'a weight')} ({p.shape[0]}×{p.shape[1]})"
+                          for p, _ in full[:3]) + (", ..." if len(full) > 3 else "")
+        if len(full) == len(projected):
+            widest = max(min(p.shape) for p, _ in full)
+            raise ValueError(
+                f"{self._owner()}: rank={rank} is ≥ min(m, n) of every projected weight ({named}): nothing is "
+                f"projected away, so this is full-rank AdamW in a rotated basis with more state than AdamW. "
+                f"Choose rank < {widest}, or train with AdamW.")
+        smallest = min(min(p.shape) for p, _ in full)
+        warnings.warn(
+            f"{self._owner()}: rank={rank} is ≥ min(m, n) of {len(full)} of the {len(projected)} projected weights "
+            f"({named}): those are trained at full rank (their optimizer state is larger than AdamW's). Choose "
+            f"rank < {smallest} to keep every weight low-rank, or leave them out of target_modules.",
+            UserWarning, stacklevel=3)
 
     def full_update(self, grad: torch.Tensor, low_rank_grad: torch.Tensor, normed: torch.Tensor,
                     state: dict, group: dict, side: str) -> torch.Tensor:

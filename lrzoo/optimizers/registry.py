@@ -24,7 +24,8 @@ class OptimizerSpec:
     """What the registry knows about one optimizer method."""
 
     name: str
-    #: The optimizer class; its param groups with a ``rank`` key are projected.
+    #: The optimizer class; its param groups with a ``rank`` key are projected. It takes ``weight_names``
+    #: (``id(weight)`` → name, for messages) besides the param groups and AdamW's options.
     optimizer_cls: type[torch.optim.Optimizer]
     #: Options of the projected groups (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) and their defaults.
     group_defaults: dict[str, Any] = field(default_factory=dict)
@@ -105,7 +106,9 @@ def create_optimizer(
             groups.setdefault((group_lr, decay, id(param) in projected), []).append(param)
     param_groups = [{"params": params, "lr": group_lr, "weight_decay": decay, **(group_options if is_projected else {})}
                     for (group_lr, decay, is_projected), params in groups.items()]
-    return spec.optimizer_cls(param_groups, lr=lr, **options)
+    # names only for messages (a rank ≥ min(m, n) warning names the weights); not stored in the groups
+    names = {id(param): name for name, param in model.named_parameters() if id(param) in projected}
+    return spec.optimizer_cls(param_groups, lr=lr, weight_names=names, **options)
 
 
 def projection_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[nn.Parameter]:
