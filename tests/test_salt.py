@@ -141,13 +141,31 @@ def test_refusals_name_the_reason(kwargs, message):
         lrzoo.wrap(tiny_llama(), "salt", target_modules=["q_proj"], **kwargs)
 
 
-def test_a_lora_rank_above_the_residual_spectrum_is_allowed_as_in_the_official_code():
-    model = lrzoo.wrap(tiny_llama(), "salt", r=4, lora_r=40, target_modules=["q_proj"])  # k − r = 28 < 40
+def test_a_lora_rank_above_the_residual_spectrum_is_allowed_as_in_the_official_code_with_a_warning():
+    with pytest.warns(UserWarning, match=r"SALT: lora_r=40 is ≥ min\(d_out, d_in\) − r on 2 of 2 layers "
+                                         r"\(model\.layers\.0\.self_attn\.q_proj \(32×32: k − r = 28\)"):
+        model = lrzoo.wrap(tiny_llama(), "salt", r=4, lora_r=40, target_modules=["q_proj"])  # k − r = 28 < 40
     layer = salt_layers(model)[0]
     assert layer.salt_X["default"].shape == (28, 40)
     with torch.no_grad():
         out = model(tiny_inputs()).logits
     assert torch.isfinite(out).all()
+
+
+def test_the_full_rank_residual_warning_comes_once_per_wrap_and_names_only_those_layers():
+    """Issue 25 item 6: lora_r ≥ k − r is a full-rank update in disguise; k/v (16×32) have k − r = 12, q 28."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lrzoo.wrap(tiny_llama(), "salt", r=4, lora_r=12, target_modules=["q_proj", "k_proj"])
+    salt = [str(w.message) for w in caught if str(w.message).startswith("SALT: lora_r")]
+    assert len(salt) == 1 and "on 2 of 4 layers" in salt[0] and "k_proj" in salt[0] and "q_proj" not in salt[0]
+    assert "Set lora_r < 12" in salt[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lrzoo.wrap(tiny_llama(), "salt", r=4, lora_r=11, target_modules=["q_proj", "k_proj"])
+    assert not [w for w in caught if str(w.message).startswith("SALT: lora_r")]
 
 
 def test_recomputed_factors_keep_only_the_trained_tensors_and_load_exactly(tmp_path):

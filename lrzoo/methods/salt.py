@@ -34,6 +34,7 @@ folded once per forward (O(r_L·k·(d_out + d_in))) and run through :func:`lrzoo
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -59,8 +60,9 @@ class SALTConfig(AdapterConfig):
         "help": "Number of top singular values that are scaled and shifted (official: max(1, ⌊0.1·min(d_out, d_in)⌋) "
                 "per layer; lrzoo takes one integer). Must be below min(d_out, d_in)."})
     lora_r: int = field(default=256, metadata={
-        "help": "Rank r_L of the LoRA X Y on the residual spectrum (official SAM2 backbone: r_lora_g=256). Above "
-                "min(d_out, d_in) − r it adds parameters but no expressiveness (the official code allows it)."})
+        "help": "Rank r_L of the LoRA X Y on the residual spectrum (official SAM2 backbone: r_lora_g=256). From "
+                "min(d_out, d_in) − r on, X Y is a full-rank update of that block with more parameters than the "
+                "block itself: allowed as in the official code, with a warning from wrap naming the layers."})
     frozen_factors: str = field(default="saved", metadata={
         "help": "X and Y live in the residual singular basis: 'saved' (default) keeps U, V and σ_r in the checkpoint; "
                 "'recomputed' rebuilds them from W at load (smaller files; unsafe for a W with repeated or zero "
@@ -162,4 +164,31 @@ class SALTLayer(AdapterLayer):
                                    self.training)
 
 
-register_adapter("salt", SALTConfig, SALTLayer)
+def warn_full_rank_residual(peft_model: nn.Module, adapter_name: str) -> None:
+    """Warn once per ``wrap`` when ``lora_r`` ≥ k − r on some layers: a full-rank update there, in disguise.
+
+    X·Y has rank ≤ min(lora_r, k − r), so from lora_r = k − r on it is an unconstrained update of the
+    whole residual block, with 2·lora_r·(k − r) parameters where the dense block has (k − r)². A warning,
+    not an error: the layer still computes what was asked, and the official SAM2 backbone does exactly this
+    (r_L = 256 on Hiera's 112-wide layers, k − r = 101), as lrzoo's default 256 does on narrow models.
+    """
+    full = []
+    for name, module in peft_model.named_modules():
+        if isinstance(module, SALTLayer) and adapter_name in module.salt_X:
+            residual, lora_r = module.salt_X[adapter_name].shape
+            if lora_r >= residual:
+                weight = module.get_base_layer().weight
+                full.append((name.removeprefix("base_model.model."), tuple(weight.shape), residual, lora_r))
+    if not full:
+        return
+    total = sum(1 for m in peft_model.modules() if isinstance(m, SALTLayer) and adapter_name in m.salt_X)
+    named = ", ".join(f"{name} ({shape[0]}×{shape[1]}: k − r = {residual})" for name, shape, residual, _ in full[:3])
+    smallest = min(residual for _, _, residual, _ in full)
+    warnings.warn(
+        f"SALT: lora_r={full[0][3]} is ≥ min(d_out, d_in) − r on {len(full)} of {total} layers ({named}"
+        f"{', ...' if len(full) > 3 else ''}): X·Y there is a full-rank update of the residual spectrum, with more "
+        f"parameters than the dense block. Set lora_r < {smallest} for a low-rank residual on every layer.",
+        UserWarning, stacklevel=3)
+
+
+register_adapter("salt", SALTConfig, SALTLayer, post_wrap=warn_full_rank_residual)
