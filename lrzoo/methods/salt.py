@@ -172,16 +172,16 @@ def warn_full_rank_residual(peft_model: nn.Module, adapter_name: str) -> None:
     not an error: the layer still computes what was asked, and the official SAM2 backbone does exactly this
     (r_L = 256 on Hiera's 112-wide layers, k − r = 101), as lrzoo's default 256 does on narrow models.
     """
+    layers = [(name, module) for name, module in peft_model.get_base_model().named_modules()
+              if isinstance(module, SALTLayer) and adapter_name in module.salt_X]
     full = []
-    for name, module in peft_model.named_modules():
-        if isinstance(module, SALTLayer) and adapter_name in module.salt_X:
-            residual, lora_r = module.salt_X[adapter_name].shape
-            if lora_r >= residual:
-                weight = module.get_base_layer().weight
-                full.append((name.removeprefix("base_model.model."), tuple(weight.shape), residual, lora_r))
+    for name, module in layers:
+        residual, lora_r = module.salt_X[adapter_name].shape
+        if lora_r >= residual:
+            full.append((name, tuple(module.get_base_layer().weight.shape), residual, lora_r))
     if not full:
         return
-    total = sum(1 for m in peft_model.modules() if isinstance(m, SALTLayer) and adapter_name in m.salt_X)
+    total = len(layers)
     named = ", ".join(f"{name} ({shape[0]}×{shape[1]}: k − r = {residual})" for name, shape, residual, _ in full[:3])
     smallest = min(residual for _, _, residual, _ in full)
     warnings.warn(
