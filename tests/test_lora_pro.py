@@ -7,13 +7,15 @@ moments of the equivalent gradient, then the closed form, then SGD) simulated st
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 import lrzoo
 from conftest import tiny_inputs, tiny_llama
-from lrzoo.optimizers.lora_pro import LoraProAdamW, equivalent_steps
+from lrzoo.optimizers.lora_pro import DELTA, LoraProAdamW, equivalent_steps, solve_sylvester
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 
@@ -132,3 +134,201 @@ def test_state_round_trips_bit_exactly():
 
     for a, b in zip(run(), run(reload_at=2)):
         assert torch.equal(a, b)
+
+
+# Issue 25 item 9: the O(r³) Sylvester solve against the O(r⁶) dense one it replaced.
+def dense_sylvester(P, Q, C):
+    """lrzoo's solve before issue 25, kept here as the reference: ``(I ⊗ P + Qᵀ ⊗ I + δI) vec X = vec C``, one
+    r²×r² LU solve (column-stacking vec)."""
+    r = P.shape[0]
+    eye = torch.eye(r, dtype=P.dtype)
+    system = torch.kron(eye, P.contiguous()) + torch.kron(Q.T.contiguous(), eye) + DELTA * torch.eye(r * r, dtype=P.dtype)
+    return torch.linalg.solve(system, C.T.contiguous().reshape(-1, 1)).reshape(r, r).T
+
+
+def _gram(g, r, k, dtype, decay=None):
+    """M Mᵀ for a random r×k M (rank min(r, k)); ``decay`` sets M's singular values to 1 … decay."""
+    M = torch.randn(r, k, generator=g, dtype=dtype)
+    if decay is not None:
+        U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+        M = U @ torch.diag(torch.logspace(0, math.log10(decay), U.shape[1], dtype=dtype)) @ Vh
+    return M @ M.T
+
+
+SYLVESTER_CASES = {  # (P = BᵀB, Q = AAᵀ) as LoRA-Pro meets them
+    "well_conditioned": lambda g, r, dt: (_gram(g, r, 3 * r, dt), _gram(g, r, 2 * r, dt)),
+    "B_zero": lambda g, r, dt: (torch.zeros(r, r, dtype=dt), _gram(g, r, 2 * r, dt)),  # PEFT's init
+    "B_rank_deficient": lambda g, r, dt: (_gram(g, r, max(r // 2, 1), dt), _gram(g, r, 2 * r, dt)),
+    "both_near_singular": lambda g, r, dt: (_gram(g, r, 3 * r, dt, decay=1e-6), _gram(g, r, 3 * r, dt, decay=1e-6)),
+    "both_rank_deficient": lambda g, r, dt: (_gram(g, r, max(r // 2, 1), dt), _gram(g, r, max(r // 2, 1), dt)),
+}
+
+
+#: fp32 only where the system is well conditioned: with P and Q both near-singular, δ = 1e-8 is below fp32's
+#: round-off and neither solve is accurate (neither was the official one; see docs/adapters/lora_pro.md)
+CONDITIONED = ("well_conditioned", "B_zero", "B_rank_deficient")
+
+
+@pytest.mark.parametrize("case, dtype", [(case, torch.float64) for case in sorted(SYLVESTER_CASES)]
+                         + [(case, torch.float32) for case in CONDITIONED])
+@pytest.mark.parametrize("r", [1, 3, 8, 24])
+def test_the_eigen_solve_equals_the_dense_kronecker_solve(r, case, dtype):
+    """Both solve the same linear system; they may differ by round-off times its condition number
+    (largest over smallest of the divisors λ_i + μ_j + δ: up to ~1e10 where P and Q are both near-singular)."""
+    eps = torch.finfo(dtype).eps
+    conditioned = case in CONDITIONED
+    g = torch.Generator().manual_seed(r * 100 + sorted(SYLVESTER_CASES).index(case))
+    for _ in range(3):
+        P, Q = SYLVESTER_CASES[case](g, r, dtype)
+        C = torch.randn(r, r, generator=g, dtype=dtype)
+        new, old = solve_sylvester(P, Q, C), dense_sylvester(P, Q, C)
+        lam, mu = torch.linalg.eigvalsh(P.double()).clamp_min(0), torch.linalg.eigvalsh(Q.double()).clamp_min(0)
+        divisors = lam[:, None] + mu[None, :] + DELTA
+        condition = (divisors.max() / divisors.min()).item()
+        error = ((new - old).norm() / old.norm()).item()
+        assert error <= 50 * eps * condition, (error, condition)
+        if conditioned:
+            assert error <= 1e-12 if dtype == torch.float64 else error <= 1e-5
+
+
+def test_the_solve_never_builds_the_r2_by_r2_system():
+    """O(r³) time follows from O(r²) memory here: every tensor the solve makes has at most r² entries (the dense
+    solve's r²×r² system was 16 GiB per layer at r = 256)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
+            return out
+
+    r = 32
+    g = torch.Generator().manual_seed(0)
+    P, Q = SYLVESTER_CASES["well_conditioned"](g, r, torch.float32)
+    with LargestOutput():
+        solve_sylvester(P, Q, torch.randn(r, r, generator=g))
+    assert 0 < LargestOutput.largest <= r * r
+
+
+@pytest.mark.parametrize("B_scale", [0.0, 1e-4, 1.0])
+def test_lora_pro_steps_are_those_of_the_dense_solve(B_scale, monkeypatch):
+    """The whole closed form in fp32, at PEFT's init (B = 0), just after it (B tiny: BᵀB ~ δ) and later."""
+    from lrzoo.optimizers import lora_pro
+
+    g = torch.Generator().manual_seed(7)
+    A, B = torch.randn(8, 40, generator=g) / 40 ** 0.5, B_scale * torch.randn(48, 8, generator=g)
+    G_hat = torch.randn(48, 40, generator=g)
+    s = 2.0
+    new = equivalent_steps(A, B, s, s * B.T @ G_hat, s * G_hat @ A.T)
+    monkeypatch.setattr(lora_pro, "solve_sylvester", dense_sylvester)
+    old = equivalent_steps(A, B, s, s * B.T @ G_hat, s * G_hat @ A.T)
+    for got, want in zip(new, old):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+# Issue 25 item 3: LoRA-Pro under any adapter name, or a refusal; never a silent AdamW.
+def _train_steps(model, optimizer, steps=2):
+    x = tiny_inputs(batch=2, length=6)
+    for _ in range(steps):
+        loss = model(x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_lora_pro_finds_its_pairs_under_any_adapter_name():
+    model = lrzoo.wrap(tiny_llama(), "lora_pro", adapter_name="task1", r=4, alpha=8)
+    optimizer = lrzoo.make_optimizer(model, lr=1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(optimizer.pairs) == 4 and all(".task1." in names[id(A)] for A, _, _ in optimizer.pairs)
+    _train_steps(model, optimizer)
+    for A, B, _ in optimizer.pairs:  # LoRA-Pro's state: full-size moments of the equivalent gradient
+        assert optimizer.state[A]["exp_avg"].shape == (B.shape[0], A.shape[1])
+
+
+def test_several_trained_adapters_on_different_layers_are_all_lora_pro():
+    model = lrzoo.wrap(tiny_llama(), "lora_pro", adapter_name="q", r=4, target_modules=["q_proj"])
+    model = lrzoo.wrap(model, "lora_pro", adapter_name="v", r=4, target_modules=["v_proj"])
+    model.base_model.set_adapter(["q", "v"])  # both active and trainable
+    optimizer = lrzoo.make_optimizer(model, lr=1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(A)].split(".")[-2] for A, _, _ in optimizer.pairs) == ["q", "q", "v", "v"]
+
+
+def test_two_trained_adapters_on_one_layer_are_refused():
+    model = lrzoo.wrap(tiny_llama(), "lora_pro", adapter_name="first", r=4)
+    model = lrzoo.wrap(model, "lora_pro", adapter_name="second", r=4)
+    model.base_model.set_adapter(["first", "second"])
+    with pytest.raises(ValueError, match=r"q_proj trains 2 active LoRA adapters \('first', 'second'\).*one adapter at a"):
+        lrzoo.make_optimizer(model, lr=1e-2)
+
+
+def test_a_frozen_second_adapter_is_left_alone():
+    model = lrzoo.wrap(tiny_llama(), "lora_pro", adapter_name="first", r=4)
+    model = lrzoo.wrap(model, "lora_pro", adapter_name="second", r=4)  # added, not active: PEFT keeps it frozen
+    optimizer = lrzoo.make_optimizer(model, lr=1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(optimizer.pairs) == 4 and all(".first." in names[id(A)] for A, _, _ in optimizer.pairs)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: lrzoo.make_optimizer(tiny_llama(), lr=1e-2, lora_pro=True),
+     r"LoRA-Pro found no trainable LoRA pair .*so it would train plain AdamW"),
+    (lambda: LoraProAdamW([torch.nn.Parameter(torch.zeros(3))], [], lr=1e-2), r"no LoRA pair .* was given"),
+    (lambda: lrzoo.wrap(tiny_llama(), "lora_pro", r=4, use_dora=True),
+     r"use_dora=True is refused: LoRA-Pro's closed form is derived for W \+ s·B A"),
+])
+def test_no_pairs_or_dora_is_refused(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_lora_pairs_of_one_adapter_name_the_adapters_there_are():
+    from lrzoo.optimizers.lora_pro import lora_pairs
+
+    model = lrzoo.wrap(tiny_llama(), "lora_pro", adapter_name="task1", r=4)
+    assert len(lora_pairs(model, "task1")) == 4
+    with pytest.raises(ValueError, match=r"under adapter 'default' \(adapters found: task1\)"):
+        lora_pairs(model, "default")
+
+
+def _stock_peft(**config):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, **config))
+
+
+@pytest.mark.parametrize("model, message", [
+    (lambda: _stock_peft(target_modules=["q_proj"], use_dora=True), r"q_proj \(adapter 'default'\) is a DoRA layer"),
+    (lambda: _stock_peft(target_modules=["embed_tokens"]), r"embed_tokens is an embedding LoRA"),
+])
+def test_lora_layers_outside_the_closed_form_are_refused(model, message):
+    with pytest.raises(ValueError, match=message):
+        lrzoo.make_optimizer(model(), lr=1e-2, lora_pro=True)
+
+
+def test_a_pair_with_one_frozen_factor_is_refused():
+    model = lrzoo.wrap(tiny_llama(), "lora_pro", r=4)
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)  # LoRA-FA style
+    with pytest.raises(ValueError, match=r"trains one factor only \(lora_A is frozen\)"):
+        lrzoo.make_optimizer(model, lr=1e-2)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lr": float("nan")}, r"LoRA-Pro: lr must be a finite number > 0, got nan"),
+    ({"lr": 0.0}, r"LoRA-Pro: lr must be a finite number > 0"),
+    ({"betas": (0.9, float("nan"))}, r"LoRA-Pro: betas must be two numbers in \[0, 1\)"),
+    ({"eps": float("inf")}, r"LoRA-Pro: eps must be a finite number > 0"),
+    ({"weight_decay": -0.1}, r"LoRA-Pro: weight_decay must be a finite number ≥ 0"),
+    ({"bias_correction_offset": 2}, r"bias_correction_offset must be 0 .* or 1"),
+])
+def test_lora_pro_options_are_checked(options, message):
+    options = {"lr": 1e-2, **options}
+    with pytest.raises(ValueError, match=message):
+        lrzoo.make_optimizer(lrzoo.wrap(tiny_llama(), "lora_pro", r=4), **options)
