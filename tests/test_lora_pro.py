@@ -15,7 +15,7 @@ import torch
 
 import lrzoo
 from conftest import tiny_inputs, tiny_llama
-from lrzoo.optimizers.lora_pro import DELTA, LoraProAdamW, equivalent_steps, solve_sylvester
+from lrzoo.optimizers.lora_pro import DELTA, LoraProAdamW, Spectrum, equivalent_steps, solve_sylvester
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 
@@ -142,7 +142,8 @@ def dense_sylvester(P, Q, C):
     r²×r² LU solve (column-stacking vec)."""
     r = P.shape[0]
     eye = torch.eye(r, dtype=P.dtype)
-    system = torch.kron(eye, P.contiguous()) + torch.kron(Q.T.contiguous(), eye) + DELTA * torch.eye(r * r, dtype=P.dtype)
+    system = torch.kron(eye, P.contiguous()) + torch.kron(Q.T.contiguous(), eye)
+    system = system + DELTA * torch.eye(r * r, dtype=P.dtype)
     return torch.linalg.solve(system, C.T.contiguous().reshape(-1, 1)).reshape(r, r).T
 
 
@@ -214,20 +215,38 @@ def test_the_solve_never_builds_the_r2_by_r2_system():
     assert 0 < LargestOutput.largest <= r * r
 
 
-@pytest.mark.parametrize("B_scale", [0.0, 1e-4, 1.0])
-def test_lora_pro_steps_are_those_of_the_dense_solve(B_scale, monkeypatch):
-    """The whole closed form in fp32, at PEFT's init (B = 0), just after it (B tiny: BᵀB ~ δ) and later."""
-    from lrzoo.optimizers import lora_pro
+def dense_equivalent_steps(A, B, s, a, b):
+    """The closed form as lrzoo computed it before issue 25: pinv(M + δI) by SVD, X by the dense solve."""
+    eye = torch.eye(A.shape[0])
+    BtB, AAt = B.T @ B, A @ A.T
+    BtB_inv, AAt_inv = torch.linalg.pinv(BtB + DELTA * eye), torch.linalg.pinv(AAt + DELTA * eye)
+    X = dense_sylvester(BtB, AAt, -(s ** -2) * BtB_inv @ a @ A.T)
+    grad_A = s ** -2 * BtB_inv @ a + X @ A
+    grad_B = s ** -2 * (b - B @ (BtB_inv @ (B.T @ b))) @ AAt_inv - B @ X
+    return grad_A, grad_B
 
+
+@pytest.mark.parametrize("B_scale", [0.0, 1e-4, 1.0])
+def test_lora_pro_steps_are_those_of_the_dense_solve(B_scale):
+    """The whole closed form in fp32, at PEFT's init (B = 0), just after it (B tiny: BᵀB ~ 1e-6) and later."""
     g = torch.Generator().manual_seed(7)
     A, B = torch.randn(8, 40, generator=g) / 40 ** 0.5, B_scale * torch.randn(48, 8, generator=g)
     G_hat = torch.randn(48, 40, generator=g)
     s = 2.0
-    new = equivalent_steps(A, B, s, s * B.T @ G_hat, s * G_hat @ A.T)
-    monkeypatch.setattr(lora_pro, "solve_sylvester", dense_sylvester)
-    old = equivalent_steps(A, B, s, s * B.T @ G_hat, s * G_hat @ A.T)
-    for got, want in zip(new, old):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    a, b = s * B.T @ G_hat, s * G_hat @ A.T
+    for got, want in zip(equivalent_steps(A, B, s, a, b), dense_equivalent_steps(A, B, s, a, b)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("case", sorted(SYLVESTER_CASES))
+def test_the_regularised_inverse_is_pinv_of_m_plus_delta(case):
+    """One eigh serves the inverse and the solve; the inverse is still the official ``pinv(M + δI)``."""
+    g = torch.Generator().manual_seed(3)
+    for r in (1, 4, 16):
+        M = SYLVESTER_CASES[case](g, r, torch.float64)[0]
+        want = torch.linalg.pinv(M + DELTA * torch.eye(r, dtype=M.dtype))
+        got = Spectrum.of(M).regularised_inverse()
+        assert ((got - want).norm() / want.norm()).item() < 1e-6
 
 
 # Issue 25 item 3: LoRA-Pro under any adapter name, or a refusal; never a silent AdamW.
@@ -263,7 +282,7 @@ def test_two_trained_adapters_on_one_layer_are_refused():
     model = lrzoo.wrap(tiny_llama(), "lora_pro", adapter_name="first", r=4)
     model = lrzoo.wrap(model, "lora_pro", adapter_name="second", r=4)
     model.base_model.set_adapter(["first", "second"])
-    with pytest.raises(ValueError, match=r"q_proj trains 2 active LoRA adapters \('first', 'second'\).*one adapter at a"):
+    with pytest.raises(ValueError, match=r"q_proj trains 2 active LoRA adapters \('first', 'second'\).*one adapter"):
         lrzoo.make_optimizer(model, lr=1e-2)
 
 
@@ -332,3 +351,12 @@ def test_lora_pro_options_are_checked(options, message):
     options = {"lr": 1e-2, **options}
     with pytest.raises(ValueError, match=message):
         lrzoo.make_optimizer(lrzoo.wrap(tiny_llama(), "lora_pro", r=4), **options)
+
+
+def test_the_step_time_benchmark_runs_and_prints_a_row_per_rank(capsys):
+    """docs/adapters/lora_pro.md#step-time comes from this command; only that it runs is tested (not its times)."""
+    from lrzoo.optimizers.lora_pro_bench import main
+
+    main(["--ranks", "2", "4", "--width", "16", "--layers", "1", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["2", "4"]

@@ -34,9 +34,9 @@ LORA_PRO_TRAINING_DEFAULTS = {
 def build_lora_pro_config(use_dora: bool = False, **kwargs: Any) -> LoraConfig:
     """LoRA's config; ``use_dora=True`` is refused: the closed form is derived for ``W + s·B A`` only."""
     if use_dora:
-        raise ValueError("lrzoo.wrap(..., 'lora_pro'): use_dora=True is refused: LoRA-Pro's closed form is derived for "
-                         "W + s·B A, not DoRA's m ⊙ (W + s·B A)/‖W + s·B A‖, so its steps would not be the ones closest "
-                         "to full fine-tuning's. Drop use_dora, or use wrap(model, 'dora') (trained with AdamW).")
+        raise ValueError("lrzoo.wrap(..., 'lora_pro'): use_dora=True is refused: LoRA-Pro's closed form is derived "
+                         "for W + s·B A, not DoRA's m ⊙ (W + s·B A)/‖W + s·B A‖, so its steps would not be the ones "
+                         "closest to full fine-tuning's. Drop use_dora, or use wrap(model, 'dora') (trained with AdamW).")
     return build_lora_config(**kwargs)
 
 

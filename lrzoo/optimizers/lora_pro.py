@@ -42,39 +42,56 @@ from .checks import check_adamw, check_group_lr
 DELTA = 1e-8
 
 
-def _inverse(matrix: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return torch.linalg.pinv(matrix + DELTA * eye)
+class Spectrum(NamedTuple):
+    """``M = U diag(λ) Uᵀ`` of a symmetric PSD r×r Gram matrix (BᵀB or AAᵀ): one ``eigh`` serves both the
+    regularised inverse and the Sylvester solve."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+
+    @classmethod
+    def of(cls, matrix: torch.Tensor) -> "Spectrum":
+        # eigh is deterministic for a given input on a given machine, as a resumed run needs
+        return cls(*torch.linalg.eigh(matrix))
+
+    def regularised_inverse(self) -> torch.Tensor:
+        """``pinv(M + δI)`` as the official code takes it (by SVD there), with pinv's cut-off: a |λ + δ| at or below
+        r·eps·max|λ + δ| counts as 0."""
+        shifted = self.values + DELTA
+        cutoff = shifted.shape[0] * torch.finfo(shifted.dtype).eps * shifted.abs().max()
+        inverse = torch.where(shifted.abs() > cutoff, shifted.reciprocal(), torch.zeros_like(shifted))
+        return (self.vectors * inverse) @ self.vectors.T
 
 
 def solve_sylvester(P: torch.Tensor, Q: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """X with ``P X + X Q + δ X = C`` for symmetric PSD r×r P, Q (the Gram matrices BᵀB, AAᵀ), in O(r³).
+    """X with ``P X + X Q + δ X = C`` for symmetric PSD r×r P, Q (the Gram matrices BᵀB, AAᵀ), in O(r³)."""
+    return _sylvester(Spectrum.of(P), Spectrum.of(Q), C)
 
-    With P = U diag(λ) Uᵀ and Q = V diag(μ) Vᵀ, Y = Uᵀ X V turns the equation into r² scalar ones,
-    ``(λ_i + μ_j + δ) Y_ij = (Uᵀ C V)_ij``: two symmetric eigendecompositions and four r×r products instead of
-    the (r²×r²) system ``(I ⊗ P + Qᵀ ⊗ I + δI) vec X = vec C`` it solves exactly (O(r⁶): 18.7 s per step at
-    r = 64). δ keeps it solvable where P and Q are both singular; their eigenvalues are ≥ 0 exactly (Gram
-    matrices), so the negative round-off ones are clamped and every divisor is ≥ δ. ``eigh`` is
-    deterministic for a given input on a given machine, as a resumed run needs.
+
+def _sylvester(P: Spectrum, Q: Spectrum, C: torch.Tensor) -> torch.Tensor:
+    """With P = U diag(λ) Uᵀ and Q = V diag(μ) Vᵀ, Y = Uᵀ X V turns ``P X + X Q + δ X = C`` into r² scalar
+    equations, ``(λ_i + μ_j + δ) Y_ij = (Uᵀ C V)_ij``: four r×r products instead of the (r²×r²) system
+    ``(I ⊗ P + Qᵀ ⊗ I + δI) vec X = vec C`` it solves exactly (O(r⁶): 18.7 s per step at r = 64, 16 GiB per
+    layer at r = 256). δ keeps it solvable where P and Q are both singular; their eigenvalues are ≥ 0 exactly
+    (Gram matrices), so negative round-off ones are clamped and every divisor is ≥ δ.
     """
-    lam, U = torch.linalg.eigh(P)
-    mu, V = torch.linalg.eigh(Q)
+    (lam, U), (mu, V) = P, Q
     divisor = lam.clamp_min(0)[:, None] + mu.clamp_min(0)[None, :] + DELTA
     return U @ ((U.T @ C @ V) / divisor) @ V.T
 
 
 class Grams(NamedTuple):
-    """BᵀB, AAᵀ and their regularised inverses: computed once per step, used by both closed forms."""
+    """BᵀB and AAᵀ (as spectra) and their regularised inverses: computed once per step for both closed forms."""
 
-    BtB: torch.Tensor
-    AAt: torch.Tensor
+    BtB: Spectrum
+    AAt: Spectrum
     BtB_inv: torch.Tensor
     AAt_inv: torch.Tensor
 
     @classmethod
     def of(cls, A: torch.Tensor, B: torch.Tensor) -> "Grams":
-        BtB, AAt = B.T @ B, A @ A.T
-        return cls(BtB, AAt, _inverse(BtB), _inverse(AAt))
+        BtB, AAt = Spectrum.of(B.T @ B), Spectrum.of(A @ A.T)
+        return cls(BtB, AAt, BtB.regularised_inverse(), AAt.regularised_inverse())
 
 
 def equivalent_steps(A: torch.Tensor, B: torch.Tensor, scaling: float, a: torch.Tensor, b: torch.Tensor,
@@ -90,7 +107,7 @@ def equivalent_steps(A: torch.Tensor, B: torch.Tensor, scaling: float, a: torch.
     residual = b - B @ (g.BtB_inv @ (B.T @ b))  # (I − P_B) b
     grad_B = s2 * residual @ g.AAt_inv
     if with_x:
-        X = solve_sylvester(g.BtB, g.AAt, -s2 * g.BtB_inv @ a @ A.T)
+        X = _sylvester(g.BtB, g.AAt, -s2 * g.BtB_inv @ a @ A.T)
         grad_A = grad_A + X @ A
         grad_B = grad_B - B @ X
     return grad_A, grad_B
@@ -118,8 +135,8 @@ class LoraProAdamW(torch.optim.Optimizer):
         check_group_lr("LoRA-Pro", self.param_groups)
         self.pairs = [(A, B, float(s)) for A, B, s in lora_pairs]
         if not self.pairs:
-            raise ValueError("LoRA-Pro: no LoRA pair (A, B, s) was given, so every parameter would train as plain AdamW. "
-                             "Pass lora_pairs(model), or use torch.optim.AdamW if that is what you want.")
+            raise ValueError("LoRA-Pro: no LoRA pair (A, B, s) was given, so every parameter would train as plain "
+                             "AdamW. Pass lora_pairs(model), or use torch.optim.AdamW if that is what you want.")
         self.bias_correction_offset = int(bias_correction_offset)
         in_groups = {id(p) for group in self.param_groups for p in group["params"]}
         missing = [i for i, (A, B, _) in enumerate(self.pairs) if id(A) not in in_groups or id(B) not in in_groups]
@@ -228,8 +245,8 @@ def lora_pairs(model: nn.Module, adapter_name: Optional[str] = None) -> list[tup
     if not pairs:
         scope = f" under adapter {adapter_name!r} (adapters found: {', '.join(sorted(seen)) or 'none'})" \
             if adapter_name is not None else ""
-        raise ValueError(f"LoRA-Pro found no trainable LoRA pair (lora_A/lora_B weights){scope}, so it would train plain "
-                         "AdamW. Wrap the model with lrzoo.wrap(model, 'lora_pro'), or build AdamW explicitly.")
+        raise ValueError(f"LoRA-Pro found no trainable LoRA pair (lora_A/lora_B weights){scope}, so it would train "
+                         "plain AdamW. Wrap the model with lrzoo.wrap(model, 'lora_pro'), or build AdamW explicitly.")
     return pairs
 
 
