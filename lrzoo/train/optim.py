@@ -55,7 +55,9 @@ def make_optimizer(
             ``betas``, ``eps``) go in ``optimizer_kwargs``. Not combined with LoRA+ or ``optimizer_cls``.
         lora_pro: build LoRA-Pro's optimizer (:class:`lrzoo.optimizers.lora_pro.LoraProAdamW`): every LoRA
             pair takes the step closest to full fine-tuning's, the rest plain AdamW. Defaults to what
-            ``wrap(..., "lora_pro")`` recorded (with its ``bias_correction_offset``).
+            ``wrap(..., "lora_pro")`` recorded (with its ``bias_correction_offset``). The pairs are found under
+            any adapter name (:func:`lrzoo.optimizers.lora_pro.lora_pairs`); a model with none, or with LoRA
+            tensors outside LoRA-Pro's closed form (DoRA, embeddings...), is refused, never trained as AdamW.
     """
     head = head_parameter_ids(model)
     _check_lr_is_used(model, lr, head_lr, head)
