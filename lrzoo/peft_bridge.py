@@ -375,21 +375,24 @@ def repacked_4bit_layers(model: nn.Module) -> list[str]:
 
 
 def refuse_repacked_base(model: nn.Module, what: str) -> None:
-    """Refuse to train an adapter on a 4-bit base that bitsandbytes has repacked for its CPU inference kernel.
+    """Refuse a 4-bit base that bitsandbytes has repacked for its CPU inference kernel (wrap and every load).
 
     bitsandbytes 0.50 repacks a 4-bit weight in place on the first eval-mode, no-grad forward on a CPU with
     AVX512-bf16 (a quick look at the model). A repacked layer computes through a kernel without a backward:
-    the loss's gradient reaches no adapter tensor, so a run "succeeds" and trains nothing. The repacking
-    cannot be undone exactly (it rounds the block scales to bf16), so the only fix is a fresh load.
+    the loss's gradient reaches no adapter tensor, so a run "succeeds" and trains nothing. Nor can it be
+    undone exactly: unpacking keeps the block scales rounded to bf16, and it happens in place on the next
+    ``state_dict()``, which every PEFT load and save calls (measured: weights move by up to 0.03, logits by
+    0.2), so even an inference load would run on another base. The only fix is a fresh load of the base.
     """
     packed = repacked_4bit_layers(model)
     if packed:
         raise ValueError(
             f"{what}: {len(packed)} bitsandbytes 4-bit layer(s) (e.g. {packed[0]}) were repacked in place for "
             "bitsandbytes' CPU inference kernel by an eval-mode forward without gradients before lrzoo saw the model; "
-            "that kernel has no backward (nothing would train) and the repacking cannot be undone exactly. Reload the "
-            "quantized model and wrap it (or load the adapter) before any eval-mode forward: from then on lrzoo keeps "
-            "bitsandbytes' standard layout, so looking at the model after wrap is safe."
+            "that kernel has no backward (nothing would train) and the repacking cannot be undone exactly (loading or "
+            "saving would change the base weights in place). Reload the quantized model and wrap it (or load the "
+            "adapter) before any eval-mode forward: from then on lrzoo keeps bitsandbytes' standard layout, so "
+            "looking at the model after that is safe."
         )
 
 
@@ -398,24 +401,16 @@ def keep_quantized_layout(model: nn.Module) -> int:
 
     On a CPU with AVX512-bf16, bitsandbytes 0.50 repacks a 4-bit weight in place on the first eval-mode
     forward (for a bf16 kernel), and every later ``state_dict()`` (each ``save_pretrained``) unpacks it
-    again in place, lossily: measured here, weights move by up to 0.03 and logits by 0.2 after one save.
-    Neither PEFT nor bnb then reads W correctly (DoRA's norm, exports, fingerprints), and a repacked layer
-    has no backward (:func:`refuse_repacked_base`). lrzoo turns that repacking off on every 4-bit layer of a
-    model it wraps or loads into: bnb takes its fp32 dequantize-then-matmul path in eval too (exact; slower
-    on CPU; GPUs are unaffected).
+    again in place, lossily; a repacked layer also has no backward (:func:`refuse_repacked_base`, which
+    wrap and every load call first). lrzoo turns that repacking off on every 4-bit layer of a model it
+    wraps or loads into: bnb takes its fp32 dequantize-then-matmul path in eval too (exact; slower on
+    CPU; GPUs are unaffected).
     """
     count = 0
-    packed = repacked_4bit_layers(model)
     for module in model.modules():
         if is_quantized(module) and getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
             count += 1
-    if packed:  # an inference-only load (training ones are refused before this)
-        warnings.warn(
-            f"{len(packed)} bitsandbytes 4-bit layer(s) (e.g. {packed[0]}) were already repacked for the CPU bf16 kernel "
-            "by an eval-mode forward before lrzoo saw the model; saving will unpack them lossily (bitsandbytes 0.50). "
-            "Reload the quantized model and wrap it before running it in eval mode.",
-            RuntimeWarning, stacklevel=2)
     return count
 
 
@@ -544,17 +539,6 @@ def _check_loaded(model: PeftModel, adapter_name: str, path: str, load_result) -
         )
 
 
-def _argument(function, name: str, *args, **kwargs):
-    """The value ``function(*args, **kwargs)`` would see for parameter ``name`` (given by position or keyword)."""
-    import inspect
-
-    try:
-        bound = inspect.signature(function).bind_partial(*args, **kwargs)
-    except TypeError:  # PEFT reports the bad call itself
-        return None
-    return bound.arguments.get(name, inspect.signature(function).parameters[name].default)
-
-
 def _check_rank_field(path_json_file: str, r) -> None:
     """An ``adapter_config.json`` whose ``r`` is not a positive integer (``"4"``, a string) fails here, with the
     file, instead of as a TypeError deep inside PEFT's layer construction."""
@@ -590,8 +574,7 @@ def _install_load_checks() -> None:
 
     def checked_load_adapter(self, model_id, adapter_name, *args, **kwargs):
         path = os.path.join(str(model_id), kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
-        if _argument(load_adapter, "is_trainable", self, model_id, adapter_name, *args, **kwargs):
-            refuse_repacked_base(self, f"load_adapter({path!r}, is_trainable=True)")
+        refuse_repacked_base(self, f"load_adapter({path!r})")
         known = self.peft_config.get(adapter_name)
         checked = _is_checked(known.peft_type if known is not None else _local_peft_type(path))
         if checked:
@@ -611,9 +594,7 @@ def _install_load_checks() -> None:
 
     def checked_from_pretrained(cls, model, model_id, *args, **kwargs):
         path = os.path.join(str(model_id), kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
-        if _argument(from_pretrained, "is_trainable", cls, model, model_id, *args, **kwargs):
-            # before PEFT injects anything into the caller's model
-            refuse_repacked_base(model, f"PeftModel.from_pretrained(model, {path!r}, is_trainable=True)")
+        refuse_repacked_base(model, f"PeftModel.from_pretrained(model, {path!r})")  # before PEFT touches the model
         with _loading(path):
             return from_pretrained(cls, model, model_id, *args, **kwargs)
 
