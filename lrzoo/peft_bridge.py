@@ -17,8 +17,10 @@ the checkpoint side: use :func:`lrzoo.export_lora` for stock-PEFT consumers).
 
 Importing this module also wraps PEFT's load path once (:func:`_install_load_checks`), so that an
 lrzoo checkpoint (``LRZOO_*``, and the ``LORA``/``RANDLORA`` ones lrzoo's lora, dora and randlora
-save) with a missing or non-finite tensor, a missing weights file or an unknown ``LRZOO_*`` type
-fails loudly, naming the file and the fix, instead of loading half-initialised.
+save) with a missing, unplaced (no place in the model) or non-finite tensor, a missing weights file,
+an ``r`` that is not a positive integer or an unknown ``LRZOO_*`` type fails loudly, naming the file
+and the fix, instead of loading half-initialised; and no load goes into a 4-bit base that bitsandbytes
+already repacked for its CPU kernel (:func:`refuse_repacked_base`).
 """
 
 from __future__ import annotations
@@ -468,13 +470,16 @@ def _file_key(key: str, adapter_name: str) -> str:
 def _file_keys(path: str) -> list[str]:
     """The tensor names in the local weights file of ``path`` (none for a Hub id), without reading the tensors."""
     file = _weights_file(path)
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
 
-        with safe_open(file, framework="pt") as handle:
-            return list(handle.keys())
-    if file.endswith(".bin"):
-        return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            with safe_open(file, framework="pt") as handle:
+                return list(handle.keys())
+        if file.endswith(".bin"):
+            return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # noqa: BLE001 - only a finer diagnosis is lost; the caller's own error still stands
+        return []
     return []
 
 
