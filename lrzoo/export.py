@@ -5,7 +5,8 @@ Each adapted layer contributes ΔW (against the *original* base weight):
 * layers whose ΔW is low-rank by construction give exact factors ``B'A' = ΔW`` (LoRA, LoRA-XS,
   LoLDU, SVFit, FLoRA...), written as they are: exact up to fp error;
 * the others (DoRA, RandLoRA, TeRA) are truncated by SVD to the requested rank and the relative
-  Frobenius error ``‖ΔW − B'A'‖ / ‖ΔW‖`` is reported per layer.
+  Frobenius error ``‖ΔW − B'A'‖ / ‖ΔW‖`` is reported per layer, and on screen in one
+  :class:`LossyExportWarning` (the largest and mean error) whenever it exceeds float32 rounding.
 
 The checkpoint uses ``lora_alpha = r`` (scale 1), one ``target_modules`` entry per layer path, and
 ``rank_pattern``/``alpha_pattern`` where layers differ in rank. Conv layers become PEFT LoRA-conv
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +30,7 @@ from peft.utils import get_peft_model_state_dict
 from peft.utils.other import ModulesToSaveWrapper, transpose
 from safetensors.torch import save_file
 
-from .io import refuse_foreign_files, replace_files_in
+from .io import refuse_foreign_files, remove_stale_siblings, replace_files_in
 from .kernels.common import DORA_EPS
 from .kernels.randlora import randlora_factors
 from .layer import AdapterLayer
@@ -38,6 +40,12 @@ from .targets import is_quantized, weight_shape
 
 #: what an export writes into its directory (and all it may replace there).
 EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "export_report.json")
+#: a layer whose relative error is below this is exact up to float32 rounding (a full-rank SVD, say)
+EXACT_TOLERANCE = 1e-6
+
+
+class LossyExportWarning(UserWarning):
+    """``export_lora`` truncated a ΔW that is not low-rank (DoRA, RandLoRA, TeRA): the export is an approximation."""
 
 
 @dataclass
@@ -144,13 +152,17 @@ def export_lora(
             layers that need an SVD. An int: every layer at that rank (SVD where needed).
         adapter_name: which adapter (default: the active one).
         dtype: dtype of the written tensors (default: the adapter's own).
-        overwrite: write into a directory that already holds files, replacing only the three files
-            an export writes (nothing else there is touched). Without it a non-empty ``out_dir`` is refused.
+        overwrite: write into a directory that already holds other files, replacing only the three
+            files an export writes (nothing else there is touched). Without it, a directory that holds
+            anything but an earlier export is refused; an earlier export alone is replaced, as
+            ``save_pretrained`` replaces an earlier save (so a script that saves and exports can run again).
 
     Returns:
-        The report: per-layer rank, exactness and relative error, and the maximum error.
+        The report: per-layer rank, exactness and relative error, and the maximum error. A lossy export
+        (a layer truncated with a relative error above 1e-6) also says so in a :class:`LossyExportWarning`.
     """
-    refuse_foreign_files(out_dir, overwrite, EXPORT_FILES, "export_lora")
+    remove_stale_siblings(out_dir)  # temporary folders of an export that was killed before it finished
+    refuse_foreign_files(out_dir, overwrite or _earlier_export(out_dir), EXPORT_FILES, "export_lora")
     adapter = adapter_name or peft_model.active_adapter
     problem = lora_export_problem(peft_model, adapter)  # ReLoRA after resets or with trained non-adapter weights
     if problem:
@@ -212,7 +224,33 @@ def export_lora(
                   os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "export_report.json"), "w") as f:
             json.dump(report, f, indent=2)
+    _warn_if_lossy(report, layers, out_dir)
     return report
+
+
+def _earlier_export(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds an earlier export and nothing else (its report among its files)."""
+    try:
+        present = set(os.listdir(out_dir))
+    except OSError:
+        return False
+    return "export_report.json" in present and present <= set(EXPORT_FILES)
+
+
+def _warn_if_lossy(report: dict, layers: list[ExportedLayer], out_dir: str) -> None:
+    """One line on screen when the export is an approximation: which method, how many layers, how far off."""
+    lossy = [layer for layer in layers if layer.relative_error > EXACT_TOLERANCE]
+    if not lossy:
+        return
+    worst = max(lossy, key=lambda layer: layer.relative_error)
+    mean = sum(layer.relative_error for layer in lossy) / len(lossy)
+    ranks = sorted({layer.rank for layer in lossy})
+    warnings.warn(
+        f"export_lora is lossy for this {report['source_method']} adapter: {len(lossy)} of {len(layers)} layers have a "
+        f"ΔW of higher rank and were truncated by SVD to rank {'/'.join(map(str, ranks))}, with relative error "
+        f"‖ΔW − B′A′‖/‖ΔW‖ up to {worst.relative_error:.2e} ({worst.name}; mean {mean:.2e}; every layer in "
+        f"{os.path.join(out_dir, 'export_report.json')}). Pass a larger rank= for a closer export.",
+        LossyExportWarning, stacklevel=3)
 
 
 def _adapters_of(module: BaseTunerLayer) -> set[str]:

@@ -2,13 +2,19 @@
 
 A process killed mid-write leaves its temporary sibling, ``.<name>.tmp-XXXXXXXX`` (or, between the
 two renames of :func:`atomic_directory`, ``.<name>.old-XXXXXXXX``);
-:func:`lrzoo.train.run_dir.remove_leftovers` clears those from a run directory on its next start.
+:func:`lrzoo.train.run_dir.remove_leftovers` clears those from a run directory on its next start, and
+:func:`remove_stale_siblings` those of one target (``export_lora`` calls it before each export). A writer
+holds an OS lock (``flock``) on its temporary directory while it writes; the kernel drops it when the
+writer dies in any way (``kill -9`` included), so a temporary directory nobody holds is stale.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -25,6 +31,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    lock = _hold(tmp)  # tells remove_stale_siblings that its writer is alive
     try:
         yield tmp
         old = None
@@ -37,6 +44,8 @@ def atomic_directory(path: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _release(lock)
 
 
 @contextlib.contextmanager
@@ -113,9 +122,67 @@ def replace_files_in(path: str) -> Iterator[str]:
         return
     path = os.path.abspath(path)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    lock = _hold(tmp)
     try:
         yield tmp
         for name in sorted(os.listdir(tmp)):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _release(lock)
+
+
+def remove_stale_siblings(path: str) -> list[str]:
+    """Delete the temporary siblings of ``path`` that interrupted writes left (``.<name>.tmp-XXXXXXXX``, and
+    ``.<name>.old-XXXXXXXX`` once ``path`` exists again); return their paths.
+
+    Only directories no live process holds are touched: each writer of :func:`atomic_directory` and
+    :func:`replace_files_in` keeps a ``flock`` on its own, so a concurrent write to ``path`` keeps its
+    directory; one from a killed writer (or from an lrzoo that took no lock) is removed.
+    """
+    path = os.path.abspath(path)
+    parent, base = os.path.split(path)
+    pattern = re.compile(rf"^\.{re.escape(base)}\.(tmp|old)-[a-z0-9_]{{8}}$")
+    try:
+        names = sorted(os.listdir(parent))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for name in names:
+        match = pattern.match(name)
+        sibling = os.path.join(parent, name)
+        if not match or os.path.islink(sibling) or not os.path.isdir(sibling):
+            continue
+        if match.group(1) == "old" and not os.path.isdir(path):  # killed between the two renames: the old copy
+            continue                                              # is the only complete one; leave it
+        lock = _hold(sibling)
+        if lock is None:  # a live writer holds it (or the filesystem cannot tell): leave it
+            continue
+        try:
+            shutil.rmtree(sibling, ignore_errors=True)
+        finally:
+            _release(lock)
+        removed.append(sibling)
+    return removed
+
+
+def _hold(directory: str):
+    """An exclusive ``flock`` on ``directory`` (its open descriptor), or ``None`` where another holds it or the
+    filesystem has no such locks."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        return None
+    return fd
+
+
+def _release(fd) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops its flock

@@ -17,8 +17,10 @@ the checkpoint side: use :func:`lrzoo.export_lora` for stock-PEFT consumers).
 
 Importing this module also wraps PEFT's load path once (:func:`_install_load_checks`), so that an
 lrzoo checkpoint (``LRZOO_*``, and the ``LORA``/``RANDLORA`` ones lrzoo's lora, dora and randlora
-save) with a missing or non-finite tensor, a missing weights file or an unknown ``LRZOO_*`` type
-fails loudly, naming the file and the fix, instead of loading half-initialised.
+save) with a missing, unplaced (no place in the model) or non-finite tensor, a missing weights file,
+an ``r`` that is not a positive integer or an unknown ``LRZOO_*`` type fails loudly, naming the file
+and the fix, instead of loading half-initialised; and no load goes into a 4-bit base that bitsandbytes
+already repacked for its CPU kernel (:func:`refuse_repacked_base`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from peft.utils.other import transpose  # W or Wᵀ for fan_in_fan_out layers
 
 __all__ = ["DoraLinearLayer", "DoraLinearVariant", "PeftLoraLinear", "PeftRandLoraLinear", "transpose"]
 
-from .fingerprint import weights_fingerprint
+from .fingerprint import fingerprint_as, weights_fingerprint
 from .targets import DEFAULT_TARGET_MODULES, is_quantized
 
 PEFT_TYPE_PREFIX = "LRZOO_"
@@ -96,7 +98,7 @@ class LrzooTuner(BaseTuner):
         # BaseTuner.__init__, while PeftModel.add_adapter (and so load_adapter of a second adapter) goes
         # straight to inject_adapter. Both paths pass here exactly once per adapter.
         config = self.peft_config[adapter_name]
-        self._check_base_weights(model, config)
+        self._check_base_weights(model, config, adapter_name)
         # Methods with frozen tensors shared across layers (TeRA) build them here, on the tuner, so
         # they are saved once rather than per layer.
         self.tuner_layer_cls.prepare_shared(self, model, config, adapter_name)
@@ -142,7 +144,7 @@ class LrzooTuner(BaseTuner):
                 found.append((name, module))
         return found
 
-    def _check_base_weights(self, model: nn.Module, config) -> None:
+    def _check_base_weights(self, model: nn.Module, config, adapter_name: str) -> None:
         """Fingerprint the targeted base weights at wrap time; refuse a different base at load time.
 
         Adapters whose frozen factors come from W (SVD, LU) or that rewrite W are only correct on
@@ -151,14 +153,16 @@ class LrzooTuner(BaseTuner):
         # Resolve target_modules=None to the architecture default first (inject_adapter would do it
         # later), so no config leaves here without a fingerprint.
         config = self._prepare_adapter_config(config, self.get_model_config(model))
-        # a quantized layer is hashed by its dequantized values, so the same quantized checkpoint matches
-        named = [(name, dequantized_weight(layer) if is_quantized(layer) else layer.weight)
-                 for name, layer in self.targeted_base_layers(model, config)]
-        fingerprint = weights_fingerprint(named)
+        layers = self.targeted_base_layers(model, config)
+
+        def named():  # a quantized layer is hashed by its dequantized values, one layer's copy at a time
+            for name, layer in layers:
+                yield name, dequantized_weight(layer) if is_quantized(layer) else layer.weight
+
+        source = _LOADING.get()
         if config.base_weights_hash is None:
-            source = _LOADING.get()
             if source is None and not config.inference_mode:  # wrap time: record it
-                config.base_weights_hash = fingerprint
+                config.base_weights_hash = weights_fingerprint(named())
                 return
             # A checkpoint without a fingerprint (older lrzoo, or a hand-made config) cannot be
             # checked. Warn rather than raise: it is unverified, not known to be wrong, and raising
@@ -172,12 +176,21 @@ class LrzooTuner(BaseTuner):
                 UnverifiedBaseWeightsWarning,
                 stacklevel=2,
             )
-        elif config.base_weights_hash != fingerprint:
-            raise ValueError(
-                f"This {config.lrzoo_method} adapter was made for different base weights (fingerprint "
-                f"{config.base_weights_hash}, this model's targeted weights give {fingerprint}). Load it on the "
-                "base model it was trained on (same checkpoint, not merged), or re-train it for this one."
-            )
+            return
+        fingerprint = fingerprint_as(config.base_weights_hash, named())
+        if config.base_weights_hash == fingerprint:
+            return
+        # Tensors for layers this model does not have (or does not target) are the more precise
+        # diagnosis: another depth, or target_modules/layers_to_transform edited in the config.
+        unplaced = _unplaced_keys(_file_keys(source), [name for name, _ in layers],
+                                  getattr(config, "modules_to_save", None)) if source else []
+        if unplaced:
+            raise unplaced_tensors_error(source, adapter_name, unplaced)
+        raise ValueError(
+            f"This {config.lrzoo_method} adapter was made for different base weights (fingerprint "
+            f"{config.base_weights_hash}, this model's targeted weights give {fingerprint}). Load it on the "
+            "base model it was trained on (same checkpoint, not merged), or re-train it for this one."
+        )
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         if peft_config.target_modules is None:
@@ -357,31 +370,49 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return dequantize_module_weight(layer).detach().float()
 
 
+def repacked_4bit_layers(model: nn.Module) -> list[str]:
+    """Names of the bitsandbytes 4-bit layers of ``model`` already repacked for bnb's CPU inference kernel."""
+    return [name for name, module in model.named_modules()
+            if is_quantized(module) and getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False)]
+
+
+def refuse_repacked_base(model: nn.Module, what: str) -> None:
+    """Refuse a 4-bit base that bitsandbytes has repacked for its CPU inference kernel (wrap and every load).
+
+    bitsandbytes 0.50 repacks a 4-bit weight in place on the first eval-mode, no-grad forward on a CPU with
+    AVX512-bf16 (a quick look at the model). A repacked layer computes through a kernel without a backward:
+    the loss's gradient reaches no adapter tensor, so a run "succeeds" and trains nothing. Nor can it be
+    undone exactly: unpacking keeps the block scales rounded to bf16, and it happens in place on the next
+    ``state_dict()``, which every PEFT load and save calls (measured: weights move by up to 0.03, logits by
+    0.2), so even an inference load would run on another base. The only fix is a fresh load of the base.
+    """
+    packed = repacked_4bit_layers(model)
+    if packed:
+        raise ValueError(
+            f"{what}: {len(packed)} bitsandbytes 4-bit layer(s) (e.g. {packed[0]}) were repacked in place for "
+            "bitsandbytes' CPU inference kernel by an eval-mode forward without gradients before lrzoo saw the model; "
+            "that kernel has no backward (nothing would train) and the repacking cannot be undone exactly (loading or "
+            "saving would change the base weights in place). Reload the quantized model and wrap it (or load the "
+            "adapter) before any eval-mode forward: from then on lrzoo keeps bitsandbytes' standard layout, so "
+            "looking at the model after that is safe."
+        )
+
+
 def keep_quantized_layout(model: nn.Module) -> int:
     """Keep every bitsandbytes 4-bit layer of ``model`` in bnb's standard layout; returns how many were switched.
 
     On a CPU with AVX512-bf16, bitsandbytes 0.50 repacks a 4-bit weight in place on the first eval-mode
     forward (for a bf16 kernel), and every later ``state_dict()`` (each ``save_pretrained``) unpacks it
-    again in place, lossily: measured here, weights move by up to 0.03 and logits by 0.2 after one save.
-    Neither PEFT nor bnb then reads W correctly (DoRA's norm, exports, fingerprints). lrzoo turns that
-    repacking off on every 4-bit layer of a model it wraps or loads into: bnb takes its fp32
-    dequantize-then-matmul path in eval too (exact; slower on CPU; GPUs are unaffected).
+    again in place, lossily; a repacked layer also has no backward (:func:`refuse_repacked_base`, which
+    wrap and every load call first). lrzoo turns that repacking off on every 4-bit layer of a model it
+    wraps or loads into: bnb takes its fp32 dequantize-then-matmul path in eval too (exact; slower on
+    CPU; GPUs are unaffected).
     """
-    count, packed = 0, []
-    for name, module in model.named_modules():
-        if not is_quantized(module):
-            continue
-        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
-            packed.append(name)
-        if getattr(module, "support_avx512bf16_for_cpu", False):
+    count = 0
+    for module in model.modules():
+        if is_quantized(module) and getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
             count += 1
-    if packed:
-        warnings.warn(
-            f"{len(packed)} bitsandbytes 4-bit layer(s) (e.g. {packed[0]}) were already repacked for the CPU bf16 kernel "
-            "by an eval-mode forward before lrzoo saw the model; saving will unpack them lossily (bitsandbytes 0.50). "
-            "Reload the quantized model and wrap it before running it in eval mode.",
-            RuntimeWarning, stacklevel=2)
     return count
 
 
@@ -436,8 +467,60 @@ def _file_key(key: str, adapter_name: str) -> str:
     return ".".join(parts)
 
 
+def _file_keys(path: str) -> list[str]:
+    """The tensor names in the local weights file of ``path`` (none for a Hub id), without reading the tensors."""
+    file = _weights_file(path)
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt") as handle:
+                return list(handle.keys())
+        if file.endswith(".bin"):
+            return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # noqa: BLE001 - only a finer diagnosis is lost; the caller's own error still stands
+        return []
+    return []
+
+
+def _unplaced_keys(keys: list[str], layer_names: list[str], modules_to_save) -> list[str]:
+    """The keys of an lrzoo-native file that belong to no targeted layer and no ``modules_to_save`` module.
+
+    Such a file names a layer's tensors ``base_model.model.<layer path>.<tensor>``; tensors shared by
+    all layers (TeRA's) are ``base_model.<tensor>`` and always have their place on the tuner.
+    """
+    unplaced = []
+    for key in keys:
+        if not key.startswith(PEFT_MODEL_PREFIX):
+            continue
+        path = key[len(PEFT_MODEL_PREFIX):]
+        if any(path.startswith(name + ".") for name in layer_names):
+            continue
+        if any(f".{module}." in f".{path}" for module in modules_to_save or ()):
+            continue
+        unplaced.append(key)
+    return unplaced
+
+
+def unplaced_tensors_error(path: str, adapter_name: str, keys: list[str], config=None) -> ValueError:
+    """The one-line error for checkpoint tensors that have no place in the model they are loaded into."""
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    if getattr(config, "use_dora", None) is False and any("lora_magnitude_vector" in key for key in keys):
+        why = ("it holds DoRA magnitudes (lora_magnitude_vector) but its adapter_config.json does not say "
+               "use_dora: true; set it back to true")
+    else:
+        why = ("it was saved from a model with other layers or targets (another depth or architecture, or "
+               "target_modules/layers_to_transform edited in its adapter_config.json); load it onto the model it "
+               "was trained on, with the adapter_config.json it was saved with")
+    return ValueError(
+        f"{_weights_file(path)}: {len(keys)} tensor(s) of adapter {adapter_name!r} have no place in this model and "
+        f"would be dropped silently ({shown}): {why}."
+    )
+
+
 def _check_loaded(model: PeftModel, adapter_name: str, path: str, load_result) -> None:
-    """Refuse adapter tensors that the checkpoint lacked (left at init) or that are NaN/Inf."""
+    """Refuse a load that did not account for every tensor: adapter tensors the checkpoint lacked (left
+    at init), tensors of the checkpoint that found no place in the model (dropped), NaN/Inf values."""
     source = _weights_file(path)
     # PEFT already kept only this adapter's own tensors; name them as the file does (no adapter name).
     missing = [_file_key(key, adapter_name) for key in load_result.missing_keys]
@@ -447,6 +530,9 @@ def _check_loaded(model: PeftModel, adapter_name: str, path: str, load_result) -
             f"initial values: {missing[:8]}{' ...' if len(missing) > 8 else ''}. Re-save the adapter with "
             "save_pretrained from the trained model (and load it onto the same architecture and target_modules)."
         )
+    if load_result.unexpected_keys:  # PEFT's load_state_dict(strict=False) skips them without a word
+        raise unplaced_tensors_error(source, adapter_name, list(load_result.unexpected_keys),
+                                     model.peft_config.get(adapter_name))
     state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     bad = [key for key, tensor in state.items()
            if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all()]
@@ -455,6 +541,16 @@ def _check_loaded(model: PeftModel, adapter_name: str, path: str, load_result) -
             f"{source} holds NaN/Inf values in {len(bad)} tensor(s) of adapter {adapter_name!r}: "
             f"{bad[:8]}{' ...' if len(bad) > 8 else ''}. The training run diverged or the file is damaged; "
             "re-save from an earlier (finite) checkpoint or retrain with a lower learning rate."
+        )
+
+
+def _check_rank_field(path_json_file: str, r) -> None:
+    """An ``adapter_config.json`` whose ``r`` is not a positive integer (``"4"``, a string) fails here, with the
+    file, instead of as a TypeError deep inside PEFT's layer construction."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(
+            f"{path_json_file}: r must be a positive integer (the rank), got {r!r} ({type(r).__name__}). Write it "
+            'as a JSON number, e.g. "r": 8.'
         )
 
 
@@ -483,6 +579,7 @@ def _install_load_checks() -> None:
 
     def checked_load_adapter(self, model_id, adapter_name, *args, **kwargs):
         path = os.path.join(str(model_id), kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
+        refuse_repacked_base(self, f"load_adapter({path!r})")
         known = self.peft_config.get(adapter_name)
         checked = _is_checked(known.peft_type if known is not None else _local_peft_type(path))
         if checked:
@@ -502,12 +599,15 @@ def _install_load_checks() -> None:
 
     def checked_from_pretrained(cls, model, model_id, *args, **kwargs):
         path = os.path.join(str(model_id), kwargs["subfolder"]) if kwargs.get("subfolder") else str(model_id)
+        refuse_repacked_base(model, f"PeftModel.from_pretrained(model, {path!r})")  # before PEFT touches the model
         with _loading(path):
             return from_pretrained(cls, model, model_id, *args, **kwargs)
 
     def checked_from_json_file(cls, path_json_file, **kwargs):
         loaded = from_json_file(cls, path_json_file, **kwargs)
         peft_type = loaded.get("peft_type") if isinstance(loaded, dict) else None
+        if isinstance(peft_type, str) and _is_checked(peft_type) and "r" in loaded:
+            _check_rank_field(path_json_file, loaded["r"])
         if isinstance(peft_type, str) and peft_type.startswith(PEFT_TYPE_PREFIX) \
                 and peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
             known = sorted(name for name in map(_type_name, PEFT_TYPE_TO_CONFIG_MAPPING)

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .peft_bridge import keep_quantized_layout
+from .peft_bridge import keep_quantized_layout, refuse_repacked_base
 from .registry import AdapterSpec, adapter_defaults, get_adapter, record_training_options
 from .targets import LINEAR_TYPES, TargetSpec, default_targets, is_quantized, resolve_targets, weight_shape
 
@@ -116,8 +116,9 @@ def wrap(
 
     Raises:
         ValueError: a rank or alpha that is not a positive number (alpha = 0 would train nothing), a
-            rank larger than a targeted layer allows, targets that match nothing or only part, or
-            base weights on the meta device.
+            rank larger than a targeted layer allows, targets that match nothing or only part,
+            base weights on the meta device, or a 4-bit base that bitsandbytes repacked for its CPU
+            inference kernel (an eval-mode forward before ``wrap``; reload it).
         TypeError: integer/quantized base weights, or an option the method does not have.
 
     Returns:
@@ -156,6 +157,7 @@ def wrap(
     requested = default_targets(base) if target_modules is None else target_modules
     targets = resolve_targets(base, requested, supported, exclude=modules_to_save or ())
     _check_base_weights(base, targets, modules_to_save or (), spec.name)
+    refuse_repacked_base(base, f"lrzoo.wrap(..., {spec.name!r})")  # bnb's CPU repacking: nothing would train
     _check_quantized_base(spec, base, targets)
     _check_rank(targets, r, rank_source)
 

@@ -104,6 +104,26 @@ def test_unknown_lrzoo_type_names_config_types_and_fix(saved, loader, tmp_path):
     assert "Upgrade lrzoo" in message and "register" in message
 
 
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("rank", ["4", 4.0, 0, True])
+def test_a_rank_that_is_not_a_positive_integer_names_the_config(saved, method, loader, rank, tmp_path):
+    """"r": "4" in adapter_config.json was PEFT's TypeError ('<=' not supported between str and int) or a
+    torch one deep inside layer construction (issue 25 item 13)."""
+    path, _, _, _ = damaged_copy(saved, method, tmp_path)
+    config_file = path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "r": rank}))
+    with pytest.raises(ValueError, match=re.escape(str(config_file)) + ": r must be a positive integer") as error:
+        LOADERS[loader](fresh_base(method), path)
+    assert "\n" not in str(error.value) and '"r": 8' in str(error.value)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_wrap_says_r_must_be_a_positive_integer(method):
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        lrzoo.wrap(fresh_base(method), method, r="4")
+
+
 def test_a_damaged_second_adapter_is_not_left_on_the_model(saved, tmp_path):
     path, weights, tensors, key = damaged_copy(saved, "lora_xs", tmp_path)
     del tensors[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -37,7 +38,7 @@ def test_checkpoint_records_method_policy_and_fingerprint(tmp_path):
     assert config["peft_type"] == "LRZOO_LORA_XS"
     assert config["lrzoo_method"] == "lora_xs"
     assert config["frozen_factors"] == "saved"
-    assert len(config["base_weights_hash"]) == 32
+    assert re.fullmatch(r"v2-[0-9a-f]{32}", config["base_weights_hash"])
 
 
 def test_transformers_load_adapter_loads_a_native_method(tmp_path):

@@ -216,3 +216,69 @@ def test_lora_sb_takes_its_gradient_init_on_a_quantized_base(base_dir):
     model = lrzoo.wrap(quantized(base_dir, "nf4"), "lora_sb", r=4, init_data=batches, init_lr=1e-2)
     _, layer = _adapted(model)[0]
     assert layer.sb_R["default"].abs().max() > 0  # initialised from the gradient, not left at zero
+
+
+# ----------------------------------------------------------------------------- bitsandbytes' CPU repacking
+# Issue 25 item 7: on a CPU with AVX512-bf16, bnb 0.50 repacks a 4-bit weight in place on the first eval-mode
+# forward without gradients (a quick look at the model). A repacked layer runs a kernel without a backward: an
+# adapter wrapped on it got no gradient at all and the run "succeeded". wrap and trainable loads refuse it.
+REPACK_REFUSAL = "repacked in place for bitsandbytes' CPU inference kernel.*Reload the quantized model"
+
+
+def _looked_at(base_dir):
+    """A freshly quantized nf4 model after one eval-mode, no-grad forward; skips where bnb does not repack."""
+    model = quantized(base_dir, "nf4")
+    with torch.no_grad():
+        model(torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5)))
+    if not any(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
+               for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"):
+        pytest.skip("bitsandbytes did not repack here (no AVX512-bf16 CPU kernel)")
+    return model
+
+
+def _one_step_grads(model):
+    """Gradients of the trainable tensors after one training step's backward."""
+    x = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6))
+    model.train()
+    model(x, labels=x).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "lora_xs"])
+def test_wrap_refuses_a_base_repacked_by_an_eval_forward(method, base_dir):
+    model = _looked_at(base_dir)
+    with pytest.raises(ValueError, match=REPACK_REFUSAL):
+        grads = _one_step_grads(lrzoo.wrap(model, method, r=4))
+        # what the old code did: the step "succeeded" with no gradient on any adapter tensor
+        assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), "nothing trains"
+
+
+def test_a_look_after_wrap_leaves_training_intact(base_dir):
+    model = lrzoo.wrap(quantized(base_dir, "nf4"), "lora", r=4, init_lora_weights=False).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5)))
+    grads = _one_step_grads(model)
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("is_trainable", [False, True], ids=["inference", "trainable"])
+@pytest.mark.parametrize("loader", ["PeftModel.from_pretrained", "lrzoo.load", "load_adapter"])
+def test_a_load_onto_a_repacked_base_is_refused(loader, is_trainable, base_dir, tmp_path):
+    """Trainable, it would train nothing; for inference too, PEFT's load calls state_dict(), which unpacks the
+    weights in place and lossily, so the adapter would run on another base than the one it was trained on."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    path = str(tmp_path / "adapter")
+    lrzoo.wrap(quantized(base_dir, "nf4"), "lora", r=4, init_lora_weights=False).save_pretrained(path)
+    model = _looked_at(base_dir)
+    if loader == "load_adapter":  # a second adapter into a model stock get_peft_model wrapped after the look
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        with pytest.raises(ValueError, match=REPACK_REFUSAL):
+            peft_model.load_adapter(path, adapter_name="second", is_trainable=is_trainable)
+        assert list(peft_model.peft_config) == ["default"]
+        return
+    load = PeftModel.from_pretrained if loader == "PeftModel.from_pretrained" else lrzoo.load
+    with pytest.raises(ValueError, match=REPACK_REFUSAL):
+        load(model, path, is_trainable=is_trainable)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())  # refused before PEFT touched it
