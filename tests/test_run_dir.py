@@ -417,3 +417,62 @@ def test_a_resume_appends_to_metrics_csv_and_drops_a_row_cut_short(tmp_path):
     logger.on_train_begin(SimpleNamespace(start_step=4))
     logger.on_log(6, {"train/loss": 0.5})
     assert _metric_rows(path) == [(2, "train/loss"), (6, "train/loss")] and path.stat().st_ino != inode
+
+
+# A child handed its launcher's claim on a run directory: it takes the lock (adopts it), says so, waits for "go".
+ADOPTER = textwrap.dedent("""
+    import os, sys
+    from lrzoo.train.run_dir import HANDOVER_ENV, RunLock
+    with RunLock(sys.argv[1]) as lock:
+        print("adopted", HANDOVER_ENV in os.environ, flush=True)
+        sys.stdin.readline()
+""")
+
+
+def test_a_claimed_run_dir_is_handed_to_the_process_launched_for_it(tmp_path):
+    run_dir = str(tmp_path / "run")
+    claim = RunLock(run_dir)
+    claim.acquire()
+    assert live_holder(run_dir)["pid"] == str(os.getpid())   # claimed: another sweep's look sees it taken
+    child = subprocess.Popen([sys.executable, "-c", ADOPTER, run_dir], env={**os.environ, **claim.handover_env()},
+                             pass_fds=(claim.fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().split() == ["adopted", "False"]   # not refused; the variable is used up
+        assert live_holder(run_dir)["pid"] == str(child.pid)
+        with pytest.raises(RunDirInUse, match=f"in use by process {child.pid}"):
+            RunLock(run_dir).acquire()                                       # anyone else is still refused
+        child.communicate("go\n", timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0
+    claim.release()
+    assert live_holder(run_dir) is None and (tmp_path / "run" / LOCK_NAME).read_text() == ""
+    # without the hand-over the child is refused, as any other process would be
+    claim.acquire()
+    refused = subprocess.run([sys.executable, "-c", ADOPTER, run_dir], capture_output=True, text=True, input="go\n")
+    claim.release()
+    assert refused.returncode != 0 and "RunDirInUse" in refused.stderr
+
+
+def test_a_damaged_results_json_is_moved_aside_and_the_run_finished_again(tmp_path, capfd):
+    from lrzoo.cli.report import collect
+
+    data = write_sst2(tmp_path / "data")
+    extra = ["trainer.save_every=4", "trainer.eval_every=100"]
+    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *extra))
+    run_dir = Path(run_dir_of(cfg))
+    first = run_recipe(cfg, str(run_dir))
+    results = run_dir / "results.json"
+    damaged = results.read_bytes()[:40]                      # cut short (a copy interrupted, a disk error)
+    results.write_bytes(damaged)
+    capfd.readouterr()
+    assert collect(tmp_path / "runs") == []                  # lrzoo-report: skipped, named
+    assert f"skipping {results}" in capfd.readouterr().err
+
+    again = run_recipe(cfg, str(run_dir))                   # not a bare JSONDecodeError: redone from step 4
+    err = capfd.readouterr().err
+    (aside,) = run_dir.glob("results.json.damaged-*")
+    assert aside.read_bytes() == damaged
+    assert f"{results} is damaged (JSONDecodeError" in err and f"moved to {aside}" in err
+    assert json.loads(results.read_text())["metrics"] == first["metrics"] == again["metrics"]
+    assert len(collect(tmp_path / "runs")) == 1
