@@ -71,6 +71,9 @@ RESUME_CASES = {
     "relora": ["adapter.r=4", "adapter.relora_steps=3", "adapter.restart_warmup_steps=1"],
     # the data-dependent init runs again on resume and must agree with the checkpoint
     "lora_sb": ["adapter.r=4"],
+    # optimizer states beyond AdamW's moments, read back under torch.load(weights_only=True)
+    "lora_pro": ["adapter.dropout=0.1"],
+    "salt": [],
 }
 
 
