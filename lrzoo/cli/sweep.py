@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..io import atomic_file
 from ..train.run_dir import RunDirInUse, RunLock
 from .plan import LOG_FILE, STATUS_FILE, CellState, Composer, Outcome, Plan, PlannedRun, PlanError, cell_state, \
     format_lr, load_plan, outcome_in_dir
@@ -183,7 +184,8 @@ class Sweep:
                   "config_hash": run.config_hash, "key": run.key, "seed": run.seed, "method": run.method,
                   "task": run.task, "lr": run.lr, "head_lr": run.head, "log": LOG_FILE,
                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        status_path.write_text(json.dumps(status, indent=1) + "\n")
+        with atomic_file(str(status_path)) as handle:  # a sweep killed mid-write leaves the old status, not half
+            handle.write(json.dumps(status, indent=1) + "\n")
         if diverged:
             self.diverged[run.run_dir] = detail[:300]
         else:
