@@ -25,12 +25,14 @@ from typing import Iterator
 def atomic_directory(path: str) -> Iterator[str]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
 
-    An existing ``path`` is moved aside first and removed only after the new one is in place.
+    An existing ``path`` is moved aside first and removed only after the new one is in place. The new
+    directory keeps the mode ``path`` had, or gets that of a plain ``mkdir`` (0777 less the umask), not
+    ``mkdtemp``'s private 0700: a saved adapter or checkpoint stays readable by whoever could read its parent.
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    tmp = _new_sibling_dir(path)
     lock = _hold(tmp)  # tells remove_stale_siblings that its writer is alive
     try:
         yield tmp
@@ -85,6 +87,22 @@ def _new_sibling(path: str) -> tuple[int, str]:
         except FileNotFoundError:
             pass
         return fd, tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _new_sibling_dir(path: str) -> str:
+    """A new ``.<name>.tmp-XXXXXXXX`` directory beside ``path``, made as ``mkdir`` would (0777 less the umask),
+    then given ``path``'s own mode if it is a directory."""
+    directory, base = os.path.split(path)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{base}.tmp-{secrets.token_hex(4)}")   # LEFTOVER_RE's 8 characters
+        try:
+            os.mkdir(tmp, 0o777)
+        except FileExistsError:
+            continue
+        if os.path.isdir(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        return tmp
     raise FileExistsError(f"no free temporary name beside {path}")
 
 

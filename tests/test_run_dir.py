@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from lrzoo.cli.train import run_recipe
-from lrzoo.train.resume import CheckpointFallbackWarning, UnreadableCheckpoint
+from lrzoo.train.resume import STATE_KEYS, CheckpointFallbackWarning, UnreadableCheckpoint, UnsafeCheckpoint, \
+    read_trainer_state
 from lrzoo.train.run_dir import LOCK_NAME, RunDirInUse, RunLock, live_holder, remove_leftovers
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
@@ -220,6 +221,85 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
                       str(run_dir))["steps"] == 8
 
 
+class _Payload:
+    """What a hostile checkpoint holds: unpickling it runs a shell command (here: creating a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant_payload(state_file: Path, marker: Path) -> None:
+    """Replace ``state_file`` by a well-formed trainer state (every key) whose progress runs the payload."""
+    torch.save({**{key: None for key in STATE_KEYS}, "progress": _Payload(marker)}, state_file)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_the_older_one_resumed(tmp_path):
+    data = write_sst2(tmp_path / "data")
+    extra = ["adapter.dropout=0.1", "trainer.save_every=2", "trainer.eval_every=100"]
+    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *extra, "trainer.stop_after=6"))
+    run_dir = Path(run_dir_of(cfg))
+    assert run_recipe(cfg, str(run_dir)) is None
+    newest = run_dir / "checkpoints" / "step-0000006" / "trainer_state.pt"
+    marker = tmp_path / "payload-ran"
+    _plant_payload(newest, marker)
+
+    # resume=<that checkpoint>: refused with its path and what it would have run; nothing ran
+    explicit = compose([*tiny_run_overrides(data, tmp_path / "runs", *extra), f"resume={newest.parent}"])
+    with pytest.raises(UnsafeCheckpoint) as refused:
+        run_recipe(explicit, str(run_dir))
+    assert str(newest) in str(refused.value) and "posix.system" in str(refused.value)
+    assert not marker.exists()
+
+    # resume=auto: the same refusal is a fallback to the previous (safe) checkpoint, and the run finishes
+    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *extra))
+    with pytest.warns(CheckpointFallbackWarning) as warned:
+        resumed = run_recipe(cfg, str(run_dir))
+    (message,) = [str(w.message) for w in warned if issubclass(w.category, CheckpointFallbackWarning)]
+    assert str(newest) in message and "refused" in message and "posix.system" in message
+    assert str(run_dir / "checkpoints" / "step-0000004" / "trainer_state.pt") in message
+    assert resumed["steps"] == 8 and not marker.exists()
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_reading_a_hostile_state_file_runs_nothing(tmp_path, how):
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+    folder = tmp_path / "step-0000002"
+    folder.mkdir()
+    if how == "torch.save":
+        _plant_payload(folder / "trainer_state.pt", marker)
+    else:  # a bare pickle, not torch's zip format
+        (folder / "trainer_state.pt").write_bytes(pickle.dumps({"rng": _Payload(marker)}, protocol=2))
+    with pytest.raises(UnsafeCheckpoint, match="was refused: loading it would run posix.system"):
+        read_trainer_state(str(folder))
+    assert not marker.exists()
+
+
+def test_rng_state_round_trips_through_a_checkpoint_file(tmp_path):
+    """python's and numpy's RNG states are the non-tensor parts of a checkpoint: both load back exactly under
+    weights_only (numpy's through the allow-list) and continue the same streams."""
+    import random
+
+    import numpy as np
+
+    from lrzoo.train.checkpoint import rng_state, set_rng_state
+
+    random.seed(3)
+    np.random.seed(3)
+    np.random.standard_normal()  # numpy's cached Gaussian is part of its state
+    torch.manual_seed(3)
+    folder = tmp_path / "step-0000001"
+    folder.mkdir()
+    torch.save({**{key: None for key in STATE_KEYS}, "rng": [rng_state()]}, folder / "trainer_state.pt")
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    set_rng_state(read_trainer_state(str(folder))["rng"][0])
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
 def test_atomic_file_keeps_the_permissions_a_plain_write_would_have(tmp_path):
     """mkstemp creates 0600 files; a file rewritten through atomic_file keeps its mode, a new one gets 0666 less
     the umask, as open() would give it (docs rewritten by make results-docs stay readable)."""
@@ -239,3 +319,160 @@ def test_atomic_file_keeps_the_permissions_a_plain_write_would_have(tmp_path):
         assert fresh.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+def test_atomic_directory_respects_the_umask_and_keeps_an_existing_mode(tmp_path):
+    """mkdtemp makes 0700 folders: adapters, checkpoints and exports written through atomic_directory get 0777
+    less the umask, as mkdir would give them, and a replaced folder keeps its mode."""
+    from lrzoo.io import atomic_directory
+
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "adapter"
+        with atomic_directory(str(fresh)) as tmp:
+            Path(tmp, "adapter_config.json").write_text("{}")
+        assert fresh.stat().st_mode & 0o777 == 0o755
+        fresh.chmod(0o750)
+        with atomic_directory(str(fresh)) as tmp:
+            Path(tmp, "adapter_config.json").write_text("{}")
+        assert fresh.stat().st_mode & 0o777 == 0o750
+        os.umask(0o077)
+        private = tmp_path / "private"
+        with atomic_directory(str(private)):
+            pass
+        assert private.stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(umask)
+
+
+# Resumes the run with the disk "full" from the moment the metrics logger starts: no file may grow past 64 bytes
+# (RLIMIT_FSIZE; SIGXFSZ ignored, so such a write fails with EFBIG as it would with ENOSPC).
+DISK_FULL = textwrap.dedent("""
+    import json, resource, signal, sys
+    sys.path.insert(0, {tests!r})
+    from recipe_helpers import compose, run_dir_of
+    from lrzoo.cli.train import run_recipe
+    from lrzoo.train.callbacks import CSVLogger
+
+    begin = CSVLogger.on_train_begin
+    def disk_full_from_here(self, trainer):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))
+        begin(self, trainer)
+    CSVLogger.on_train_begin = disk_full_from_here
+    cfg = compose(json.loads(sys.argv[1]))
+    run_recipe(cfg, run_dir_of(cfg))
+""")
+
+
+def _metric_rows(path: Path) -> list[tuple[int, str]]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return [(int(row["step"]), row["name"]) for row in csv.DictReader(handle)]
+
+
+@pytest.mark.slow
+def test_metrics_csv_keeps_every_row_when_a_resume_cannot_write(tmp_path):
+    data = write_sst2(tmp_path / "data")
+    extra = ["trainer.save_every=4", "trainer.eval_every=100", "trainer.log_every=1"]
+    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *extra, "trainer.stop_after=4"))
+    run_dir = Path(run_dir_of(cfg))
+    assert run_recipe(cfg, str(run_dir)) is None
+    metrics = run_dir / "metrics.csv"
+    # what a run killed at step 6, after its checkpoint at 4, leaves: rows the resume must drop (a rewrite)
+    with open(metrics, "a", newline="") as handle:
+        handle.write("5,train/loss,0.5\r\n5,train/lr,0.001\r\n6,train/loss,0.4\r\n")
+    before = metrics.read_text()
+    assert len(before) > 64 and [s for s, _ in _metric_rows(metrics)].count(4) == 2
+
+    overrides = tiny_run_overrides(data, tmp_path / "runs", *extra)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    full = subprocess.run([sys.executable, "-c", DISK_FULL.format(tests=str(REPO / "tests")), json.dumps(overrides)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode != 0 and "File too large" in full.stderr, full.stderr[-2000:]
+    assert metrics.read_text() == before  # the failed rewrite left the file as it was
+
+    resumed = run_recipe(compose(overrides), str(run_dir))  # space again: the resume drops steps 5-6 and goes on
+    assert resumed["steps"] == 8
+    rows = _metric_rows(metrics)
+    assert [s for s, name in rows if name == "train/loss"] == list(range(1, 9)) and len(rows) == len(set(rows))
+    assert not any(p.name.startswith(".metrics.csv") for p in run_dir.iterdir())
+
+
+def test_a_resume_appends_to_metrics_csv_and_drops_a_row_cut_short(tmp_path):
+    from types import SimpleNamespace
+
+    from lrzoo.train.callbacks import CSVLogger
+
+    logger = CSVLogger(str(tmp_path))
+    logger.on_train_begin(SimpleNamespace(start_step=0))
+    logger.on_log(2, {"train/loss": 0.75})
+    path = tmp_path / "metrics.csv"
+    inode = path.stat().st_ino
+    logger.on_train_begin(SimpleNamespace(start_step=2))   # nothing past the checkpoint: the file is not rewritten
+    assert path.stat().st_ino == inode
+    with open(path, "a") as handle:
+        handle.write("4,train/loss,0.6")                   # killed mid-row: the value itself may be cut
+    logger.on_train_begin(SimpleNamespace(start_step=4))
+    logger.on_log(6, {"train/loss": 0.5})
+    assert _metric_rows(path) == [(2, "train/loss"), (6, "train/loss")] and path.stat().st_ino != inode
+
+
+# A child handed its launcher's claim on a run directory: it takes the lock (adopts it), says so, waits for "go".
+ADOPTER = textwrap.dedent("""
+    import os, sys
+    from lrzoo.train.run_dir import HANDOVER_ENV, RunLock
+    with RunLock(sys.argv[1]) as lock:
+        print("adopted", HANDOVER_ENV in os.environ, flush=True)
+        sys.stdin.readline()
+""")
+
+
+def test_a_claimed_run_dir_is_handed_to_the_process_launched_for_it(tmp_path):
+    run_dir = str(tmp_path / "run")
+    claim = RunLock(run_dir)
+    claim.acquire()
+    assert live_holder(run_dir)["pid"] == str(os.getpid())   # claimed: another sweep's look sees it taken
+    child = subprocess.Popen([sys.executable, "-c", ADOPTER, run_dir], env={**os.environ, **claim.handover_env()},
+                             pass_fds=(claim.fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().split() == ["adopted", "False"]   # not refused; the variable is used up
+        assert live_holder(run_dir)["pid"] == str(child.pid)
+        with pytest.raises(RunDirInUse, match=f"in use by process {child.pid}"):
+            RunLock(run_dir).acquire()                                       # anyone else is still refused
+        child.communicate("go\n", timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0
+    claim.release()
+    assert live_holder(run_dir) is None and (tmp_path / "run" / LOCK_NAME).read_text() == ""
+    # without the hand-over the child is refused, as any other process would be
+    claim.acquire()
+    refused = subprocess.run([sys.executable, "-c", ADOPTER, run_dir], capture_output=True, text=True, input="go\n")
+    claim.release()
+    assert refused.returncode != 0 and "RunDirInUse" in refused.stderr
+
+
+def test_a_damaged_results_json_is_moved_aside_and_the_run_finished_again(tmp_path, capfd):
+    from lrzoo.cli.report import collect
+
+    data = write_sst2(tmp_path / "data")
+    extra = ["trainer.save_every=4", "trainer.eval_every=100"]
+    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *extra))
+    run_dir = Path(run_dir_of(cfg))
+    first = run_recipe(cfg, str(run_dir))
+    results = run_dir / "results.json"
+    damaged = results.read_bytes()[:40]                      # cut short (a copy interrupted, a disk error)
+    results.write_bytes(damaged)
+    capfd.readouterr()
+    assert collect(tmp_path / "runs") == []                  # lrzoo-report: skipped, named
+    assert f"skipping {results}" in capfd.readouterr().err
+
+    again = run_recipe(cfg, str(run_dir))                   # not a bare JSONDecodeError: redone from step 4
+    err = capfd.readouterr().err
+    (aside,) = run_dir.glob("results.json.damaged-*")
+    assert aside.read_bytes() == damaged
+    assert f"{results} is damaged (JSONDecodeError" in err and f"moved to {aside}" in err
+    assert json.loads(results.read_text())["metrics"] == first["metrics"] == again["metrics"]
+    assert len(collect(tmp_path / "runs")) == 1

@@ -601,33 +601,130 @@ def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path, monk
     assert not (taken.run_dir / STATUS_FILE).exists()
 
 
-def test_a_run_taken_between_look_and_launch_is_not_a_failure(tmp_path):
+def test_a_run_taken_between_look_and_launch_is_left_to_its_taker(tmp_path, monkeypatch):
+    """The other sweep claims a run after this one looked at the plan: this one's claim fails, so the run is never
+    launched here (not launched, refused and counted as a failure), and its result is waited for."""
+    import lrzoo.cli.sweep
+
+    monkeypatch.setattr(lrzoo.cli.sweep, "HELD_POLL_S", 0.2)
     plan = _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), seeds=(0,))
     composer = Composer(plan)
     taken = composer.run(plan.methods[0], "glue/sst2", 3.3e-4, 0)
     holder = None
+    ready = Sweep.ready
 
-    def launch(run, log):  # the other sweep wins the race for the first run: ours is refused (RunDirInUse)
+    def look_then_lose_the_race(self, states=None):
         nonlocal holder
-        if run.run_dir == taken.run_dir and holder is None:
-            result = {"config_hash": run.config_hash, "config": run.config, "seed": 0, "selection_score": 0.0}
-            holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run.run_dir), json.dumps(result), "2"],
+        runs = ready(self, states)
+        if holder is None and taken.run_dir in {r.run_dir for r in runs}:
+            result = {"config_hash": taken.config_hash, "config": taken.config, "seed": 0, "selection_score": 0.0}
+            holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(taken.run_dir), json.dumps(result), "2"],
                                       stdout=subprocess.PIPE, text=True)
             assert holder.stdout.readline().strip() == "holding"
-            return subprocess.Popen([sys.executable, "-c", "import sys; print('RunDirInUse: in use'); sys.exit(1)"],
-                                    stdout=log, stderr=subprocess.STDOUT)
-        return FakeRuns()(run, log)
+        return runs
 
-    lines = []
+    monkeypatch.setattr(Sweep, "ready", look_then_lose_the_race)
+    lines, fake = [], FakeRuns()
     try:
-        assert run_plan(plan, jobs=1, composer=composer, launch=launch, out=lines.append) == 0
+        assert run_plan(plan, jobs=1, composer=composer, launch=fake, out=lines.append) == 0
     finally:
         holder.kill()
         holder.wait()
+    assert taken.run_dir not in {r.run_dir for r in fake.launched} and len(fake.launched) == 2
     text = "\n".join(lines)
     assert "another process took it first; left to it" in text and "failed" not in text
     assert not (taken.run_dir / STATUS_FILE).exists()
     assert json.loads((taken.run_dir / "results.json").read_text())["selection_score"] == 0.0
+
+
+# A failed lrzoo-train as Hydra prints it: the reason is the exception line, Hydra's hint comes last.
+HYDRA_FAILURE = """import sys
+print("[lrzoo] lora on tiny_bert: 2,114 trainable of 38,852 parameters")
+print("Error executing job with overrides: ['model=tiny_bert']", file=sys.stderr)
+print("Traceback (most recent call last):", file=sys.stderr)
+print('  File "lrzoo/cli/train.py", line 345, in _hydra_task', file=sys.stderr)
+print("    results = run_recipe(cfg, run_dir)", file=sys.stderr)
+print("              ^^^^^^^^^^^^^^^^^^^^^^^^", file=sys.stderr)
+print("ValueError: the real reason, named", file=sys.stderr)
+print("  with a second line", file=sys.stderr)
+print("", file=sys.stderr)
+print("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", file=sys.stderr)
+sys.exit(1)
+"""
+
+
+def test_a_failed_runs_line_is_its_own_error_not_hydras_hint(tmp_path):
+    plan = _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), seeds=(0,))
+
+    def launch(run, log):
+        return subprocess.Popen([sys.executable, "-c", HYDRA_FAILURE], stdout=log, stderr=subprocess.STDOUT)
+
+    lines = []
+    assert run_plan(plan, jobs=1, composer=Composer(plan), launch=launch, out=lines.append) == 1
+    failures = [line for line in lines if "exit status 1" in line]
+    assert len(failures) == 3 and all("ValueError: the real reason, named" in line for line in failures), lines
+    assert not any("HYDRA_FULL_ERROR" in line for line in lines)
+    status = json.loads(next((tmp_path / "runs").rglob(STATUS_FILE)).read_text())
+    assert status["detail"] == "ValueError: the real reason, named"
+
+    from lrzoo.cli.sweep import failure_line
+    # no traceback: the last line that is not the hint; chained tracebacks: the last exception
+    assert failure_line("[lrzoo] stopping: bad option\n\nSet the environment variable HYDRA_FULL_ERROR=1 for a "
+                        "complete stack trace.\n") == "[lrzoo] stopping: bad option"
+    assert failure_line("Traceback (most recent call last):\n  File x\nKeyError: 'a'\n\nDuring handling of the "
+                        "above exception, another exception occurred:\n\nTraceback (most recent call last):\n  File y"
+                        "\nlrzoo.train.resume.UnsafeCheckpoint: /r/trainer_state.pt was refused\n") == \
+        "lrzoo.train.resume.UnsafeCheckpoint: /r/trainer_state.pt was refused"
+
+
+# One lane of a sweep, in its own process (a sweep installs signal handlers: it must be a main thread): it loads
+# the plan, says "ready", waits for "go" so that both lanes look at the plan in the same instant, then runs it
+# with stand-in runs that take a second (lrzoo-train's imports) and take no lock of their own, and records
+# every launch.
+LANE = """
+import json, math, os, subprocess, sys, time
+import lrzoo.cli.sweep as sweep
+from lrzoo.cli.plan import load_plan
+plan_path, record, go = sys.argv[1:4]
+sweep.HELD_POLL_S = 0.2
+
+def launch(run, log):
+    with open(record, "a") as handle:
+        handle.write(f"{os.getpid()} {run.run_dir}\\n")
+    result = {"config_hash": run.config_hash, "config": run.config, "seed": run.seed, "adapter": run.method,
+              "selection_score": 1 - abs(math.log10(run.lr) + 2.5), "score": 0.5}
+    code = (f"import json, pathlib, time; time.sleep(1); "
+            f"pathlib.Path({str(run.run_dir)!r}, 'results.json').write_text(json.dumps({result!r}))")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+
+plan = load_plan(plan_path)
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.005)
+sys.exit(sweep.run_plan(plan, jobs=2, launch=launch))
+"""
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_plan_started_together_launch_each_run_once(tmp_path):
+    plan = _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), seeds=(0, 1, 2))
+    record, go = tmp_path / "launched.txt", tmp_path / "go"
+    lanes = [subprocess.Popen([sys.executable, "-c", LANE, plan.path, str(record), str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        for lane in lanes:  # past its imports (whatever they print)
+            assert any(line.strip() == "ready" for line in lane.stdout), lane.pid
+        go.touch()
+        outputs = [lane.communicate(timeout=120)[0] for lane in lanes]
+    finally:
+        for lane in lanes:
+            lane.kill()
+    assert [lane.returncode for lane in lanes] == [0, 0], outputs
+    launches = [line.split() for line in record.read_text().splitlines()]
+    run_dirs = [run_dir for _, run_dir in launches]
+    assert len(run_dirs) == 5 and len(set(run_dirs)) == 5, launches  # 3 grid points + 2 seeds, each once
+    assert {pid for pid, _ in launches} == {str(lane.pid) for lane in lanes}  # and the work was shared
+    assert len(list((tmp_path / "runs").rglob("results.json"))) == 5
 
 
 # ---- end to end, tiny model ----

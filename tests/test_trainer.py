@@ -73,6 +73,7 @@ RESUME_CASES = {
     "lora_sb": ["adapter.r=4"],
     # full-size moments in the optimizer state and the eigendecomposition solve: a resume must redo it bit for bit
     "lora_pro": ["adapter.r=4"],
+    "salt": [],
 }
 
 

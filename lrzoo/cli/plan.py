@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from ..train.config import HELDOUT_PREFIX
-from ..train.run_dir import live_holder
+from ..train.run_dir import RESULTS_FILE, live_holder
 
 #: what ``lrzoo-sweep`` writes in a run directory whose run did not finish: ``status`` (``diverged`` or
 #: ``failed``), ``returncode``, ``config_hash``, ``key``, ``seed``, ``log``
@@ -562,7 +562,7 @@ def outcome_in_dir(run: PlannedRun, retry_failed: bool = False) -> Outcome:
     """What ``run``'s own directory says (``lrzoo-sweep``): finished with this configuration, diverged, held by
     another live process (``running``, with its PID in ``detail``: another sweep of the plan, or a hand-started
     run), or pending."""
-    result = read_json(run.run_dir / "results.json")
+    result = read_json(run.run_dir / RESULTS_FILE)
     if result is not None and result.get("config_hash") == run.config_hash:
         return Outcome("done", result, run.run_dir)
     status = read_json(run.run_dir / STATUS_FILE)
@@ -585,7 +585,7 @@ class RunIndex:
     def __init__(self, root: Path):
         self.results: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
         self.statuses: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
-        for path in sorted(Path(root).rglob("results.json")):
+        for path in sorted(Path(root).rglob(RESULTS_FILE)):
             result = read_json(path)
             if isinstance(result, dict) and isinstance(result.get("config"), dict):
                 self.results.setdefault((plan_key(result["config"]), result.get("seed")), (path.parent, result))

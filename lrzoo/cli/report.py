@@ -26,11 +26,13 @@ import csv
 import hashlib
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..train.config import HELDOUT_PREFIX
+from ..train.run_dir import RESULTS_FILE, read_results
 
 CSV_FIELDS = ("model", "adapter", "variant", "task", "metric", "n_seeds", "mean", "std", "trainable_params",
               "peak_memory_mb", "wall_time_s")
@@ -41,8 +43,12 @@ LABEL_KEYS = 3
 def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
     """One row per ``results.json`` under ``root`` and eval set; ``select="best"`` takes the best evaluation."""
     rows = []
-    for path in sorted(root.rglob("results.json")):
-        result = json.loads(path.read_text())
+    for path in sorted(root.rglob(RESULTS_FILE)):
+        result = read_results(str(path.parent), move_damaged=False)
+        if result is None:  # damaged: the run is unfinished until lrzoo-train moves the file aside and redoes it
+            print(f"[lrzoo-report] skipping {path}: not a JSON object (damaged); run the same lrzoo-train command "
+                  "again to finish that run", file=sys.stderr)
+            continue
         chosen = result.get("best", {}) if select == "best" else {"score": result.get("score"),
                                                                    "metrics": result.get("metrics", {})}
         if chosen.get("score") is None:

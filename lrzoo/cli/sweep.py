@@ -21,10 +21,15 @@ recorded as such in its directory (``sweep-status.json``) and counts as its grid
 is not retried unless ``--retry-failed``. Any other failure is listed at the end (exit status 1) and
 retried by the next invocation; the other runs go on.
 
-Several sweeps of one plan share the work (a second lane started later, or machines sharing the runs
-folder): a run directory has one writer at a time (:mod:`lrzoo.train.run_dir`), and a sweep leaves every run
-that another live process holds to that process, goes on with the rest, and before it stops waits for those
-runs, since the choices that follow them may need them.
+Several sweeps of one plan share the work (a second lane started later or at the same moment, or machines
+sharing the runs folder): a run directory has one writer at a time (:mod:`lrzoo.train.run_dir`). A sweep
+claims a run (takes its lock) before it launches it and hands the lock to the ``lrzoo-train`` it starts, so a
+run another sweep looked at in the same instant is launched once: the other sweep finds it taken and starts the
+next one. A sweep leaves every run that another live process holds to that process, goes on with the rest, and
+before it stops waits for those runs, since the choices that follow them may need them.
+
+A failed run's line in the summary is its own error: the exception line of the last traceback in its log
+(``Type: message``), not Hydra's closing hint.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..io import atomic_file
+from ..train.run_dir import RunDirInUse, RunLock
 from .plan import LOG_FILE, STATUS_FILE, CellState, Composer, Outcome, Plan, PlannedRun, PlanError, cell_state, \
     format_lr, load_plan, outcome_in_dir
 
@@ -51,6 +58,9 @@ POLL_S = 0.5
 STOP_GRACE_S = 30
 #: how often the plan is looked at again while another process holds some of its runs
 HELD_POLL_S = 10.0
+#: what Hydra prints after a failed job's traceback: never the reason a run failed
+HYDRA_HINT = "HYDRA_FULL_ERROR"
+TRACEBACK = "Traceback (most recent call last):"
 
 
 def train_env(threads: int = 1) -> dict[str, str]:
@@ -58,11 +68,38 @@ def train_env(threads: int = 1) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def launch_train(run: PlannedRun, log, threads: int = 1) -> subprocess.Popen:
-    """``python -m lrzoo.cli.train <overrides>`` in a session of its own (stopped by :func:`run_plan`)."""
+def launch_train(run: PlannedRun, log, threads: int = 1, claim: Optional[RunLock] = None) -> subprocess.Popen:
+    """``python -m lrzoo.cli.train <overrides>`` in a session of its own (stopped by :func:`run_plan`), given the
+    lock the sweep ``claim``-ed for it (it adopts it: :meth:`lrzoo.train.run_dir.RunLock.handover_env`)."""
+    handover = claim.handover_env() if claim is not None else {}
     return subprocess.Popen([sys.executable, "-m", "lrzoo.cli.train", *run.overrides], stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=train_env(threads),
-                            start_new_session=True)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**train_env(threads), **handover},
+                            start_new_session=True, pass_fds=(claim.fd,) if claim is not None else ())
+
+
+def claim_run(run: PlannedRun) -> Optional[RunLock]:
+    """Take ``run``'s lock for the process about to be launched for it, or None when another process holds it
+    (another sweep of the plan took it since this one looked)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(str(run.run_dir))
+    try:
+        lock.acquire()
+    except RunDirInUse:
+        return None
+    return lock
+
+
+def failure_line(text: str) -> str:
+    """The line that says why a run failed, from its log: the exception line (``Type: message``) of the last
+    traceback, or else the last line that is not Hydra's ``HYDRA_FULL_ERROR`` hint."""
+    lines = [line.rstrip() for line in text.splitlines() if line.strip() and HYDRA_HINT not in line]
+    starts = [i for i, line in enumerate(lines) if line.startswith(TRACEBACK)]
+    if starts:
+        # frames ("  File ...", the code, "^^^") are indented; the exception's first line is not
+        exception = next((line for line in lines[starts[-1] + 1:] if not line[0].isspace()), None)
+        if exception is not None:
+            return exception
+    return lines[-1].strip() if lines else ""
 
 
 def shown_command(run: PlannedRun) -> str:
@@ -76,6 +113,7 @@ class Running:
     log: object
     log_start: int
     started: float
+    claim: Optional[RunLock] = None   # the run's lock, taken by the sweep and handed to the run
 
 
 class Sweep:
@@ -125,6 +163,8 @@ class Sweep:
     def finish(self, item: Running, returncode: int) -> str:
         """Record a run that exited: done, diverged (final) or failed (retried next time)."""
         item.log.close()
+        if item.claim is not None:
+            item.claim.release()
         run = item.run
         status_path = run.run_dir / STATUS_FILE
         outcome = outcome_in_dir(run)
@@ -139,12 +179,13 @@ class Sweep:
             text = handle.read().decode(errors="replace")
         diverged = DIVERGED_MARK in text
         lines = [line for line in text.splitlines() if line.strip()]
-        detail = next((line.strip() for line in lines if DIVERGED_MARK in line), lines[-1].strip() if lines else "")
+        detail = next((line.strip() for line in lines if DIVERGED_MARK in line), None) or failure_line(text)
         status = {"status": "diverged" if diverged else "failed", "returncode": returncode, "detail": detail[:500],
                   "config_hash": run.config_hash, "key": run.key, "seed": run.seed, "method": run.method,
                   "task": run.task, "lr": run.lr, "head_lr": run.head, "log": LOG_FILE,
                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        status_path.write_text(json.dumps(status, indent=1) + "\n")
+        with atomic_file(str(status_path)) as handle:  # a sweep killed mid-write leaves the old status, not half
+            handle.write(json.dumps(status, indent=1) + "\n")
         if diverged:
             self.diverged[run.run_dir] = detail[:300]
         else:
@@ -159,7 +200,8 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
     """Run (or, ``dry_run``, list) what is left of ``plan``. Returns the exit status: 0 when nothing failed
     (also when ``max_minutes`` stopped it with runs left), 1 with failures, 130 when interrupted."""
     sweep = Sweep(plan, composer, retry_failed)
-    launch = launch or (lambda run, log: launch_train(run, log, threads))
+    claims: dict[Path, RunLock] = {}   # claimed, not launched yet: handed to the default launcher
+    launch = launch or (lambda run, log: launch_train(run, log, threads, claims[run.run_dir]))
     start = time.monotonic()
     deadline = start + 60 * max_minutes if max_minutes is not None else None
     states = sweep.states()
@@ -205,11 +247,30 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
                 for run in sweep.ready(states):
                     if len(sweep.running) >= jobs:
                         break
-                    run.run_dir.mkdir(parents=True, exist_ok=True)
+                    # claimed before the launch (lrzoo-train's imports take seconds): a sweep that looked at the
+                    # same moment finds the run taken and goes on with the next one
+                    claim = claim_run(run)
+                    if claim is None:
+                        out(f"[lrzoo-sweep] {run.label()}: another process took it first; left to it")
+                        held[run.run_dir], changed = "claimed by another process", True
+                        continue
+                    if outcome_in_dir(run, retry_failed).status in ("done", "diverged"):  # it ended meanwhile
+                        claim.release()
+                        changed = True
+                        continue
                     log = open(run.run_dir / LOG_FILE, "ab")
                     log.write(f"\n===== lrzoo-sweep {time.strftime('%Y-%m-%d %H:%M:%S')}: {shown_command(run)}\n".encode())
                     log.flush()
-                    sweep.running[run.run_dir] = Running(run, launch(run, log), log, log.tell(), time.monotonic())
+                    claims[run.run_dir] = claim
+                    try:
+                        process = launch(run, log)
+                    except BaseException:
+                        claim.release()
+                        log.close()
+                        raise
+                    finally:
+                        claims.pop(run.run_dir, None)
+                    sweep.running[run.run_dir] = Running(run, process, log, log.tell(), time.monotonic(), claim)
                     launched += 1
                     out(f"[lrzoo-sweep] start {run.label()} -> {run.run_dir}")
             if not sweep.running and not (held and before_deadline):
@@ -281,6 +342,8 @@ def _stop(items) -> int:
                 pass
             item.process.wait()
         item.log.close()
+        if item.claim is not None:
+            item.claim.release()
     return len(items)
 
 

@@ -160,13 +160,12 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     from lrzoo.train.config import HELDOUT_PREFIX, EvalConfig
     from lrzoo.train.procedures import LowRankOptimizerProcedure, procedure_for
     from lrzoo.train.resume import resume_latest
+    from lrzoo.train.run_dir import read_results
     from lrzoo.train.trainer import Trainer, TrainerConfig, seed_everything
 
     digest = config_hash(cfg)
-    done = os.path.join(run_dir, "results.json")
-    if str(cfg.get("resume", "auto")) == "auto" and os.path.isfile(done):
-        with open(done) as handle:
-            previous = json.load(handle)
+    previous = read_results(run_dir, move_damaged=is_main) if str(cfg.get("resume", "auto")) == "auto" else None
+    if previous is not None:
         if previous.get("config_hash") == digest:  # re-running a finished sweep skips what is done
             if is_main:
                 print(f"[lrzoo] {run_dir} already finished with this configuration; resume=never re-runs it")
@@ -318,6 +317,8 @@ def _train_rows(task: Any, train_tasks: Optional[list[str]], data_dir: Optional[
 
 
 def _summary(results: dict[str, Any], run_dir: str) -> str:
+    from lrzoo.train.run_dir import RESULTS_FILE
+
     def shown(value: Optional[float], scale: float = 1.0, digits: int = 4) -> str:
         return "null (not finite: see nonfinite_metrics)" if value is None else f"{scale * value:.{digits}f}"
 
@@ -327,7 +328,7 @@ def _summary(results: dict[str, Any], run_dir: str) -> str:
             f"{metrics}\n[lrzoo] {results['primary_metric']} = {shown(results['score'], 100, 2)}  "
             + (f"[{skipped} non-finite steps skipped] " if skipped else "") +
             f"({results['steps']} steps, {results['wall_time_s']:.0f} s, {results['train_tokens_per_s']:.0f} tokens/s); "
-            f"results in {os.path.join(run_dir, 'results.json')}")
+            f"results in {os.path.join(run_dir, RESULTS_FILE)}")
 
 
 def _hydra_task(cfg: DictConfig) -> Optional[float]:

@@ -20,6 +20,8 @@ import csv
 import os
 from typing import Any, Optional
 
+from ..io import atomic_file
+
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
 
 
@@ -38,7 +40,10 @@ class Callback:
 class CSVLogger(Callback):
     """Long-format ``metrics.csv`` (``step,name,value``): new metric names never change the header.
 
-    On resume, rows past the checkpoint's step are dropped first, so the file reads as one run.
+    The file is appended to, never rewritten in place: a resumed run appends after the rows it has. Only when
+    it holds rows past the checkpoint's step (a run killed after its last checkpoint), or a row cut short, is it
+    rewritten, atomically (:func:`lrzoo.io.atomic_file`), so the file reads as one run and a full disk fails the
+    run without losing a row written before.
     """
 
     FIELDS = ("step", "name", "value")
@@ -50,15 +55,30 @@ class CSVLogger(Callback):
     def on_train_begin(self, trainer: Any) -> None:
         if not self.is_main:
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        kept = []
-        if trainer.start_step > 0 and os.path.exists(self.path):
-            with open(self.path, newline="") as handle:
-                kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= trainer.start_step]
-        with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
-            writer.writeheader()
+        kept, intact = self._rows_up_to(trainer.start_step) if trainer.start_step > 0 else ([], False)
+        if intact:
+            return
+        with atomic_file(self.path, "w") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(self.FIELDS)
             writer.writerows(kept)
+
+    def _rows_up_to(self, step: int) -> tuple[list[list[str]], bool]:
+        """``(rows up to step, whether the file is exactly those rows)``: the file is kept as it is only then."""
+        try:
+            with open(self.path, newline="") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            return [], False
+        lines = text.splitlines()
+        whole = text.endswith("\n")
+        if not whole:  # a row cut short by a kill mid-append: its value may be cut too
+            lines = lines[:-1]
+        rows = list(csv.reader(lines))
+        if not rows or tuple(rows[0]) != self.FIELDS:
+            return [], False
+        kept = [row for row in rows[1:] if len(row) == 3 and row[0].isdigit() and int(row[0]) <= step]
+        return kept, whole and len(kept) == len(rows) - 1
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:

@@ -33,6 +33,7 @@ from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
 from . import loglik
 from .config import HELDOUT_PREFIX
 from .data import collate, encode_rows
+from .run_dir import RESULTS_FILE
 from .divergence import is_finite_number, json_safe
 from .sharding import gathered_root
 
@@ -122,7 +123,7 @@ class EvaluationMixin:
             return
         with atomic_file(os.path.join(self.run_dir, "predictions.json")) as handle:
             json.dump(json_safe({"sets": self.last_predictions}), handle, allow_nan=False)
-        with atomic_file(os.path.join(self.run_dir, "results.json")) as handle:
+        with atomic_file(os.path.join(self.run_dir, RESULTS_FILE)) as handle:
             json.dump(results, handle, indent=2, allow_nan=False)  # strict JSON: NaN is null
 
     @torch.no_grad()

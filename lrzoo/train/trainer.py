@@ -37,6 +37,7 @@ from .divergence import NonfiniteGuard, total_grad_norm
 from .evaluation import EvaluationMixin, peak_memory_mb
 from .precision import autocast_dtype, check_autocast, use_precision
 from .procedures import Procedure
+from .run_dir import check_shared
 from .sharding import shard_model
 
 # Re-exported: they lived here before the trainer was split (``from lrzoo.train.trainer import collate``).
@@ -101,6 +102,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         check_autocast(config.precision, self.autocast_dtype)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        if self.world > 1:  # several machines: before anything is resumed from, or written to, the run directory
+            check_shared(run_dir, self.rank, self.world)
 
         self.micro, self.accum = batch_layout(config, self.world)
         self.train_features = (encode_rows(list(train_rows), task.kind, tokenizer, config.max_length)
