@@ -244,3 +244,16 @@ def test_rounds_alternate_their_order_and_time_every_candidate_once_per_round():
     timings = bench.time_round_robin(fns, torch.device("cpu"), warmup=1, iters=3)
     assert calls == list("abc") + list("abc") + list("cba") + list("abc")
     assert [len(t.samples) for t in timings] == [3, 3, 3]
+
+
+def test_the_table_and_the_verdict_state_one_ratio(monkeypatch, capsys):
+    """The speed-up column is the inverse of the verdict's paired median, not the ratio of the two medians
+    (which differ here: the load drifts, and lrzoo's round is 0.9× PEFT's in two rounds of three, 1.2× in the third)."""
+    peft = [100.0 * 2 ** (i / 10) for i in range(30)]
+    lrzoo = [t * (0.9 if i % 3 else 1.2) for i, t in enumerate(peft)]
+    rows = _rows(lrzoo, peft)
+    assert abs(rows[1].fwd_bwd.median_ms / rows[2].fwd_bwd.median_ms - 0.9) > 0.05
+    _, out, _ = _check(monkeypatch, capsys, rows)
+    assert "fwd+bwd 0.90× PEFT" in out[-2]
+    table = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|") for line in out if line.startswith("| ")}
+    assert table[("lora", "lrzoo")][8].strip() == f"{1 / 0.9:.2f}×"

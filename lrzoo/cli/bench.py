@@ -4,7 +4,8 @@ For each method and shape it times one adapted ``nn.Linear`` in training mode (i
 gradient, frozen base) and prints:
 
 * fwd and fwd+bwd time as a ratio to a frozen ``F.linear`` timed in the same run;
-* the speed-up over eager PEFT where PEFT has the method (LoRA, DoRA, RandLoRA);
+* the speed-up over eager PEFT where PEFT has the method (LoRA, DoRA, RandLoRA): the median over
+  rounds of PEFT's time ÷ lrzoo's in the same round;
 * saved-activation bytes per layer: every tensor autograd saves during the forward
   (``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage, parameters and buffers
   excluded.
@@ -230,6 +231,17 @@ def run(methods, shapes, r, device, dtype, dropout, warmup, iters) -> list[Row]:
     return rows
 
 
+def paired_ratios(a: Timing, b: Timing) -> list[float]:
+    """a ÷ b round by round (the two were timed back to back in each round, under the same load)."""
+    return [x / y for x, y in zip(a.samples, b.samples)]
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """The median of :func:`paired_ratios`: the table's speed-up and ``--check`` use this one estimate."""
+    ratios = paired_ratios(a, b)
+    return statistics.median(ratios) if ratios else a.median_ms / b.median_ms
+
+
 def format_table(rows: list[Row]) -> str:
     frozen = {row.shape: row for row in rows if row.impl == "torch"}
     peft = {(row.method, row.shape): row for row in rows if row.impl == "peft"}
@@ -238,7 +250,7 @@ def format_table(rows: list[Row]) -> str:
     for row in rows:
         base = frozen[row.shape]
         ref = peft.get((row.method, row.shape)) if row.impl == "lrzoo" else None
-        speedup = f"{ref.fwd_bwd.median_ms / row.fwd_bwd.median_ms:.2f}×" if ref else "–"
+        speedup = f"{1 / paired_ratio(row.fwd_bwd, ref.fwd_bwd):.2f}×" if ref else "–"
         n, i, o = row.shape
         lines.append(
             f"| {row.method} | {row.impl} | {n}, {i}→{o} | {row.fwd.median_ms:.3f} ({row.fwd.iqr_ms:.3f}) "
@@ -288,8 +300,8 @@ def check_torch_targets(rows: list[Row], confidence: float = CONFIDENCE) -> list
         peft = by_key[(method, "peft", shape)]
         bounds = TORCH_TARGETS[method]
         outcomes, notes = [], []
-        ratios = [a / b for a, b in zip(row.fwd_bwd.samples, peft.fwd_bwd.samples)]
-        t_ratio = statistics.median(ratios) if ratios else row.fwd_bwd.median_ms / peft.fwd_bwd.median_ms
+        ratios = paired_ratios(row.fwd_bwd, peft.fwd_bwd)
+        t_ratio = paired_ratio(row.fwd_bwd, peft.fwd_bwd)
         interval = median_interval(ratios, confidence)
         time_text = f"fwd+bwd {t_ratio:.2f}× PEFT"
         if interval is not None:
