@@ -9,11 +9,14 @@ TORCH_SPEC ?= torch==2.13.0
 # Two workers for the two cores of the reference machine, one BLAS thread each (tiny models gain
 # nothing from more, and oversubscription slows everything down).
 PYTEST_ARGS ?= -n 2
+# `make bench`: timings only, no verdict (one small layer, a few rounds: too few to judge a target).
+# `make bench-check`: issue 5's torch-path targets at their shape with enough rounds; exits 1 on a FAIL and
+# 3 when the machine is too noisy to decide (docs/benchmarks.md#verdicts-lrzoo-bench---check).
 BENCH_ARGS ?= --quick
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench docs clean results-glue results-glue-tuned results-cs-loglik results-cs-question results-docs gpu-check
+.PHONY: install test demo bench bench-check docs clean results-glue results-glue-tuned results-cs-loglik results-cs-question results-docs gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +37,9 @@ demo: install
 
 bench: install
 	$(VENV)/bin/lrzoo-bench $(BENCH_ARGS)
+
+bench-check: install
+	$(VENV)/bin/lrzoo-bench --check
 
 # docs/results.md's GLUE table: every line of recipes/sweeps/glue_cpu.txt x 5 tasks x 3 seeds on the
 # glue_cpu budget, two runs at a time with one thread each (about 100 minutes on 2 cores). Each run has its

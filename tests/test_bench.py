@@ -1,10 +1,17 @@
-"""lrzoo-bench: the saved-activation accounting and a smoke run of the CLI on tiny shapes."""
+"""lrzoo-bench: the saved-activation accounting, a smoke run of the CLI on tiny shapes, and the verdict logic.
+
+No test here asserts on a measured time: the verdicts are checked on injected timings.
+"""
 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import weakref
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +38,9 @@ def test_bench_prints_ratios_and_the_peft_comparison(capsys):
                                                       [" lora ", " peft "], [" lora_xs ", " lrzoo "]]
     lora = rows[1].split("|")
     assert float(lora[5]) > 0 and lora[8].strip().endswith("×")
-    assert out.count("lora (64, 32, 32): fwd+bwd") == 1
+    # timings only: the verdict belongs to --check
+    assert not [line for line in out.splitlines() if line.startswith(("PASS", "FAIL", "UNDECIDED"))]
+    assert out.splitlines()[-1].startswith("no verdict: timings only")
 
 
 class _SavesTwice(torch.autograd.Function):
@@ -113,3 +122,138 @@ def test_randlora_factored_path_saves_no_more_than_peft():
         rows = bench.run(["randlora"], [shape], 4, torch.device("cpu"), torch.float32, 0.0, 0, 1)
         saved = {row.impl: row.saved_bytes for row in rows if row.method == "randlora"}
         assert 0 < saved["lrzoo"] <= saved["peft"], (shape, saved)
+
+
+@pytest.mark.slow  # a subprocess: torch, peft and lrzoo imported afresh
+def test_quick_mode_prints_timings_and_no_verdict():
+    """``make bench``: the real entry point, exit 0, every timed row, and no PASS/FAIL a few rounds cannot back."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "lrzoo.cli.bench", "--quick", "--methods", "lora", "--iters", "2",
+                             "--warmup", "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split("|")[1].strip() for line in lines if line.startswith("| ")][1:] == ["frozen F.linear", "lora", "lora"]
+    assert not [line for line in lines if line.startswith(("PASS", "FAIL", "UNDECIDED"))]
+    assert lines[-1].startswith("no verdict: --quick times 2 rounds of one small layer, too few to judge")
+
+
+def _timing(samples):
+    return bench._quantiles(list(samples))
+
+
+def _rows(lrzoo_fwd_bwd, peft_fwd_bwd, lrzoo_bytes=100, peft_bytes=100, method="lora"):
+    """Rows as ``bench.run`` returns them, with injected per-round fwd+bwd times (the forwards take a third)."""
+    shape = bench.TARGET_SHAPE
+    frozen = [t / 2 for t in peft_fwd_bwd]
+
+    def row(m, impl, fwd_bwd, saved):
+        return bench.Row(m, impl, shape, _timing([t / 3 for t in fwd_bwd]), _timing(fwd_bwd), saved)
+
+    return [row("frozen F.linear", "torch", frozen, 0), row(method, "lrzoo", lrzoo_fwd_bwd, lrzoo_bytes),
+            row(method, "peft", peft_fwd_bwd, peft_bytes)]
+
+
+def _check(monkeypatch, capsys, rows, argv=()):
+    calls = []
+
+    def fake_run(methods, shapes, r, device, dtype, dropout, warmup, iters):
+        calls.append((tuple(shapes), r, dtype, dropout, iters))
+        return rows
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    status = bench.main(["--check", "--device", "cpu", *argv])
+    return status, capsys.readouterr().out.splitlines(), calls
+
+
+PEFT = [100.0 + (i % 5) for i in range(30)]
+
+
+def test_check_exits_non_zero_on_a_fail(monkeypatch, capsys):
+    status, out, calls = _check(monkeypatch, capsys, _rows([1.2 * t for t in PEFT], PEFT))
+    assert status == bench.EXIT_FAIL
+    assert [line for line in out if line.startswith("FAIL lora")]
+    assert out[-1].startswith("verdict: FAIL")
+    # it measured the configuration the targets were set for, with enough rounds
+    assert calls == [((bench.TARGET_SHAPE,), bench.TARGET_R, torch.float32, 0.0, bench.CHECK_CPU_ITERS)]
+
+
+def test_check_fails_on_saved_bytes_whatever_the_time(monkeypatch, capsys):
+    status, out, _ = _check(monkeypatch, capsys, _rows([0.9 * t for t in PEFT], PEFT, lrzoo_bytes=101))
+    assert status == bench.EXIT_FAIL and out[-2].startswith("FAIL lora")
+
+
+def test_check_passes_only_when_the_whole_interval_is_within_the_bound(monkeypatch, capsys):
+    status, out, _ = _check(monkeypatch, capsys, _rows([0.9 * t for t in PEFT], PEFT))
+    assert status == 0 and out[-2].startswith("PASS lora") and out[-1] == "verdict: every target PASS"
+    # a median of 0.98 but rounds on both sides of 1.0: the 95% interval straddles the bound
+    straddling = [t * (0.9 if i % 3 else 1.1) for i, t in enumerate(PEFT)]
+    status, out, _ = _check(monkeypatch, capsys, _rows(straddling, PEFT))
+    assert status == bench.EXIT_UNDECIDED and out[-2].startswith("UNDECIDED lora") and "straddles 1.00" in out[-2]
+
+
+def test_check_pairs_rounds_so_load_drift_does_not_hide_a_difference(monkeypatch, capsys):
+    """The load quadruples over the run (each round ×1.07): the two series' own spreads overlap almost
+    entirely, but every lrzoo round is 5% slower than the PEFT round next to it: a FAIL, decided."""
+    peft = [100.0 * 2 ** (i / 10) for i in range(30)]
+    lrzoo = [1.05 * t for t in peft]
+    assert bench.median_interval(lrzoo)[0] < bench.median_interval(peft)[1]  # unpaired: no verdict possible
+    status, out, _ = _check(monkeypatch, capsys, _rows(lrzoo, peft))
+    assert status == bench.EXIT_FAIL and "fwd+bwd 1.05× PEFT (95% interval 1.05–1.05, 30 rounds)" in out[-2]
+
+
+def test_check_is_undecided_when_a_forward_outlasts_its_forward_and_backward(monkeypatch, capsys):
+    rows = _rows([0.9 * t for t in PEFT], PEFT)
+    rows[0] = bench.Row(rows[0].method, "torch", rows[0].shape, _timing([500.0] * 30), rows[0].fwd_bwd, 0)
+    status, out, _ = _check(monkeypatch, capsys, rows)
+    assert status == bench.EXIT_UNDECIDED
+    assert any(line.startswith("note: frozen F.linear (torch)") for line in out)
+    assert "forward timed longer than forward + backward for frozen F.linear (torch)" in out[-2]
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    samples = [float(x) for x in range(30, 0, -1)]
+    assert bench.median_interval(samples) == (10.0, 21.0)  # the 10th and 21st smallest of 30
+    assert bench.median_interval(samples[:20]) == (16.0, 25.0)  # 6th and 15th of 11..30
+    assert bench.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 5 rounds: no 95% interval
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--check", "--shape", "64", "32", "32"], "drop --shape"),
+    (["--check", "--r", "4"], "drop --r"),
+    (["--check", "--iters", "5"], "--iters ≥ 20"),
+    (["--check", "--quick"], "not allowed with argument"),
+    (["--check", "--methods", "lora_xs"], "targets only for lora, dora, randlora"),
+])
+def test_check_refuses_what_would_judge_another_configuration(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_check_refuses_the_triton_path(monkeypatch, capsys):
+    monkeypatch.setenv("LRZOO_BACKEND", "triton")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--check"])
+    assert "torch path" in capsys.readouterr().err
+
+
+def test_rounds_alternate_their_order_and_time_every_candidate_once_per_round():
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    timings = bench.time_round_robin(fns, torch.device("cpu"), warmup=1, iters=3)
+    assert calls == list("abc") + list("abc") + list("cba") + list("abc")
+    assert [len(t.samples) for t in timings] == [3, 3, 3]
+
+
+def test_the_table_and_the_verdict_state_one_ratio(monkeypatch, capsys):
+    """The speed-up column is the inverse of the verdict's paired median, not the ratio of the two medians
+    (which differ here: the load drifts, and lrzoo's round is 0.9× PEFT's in two rounds of three, 1.2× in the third)."""
+    peft = [100.0 * 2 ** (i / 10) for i in range(30)]
+    lrzoo = [t * (0.9 if i % 3 else 1.2) for i, t in enumerate(peft)]
+    rows = _rows(lrzoo, peft)
+    assert abs(rows[1].fwd_bwd.median_ms / rows[2].fwd_bwd.median_ms - 0.9) > 0.05
+    _, out, _ = _check(monkeypatch, capsys, rows)
+    assert "fwd+bwd 0.90× PEFT" in out[-2]
+    table = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|") for line in out if line.startswith("| ")}
+    assert table[("lora", "lrzoo")][8].strip() == f"{1 / 0.9:.2f}×"

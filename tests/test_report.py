@@ -51,7 +51,7 @@ def test_report_aggregates_seeds_into_markdown_csv_and_png(runs, tmp_path, capsy
     assert "| lora | 55.00 ± 0.00 (1) | 71.00 ± 2.65 (3) | 63.00 | 74.5K | 1020 | 30 |" in text
     assert "| dora | – | 73.00 ± 2.83 (2) | – | 80.0K | 1010 | 30 |" in text
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "results.md" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"({sum(map(len, SCORES.values()))} runs, 6 scores)")
 
 
 def test_report_can_select_the_best_evaluation(runs, tmp_path):
@@ -67,7 +67,7 @@ def test_report_without_runs_says_what_to_do(tmp_path, capsys):
     assert "run lrzoo-train first" in capsys.readouterr().err
 
 
-def test_a_run_on_several_eval_sets_gives_one_column_per_set(tmp_path):
+def test_a_run_on_several_eval_sets_gives_one_column_per_set(tmp_path, capsys):
     run = tmp_path / "runs" / "cs" / "seed0"
     run.mkdir(parents=True)
     metrics = {"commonsense/boolq/accuracy": 0.5, "commonsense/piqa/accuracy": 0.25, "score": 0.375}
@@ -78,6 +78,8 @@ def test_a_run_on_several_eval_sets_gives_one_column_per_set(tmp_path):
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     text = (tmp_path / "report" / "results.md").read_text()
     assert "| lora | 50.00 ± 0.00 (1) | 25.00 ± 0.00 (1) | 37.50 | 0.46M | 2000 | 100 |" in text
+    # one run scored on two sets is one run (it used to be counted once per set: "(7 runs)" for commonsense)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("(1 run, 2 scores)")
 
 
 def test_commands_come_from_hydra_overrides_without_seed_and_task(runs, tmp_path):

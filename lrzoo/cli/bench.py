@@ -4,18 +4,33 @@ For each method and shape it times one adapted ``nn.Linear`` in training mode (i
 gradient, frozen base) and prints:
 
 * fwd and fwd+bwd time as a ratio to a frozen ``F.linear`` timed in the same run;
-* the speed-up over eager PEFT where PEFT has the method (LoRA, DoRA, RandLoRA);
+* the speed-up over eager PEFT where PEFT has the method (LoRA, DoRA, RandLoRA): the median over
+  rounds of PEFT's time ÷ lrzoo's in the same round;
 * saved-activation bytes per layer: every tensor autograd saves during the forward
   (``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage, parameters and buffers
   excluded.
+
+Three modes, and only one of them judges:
+
+* ``--quick`` (``make bench``): one small shape, timings only. It ends with "no verdict": a few
+  rounds of a 256-wide layer cannot tell a 5% difference from noise on a shared CPU.
+* the default: the full table, timings only, also "no verdict".
+* ``--check`` (``make bench-check``): issue 5's torch-path targets (:data:`TORCH_TARGETS`) at the
+  configuration they were set for (:data:`TARGET_SHAPE`, r=16, fp32, no dropout), ≥ 20 rounds. Each
+  time verdict comes from the per-round lrzoo/PEFT ratios (the two are timed back to back in every
+  round) and the 95% interval of their median: PASS when the whole interval is within the bound,
+  FAIL when all of it is beyond, UNDECIDED otherwise, or when a candidate's forward was timed
+  longer than its forward + backward (the timings contradict themselves). Exit status 0: every
+  target PASS; 1: a FAIL; 3: no FAIL but something UNDECIDED.
 
 ``--model NAME`` (a built-in such as ``smollm2_135m`` or ``minilm``, or a local path) switches to the
 whole-model mode of :mod:`lrzoo.cli.bench_model`: one training step of the whole model for every
 registered adapter (and full fine-tuning) against stock PEFT, step time and saved bytes.
 
-Protocol (performance.md §5): on CUDA, CUDA events, ≥100 warm-up and ≥200 timed iterations, the L2
-cache flushed before each, median and IQR; on CPU, ``perf_counter`` with fewer iterations. The
-backend is whatever ``LRZOO_BACKEND`` selects (auto: Triton on CUDA, torch on CPU).
+Protocol (docs/benchmarks.md, "Protocol"): candidates timed round-robin, the order reversed every
+other round; on CUDA, CUDA events, ≥100 warm-up and ≥200 timed rounds, the L2 cache flushed before
+each call, median and IQR; on CPU, ``perf_counter`` with fewer rounds. The backend is whatever
+``LRZOO_BACKEND`` selects (auto: Triton on CUDA, torch on CPU).
 """
 
 from __future__ import annotations
@@ -25,7 +40,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -45,13 +60,27 @@ PEFT_METHODS = ("lora", "dora", "randlora")
 #: there (+P/N of a base GEMM, 4.5U against PEFT's 7U = 0.64× at this shape) so that it never saves more than
 #: PEFT end to end (issue 16: 1.12× PEFT's bytes on SmolLM2 at 8×256 tokens before): memory over time.
 TORCH_TARGETS = {"lora": {"time": 1.0, "bytes": 1.0}, "dora": {"bytes": 0.5}, "randlora": {"time": 0.7, "bytes": 1.0}}
+#: the configuration TORCH_TARGETS were set for; ``--check`` measures exactly this, since the bounds are
+#: ratios of operation counts at this shape (RandLoRA's 0.7 is 4.5U/7U at P/N = ½) and do not carry over.
+TARGET_SHAPE = (2048, 1024, 1024)
+TARGET_R = 16
 QUICK_METHODS = ("lora", "dora", "lora_xs", "randlora")
+#: ``--check``'s rounds: the fewest that give a 95% interval for a median narrow enough to use (with 20
+#: rounds it runs from the 6th to the 15th smallest ratio), and the default on CPU (~1 s a round).
+CHECK_MIN_ITERS = 20
+CHECK_CPU_ITERS = 30
+CONFIDENCE = 0.95
+#: exit status of ``--check``: a target missed; no target missed but one could not be decided.
+EXIT_FAIL = 1
+EXIT_UNDECIDED = 3
 
 
 @dataclass
 class Timing:
     median_ms: float
     iqr_ms: float
+    #: every timed round in order (ms); round i of one candidate ran next to round i of the others
+    samples: tuple[float, ...] = field(default=(), repr=False)
 
 
 @dataclass
@@ -66,23 +95,26 @@ class Row:
 
 def _quantiles(samples: list[float]) -> Timing:
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return Timing(q[1], q[2] - q[0])
+    return Timing(q[1], q[2] - q[0], tuple(samples))
 
 
 def time_round_robin(fns: list[Callable[[], None]], device: torch.device, warmup: int, iters: int) -> list[Timing]:
     """Median and IQR (ms) of each of ``fns``, timed in turn within every round.
 
     Interleaving puts every candidate under the same machine load (a shared CPU drifts over
-    seconds), so the ratios stay meaningful when the absolute times do not. On CUDA each sample
-    is bracketed by CUDA events after an L2 flush.
+    seconds), so the ratios stay meaningful when the absolute times do not. Every other round runs
+    the candidates in reverse order, so none always runs right after the same neighbour (whose
+    leftovers in the caches, or whose garbage, it would otherwise always pay for). On CUDA each
+    sample is bracketed by CUDA events after an L2 flush.
     """
     for _ in range(warmup):
         for fn in fns:
             fn()
     samples: list[list[float]] = [[] for _ in fns]
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
-    for _ in range(iters):
-        for fn, out in zip(fns, samples):
+    for round_ in range(iters):
+        order = list(zip(fns, samples))
+        for fn, out in order if round_ % 2 == 0 else reversed(order):
             if flush is not None:
                 flush.zero_()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -191,10 +223,23 @@ def run(methods, shapes, r, device, dtype, dropout, warmup, iters) -> list[Row]:
                 labels.append((method, impl))
                 layers.append(build_layer(method, impl, d_in, d_out, r, device, dtype, dropout))
         fwds, fwd_bwds, saved = zip(*(candidate(layer, weight, bias, x, grad) for layer in layers))
-        fwd_t = time_round_robin(list(fwds), device, warmup, iters)
-        fwd_bwd_t = time_round_robin(list(fwd_bwds), device, warmup, iters)
+        # forwards and forward+backwards in the same rounds: timed apart, a load spike during one phase
+        # could time a forward longer than its forward + backward
+        timings = time_round_robin([*fwds, *fwd_bwds], device, warmup, iters)
+        fwd_t, fwd_bwd_t = timings[:len(fwds)], timings[len(fwds):]
         rows += [Row(m, i, (tokens, d_in, d_out), f, fb, s) for (m, i), f, fb, s in zip(labels, fwd_t, fwd_bwd_t, saved)]
     return rows
+
+
+def paired_ratios(a: Timing, b: Timing) -> list[float]:
+    """a ÷ b round by round (the two were timed back to back in each round, under the same load)."""
+    return [x / y for x, y in zip(a.samples, b.samples)]
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """The median of :func:`paired_ratios`: the table's speed-up and ``--check`` use this one estimate."""
+    ratios = paired_ratios(a, b)
+    return statistics.median(ratios) if ratios else a.median_ms / b.median_ms
 
 
 def format_table(rows: list[Row]) -> str:
@@ -205,7 +250,7 @@ def format_table(rows: list[Row]) -> str:
     for row in rows:
         base = frozen[row.shape]
         ref = peft.get((row.method, row.shape)) if row.impl == "lrzoo" else None
-        speedup = f"{ref.fwd_bwd.median_ms / row.fwd_bwd.median_ms:.2f}×" if ref else "–"
+        speedup = f"{1 / paired_ratio(row.fwd_bwd, ref.fwd_bwd):.2f}×" if ref else "–"
         n, i, o = row.shape
         lines.append(
             f"| {row.method} | {row.impl} | {n}, {i}→{o} | {row.fwd.median_ms:.3f} ({row.fwd.iqr_ms:.3f}) "
@@ -214,29 +259,87 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def check_torch_targets(rows: list[Row]) -> list[str]:
-    """Issue 5 item 5: lrzoo vs eager PEFT per layer; one line per method, PASS or FAIL."""
-    lines = []
+def median_interval(samples: list[float], confidence: float = CONFIDENCE) -> Optional[tuple[float, float]]:
+    """A distribution-free interval for the median of ``samples`` (order statistics; scipy's
+    ``quantile_test``), or ``None`` when there are too few samples for one (fewer than 6 at 95%)."""
+    from scipy.stats import quantile_test
+
+    if len(samples) < 2:
+        return None
+    interval = quantile_test(samples, q=statistics.median(samples), p=0.5).confidence_interval(confidence)
+    low, high = float(interval.low), float(interval.high)
+    return None if low != low or high != high else (low, high)  # NaN: too few samples
+
+
+def inconsistent_rows(rows: list[Row]) -> list[Row]:
+    """Candidates whose median forward was timed longer than their median forward + backward: work was
+    added and the time went down, so those timings are noise, not measurements."""
+    return [row for row in rows if row.fwd.median_ms > row.fwd_bwd.median_ms]
+
+
+@dataclass
+class Verdict:
+    outcome: str  # "PASS", "FAIL" or "UNDECIDED"
+    line: str
+
+
+def check_torch_targets(rows: list[Row], confidence: float = CONFIDENCE) -> list[Verdict]:
+    """Issue 5 item 5: lrzoo vs eager PEFT per layer, one verdict per method with a target.
+
+    Time: the median of the per-round ratios lrzoo/PEFT (each pair timed back to back, so both saw
+    the same load) and its ``confidence`` interval; the bound is met only when the whole interval is
+    within it, missed only when all of it is beyond, and undecided otherwise. Saved bytes are
+    deterministic and compared as they are.
+    """
+    verdicts = []
+    noisy = inconsistent_rows(rows)
     by_key = {(row.method, row.impl, row.shape): row for row in rows}
     for (method, impl, shape), row in by_key.items():
         if impl != "lrzoo" or method not in TORCH_TARGETS or (method, "peft", shape) not in by_key:
             continue
         peft = by_key[(method, "peft", shape)]
-        t_ratio = row.fwd_bwd.median_ms / peft.fwd_bwd.median_ms
-        b_ratio = row.saved_bytes / max(peft.saved_bytes, 1)
         bounds = TORCH_TARGETS[method]
-        ratios = {"time": t_ratio, "bytes": b_ratio}
-        ok = all(ratios[kind] <= bound for kind, bound in bounds.items())
+        outcomes, notes = [], []
+        ratios = paired_ratios(row.fwd_bwd, peft.fwd_bwd)
+        t_ratio = paired_ratio(row.fwd_bwd, peft.fwd_bwd)
+        interval = median_interval(ratios, confidence)
+        time_text = f"fwd+bwd {t_ratio:.2f}× PEFT"
+        if interval is not None:
+            time_text += f" ({confidence:.0%} interval {interval[0]:.2f}–{interval[1]:.2f}, {len(ratios)} rounds)"
+        if "time" in bounds:
+            if interval is None:
+                outcomes.append("UNDECIDED")
+                notes.append(f"{len(ratios)} rounds give no {confidence:.0%} interval; time at least {CHECK_MIN_ITERS}")
+            elif noisy:
+                outcomes.append("UNDECIDED")
+                notes.append("forward timed longer than forward + backward for "
+                             + ", ".join(f"{r.method} ({r.impl})" for r in noisy) + ": too noisy to judge time")
+            elif interval[1] <= bounds["time"]:
+                outcomes.append("PASS")
+            elif interval[0] > bounds["time"]:
+                outcomes.append("FAIL")
+            else:
+                outcomes.append("UNDECIDED")
+                notes.append(f"the interval straddles {bounds['time']:.2f}: more rounds or a quieter machine")
+        b_ratio = row.saved_bytes / max(peft.saved_bytes, 1)
+        if "bytes" in bounds:
+            outcomes.append("PASS" if b_ratio <= bounds["bytes"] else "FAIL")
+        outcome = "FAIL" if "FAIL" in outcomes else "UNDECIDED" if "UNDECIDED" in outcomes else "PASS"
         target = ", ".join(f"{kind} ≤ {bound:.2f}× PEFT" for kind, bound in bounds.items())
-        lines.append(f"{'PASS' if ok else 'FAIL'} {method} {shape}: fwd+bwd {t_ratio:.2f}× PEFT, saved bytes "
-                     f"{b_ratio:.2f}× PEFT (target: {target})")
-    return lines
+        line = f"{outcome} {method} {shape}: {time_text}, saved bytes {b_ratio:.2f}× PEFT (target: {target})"
+        verdicts.append(Verdict(outcome, line + "".join(f"; {note}" for note in notes)))
+    return verdicts
+
+
+def exit_status(verdicts: list[Verdict]) -> int:
+    outcomes = {v.outcome for v in verdicts}
+    return EXIT_FAIL if "FAIL" in outcomes else EXIT_UNDECIDED if "UNDECIDED" in outcomes else 0
 
 
 def default_shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
     if quick:
         return [(256, 256, 256)]
-    if device.type == "cuda":  # performance.md §5: d=4096 set at N ∈ {2048, 8192, 16384}, Llama-8B shapes at 8192
+    if device.type == "cuda":  # docs/benchmarks.md#protocol: d=4096 at N ∈ {2048, 8192, 16384}, Llama-8B shapes at 8192
         return [(2048, 4096, 4096), (8192, 4096, 4096), (16384, 4096, 4096), (8192, 4096, 1024),
                 (8192, 4096, 14336), (8192, 14336, 4096)]
     return [(2048, 1024, 1024)]  # issue 5 item 5's CPU shape
@@ -244,17 +347,24 @@ def default_shapes(device: torch.device, quick: bool) -> list[tuple[int, int, in
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lrzoo-bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one small shape, few methods (CI smoke test, < 1 min)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="one small shape, few methods, timings only: no verdict (smoke test, < 1 min)")
+    mode.add_argument("--check", action="store_true",
+                      help=f"assert issue 5's torch-path targets at {TARGET_SHAPE[0]} {TARGET_SHAPE[1]} "
+                           f"{TARGET_SHAPE[2]}, r={TARGET_R}, fp32 with ≥ {CHECK_MIN_ITERS} rounds; "
+                           f"exit {EXIT_FAIL} on a FAIL, {EXIT_UNDECIDED} when noise leaves one undecided")
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)}")
     parser.add_argument("--shape", nargs=3, type=int, action="append", metavar=("N", "D_IN", "D_OUT"),
-                        help="tokens, d_in, d_out (repeatable); default: performance.md §5 on CUDA, 2048 1024 1024 on CPU")
+                        help="tokens, d_in, d_out (repeatable); default: the protocol's shapes on CUDA "
+                             "(docs/benchmarks.md#protocol), 2048 1024 1024 on CPU")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first")
+    parser.add_argument("--iters", type=int, default=None, help="timed rounds (each times every candidate once)")
     model = parser.add_argument_group("whole-model mode (--model)")
     model.add_argument("--model", default=None,
                        help="one training step of this model (built-in: smollm2_135m, minilm, tiny_llama, tiny_bert; "
@@ -264,7 +374,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--seq-len", type=int, default=256)
     model.add_argument("--task", choices=("generation", "classification"), default=None,
                        help="the model's head: causal LM or sequence classification (default: from the model)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.check:
+        _refuse_check_overrides(parser, args)
+    return args
+
+
+def _refuse_check_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--check`` judges one configuration; anything that changes it would judge the wrong thing."""
+    from lrzoo.kernels import requested_backend
+
+    changed = [flag for flag, value, default in (("--model", args.model, None), ("--shape", args.shape, None),
+                                                  ("--r", args.r, TARGET_R), ("--dropout", args.dropout, 0.0))
+               if value != default]
+    if args.dtype not in (None, "float32"):
+        changed.append("--dtype")
+    if changed:
+        parser.error(f"--check measures the configuration its targets were set for; drop {', '.join(changed)} "
+                     "(or leave out --check for timings only)")
+    if args.iters is not None and args.iters < CHECK_MIN_ITERS:
+        parser.error(f"--check needs --iters ≥ {CHECK_MIN_ITERS} for a verdict (got {args.iters})")
+    backend = requested_backend()
+    if backend == "triton" or (backend == "auto" and args.device != "cpu"):
+        parser.error("--check's targets are for the torch path; use --device cpu or LRZOO_BACKEND=torch")
+    unjudged = set(args.methods or ()) - set(TORCH_TARGETS)
+    if args.methods and unjudged == set(args.methods):
+        parser.error(f"--check has targets only for {', '.join(TORCH_TARGETS)}")
 
 
 def main_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
@@ -299,26 +434,50 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda and not args.check else "float32"))
     if args.model is not None:
         return main_model(args, device, dtype)
-    methods = args.methods or (QUICK_METHODS if args.quick else METHODS)
+    methods = args.methods or (QUICK_METHODS if args.quick else tuple(TORCH_TARGETS) if args.check else METHODS)
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"lrzoo-bench: unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}.")
-    shapes = [tuple(s) for s in args.shape] if args.shape else default_shapes(device, args.quick)
-    warmup = args.warmup if args.warmup is not None else (100 if cuda else (1 if args.quick else 3))
-    iters = args.iters if args.iters is not None else (200 if cuda else (3 if args.quick else 10))
+    if args.check:
+        shapes = [TARGET_SHAPE]
+    else:
+        shapes = [tuple(s) for s in args.shape] if args.shape else default_shapes(device, args.quick)
+    if cuda:
+        default_warmup, default_iters = 100, 200
+    elif args.check:
+        default_warmup, default_iters = 3, CHECK_CPU_ITERS
+    else:  # timings only: the 256-wide quick layer takes about a millisecond a call
+        default_warmup, default_iters = (3, 20) if args.quick else (3, 10)
+    warmup = args.warmup if args.warmup is not None else default_warmup
+    iters = args.iters if args.iters is not None else default_iters
     from lrzoo.kernels import requested_backend
 
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
-    print(f"# lrzoo-bench on {name}; {dtype}; r={args.r}; dropout={args.dropout}; LRZOO_BACKEND={requested_backend()}; "
-          f"warm-up {warmup}, timed {iters}; median (IQR) ms{'; L2 flushed' if cuda else ''}")
+    print(f"# lrzoo-bench{' --check' if args.check else ' --quick' if args.quick else ''} on {name}; {dtype}; "
+          f"r={args.r}; dropout={args.dropout}; LRZOO_BACKEND={requested_backend()}; warm-up {warmup}, timed {iters} "
+          f"rounds, round-robin; median (IQR) ms{'; L2 flushed' if cuda else ''}", flush=True)
     rows = run(methods, shapes, args.r, device, dtype, args.dropout, warmup, iters)
     print(format_table(rows))
-    for line in check_torch_targets(rows):
-        print(line)
-    return 0
+    for row in inconsistent_rows(rows):
+        print(f"note: {row.method} ({row.impl}) {row.shape}: forward timed longer than forward + backward "
+              f"({row.fwd.median_ms:.3f} > {row.fwd_bwd.median_ms:.3f} ms): noise; more --iters")
+    if not args.check:
+        why = (f"--quick times {iters} rounds of one small layer, too few to judge" if args.quick else "timings only")
+        print(f"no verdict: {why}; `lrzoo-bench --check` asserts the targets ({TARGET_SHAPE[0]} tokens, "
+              f"{TARGET_SHAPE[1]}→{TARGET_SHAPE[2]}, r={TARGET_R}, ≥ {CHECK_MIN_ITERS} rounds)")
+        return 0
+    verdicts = check_torch_targets(rows)
+    for verdict in verdicts:
+        print(verdict.line)
+    status = exit_status(verdicts)
+    print({0: "verdict: every target PASS",
+           EXIT_FAIL: f"verdict: FAIL (exit {EXIT_FAIL})",
+           EXIT_UNDECIDED: f"verdict: UNDECIDED (exit {EXIT_UNDECIDED}): no target missed, but noise leaves "
+                           "one open; rerun with more --iters on a quieter machine"}[status])
+    return status
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 1. the GPU-marked tests (``pytest -m gpu``: bf16/fp16 error against torch's own, autocast on CUDA...);
 2. the Triton-vs-torch kernel comparisons, on the GPU (``tests/test_kernels_triton.py``, fp32/fp16/bf16);
-3. ``lrzoo-bench`` at the H100 shapes of performance.md §5 (bf16, r=16), on the kernel methods.
+3. ``lrzoo-bench`` at the H100 shapes of the protocol (docs/benchmarks.md#protocol; bf16, r=16), on the kernel methods.
 
 Each step runs in its own process under a time limit, so a hang or a crash in one still leaves the
 others' results. The summary names the device, the versions and each step's outcome; it is printed
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 NO_DEVICE_STATUS = 2
-#: performance.md §5 shapes (tokens, d_in, d_out): the d=4096 square at 8192 tokens and the Llama-8B
-#: k/v, gate/up and down projections; the full N sweep is ``lrzoo-bench`` without --shape.
+#: the protocol's shapes (docs/benchmarks.md#protocol; tokens, d_in, d_out): the d=4096 square at 8192 tokens
+#: and the Llama-8B k/v, gate/up and down projections; the full N sweep is ``lrzoo-bench`` without --shape.
 H100_SHAPES = ((8192, 4096, 4096), (8192, 4096, 1024), (8192, 4096, 14336), (8192, 14336, 4096))
 BENCH_METHODS = ("lora", "dora", "lora_xs", "randlora", "tera")
 
@@ -48,7 +48,8 @@ def _pytest_line(output: str) -> str:
 
 
 def _bench_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith(("#", "|", "PASS", "FAIL"))]
+    kept = ("#", "|", "PASS", "FAIL", "UNDECIDED", "verdict", "note", "no verdict")
+    return [line for line in output.splitlines() if line.startswith(kept)]
 
 
 def summary(device: str, versions: str, steps: list[dict]) -> str:
@@ -59,7 +60,8 @@ def summary(device: str, versions: str, steps: list[dict]) -> str:
             lines.append(f"  - {_pytest_line(step['output'])}")
     bench = next((s for s in steps if s["name"] == "bench"), None)
     if bench is not None:
-        lines += ["", "### lrzoo-bench (performance.md §5 shapes)", "", *_bench_lines(bench["output"])]
+        lines += ["", "### lrzoo-bench (the protocol's shapes, docs/benchmarks.md#protocol)", "",
+                  *_bench_lines(bench["output"])]
     failed = [s for s in steps if s["status"] != "passed"]
     for step in failed:
         lines += ["", f"### {step['name']}: last output", "```", *step["output"].splitlines()[-40:], "```"]

@@ -53,7 +53,9 @@ def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
                                                                    "metrics": result.get("metrics", {})}
         if chosen.get("score") is None:
             continue
-        common = {"model": result.get("model", "?"), "adapter": result["adapter"], "seed": result.get("seed"),
+        # "run": a run scored on several eval sets gives a row per set, so runs are counted by their folder
+        common = {"run": str(path.parent), "model": result.get("model", "?"), "adapter": result["adapter"],
+                  "seed": result.get("seed"),
                   "command": _command(path.parent), "config": _flat_config(result.get("config")),
                   "trainable_params": result["trainable_params"], "peak_memory_mb": result.get("peak_memory_mb"),
                   "wall_time_s": result.get("wall_time_s"), "tuned": "selection_score" in result}
@@ -303,7 +305,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         writer.writerows({k: row[k] for k in CSV_FIELDS} for row in table)
     plot(table, out / "results.png")
     print(text)
-    print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'} ({len(rows)} runs)")
+    n_runs = len({row["run"] for row in rows})
+    print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'} "
+          f"({n_runs} run{'s' if n_runs != 1 else ''}, {len(rows)} scores)")
 
 
 if __name__ == "__main__":

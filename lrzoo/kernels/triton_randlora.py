@@ -7,7 +7,7 @@ with the pieces of ``Af[c] = λ·A⊙γ`` gathered from the shared bases on the 
 
 backward  ``∂x = dy W'``                                     one GEMM with the saved W'
           ``G = dyᵀ x``                                       the weight-gradient-sized GEMM RandLoRA
-                                                               cannot avoid (performance.md §2)
+                                                               cannot avoid (docs/benchmarks.md, limits)
           ``∂Af = s·Bfᵀ G`` contracted to ``∂λ = Σ_i ∂Af⊙A⊙γ``     one fused kernel per (product chunk,
           and ``∂γ = Σ_k ∂Af⊙λ⊙A``                              column tile): ∂Af stays in registers
 
