@@ -34,6 +34,7 @@ from .io import refuse_foreign_files, remove_stale_siblings, replace_files_in
 from .kernels.common import DORA_EPS
 from .kernels.randlora import randlora_factors
 from .layer import AdapterLayer
+from .methods.pissa import initial_factors
 from .methods.relora import lora_export_problem
 from .peft_bridge import PEFT_MODEL_PREFIX, dequantized_weight
 from .targets import is_quantized, weight_shape
@@ -64,6 +65,10 @@ def lora_view(layer: BaseTunerLayer, adapter: str) -> tuple[Optional[tuple[torch
     if isinstance(layer, LoraLayer):
         B = layer.lora_B[adapter].weight * layer.scaling[adapter]
         A = layer.lora_A[adapter].weight
+        initial = initial_factors(layer, adapter)
+        if initial is not None:  # PiSSA/OLoRA moved W to a residual: the update against W is s(BA - B0A0)
+            A0, B0 = (t.to(A.device, A.dtype) for t in initial)
+            return (torch.cat([B, -B0 * layer.scaling[adapter]], dim=1), torch.cat([A, A0], dim=0)), None
         if adapter not in getattr(layer, "lora_variant", {}):
             return (B, A), None
         return None, _dora_delta(layer, adapter)

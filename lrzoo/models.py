@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -42,6 +43,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from . import heads
 from .io import atomic_directory
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -270,6 +272,9 @@ def load_model(
     config_overrides: Optional[dict[str, Any]] = None,
     quantization: Optional[str] = None,
     compute_dtype: Any = None,
+    pooling: Optional[str] = None,
+    pair_form: Optional[str] = None,
+    label_range: Optional[tuple[float, float]] = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model with the head ``task_kind`` needs, and its tokenizer.
 
@@ -284,6 +289,12 @@ def load_model(
             or ``"none"``/``None``. The model is placed on this rank's GPU, or the CPU, while it loads.
         compute_dtype: the 4-bit layers' compute dtype: a dtype (name) or the run's ``trainer.precision``
             (``"no"`` -> float32, ``"bf16"`` -> bfloat16); ``None`` is float32.
+        pooling: how a classification/regression head reads the encoder (:mod:`lrzoo.heads`): ``"pooler"``
+            (transformers' own head), ``"cls"``, ``"mean"``, or ``None``: the checkpoint's sentence-transformers
+            pooling config (``modules.json`` -> ``1_Pooling/config.json``) if it has one, else ``"pooler"``.
+        pair_form: ``"cross_encoder"`` (default) or ``"bi_encoder"`` (each sentence alone, the cosine of their
+            pooled embeddings; for a similarity task, see :func:`lrzoo.heads.pair_form_for`).
+        label_range: ``(low, high)`` of a regression label, onto which a bi-encoder maps its cosine.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer always has a pad token and the model's config knows it.
@@ -302,9 +313,56 @@ def load_model(
         overrides["num_labels"] = 1 if task_kind == "regression" else num_labels
         if task_kind == "regression":
             overrides["problem_type"] = "regression"
+    pooling = heads.check_pooling(pooling)
+    pair_form = None if pair_form is None else heads.check_pair_form(pair_form)
+    if task_kind == "generation" and (pooling is not None or pair_form not in (None, "cross_encoder")):
+        raise ValueError("model.pooling and model.similarity_head shape the head of classification and regression "
+                         "tasks; a generation task has none: leave them null.")
     auto_cls = AutoModelForCausalLM if task_kind == "generation" else AutoModelForSequenceClassification
     torch_dtype = getattr(torch, dtype) if dtype else None
+    head, saved = None, None  # (pooling, pair form) of a pooled head; None: transformers' own class (lrzoo.heads)
+    if task_kind != "generation":
+        location = _checkpoint_location(source)
+        saved = heads.saved_head(location)  # a full model lrzoo saved with a pooled head: rebuilt as it was
+        if saved is not None:
+            asked = (pooling or saved["pooling"], pair_form or saved["pair_form"])
+            if asked != (saved["pooling"], saved["pair_form"]):
+                raise ValueError(f"{source} was saved with model.pooling={saved['pooling']} and model.similarity_head="
+                                 f"{saved['pair_form']}; load it with those (or null), not {asked[0]}/{asked[1]}.")
+            pair_form, label_range = saved["pair_form"], label_range or saved.get("label_range")
+        pair_form = pair_form or "cross_encoder"
+        chosen = heads.resolve_pooling(pooling, location)
+        if chosen != "pooler" or pair_form != "cross_encoder":
+            head, auto_cls = (chosen, pair_form), AutoModel  # the backbone alone; the head is added below
+    model, tokenizer = _load(source, auto_cls, task_kind, overrides, torch_dtype, quantization, compute_dtype)
+    if head is not None:
+        model = heads.PooledForSequenceClassification(model, overrides["num_labels"], *head, label_range=label_range)
+        if saved is not None:
+            heads.load_head_weights(model, location)
+        _ensure_pad_token(model, tokenizer)
+    return model, tokenizer
 
+
+def head_options(model_cfg: dict[str, Any], task: Any) -> dict[str, Any]:
+    """:func:`load_model`'s head keywords for a recipe's ``model`` node and task: ``model.pooling``, the pair form
+    ``model.similarity_head`` gives this task (:func:`lrzoo.heads.pair_form_for`), the task's label range."""
+    if task.kind == "generation":
+        return {"pooling": model_cfg.get("pooling")}  # refused by load_model when set
+    return {"pooling": model_cfg.get("pooling"), "label_range": getattr(task, "label_range", None),
+            "pair_form": heads.pair_form_for(model_cfg.get("similarity_head"), task)}
+
+
+def _checkpoint_location(source: str) -> Optional[str]:
+    """Where ``source``'s files are (a directory or a hub id); ``None`` for the tiny models built in memory."""
+    if source in BUILTIN_MODELS:
+        finder = BUILTIN_MODELS[source][0]
+        return str(finder()) if finder is not None else None
+    return source
+
+
+def _load(source: str, auto_cls: Any, task_kind: str, overrides: dict[str, Any], torch_dtype: Optional[torch.dtype],
+          quantization: str, compute_dtype: Any) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """``auto_cls`` loaded from ``source`` (a built-in, a directory or a hub id), and its tokenizer."""
     tokenizer: Optional[PreTrainedTokenizerBase] = None
     if source in BUILTIN_MODELS:
         finder, family = BUILTIN_MODELS[source]
@@ -349,8 +407,8 @@ def load_model(
 def _load_quantized(auto_cls: Any, path: str, config: Any, torch_dtype: Optional[torch.dtype], task_kind: str,
                     quantization: str, compute_dtype: Any) -> nn.Module:
     """``from_pretrained`` with bitsandbytes quantizing the weights as they load."""
-    skip = None  # a causal LM: transformers' default (the output embedding and tied weights stay)
-    if task_kind != "generation":
+    skip = None  # a causal LM or a bare backbone: transformers' default (the output embedding and tied weights stay)
+    if task_kind != "generation" and auto_cls is not AutoModel:
         # the fresh task head is trained in full: keep it out of the quantization (found on a meta copy)
         with torch.device("meta"):
             skeleton = auto_cls.from_config(config)

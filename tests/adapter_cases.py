@@ -86,6 +86,28 @@ CASES: list[Case] = [
          random_init=LORA_RANDOM, exact_export=False),
 ]
 
+def _rslora_delta(layer, adapter):
+    """rsLoRA: the LoRA product at the rank-stabilised scale α/√r, computed here from r and α, not PEFT's scaling."""
+    return layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight * (
+        layer.lora_alpha[adapter] / math.sqrt(layer.r[adapter]))
+
+
+def _pissa_delta(layer, adapter):
+    """PiSSA: the LoRA product at α/r, on top of the *residual* base weight the init left in the layer."""
+    return layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight * (layer.lora_alpha[adapter] / layer.r[adapter])
+
+
+CASES.extend([
+    Case("rslora", "llama", {"r": 4, "alpha": 8}, _rslora_delta, _lora_count, random_init=LORA_RANDOM,
+         native_peft_format=True),
+    # PiSSA's init moves the principal part of W into B A: with the adapter disabled the layer is the residual,
+    # so the model changes (zero_init=False), and the init itself is the non-zero product. Saved as a plain LoRA
+    # adapter of rank 2r against the original weight: stock PEFT loads it on the untouched base.
+    Case("pissa", "bert", {"r": 4, "alpha": 4}, _pissa_delta, _lora_count, zero_init=False, random_init={},
+         native_peft_format=True),
+])
+
+
 def _xs_delta(layer, adapter):
     return layer.scaling[adapter] * layer.xs_B[adapter] @ layer.xs_R[adapter] @ layer.xs_A[adapter]
 

@@ -112,8 +112,9 @@ def test_glue_tuned_plan_is_glue_cpu_with_a_grid_around_each_lr():
     assert [m.adapter for m in plan.methods] == [tokens[0] for tokens in lines]
     for method, tokens in zip(plan.methods, lines):
         lr = next(float(t.split("=")[1]) for t in tokens if t.startswith("trainer.lr="))
-        # head-only's grid moves the head's lr itself (its head_lr would leave trainer.lr unused: refused)
-        swept_head = ["trainer.head_lr=null"] if method.adapter == "head_only" else []
+        # head-only's grid moves the head's lr itself (its head_lr would leave trainer.lr unused: refused);
+        # zero-shot trains nothing, so no head rate is tried for it
+        swept_head = ["trainer.head_lr=null"] if method.adapter in ("head_only", "zero_shot") else []
         assert method.centre == lr
         assert list(method.overrides) == [t for t in tokens[1:] if not t.startswith("trainer.lr=")] + swept_head
         grid = plan.grid(method)
@@ -121,7 +122,8 @@ def test_glue_tuned_plan_is_glue_cpu_with_a_grid_around_each_lr():
         assert all(2.9 < b / a < 3.1 for a, b in zip(grid, grid[1:]))       # log-spaced, x3
     assert plan.tasks == ("glue/sst2", "glue/stsb", "glue/mrpc", "glue/cola") and plan.seeds == (0, 1, 2)
     assert plan.experiment == "glue_tuned" and plan.head_grid == (2e-2,)
-    assert [m.adapter for m in plan.methods if not plan.head_lrs(m)] == ["head_only"]
+    assert [m.adapter for m in plan.methods if not plan.head_lrs(m)] == ["zero_shot", "head_only"]
+    assert plan.floors == ("zero_shot", "head_only")
     cfg = compose(["experiment=glue_tuned"])
     assert cfg.task.heldout_size == 400 and cfg.output_root == "runs/glue-tuned"
     assert (cfg.adapter.r, cfg.model.name) == (8, "minilm")

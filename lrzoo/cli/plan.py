@@ -63,7 +63,7 @@ from ..train.run_dir import RESULTS_FILE, live_holder
 STATUS_FILE = "sweep-status.json"
 #: each run's stdout and stderr, appended by ``lrzoo-sweep`` in its run directory
 LOG_FILE = "sweep.log"
-PLAN_KEYS = {"experiment", "overrides", "tasks", "seeds", "grid", "head_grid", "recheck_lr", "methods"}
+PLAN_KEYS = {"experiment", "overrides", "tasks", "seeds", "grid", "head_grid", "recheck_lr", "methods", "floors"}
 HEAD_LR = "trainer.head_lr="
 #: keys left out of a plan's run identity (:func:`plan_key`): the seed, and where the data was read from
 KEY_EXCLUDED = ("seed", "task.data_dir")
@@ -101,6 +101,7 @@ class Plan:
     extend: int = 0   # points a cell's grid may grow past an end that wins (see cell_state)
     head_grid: tuple[float, ...] = ()   # head learning rates tried at the chosen lr (see cell_state)
     recheck_lr: bool = False            # try the chosen lr's neighbours again once the head rate changed
+    floors: tuple[str, ...] = ()        # methods that train no encoder weight: the report's no-training floor
 
     def head_lrs(self, method: Method) -> tuple[float, ...]:
         """The head learning rates ``method`` is tried at besides the preset's (none if its line fixes one)."""
@@ -136,7 +137,8 @@ class Plan:
                 raise PlanError(f"--tasks {','.join(unknown)}: not in {self.path}; its tasks: {', '.join(self.tasks)}")
             kept_tasks = tuple(t for t in self.tasks if t in wanted)
         return Plan(self.path, self.experiment, self.overrides, kept_tasks, self.seeds, self.factor, self.points, methods,
-                    self.extend, self.head_grid, self.recheck_lr)
+                    self.extend, self.head_grid, self.recheck_lr, tuple(f for f in self.floors if f in
+                                                                         {m.name for m in methods}))
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -205,10 +207,15 @@ def load_plan(path: str | Path) -> Plan:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         errors.append(f"methods: {duplicates} listed more than once (one line per adapter)")
+    floors = data.get("floors") or []
+    if not isinstance(floors, list) or not all(f in names for f in floors):
+        errors.append(f"floors: {floors!r} must list methods of the plan (the no-training references each row is "
+                      "compared with, e.g. [zero_shot, head_only])")
     if errors:
         raise PlanError(f"{path}:\n  " + "\n  ".join(errors))
     return Plan(str(path), data.get("experiment"), tuple(overrides), tuple(tasks), tuple(seeds), float(factor), points,
-                tuple(methods), extend, tuple(head_grid), recheck_lr)   # numbers by now: anything else was refused
+                tuple(methods), extend, tuple(head_grid), recheck_lr,   # numbers by now: anything else was refused
+                tuple(floors))
 
 
 def _number(value: Any) -> Optional[float]:

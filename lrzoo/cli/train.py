@@ -40,7 +40,10 @@ _HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_a
 #: of the hash (and of results.json's ``config``) when they have it, so the runs that predate an option keep
 #: their hash (and are still skipped as done), while any other value hashes differently. A node emptied by
 #: this is dropped too.
-_HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label"}
+_HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label",
+                  # the encoder head (lrzoo.heads): null = the checkpoint's pooling, which for every preset but
+                  # minilm (which sets mean) is transformers' own head, what runs computed before the keys existed
+                  "model.pooling": None, "model.similarity_head": "cross_encoder"}
 
 
 #: the held-out slice's permutation seed: fixed, independent of the run's ``seed``
@@ -152,7 +155,7 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
 
 def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[str, Any]]:
     import lrzoo
-    from lrzoo.models import load_model
+    from lrzoo.models import head_options, load_model
     from lrzoo.tasks import get_task
     from lrzoo.train.baselines import BASELINES, prepare_baseline
     from lrzoo.train.budget import check_limits, check_splits
@@ -201,7 +204,8 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
 
     model, tokenizer = load_model(model_cfg["source"], task.kind, task.num_labels, dtype=model_cfg.get("dtype"),
                                   config_overrides=model_cfg.get("config_overrides"),
-                                  quantization=model_cfg.get("quantization"), compute_dtype=config.precision)
+                                  quantization=model_cfg.get("quantization"), compute_dtype=config.precision,
+                                  **head_options(model_cfg, task))
     method = adapter.pop("name")
     procedure = None
     if method in BASELINES:

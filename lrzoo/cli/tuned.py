@@ -27,7 +27,8 @@ from .plan import CellState, Composer, Plan, RunIndex, cell_state, format_lr, re
 
 CSV_FIELDS = ("model", "method", "task", "metric", "status", "chosen_lr", "chosen_head_lr", "n_seeds", "planned_seeds", "mean",
               "ci_low", "ci_high", "diff_to_best", "diff_low", "diff_high", "verdict", "seeds_diff_low",
-              "seeds_diff_high", "seeds_verdict", "trainable_params")
+              "seeds_diff_high", "seeds_verdict", "floor_method", "diff_to_floor", "floor_low", "floor_high",
+              "floor_verdict", "trainable_params")
 AVERAGE = "average"
 
 
@@ -51,6 +52,7 @@ class Cell:
     seeds_diff: Optional[tuple[float, float, str]] = None    # (low, high, verdict) of the same difference with them
     best: bool = False
     modal_shares: list[float] = field(default_factory=list)   # per seed: share of the most frequent answer
+    floor: Optional[tuple[str, float, float, float, str]] = None   # (floor method, point, low, high, verdict)
 
     @property
     def complete(self) -> bool:
@@ -129,8 +131,32 @@ def build_cells(root: Path, plan: Plan, replicates: int = intervals.REPLICATES) 
             cells[(state.method.name, column)] = _fill_cell(Cell(state.method.name, column, state, len(plan.seeds)),
                                                             plan)
     for column in (c for task in plan.tasks for c in columns[task]):
-        _bootstrap_task([c for c in cells.values() if c.task == column and c.mean is not None], column, replicates)
+        scored = [c for c in cells.values() if c.task == column and c.mean is not None]
+        _bootstrap_task(scored, column, replicates)
+        _compare_to_floor(scored, plan.floors)
     return cells
+
+
+def floor_of(column: Sequence[Any], floors: Sequence[str]) -> Optional[Any]:
+    """The no-training floor of a column: among its cells of the plan's ``floors`` methods (the untrained
+    checkpoint, a probe on its frozen features) with bootstrap replicates, the one with the best mean."""
+    candidates = [c for c in column if c.method in floors and c.mean is not None and c.replicates is not None]
+    return max(candidates, key=lambda c: c.mean) if candidates else None
+
+
+def _compare_to_floor(column: Sequence[Any], floors: Sequence[str]) -> None:
+    """Each cell's paired difference to its column's floor (:func:`floor_of`): ``above`` when the whole 95%
+    interval is above 0, ``below`` when it is below, ``tied`` when it contains 0 (``floor`` for the floor itself)."""
+    floor = floor_of(column, floors)
+    if floor is None:
+        return
+    for cell in column:
+        if cell is floor:
+            cell.floor = (floor.method, 0.0, 0.0, 0.0, "floor")
+        elif cell.replicates is not None:
+            low, high, verdict = intervals.paired_difference(cell.replicates, floor.replicates)
+            verdict = {"better": "above", "worse": "below"}.get(verdict, verdict)
+            cell.floor = (floor.method, cell.mean - floor.mean, low, high, verdict)
 
 
 def eval_columns(task: str, states: list[CellState]) -> list[str]:
@@ -226,6 +252,7 @@ class Average:
     seeds_replicates: Optional[np.ndarray] = None
     seeds_diff: Optional[tuple[float, float, str]] = None
     best: bool = False
+    floor: Optional[tuple[str, float, float, float, str]] = None
 
 
 def columns_of(cells: dict[tuple[str, str], Cell]) -> list[str]:
@@ -248,6 +275,17 @@ def averages(cells: dict[tuple[str, str], Cell], plan: Plan) -> dict[str, Averag
                                    intervals.percentile_interval(reps) if reps is not None else (math.nan, math.nan),
                                    seeds_replicates=seeds)
     _compare(list(out.values()))
+    # the average's floor: the mean of the columns' floors (each column's own best no-training cell)
+    floors = [floor_of([c for (_, col), c in cells.items() if col == column], plan.floors) for column in columns]
+    if len(columns) > 1 and all(f is not None for f in floors):
+        floor_reps = np.mean([f.replicates for f in floors], axis=0)
+        floor_mean = statistics.fmean(f.mean for f in floors)
+        names = "+".join(dict.fromkeys(f.method for f in floors))
+        for a in out.values():
+            if a.replicates is not None:
+                low, high, verdict = intervals.paired_difference(a.replicates, floor_reps)
+                a.floor = (names, a.mean - floor_mean, low, high, {"better": "above", "worse": "below"}.get(verdict,
+                                                                                                         verdict))
     return out
 
 
@@ -293,6 +331,17 @@ def _shown_diff(item: Any) -> str:
         low, high, verdict = item.seeds_diff
         shown += f"; seeds resampled: [{100 * low:+.1f}, {100 * high:+.1f}] {verdict} †"
     return shown
+
+
+def _shown_floor(item: Any) -> str:
+    if item is None or item.floor is None:
+        return "—"
+    method, point, low, high, verdict = item.floor
+    if verdict == "floor":
+        return f"floor ({method})"
+    if verdict == "n/a":
+        return f"{100 * point:+.2f} (no interval) vs {method}"
+    return f"{100 * point:+.2f} [{100 * low:+.1f}, {100 * high:+.1f}] {verdict} ({method})"
 
 
 def _shown_lr(cell: Cell, base_grid: Sequence[float] = ()) -> str:
@@ -414,6 +463,31 @@ def cost_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
+def truncation_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> str:
+    """Per task: the ``max_length`` its runs used and the largest share of training, dev and held-out rows any of its
+    finished runs cut there (``results.json``'s ``truncated``, measured at data load)."""
+    lines = ["### Sequence length", "", "| task | max_length | truncated: train | dev | held out |", "|---|---|---|---|---|"]
+    for task in plan.tasks:
+        lengths, shares = set(), {"train": [], "dev": [], "held out": []}
+        for cell in (c for c in cells.values() if c.state.task == task):
+            for outcome in cell.state.outcomes():
+                result = outcome.result or {}
+                if outcome.status != "done" or not isinstance(result.get("truncated"), dict):
+                    continue
+                lengths.add(result.get("max_length"))
+                for name, share in result["truncated"].items():
+                    part = ("train" if name == "train" else "held out" if name.startswith(HELDOUT_PREFIX) else "dev")
+                    if isinstance(share, (int, float)):
+                        shares[part].append(share)
+        shown = [f"{100 * max(v):.2f}%" if v else "—" for v in shares.values()]
+        length = ", ".join(str(n) for n in sorted(lengths, key=str)) if lengths else "not recorded"
+        lines.append("| " + " | ".join([task, length, *shown]) + " |")
+    note = ("The share of rows longer than max_length in tokens (the largest over the task's finished runs, which "
+            "differ only where a method reads pairs otherwise: a bi-encoder encodes each sentence alone), measured "
+            "when the data is loaded; such rows are cut. `not recorded`: runs made before results.json held it.")
+    return "\n".join(lines) + "\n\n" + note
+
+
 def diversity_table(cells: dict[tuple[str, str], Cell], plan: Plan) -> Optional[str]:
     """Per method and label-scored column: how often the model gives its most frequent answer (mean over seeds),
     and the accuracy of always giving the most frequent gold answer. None when no column has discrete answers."""
@@ -449,6 +523,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             f"{','.join(map(str, plan.seeds))})", "", "| " + " | ".join(header) + " |", rule]
     diffs = ["### Difference to the best method of each column (paired bootstrap)", "",
              "| " + " | ".join(header) + " |", rule]
+    floors = ["### Difference to the no-training floor (paired bootstrap)", "",
+              "| " + " | ".join(header) + " |", rule]
     tuned = plan.points > 1
     # a one-point grid chooses nothing: its table is the one rate per method, without per-task columns
     lrs = (["### Learning rate chosen on the held-out training slice", "",
@@ -462,6 +538,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                                          if a else "—"] if with_avg else [])) + " |")
         diffs.append("| " + " | ".join([method.name, *(_shown_diff(c) if c.mean is not None else "—" for c in row)] +
                                         ([_shown_diff(a)] if with_avg else [])) + " |")
+        floors.append("| " + " | ".join([method.name, *(_shown_floor(c) for c in row)] +
+                                         ([_shown_floor(a)] if with_avg else [])) + " |")
         lrs.append("| " + " | ".join([method.name, ", ".join(format_lr(x) for x in plan.grid(method)),
                                       *(_shown_lr(c, plan.grid(method)) for c in row if tuned)]) + " |")
     missing = [c for c in cells.values() if not c.complete]
@@ -504,11 +582,29 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                   "the chosen lr only when strictly better, and grows past a winning end like the grid; `edge`: it "
                   "won at the end of the rates tried)." if plan.recheck_lr else ""))
     diversity = diversity_table(cells, plan)
-    parts = ["\n".join(main), note, "\n".join(diffs), "\n".join(lrs), *([lr_note] if tuned else []),
-             *([diversity] if diversity else []), cost_table(cells, plan)]
+    floor_parts = []
+    if plan.floors:
+        floor_parts = ["\n".join(floors), (
+            f"The floor of a column is the best of the methods that train no encoder weight ({', '.join(plan.floors)}: "
+            "the checkpoint as it is, e.g. the cosine of its sentence embeddings, and a head trained on its frozen "
+            "features), the method named in each cell. Difference ×100 to it with the paired bootstrap 95% interval "
+            "(the same resampled dev examples and seeds as above): `above` / `below` when the whole interval is above "
+            "/ below 0, `tied` when it contains 0, so a `tied` or `below` row has not shown that training beats the "
+            "untrained checkpoint on this dev set. The average's floor is the mean of the columns' floors.")]
+    parts = ["\n".join(main), note, "\n".join(diffs), *floor_parts, "\n".join(lrs), *([lr_note] if tuned else []),
+             *([diversity] if diversity else []), cost_table(cells, plan), truncation_table(cells, plan)]
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
     return "\n\n".join(parts) + "\n"
+
+
+def _floor_fields(item: Any) -> dict[str, Any]:
+    if item.floor is None:
+        return {"floor_method": "", "diff_to_floor": "", "floor_low": "", "floor_high": "", "floor_verdict": ""}
+    method, point, low, high, verdict = item.floor
+    shown = (lambda v: round(100 * v, 4) if math.isfinite(v) else "")
+    return {"floor_method": method, "diff_to_floor": shown(point), "floor_low": shown(low),
+            "floor_high": shown(high), "floor_verdict": verdict}
 
 
 def _seeds_fields(item: Any) -> dict[str, Any]:
@@ -536,14 +632,14 @@ def csv_rows(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                      "ci_low": number(c.interval[0]), "ci_high": number(c.interval[1]),
                      "diff_to_best": number(c.diff[0]) if c.diff else "", "diff_low": number(c.diff[1]) if c.diff else "",
                      "diff_high": number(c.diff[2]) if c.diff else "", "verdict": verdict,
-                     **_seeds_fields(c),
+                     **_seeds_fields(c), **_floor_fields(c),
                      "trainable_params": c.trainable_params if c.trainable_params is not None else ""})
     for a in avg.values():
         rows.append({**{k: "" for k in CSV_FIELDS}, "method": a.method, "task": AVERAGE, "status": "complete",
                      "mean": number(a.mean), "ci_low": number(a.interval[0]), "ci_high": number(a.interval[1]),
                      "diff_to_best": number(a.diff[0]) if a.diff else "", "diff_low": number(a.diff[1]) if a.diff else "",
                      "diff_high": number(a.diff[2]) if a.diff else "", "verdict": "best" if a.best else
-                     (a.diff[3] if a.diff else ""), **_seeds_fields(a), "n_seeds": len(plan.seeds),
+                     (a.diff[3] if a.diff else ""), **_seeds_fields(a), **_floor_fields(a), "n_seeds": len(plan.seeds),
                      "planned_seeds": len(plan.seeds)})
     return rows
 

@@ -165,10 +165,20 @@ def attach_fast_layers(config: LoraConfig) -> LoraConfig:
 
 LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
+
+def _base_moving_init(peft_model: Any, adapter_name: str) -> None:
+    """``init_lora_weights="pissa"``/``"olora"`` given to any LoRA-family method moves the base weight: save the
+    update against the original weight, as ``adapter=pissa`` does (:mod:`lrzoo.methods.pissa`)."""
+    from .pissa import record_initial_factors  # pissa builds on this module
+
+    record_initial_factors(peft_model, adapter_name)
+
+
 register_adapter(
     "lora",
     build_config=build_lora_config,
     aliases=LORA_ALIASES,
+    post_wrap=_base_moving_init,
     summary="LoRA: W + (α/r)·B A, A Kaiming, B = 0 (native PEFT LORA checkpoint).",
 )
 register_adapter(
@@ -177,6 +187,7 @@ register_adapter(
     aliases=LORA_ALIASES,
     training_defaults={"loraplus_lr_ratio": 16.0, "loraplus_lr_embedding": 1e-6},
     procedure="loraplus",
+    post_wrap=_base_moving_init,
     summary="LoRA+: LoRA with η_B = λ·η_A (λ = 16); use lrzoo.make_optimizer.",
 )
 def _dora_quantized_refusal(layer: nn.Module) -> str:
@@ -192,5 +203,6 @@ register_adapter(
     build_config=lambda **kw: build_lora_config(use_dora=True, **kw),
     aliases=LORA_ALIASES,
     summary="DoRA: m ⊙ (W + sBA)/‖W + sBA‖_row, detached fp32 norm (native PEFT use_dora).",
+    post_wrap=_base_moving_init,  # refuses PiSSA/OLoRA inits: DoRA's update against W is not low-rank
     quantized_base_refusal=_dora_quantized_refusal,
 )

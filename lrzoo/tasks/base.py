@@ -45,6 +45,9 @@ class Task:
         generation_config: keyword arguments for ``model.generate`` (generation tasks only).
         multiple_choice: whether :meth:`choice_request` turns a row into options to score by likelihood
             (the commonsense tasks; ``eval.mode=loglik``).
+        similarity: whether the label says how alike a row's two sentences are (STS-B, MRPC, QQP), so that a
+            bi-encoder (the cosine of two sentence embeddings) can score it.
+        label_range: ``(low, high)`` of a regression label (STS-B: 0 to 5); ``None`` otherwise.
     """
 
     kind: str
@@ -54,6 +57,8 @@ class Task:
     splits: tuple[str, ...] = SPLITS
     generation_config: dict[str, Any] = {}
     multiple_choice = False
+    similarity = False
+    label_range: tuple[float, float] | None = None
 
     def __init__(self, name: str):
         self.name = name

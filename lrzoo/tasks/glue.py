@@ -31,6 +31,7 @@ class GlueSpec:
     label_names: tuple[str, ...] | None      # class names in hub id order; None = regression (STS-B)
     metric_names: tuple[str, ...]
     primary_metric: str
+    similarity: bool = False                 # the label says how alike the two sentences are (a bi-encoder fits)
     has_header: bool = True
     num_columns: int = 0                     # only for header-less files (CoLA)
     dev_files: dict[str, str] = field(default_factory=lambda: {"validation": "dev.tsv"})
@@ -45,11 +46,11 @@ SPECS = {spec.config: spec for spec in (
     GlueSpec("sst2", "SST-2", ("sentence", None, "label"), ("sentence", None), ("negative", "positive"),
              ("accuracy",), "accuracy"),
     GlueSpec("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("sentence1", "sentence2"),
-             ("not_equivalent", "equivalent"), ("accuracy", "f1"), "accuracy"),
+             ("not_equivalent", "equivalent"), ("accuracy", "f1"), "accuracy", similarity=True),
     GlueSpec("qqp", "QQP", ("question1", "question2", "is_duplicate"), ("question1", "question2"),
-             ("not_duplicate", "duplicate"), ("accuracy", "f1"), "accuracy"),
+             ("not_duplicate", "duplicate"), ("accuracy", "f1"), "accuracy", similarity=True),
     GlueSpec("stsb", "STS-B", ("sentence1", "sentence2", "score"), ("sentence1", "sentence2"), None,
-             ("pearson", "spearmanr"), "pearson"),
+             ("pearson", "spearmanr"), "pearson", similarity=True),
     # MNLI is reported on matched dev (the LoRA table); mismatched dev is the extra split below.
     GlueSpec("mnli", "MNLI", ("sentence1", "sentence2", "gold_label"), ("premise", "hypothesis"),
              ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy",
@@ -77,6 +78,8 @@ class GlueTask(Task):
         self.label_names = spec.label_names
         self.metric_names = spec.metric_names
         self.primary_metric = spec.primary_metric
+        self.similarity = spec.similarity
+        self.label_range = None if spec.label_names else STSB_RANGE
         self.splits = ("train", *spec.dev_files, "test")
 
     def _records(self, split: str, data_dir: Path | None) -> list[Record]:

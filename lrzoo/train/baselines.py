@@ -13,6 +13,7 @@ from __future__ import annotations
 from peft import TaskType
 from torch import nn
 
+from ..heads import find_pooled_head
 from ..targets import is_quantized
 from ..wrap import infer_task_type, task_head_modules
 
@@ -29,6 +30,11 @@ def prepare_baseline(model: nn.Module, name: str) -> nn.Module:
                          f"bitsandbytes-quantized (e.g. {quantized[0]}): load it with model.quantization=none, or "
                          "train an adapter on the quantized base (QLoRA).")
     heads = task_head_modules(model)
+    pooled = find_pooled_head(model)
+    if name == "head_only" and pooled is not None and pooled.pair_form == "bi_encoder":
+        raise ValueError("adapter=head_only trains a head on frozen features, and a bi-encoder has none (it scores the "
+                         "cosine of two embeddings; adapter=zero_shot evaluates it untrained): for a linear probe "
+                         "set model.similarity_head=cross_encoder.")
     if name == "head_only" and (not heads or infer_task_type(model) == TaskType.CAUSAL_LM):
         # a causal LM's "head" is its output embedding (often tied to the input one): not a task head
         raise ValueError(f"adapter=head_only needs a task head, and {type(model).__name__} has none outside its "

@@ -11,6 +11,7 @@ one writer per run directory is :mod:`lrzoo.train.run_dir`.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from ..heads import HEAD_FILE, find_pooled_head
 from ..io import atomic_directory
 from .resume import CHECKPOINT_RE, checkpoint_dirs, read_trainer_state
 from .sharding import full_state_dict
@@ -138,4 +140,8 @@ class CheckpointMixin:
             with atomic_directory(os.path.join(self.run_dir, "adapter")) as tmp:
                 self.peft_model.save_pretrained(tmp, state_dict=state_dict)
                 self.tokenizer.save_pretrained(tmp)
+                head = find_pooled_head(self.peft_model)
+                if head is not None:  # how to rebuild the model the adapter was trained on (lrzoo.heads)
+                    with open(os.path.join(tmp, HEAD_FILE), "w") as handle:
+                        json.dump(head.spec(), handle, indent=2)
         self.accelerator.wait_for_everyone()

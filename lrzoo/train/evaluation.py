@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..heads import best_threshold, find_pooled_head, head_spec
 from ..io import atomic_file
 from ..optimizers import state_bytes
 from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
@@ -45,6 +46,10 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+#: training rows a binary bi-encoder's threshold is chosen on when the run holds out no slice of them
+CALIBRATION_ROWS = 1000
 
 
 class EvaluationMixin:
@@ -68,9 +73,41 @@ class EvaluationMixin:
                 self.eval_kinds[name] = "loglik"
             else:
                 features = encode_rows(rows, task.kind, self.tokenizer, self.config.max_length,
-                                       for_generation=task.kind == "generation")
+                                       for_generation=task.kind == "generation", pairs=self.pairs)
                 self.eval_kinds[name] = task.kind
             self.eval_sets[name] = (task, features, rows)
+
+    def _prepare_calibration(self, model: nn.Module, train_rows: list) -> None:
+        """``self.calibration``: the features and labels a binary bi-encoder's threshold is chosen on before each
+        evaluation (:meth:`_calibrate_head`): the run's held-out slice of the training split when it has one
+        (``heldout/<task>``, never dev), else the first :data:`CALIBRATION_ROWS` training rows. ``None`` for
+        every other head."""
+        head = find_pooled_head(model)
+        self.calibration = None
+        if head is None or not head.needs_threshold:
+            return
+        held = [name for name in self.eval_sets if name.startswith(HELDOUT_PREFIX)]
+        if held:
+            _, features, rows = self.eval_sets[held[0]]
+            source = held[0]
+        else:
+            rows = train_rows[:CALIBRATION_ROWS]
+            features = encode_rows(rows, self.task.kind, self.tokenizer, self.config.max_length, pairs=self.pairs)
+            source = f"the first {len(rows)} training rows"
+        self.calibration = {"features": features, "labels": [row["label"] for row in rows], "source": source}
+
+    @torch.no_grad()
+    def _calibrate_head(self) -> None:
+        """Set a binary bi-encoder's threshold to the cut of its cosine that is most accurate on
+        ``self.calibration`` (:func:`lrzoo.heads.best_threshold`); the same on every rank (gathered scores)."""
+        if self.calibration is None:
+            return
+        self.model.eval()
+        scores = self._predict(self.task, self.calibration["features"], output="similarity")
+        if any(score is None or not math.isfinite(score) for score in scores):
+            return  # non-finite outputs: the evaluation reports them; no threshold can be chosen
+        head = find_pooled_head(self.accelerator.unwrap_model(self.model))
+        head.set_threshold(best_threshold(scores, self.calibration["labels"]))
 
     def _evaluate_and_log(self, step: int) -> None:
         metrics = self.evaluate()
@@ -113,6 +150,10 @@ class EvaluationMixin:
             "autocast_dtype": self.autocast_dtype,
             "on_nonfinite": self.config.on_nonfinite,
             "nonfinite_steps_skipped": self.guard.skipped,
+            # how the encoder was read (lrzoo.heads) and, for a bi-encoder's threshold, on which rows it was chosen
+            "head": {**head_spec(model), **({"threshold_rows": self.calibration["source"]} if self.calibration else {})},
+            "max_length": self.config.max_length,
+            "truncated": self.truncated,  # per set, the share of rows max_length cut (null: not measured)
             **({"selection_score": self.last_eval["selection_score"]} if "selection_score" in self.last_eval else {}),
         })
 
@@ -132,6 +173,7 @@ class EvaluationMixin:
         metric (the mean of the sets' primary metrics), without the ``heldout/`` sets, whose mean is
         ``selection_score`` (``score`` too when every set is held out). Keeps each set's per-example
         predictions in ``last_predictions`` (``predictions.json``)."""
+        self._calibrate_head()
         self.model.eval()
         results: dict[str, float] = {}
         primaries: dict[bool, list[float]] = {False: [], True: []}  # held out -> primary metrics
@@ -176,8 +218,9 @@ class EvaluationMixin:
             self.nonfinite_metrics["score"] = f"the primary metric is not finite ({', '.join(undefined)})"
         return results
 
-    def _predict(self, task: Any, features: list[dict]) -> list:
-        """Predictions for ``features`` in order; rows are sharded over ranks and gathered."""
+    def _predict(self, task: Any, features: list[dict], output: str = "logits") -> list:
+        """Predictions for ``features`` in order; rows are sharded over ranks and gathered. ``output="similarity"``:
+        a bi-encoder's cosine of each pair instead (:class:`lrzoo.heads.PairSimilarityOutput`)."""
         mine = list(range(self.rank, len(features), self.world))
         # FSDP: each forward gathers weights from every rank, so all ranks run as many batches as rank 0.
         rows = -(-len(features) // self.world) if self.sharded else len(mine)
@@ -194,8 +237,10 @@ class EvaluationMixin:
                 batch = collate([{k: v for k, v in f.items() if k != "labels"} for f in chunk],
                                 self.tokenizer.pad_token_id)
                 with self.accelerator.autocast():
-                    logits = model(**{k: v.to(self.accelerator.device) for k, v in batch.items()}).logits.float()
-                predictions = (logits.squeeze(-1) if task.kind == "regression" else logits.argmax(-1)).tolist()
+                    outputs = model(**{k: v.to(self.accelerator.device) for k, v in batch.items()})
+                logits = (outputs.similarity.unsqueeze(-1) if output == "similarity" else outputs.logits).float()
+                predictions = (logits.squeeze(-1) if task.kind == "regression" or output != "logits"
+                               else logits.argmax(-1)).tolist()
                 # a row whose logits are NaN/inf has no prediction (argmax would quietly say class 0)
                 finite = torch.isfinite(logits).flatten(1).all(-1).tolist()
                 predictions = [p if ok else None for p, ok in zip(predictions, finite)]

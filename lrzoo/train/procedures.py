@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 from transformers import get_scheduler
 
+from ..heads import pair_encoding
 from ..methods.lora_sb import init_lora_sb
 from ..registry import get_adapter, list_adapters, training_options
 from .config import TrainerConfig
@@ -145,7 +146,7 @@ class LoraSBProcedure(Procedure):
         c = self.config
         samples = self.options.get("init_num_samples", 50)
         rows = [train_rows[i] for i in range(min(samples, len(train_rows)))]
-        features = encode_rows(rows, task.kind, tokenizer, c.max_length)
+        features = encode_rows(rows, task.kind, tokenizer, c.max_length, pairs=pair_encoding(model))
         size = c.micro_batch_size or c.batch_size
         batches = [collate(features[k:k + size], tokenizer.pad_token_id) for k in range(0, len(features), size)]
         lr = self.options.get("init_lr")

@@ -32,7 +32,9 @@ from transformers import PreTrainedTokenizerBase
 
 from .checkpoint import CheckpointMixin, latest_checkpoint, rng_state, seed_everything, set_rng_state
 from .config import EvalConfig, TrainerConfig
-from .data import IGNORE_INDEX, batch_layout, collate, encode_rows, epoch_order, planned_steps, step_rows
+from ..heads import pair_encoding
+from .data import (IGNORE_INDEX, batch_layout, collate, encode_rows, epoch_order, planned_steps, step_rows,
+                   truncated_share)
 from .divergence import NonfiniteGuard, total_grad_norm
 from .evaluation import EvaluationMixin, peak_memory_mb
 from .precision import autocast_dtype, check_autocast, use_precision
@@ -106,9 +108,17 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             check_shared(run_dir, self.rank, self.world)
 
         self.micro, self.accum = batch_layout(config, self.world)
-        self.train_features = (encode_rows(list(train_rows), task.kind, tokenizer, config.max_length)
+        self.pairs = pair_encoding(model)  # "separate" for a bi-encoder (lrzoo.heads)
+        train_rows = list(train_rows)
+        self.train_features = (encode_rows(train_rows, task.kind, tokenizer, config.max_length, pairs=self.pairs)
                                if self.trains else [])
         self._encode_eval_sets(eval_sets)  # self.eval_sets, self.eval_kinds (lrzoo.train.evaluation)
+        # the share of rows max_length cuts, per set: results.json's "truncated" (lrzoo.train.data.truncated_share)
+        self.truncated = {"train": truncated_share(train_rows, task.kind, tokenizer, config.max_length, self.pairs),
+                          **{name: truncated_share(rows, t.kind, tokenizer, config.max_length, self.pairs,
+                                                   scoring=self.eval_kinds[name])
+                             for name, (t, _, rows) in self.eval_sets.items()}}
+        self._prepare_calibration(model, train_rows)  # rows a bi-encoder's threshold is chosen on (lrzoo.train.evaluation)
         self.total_steps = planned_steps(len(self.train_features), config) if self.trains else 0
         self.steps_per_epoch = len(self.train_features) // config.batch_size
 
@@ -183,7 +193,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             step_loss = torch.zeros((), device=device)
             for k, batch in enumerate(micro_batches):
                 batch = {key: value.to(device) for key, value in batch.items()}
-                self.tokens_seen += int(batch["attention_mask"].sum()) * self.world
+                self.tokens_seen += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")) * self.world
                 last = k == len(micro_batches) - 1
                 with self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext():
                     with self.accelerator.autocast():
