@@ -6,14 +6,16 @@
 
 Each run gets its own directory, ``<output_root>/<task>/<model>/<adapter>/seed<seed>-<hash>``, where
 ``<hash>`` (:func:`run_hash`) digests the whole resolved configuration but the seed and bookkeeping
-keys: a sweep over any key never mixes two configurations in one directory, every rank of a job
-and every re-run of a command find the same one, and the seeds of one configuration share the
-hash. One process writes a run directory at a time (:mod:`lrzoo.train.run_dir`).
+keys, plus the size and SHA-256 of every local data file the run reads: a sweep over any key never mixes
+two configurations in one directory, an edited data file is a new run, every rank of a job and every
+re-run of a command find the same one, and the seeds of one configuration share the hash. One process
+writes a run directory at a time (:mod:`lrzoo.train.run_dir`).
 
 The config tree is ``recipes/`` (root ``config.yaml``); the ``adapter`` group is the top-level
 ``adapters/`` directory, registered into Hydra's ConfigStore at startup because its folder name
-differs from the group's. Everything the run needs is checked before the first step: the task and
-its data, the model, and the adapter's keywords.
+differs from the group's. Everything the run needs is checked before the first step: every config key
+(:mod:`lrzoo.train.schema`), the task and its data (:mod:`lrzoo.cli.run_data`), the model, and the
+adapter's keywords. A mistake there is one line on stderr and exit status 2 (:mod:`lrzoo.cli.errors`).
 """
 
 from __future__ import annotations
@@ -50,8 +52,6 @@ _HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label"}
 
 #: the held-out slice's permutation seed: fixed, independent of the run's ``seed``
 HELDOUT_SEED = 1234
-
-from ..train.schema import ADAPTER_ONLY_KEYS  # noqa: E402  (re-exported: adapter keys a preset sets for every adapter)
 
 
 def register_adapter_configs() -> None:
@@ -160,10 +160,11 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
     """Build task, data, model, adapter and trainer from ``cfg``; train; return the results.
 
     Usable without Hydra (tests compose a config and call this). Returns ``None`` when the run
-    stopped early (``trainer.stop_after``) and can be resumed. The config's keys are checked first
-    (:func:`lrzoo.train.schema.check_keys`). Rank 0 then locks ``run_dir`` (:class:`lrzoo.train.run_dir.RunDirInUse`
-    if another process holds it) and removes what an interrupted write left there; a run that fails before
-    it wrote anything of its own removes the directory it created (:func:`remove_stub`).
+    stopped early (``trainer.stop_after``) and can be resumed. Rank 0 locks ``run_dir``
+    (:class:`lrzoo.train.run_dir.RunDirInUse` if another process holds it) and removes what an interrupted
+    write left there; then the config's keys are checked (:func:`lrzoo.train.schema.check_keys`) before
+    anything loads. A run that fails before it wrote anything of its own removes its directory
+    (:func:`remove_stub`).
 
     Errors in what the run was given (config, data, model, adapter options, checkpoint) keep their types and
     are marked as the user's (:func:`lrzoo.cli.errors.input_phase`): ``lrzoo-train`` prints them as one line.
@@ -243,6 +244,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
     from lrzoo.train.config import HELDOUT_PREFIX, EvalConfig
     from lrzoo.train.procedures import LowRankOptimizerProcedure, procedure_for
     from lrzoo.train.resume import resume_latest
+    from lrzoo.train.schema import ADAPTER_ONLY_KEYS
     from lrzoo.train.trainer import Trainer, TrainerConfig, seed_everything
 
     plain = OmegaConf.to_container(cfg, resolve=True)

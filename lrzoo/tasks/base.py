@@ -134,7 +134,7 @@ def _existing_dir(data_dir: str | Path) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"data_dir {str(root)!r} is not a directory. Pass the folder that holds glue/, "
                                 "commonsense/, gsm8k/ and math/ (the layout of ../shared/data), or data_dir=None "
-                                "to read the public hub copies.")
+                                "(task.data_dir=null) to read the public hub copies.")
     return root
 
 
