@@ -59,8 +59,8 @@ def check_overrides(overrides: list[str]) -> None:
     groups = group_options()
     for override in overrides:
         key, equals, value = override.partition("=")
-        if not equals or key.startswith(("+", "~", "-", "hydra")) or "@" in key:
-            continue
+        if not equals or key.startswith(("+", "~", "-", "hydra")) or "@" in key or "/" in key:
+            continue  # appended keys (checked once composed), deletions, Hydra's own, package/nested group syntax
         if key in groups:
             _check_option(key, value, groups[key])
             continue
