@@ -18,11 +18,12 @@ PACKAGE = REPO / "lrzoo"
 #: ("lrzoo" itself is the public API in __init__). Data flows one way: leaves, then the PEFT bridge,
 #: layers, registry, methods, the wrap/export/load API, then the trainer, then the command line.
 #: Low-rank optimizers (optimizers/) sit beside the adapter stack: they use the leaves only.
-LEAVES = {"configs", "decompositions", "fingerprint", "io", "offline_notices", "targets"}
+LEAVES = {"configs", "decompositions", "errors", "fingerprint", "io", "offline_notices", "targets"}
 ALLOWED = {
     "kernels": set(),
-    "tasks": {"io"},
-    "configs": set(), "decompositions": set(), "fingerprint": set(), "io": set(), "offline_notices": set(),
+    "tasks": {"io", "errors"},
+    "configs": set(), "decompositions": set(), "errors": set(), "fingerprint": set(), "io": set(),
+    "offline_notices": set(),
     "targets": set(),
     "peft_bridge": {"fingerprint", "targets"},
     "layer": {"peft_bridge", "targets"},

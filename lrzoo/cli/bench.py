@@ -47,6 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import entry_point
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 #: method -> wrap keywords (lrzoo) for the benchmarked layer; the rank comes from --r.
@@ -375,6 +377,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--task", choices=("generation", "classification"), default=None,
                        help="the model's head: causal LM or sequence classification (default: from the model)")
     args = parser.parse_args(argv)
+    _check_args(args)
     if args.check:
         _refuse_check_overrides(parser, args)
     return args
@@ -400,6 +403,33 @@ def _refuse_check_overrides(parser: argparse.ArgumentParser, args: argparse.Name
     unjudged = set(args.methods or ()) - set(TORCH_TARGETS)
     if args.methods and unjudged == set(args.methods):
         parser.error(f"--check has targets only for {', '.join(TORCH_TARGETS)}")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse values that would end in a traceback mid-benchmark: one line (:class:`lrzoo.errors.UserError`)."""
+    from lrzoo.errors import UserError
+
+    for flag, value, least in (("--r", args.r, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
+                               ("--batch", args.batch, 1), ("--seq-len", args.seq_len, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if any(size < 1 for shape in args.shape or () for size in shape):
+        raise UserError(f"--shape sizes must be positive, got {args.shape}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False); use "
+                        "--device cpu")
+    if args.model is not None and not os.path.isdir(args.model):
+        from lrzoo.models import BUILTIN_MODELS
+
+        if args.model not in BUILTIN_MODELS and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+            raise UserError(f"--model {args.model}: not a built-in ({', '.join(BUILTIN_MODELS)}) nor a local "
+                            "directory (and the Hub is offline)")
 
 
 def main_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
@@ -430,6 +460,7 @@ def main_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     return 0
 
 
+@entry_point("lrzoo-bench")  # a user error (lrzoo.errors.UserError...) is one line; --debug: the traceback
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)

@@ -287,15 +287,11 @@ class Composer:
 
     def _cell_config(self, method: Method, task: str) -> Any:
         if (method.name, task) not in self._cells:
-            from hydra import compose, initialize_config_dir
+            from .overrides import compose_checked
 
-            from ..configs import config_dir
-            from .train import register_adapter_configs
-
-            register_adapter_configs()
-            with initialize_config_dir(config_dir=str(config_dir("recipes")), version_base="1.3"):
-                self._cells[(method.name, task)] = compose(
-                    "config", overrides=list(self.overrides(method, task, method.centre, self.plan.seeds[0])))
+            self._cells[(method.name, task)] = compose_checked(
+                list(self.overrides(method, task, method.centre, self.plan.seeds[0])),
+                f"{self.plan.path}: {method.name} on {task}")
         return self._cells[(method.name, task)]
 
     def run(self, method: Method, task: str, lr: float, seed: int, head: Optional[float] = None) -> PlannedRun:

@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 from ..train.config import HELDOUT_PREFIX
 from ..train.run_dir import RESULTS_FILE, read_results
+from .errors import entry_point
 
 CSV_FIELDS = ("model", "adapter", "variant", "task", "metric", "n_seeds", "mean", "std", "trainable_params",
               "peak_memory_mb", "wall_time_s")
@@ -262,6 +263,7 @@ def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+@entry_point("lrzoo-report")  # a user error (lrzoo.errors.UserError...) is one line; --debug: the traceback
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point of ``lrzoo-report``."""
     parser = argparse.ArgumentParser(prog="lrzoo-report", description=__doc__.split("\n\n")[0])

@@ -48,6 +48,7 @@ from typing import Callable, Optional, Sequence
 
 from ..io import atomic_file
 from ..train.run_dir import RunDirInUse, RunLock
+from .errors import entry_point
 from .plan import LOG_FILE, STATUS_FILE, CellState, Composer, Outcome, Plan, PlannedRun, PlanError, cell_state, \
     format_lr, load_plan, outcome_in_dir
 
@@ -370,6 +371,7 @@ def _summary(sweep: Sweep, launched: int, seconds: float, timed_out: bool, out: 
     return 0
 
 
+@entry_point("lrzoo-sweep")  # a user error (lrzoo.errors.UserError...) is one line; --debug: the traceback
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point of ``lrzoo-sweep``."""
     parser = argparse.ArgumentParser(prog="lrzoo-sweep", description=__doc__.split("\n\n")[0])

@@ -6,28 +6,35 @@
 
 Each run gets its own directory, ``<output_root>/<task>/<model>/<adapter>/seed<seed>-<hash>``, where
 ``<hash>`` (:func:`run_hash`) digests the whole resolved configuration but the seed and bookkeeping
-keys: a sweep over any key never mixes two configurations in one directory, every rank of a job
-and every re-run of a command find the same one, and the seeds of one configuration share the
-hash. One process writes a run directory at a time (:mod:`lrzoo.train.run_dir`).
+keys, plus the size and SHA-256 of every local data file the run reads: a sweep over any key never mixes
+two configurations in one directory, an edited data file is a new run, every rank of a job and every
+re-run of a command find the same one, and the seeds of one configuration share the hash. One process
+writes a run directory at a time (:mod:`lrzoo.train.run_dir`).
 
 The config tree is ``recipes/`` (root ``config.yaml``); the ``adapter`` group is the top-level
 ``adapters/`` directory, registered into Hydra's ConfigStore at startup because its folder name
-differs from the group's. Everything the run needs is checked before the first step: the task and
-its data, the model, and the adapter's keywords.
+differs from the group's. Everything the run needs is checked before the first step: every config key
+(:mod:`lrzoo.train.schema`), the task and its data (:mod:`lrzoo.cli.run_data`), the model, and the
+adapter's keywords. A mistake there is one line on stderr and exit status 2 (:mod:`lrzoo.cli.errors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs import config_dir
+from ..errors import UserError
+from .errors import debugging, input_phase, is_user_error, message, take_debug_flag
+from .overrides import check_overrides
+from .run_data import check_checkpoint_data, check_recorded_data, check_task_sets, data_plan, data_record
 
 #: keys that do not change what a run computes: excluded from the config hash, so a resumed
 #: run (which differs in them) still matches its checkpoint.
@@ -49,9 +56,6 @@ _HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label",
 #: the held-out slice's permutation seed: fixed, independent of the run's ``seed``
 HELDOUT_SEED = 1234
 
-#: adapter keys experiment presets set for every adapter, meaningless to a low-rank optimizer (GaLore/Fira)
-ADAPTER_ONLY_KEYS = ("r", "alpha", "dropout")
-
 
 def register_adapter_configs() -> None:
     """Store every ``adapters/*.yaml`` in Hydra's ConfigStore as option ``adapter=<stem>``."""
@@ -62,25 +66,47 @@ def register_adapter_configs() -> None:
         store.store(group="adapter", name=path.stem, node=OmegaConf.load(path))
 
 
-def hashed_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without the ``hydra`` node, :data:`_HASH_EXCLUDED` and the options of
-    :data:`_HASH_DEFAULTS` at their default: what the run computes from (also saved in ``results.json`` as
-    ``config``, which ``lrzoo-report`` groups runs by)."""
-    if "hydra" in cfg:  # dropped before resolving: it has values Hydra fills in only inside a job
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers, without the ``hydra`` node (dropped before resolving: it has
+    values Hydra fills in only inside a job)."""
+    if "hydra" in cfg:
         unresolved = OmegaConf.to_container(cfg, resolve=False)
         unresolved.pop("hydra")
         cfg = OmegaConf.create(unresolved)
-    data = OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def hashed_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the ``hydra`` node, :data:`_HASH_EXCLUDED` and the options of
+    :data:`_HASH_DEFAULTS` at their default, plus ``data``: the size and SHA-256 of every local data file the
+    run reads (:mod:`lrzoo.cli.run_data`), so an edited file makes another run. What the run computes from
+    (also saved in ``results.json`` as ``config``, which ``lrzoo-report`` groups runs by)."""
+    data = plain_config(cfg)
     task = data.get("task")
-    if isinstance(task, dict) and isinstance(task.get("data_dir"), str):
-        # the folder, not its spelling: ``../shared/data`` and LRZOO_DATA_DIR=/abs/shared/data are the same
-        # data, and a sweep resumed under the other spelling must still find its finished runs
-        task["data_dir"] = os.path.realpath(os.path.expanduser(task["data_dir"]))
+    if isinstance(task, dict):
+        plan = _data_plan_or_none(task)
+        if plan is not None and plan.data_dir is not None:
+            # the folder, not its spelling: ``../shared/data`` and LRZOO_DATA_DIR=/abs/shared/data are the same
+            # data, and a sweep resumed under the other spelling must still find its finished runs; a null
+            # data_dir read offline from a local copy is that copy
+            task["data_dir"] = os.path.realpath(os.path.expanduser(plan.data_dir))
+            data["data"] = data_record(plan)
+        elif isinstance(task.get("data_dir"), str):
+            task["data_dir"] = os.path.realpath(os.path.expanduser(task["data_dir"]))
     for dotted in _HASH_EXCLUDED:
         _pop_dotted(data, dotted)
     for dotted, default in _HASH_DEFAULTS.items():
         _pop_dotted(data, dotted, only_if=lambda value, default=default: value == default, prune_empty=True)
     return data
+
+
+def _data_plan_or_none(task: dict[str, Any]) -> Any:
+    """:func:`lrzoo.cli.run_data.data_plan`, or None when the task node is broken (an unknown task, a bad split):
+    the hash is computed while Hydra names the run directory, and the run itself then says what is wrong."""
+    try:
+        return data_plan(task)
+    except Exception:
+        return None
 
 
 def _pop_dotted(data: dict[str, Any], dotted: str, only_if: Any = None, prune_empty: bool = False) -> None:
@@ -137,23 +163,81 @@ def run_recipe(cfg: DictConfig, run_dir: str) -> Optional[dict[str, Any]]:
     """Build task, data, model, adapter and trainer from ``cfg``; train; return the results.
 
     Usable without Hydra (tests compose a config and call this). Returns ``None`` when the run
-    stopped early (``trainer.stop_after``) and can be resumed. Rank 0 first locks ``run_dir``
-    (:class:`lrzoo.train.run_dir.RunDirInUse` if another process holds it) and removes what an
-    interrupted write left there.
+    stopped early (``trainer.stop_after``) and can be resumed. Rank 0 locks ``run_dir``
+    (:class:`lrzoo.train.run_dir.RunDirInUse` if another process holds it) and removes what an interrupted
+    write left there; then the config's keys are checked (:func:`lrzoo.train.schema.check_keys`) before
+    anything loads. A run that fails before it wrote anything of its own removes its directory
+    (:func:`remove_stub`).
+
+    Errors in what the run was given (config, data, model, adapter options, checkpoint) keep their types and
+    are marked as the user's (:func:`lrzoo.cli.errors.input_phase`): ``lrzoo-train`` prints them as one line.
     """
-    from lrzoo.train.run_dir import RunLock, remove_leftovers
+    from lrzoo.train.resume import UnreadableCheckpoint
+    from lrzoo.train.run_dir import RunDirInUse, RunLock, remove_leftovers
+    from lrzoo.train.schema import check_keys
 
     is_main = _rank() == 0
-    with RunLock(run_dir, enabled=is_main):
+    with input_phase(RunDirInUse):
+        lock = RunLock(run_dir, enabled=is_main)
+        lock.acquire()
+    try:
         if is_main:
             removed = remove_leftovers(run_dir)
             if removed:
                 print(f"[lrzoo] removed what an interrupted write left in {run_dir}: "
                       f"{', '.join(os.path.relpath(p, run_dir) for p in removed)}", file=sys.stderr)
-        return _run_locked(cfg, run_dir, is_main)
+        try:
+            with input_phase(UnreadableCheckpoint):
+                check_keys(plain_config(cfg))
+                trainer = _prepare(cfg, run_dir, is_main)
+            return trainer if isinstance(trainer, dict) else trainer.fit()
+        except BaseException:
+            if is_main:
+                remove_stub(run_dir, lock, str(cfg.get("output_root") or ""))
+            raise
+    finally:
+        lock.release()
 
 
-def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[str, Any]]:
+#: what a run directory holds before the run has written anything of its own: Hydra's record of the command
+#: (``.hydra/``), the lock, the data fingerprint
+_STUB_ENTRIES = {".hydra", "run.lock", "data.json"}
+
+
+def remove_stub(run_dir: str, lock: Any, output_root: str = "") -> None:
+    """Remove ``run_dir`` when it holds nothing but :data:`_STUB_ENTRIES`: a run that failed before its first
+    metric, checkpoint or result (most often refused by a check) leaves no empty-looking run behind. Called
+    while holding its lock; a directory with anything else (a metrics.csv, an earlier run's checkpoints, a
+    sweep's log) is left as it is, since it tells what happened."""
+    import shutil
+
+    try:
+        entries = set(os.listdir(run_dir))
+    except OSError:
+        return
+    if not entries <= _STUB_ENTRIES:
+        return
+    for name in entries - {"run.lock"}:
+        path = os.path.join(run_dir, name)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    lock.release()
+    try:  # gone only if nothing else appeared meanwhile
+        os.remove(os.path.join(run_dir, "run.lock"))
+        os.rmdir(run_dir)
+    except OSError:
+        return
+    # and the folders above it that it leaves empty (<task>/<model>/<adapter>/), up to output_root
+    root, parent = os.path.abspath(output_root or run_dir), os.path.dirname(os.path.abspath(run_dir))
+    while parent.startswith(root + os.sep):
+        try:
+            os.rmdir(parent)
+        except OSError:
+            break
+        parent = os.path.dirname(parent)
+
+
+def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
+    """The checks and the set-up of a run: the finished results (already done), or the :class:`Trainer` to fit."""
     import lrzoo
     from lrzoo.models import head_options, load_model
     from lrzoo.tasks import get_task
@@ -164,20 +248,35 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     from lrzoo.train.procedures import LowRankOptimizerProcedure, procedure_for
     from lrzoo.train.resume import resume_latest
     from lrzoo.train.run_dir import read_results
+    from lrzoo.train.schema import ADAPTER_ONLY_KEYS
     from lrzoo.train.trainer import Trainer, TrainerConfig, seed_everything
 
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    model_cfg, task_cfg, adapter = plain["model"], plain["task"], dict(plain["adapter"])
+    # Cheap checks first: task, data and trainer options fail before the model is loaded.
+    task = get_task(task_cfg["name"])
+    check_task_sets(task_cfg)
+    plan = data_plan(task_cfg)
+    if plan.searched:  # data_dir null, the Hub offline, no local copy
+        raise UserError(plan.not_found_message(task.name))
+    data_dir = plan.data_dir
+    if plan.found_by and is_main:
+        print(f"[lrzoo] task.data_dir is null and the Hub is offline: reading {task.name} from {data_dir} "
+              f"({plan.found_by})")
     digest = config_hash(cfg)
-    previous = read_results(run_dir, move_damaged=is_main) if str(cfg.get("resume", "auto")) == "auto" else None
+    resume = str(plain.get("resume", "auto"))
+    previous = read_results(run_dir, move_damaged=is_main) if resume == "auto" else None
     if previous is not None:
         if previous.get("config_hash") == digest:  # re-running a finished sweep skips what is done
             if is_main:
                 print(f"[lrzoo] {run_dir} already finished with this configuration; resume=never re-runs it")
             return previous
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    model_cfg, task_cfg, adapter = plain["model"], plain["task"], dict(plain["adapter"])
+    fingerprint = data_record(plan)
+    if is_main:  # the data this run started on: resuming on edited files is refused with the file that changed
+        check_recorded_data(run_dir, fingerprint, resuming=resume == "auto" and _has_checkpoint(run_dir))
+    if resume not in ("auto", "never"):
+        check_checkpoint_data(resume, fingerprint)
     seed_everything(plain["seed"])
-    # Cheap checks first: task, data and trainer options fail before the model is loaded.
-    task = get_task(task_cfg["name"])
     trainer_options = {**plain["trainer"], "seed": plain["seed"]}
     trainer_options["max_length"] = (trainer_options.get("max_length") or task_cfg.get("max_length")
                                      or model_cfg.get("max_length") or 128)
@@ -185,19 +284,20 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     trainer_options["generation"] = {**(task_cfg.get("generation") or {}), **(trainer_options.get("generation") or {})}
     config = TrainerConfig.from_dict(trainer_options)
     evaluation = EvalConfig.from_dict(plain.get("eval") or {})  # the root eval node: generate | loglik
-    data_dir = task_cfg.get("data_dir")
     eval_split = task_cfg.get("eval_split") or ("test" if task.kind == "generation" else "validation")
     check_limits(plain.get("train_limit"), plain.get("eval_limit"))
-    heldout_size = task_cfg.get("heldout_size")  # absent from the task YAMLs: older run hashes stay valid
-    train_rows = _train_rows(task, task_cfg.get("train_tasks"), data_dir,
-                             plain.get("train_limit") if heldout_size is None else None)
+    heldout_size = task_cfg.get("heldout_size")  # absent from the task YAMLs: +task.heldout_size=N
+    with _hub_errors(task.name, data_dir):
+        train_rows = _train_rows(task, task_cfg.get("train_tasks"), data_dir,
+                                 plain.get("train_limit") if heldout_size is None else None)
     train_rows, heldout_rows = split_heldout(train_rows, heldout_size, task.name, config.batch_size,
                                              plain.get("train_limit"), task_cfg.get("train_tasks"))
     train_rows = formatted_train_rows(task, train_rows, task_cfg.get("format"), evaluation)
     eval_sets = {}
     for name in task_cfg.get("eval_tasks") or getattr(task, "eval_tasks", (task.name,)):
         eval_task = task if name == task.name else get_task(name)
-        eval_sets[name] = (eval_task, eval_task.load_split(eval_split, data_dir, limit=plain.get("eval_limit")))
+        with _hub_errors(name, data_dir):
+            eval_sets[name] = (eval_task, eval_task.load_split(eval_split, data_dir, limit=plain.get("eval_limit")))
     if heldout_rows is not None:  # scored beside dev, reported as selection_score, never part of score
         eval_sets[HELDOUT_PREFIX + task.name] = (task, heldout_rows)
     check_splits(task.name, train_rows, eval_sets, config.batch_size, plain.get("train_limit"), plain.get("eval_limit"))
@@ -208,14 +308,18 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
                                   **head_options(model_cfg, task))
     method = adapter.pop("name")
     procedure = None
+    if method in BASELINES or method in lrzoo.list_optimizers():
+        # experiment presets set adapter.r/alpha/dropout for every adapter; they mean nothing to a baseline or an
+        # optimizer (lrzoo.train.schema lets only these through)
+        ignored = {k: adapter.pop(k) for k in ADAPTER_ONLY_KEYS if k in adapter}
+        if ignored and is_main:
+            kind = "a baseline" if method in BASELINES else "an optimizer, not an adapter"
+            rank = "" if method in BASELINES else " (its rank is adapter.rank)"
+            print(f"[lrzoo] {method} is {kind}: ignoring {ignored}{rank}")
     if method in BASELINES:
         peft_model = prepare_baseline(model, method)
     elif method in lrzoo.list_optimizers():  # GaLore, Fira: every weight trained through a low-rank optimizer
         peft_model = prepare_baseline(model, "full_finetune")
-        # experiment presets set adapter.r/alpha/dropout for every adapter; they mean nothing to an optimizer
-        ignored = {k: adapter.pop(k) for k in ADAPTER_ONLY_KEYS if k in adapter}
-        if ignored and is_main:
-            print(f"[lrzoo] {method} is an optimizer, not an adapter: ignoring {ignored} (its rank is adapter.rank)")
         procedure = LowRankOptimizerProcedure({"method": method, **adapter}, config)
     else:
         if adapter.get("target_modules") is None and model_cfg.get("adapter_targets") is not None:
@@ -227,7 +331,8 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     logger_options = dict(plain["logger"])
     logger = make_logger(logger_options.pop("name"), run_dir, is_main, **logger_options)
     run_info = {"adapter": method, "adapter_config": adapter, "model": model_cfg["name"], "seed": plain["seed"],
-                "config_hash": digest, "config": hashed_config(cfg), "lrzoo_version": lrzoo.__version__}
+                "config_hash": digest, "config": hashed_config(cfg), "lrzoo_version": lrzoo.__version__,
+                "train_tasks": list(task_cfg.get("train_tasks") or [task.name]), "eval_tasks": list(eval_sets)}
     trainer = Trainer(peft_model, tokenizer, task, train_rows, eval_sets, config, run_dir,
                       callbacks=[logger] if logger is not None else [], run_info=run_info, procedure=procedure,
                       evaluation=evaluation)
@@ -237,7 +342,6 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
         print(f"[lrzoo] {method} on {model_cfg['name']}: {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.3f}%); run dir {run_dir}")
 
-    resume = str(plain.get("resume", "auto"))
     checkpoint = None
     if resume == "auto":  # the newest intact checkpoint; damaged ones are skipped with a warning
         checkpoint = resume_latest(trainer, run_dir, verbose=is_main)
@@ -250,7 +354,26 @@ def _run_locked(cfg: DictConfig, run_dir: str, is_main: bool) -> Optional[dict[s
     if checkpoint is not None:
         if is_main:
             print(f"[lrzoo] resumed from {checkpoint} at step {trainer.start_step}")
-    return trainer.fit()
+    return trainer
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    from lrzoo.train.resume import checkpoint_dirs
+
+    return bool(checkpoint_dirs(run_dir))
+
+
+@contextlib.contextmanager
+def _hub_errors(task_name: str, data_dir: Optional[str]) -> Iterator[None]:
+    """A task read from the Hub (``data_dir`` null) that cannot reach it: one line with the ways round it."""
+    try:
+        yield
+    except ConnectionError as err:
+        if data_dir is not None:
+            raise
+        raise UserError(f"{task_name}: could not reach the Hugging Face Hub for its data ({message(err)}). Offline, "
+                        "set HF_HUB_OFFLINE=1 to read a local copy ($LRZOO_DATA_DIR or ../shared/data), or give "
+                        "task.data_dir=<folder in the ../shared/data layout>.") from err
 
 
 def split_heldout(rows: Any, size: Any, task_name: str, batch_size: int, train_limit: Optional[int] = None,
@@ -335,21 +458,28 @@ def _summary(results: dict[str, Any], run_dir: str) -> str:
             f"results in {os.path.join(run_dir, RESULTS_FILE)}")
 
 
+#: exit status of ``lrzoo-train`` when a run was refused (its input) / diverged; the worst of a sweep's runs wins
+EXIT_REFUSED, EXIT_DIVERGED = 2, 1
+_failures: list[int] = []
+
+
 def _hydra_task(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import CompactHydraException
 
     from lrzoo.train.divergence import DivergenceError
-
-    class TrainingDiverged(CompactHydraException):
-        """Printed by Hydra as its message alone (no traceback); the process exits 1. In a sweep
-        (``-m``) the other runs still go, and the sweep exits 1 at the end."""
 
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         results = run_recipe(cfg, run_dir)
-    except DivergenceError as err:
-        raise TrainingDiverged(f"[lrzoo] {err}") from err
+    except Exception as err:
+        diverged = isinstance(err, DivergenceError)
+        if debugging() or not (diverged or is_user_error(err)):
+            raise  # a bug: Hydra prints its traceback
+        # The message alone, as the last line of the output (lrzoo-sweep's failure line); no Hydra traceback
+        # hint. In a sweep (-m) the other runs still go, and lrzoo-train exits non-zero at the end.
+        print(f"[lrzoo] {err}" if diverged else f"lrzoo-train: error: {message(err)}", file=sys.stderr)
+        _failures.append(EXIT_DIVERGED if diverged else EXIT_REFUSED)
+        return None
     if results is None:
         if _rank() == 0:
             print(f"[lrzoo] stopped early (trainer.stop_after); run the same command again to resume from {run_dir}")
@@ -361,10 +491,22 @@ def _hydra_task(cfg: DictConfig) -> Optional[float]:
 
 def main() -> None:
     """Console entry point of ``lrzoo-train`` (and ``python -m lrzoo.cli.train``, handy under ``torchrun -m`` /
-    ``accelerate launch -m``)."""
+    ``accelerate launch -m``). ``--debug`` shows the traceback of a refused configuration (as
+    ``HYDRA_FULL_ERROR=1`` does)."""
     import hydra
 
+    from .console import quiet_console
+
+    sys.argv[1:] = take_debug_flag(sys.argv[1:])
+    quiet_console()
     register_adapter_configs()
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as err:
+        if debugging():
+            raise
+        print(f"lrzoo-train: error: {message(err)}", file=sys.stderr)
+        sys.exit(EXIT_REFUSED)
     if _rank() != 0:
         # One run directory for all ranks (hydra#2070): only rank 0 writes .hydra/ and the log.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
@@ -373,6 +515,8 @@ def main() -> None:
         app()
     finally:
         _leave_process_group()
+    if _failures:
+        sys.exit(max(_failures))
 
 
 def _leave_process_group() -> None:

@@ -76,9 +76,7 @@ class Task:
         otherwise the local layout of ``../shared/data`` under ``data_dir``. ``limit`` keeps the
         first N rows of the split, in file order.
         """
-        if split not in self.splits:
-            elsewhere = f" It is evaluated through eval_tasks {list(self.eval_tasks)}." if self.eval_tasks != (self.name,) else ""
-            raise ValueError(f"{self.name} has no split {split!r}; choose one of {list(self.splits)}.{elsewhere}")
+        self._check_split(split)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"limit must be a non-negative int or None, got {limit!r}.")
         root = None if data_dir is None else _existing_dir(data_dir)
@@ -89,6 +87,22 @@ class Task:
         if not rows:  # from_list([]) fails on the features ("Keys mismatch"): an empty split is a valid answer
             return datasets.Dataset.from_dict({name: [] for name in COLUMNS[self.kind]}, features=COLUMNS[self.kind])
         return datasets.Dataset.from_list(rows, features=COLUMNS[self.kind])
+
+    def data_files(self, split: str, data_dir: str | Path) -> list[Path]:
+        """The local files :meth:`load_split` ``(split, data_dir)`` reads, whether they exist or not: what a run's
+        data fingerprint covers (:mod:`lrzoo.tasks.data_identity`)."""
+        self._check_split(split)
+        root = Path(data_dir).expanduser()
+        return [root / relative for relative in self._local_files(split, root)]
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            elsewhere = f" It is evaluated through eval_tasks {list(self.eval_tasks)}." if self.eval_tasks != (self.name,) else ""
+            raise ValueError(f"{self.name} has no split {split!r}; choose one of {list(self.splits)}.{elsewhere}")
+
+    def _local_files(self, split: str, data_dir: Path) -> list[str]:
+        """The files of ``split`` under ``data_dir`` (relative paths), in the order :meth:`_records` reads them."""
+        raise NotImplementedError
 
     def _records(self, split: str, data_dir: Path | None) -> list[Record]:
         """All raw records of ``split`` in source order, each with its location."""
@@ -125,7 +139,7 @@ def _existing_dir(data_dir: str | Path) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"data_dir {str(root)!r} is not a directory. Pass the folder that holds glue/, "
                                 "commonsense/, gsm8k/ and math/ (the layout of ../shared/data), or data_dir=None "
-                                "to read the public hub copies.")
+                                "(task.data_dir=null) to read the public hub copies.")
     return root
 
 

@@ -140,13 +140,22 @@ class CommonsenseTask(Task):
         self.val_set_size = val_set_size
         self._pattern = re.compile(spec.pattern)
 
+    def _local_files(self, split: str, data_dir: Path) -> list[str]:
+        if split == "test":
+            return [f"commonsense/{self.spec.folder}/test.json"]
+        return [f"commonsense/{relative}" for relative in self._train_files(data_dir)]
+
+    def _train_files(self, data_dir: Path | None) -> list[str]:
+        """The training file(s) under ``commonsense/`` (LLM-Adapters' ``dataset/``)."""
+        return [f"{self.spec.folder}/train.json"]
+
     def _records(self, split: str, data_dir: Path | None) -> list[Record]:
         if split == "test":
             return self._file(f"{self.spec.folder}/test.json", data_dir)
         return self._hold_out(self._train_records(data_dir), split)
 
     def _train_records(self, data_dir: Path | None) -> list[Record]:
-        return self._file(f"{self.spec.folder}/train.json", data_dir)
+        return [record for relative in self._train_files(data_dir) for record in self._file(relative, data_dir)]
 
     def _file(self, relative: str, data_dir: Path | None) -> list[Record]:
         """Items of one LLM-Adapters JSON file; ``relative`` is under its dataset/ folder."""
@@ -235,16 +244,20 @@ class CommonsenseUnion(CommonsenseTask):
         super().__init__(UNION, val_set_size)
         self.eval_tasks = tuple(f"commonsense/{key}" for key in SPECS)
 
-    def _train_records(self, data_dir: Path | None) -> list[Record]:
+    def _train_files(self, data_dir: Path | None) -> list[str]:
         if data_dir is None or (data_dir / "commonsense" / UNION_FILE).is_file():
-            return self._file(UNION_FILE, data_dir)
-        missing = [s.folder for s in SPECS.values() if not (data_dir / "commonsense" / s.folder / "train.json").is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"commonsense/all needs {data_dir / 'commonsense' / UNION_FILE} (LLM-Adapters "
-                f"ft-training_set/{UNION_FILE}) or all 8 per-task train.json files; missing train.json for {missing}. "
-                f"Download {UNION_FILE} into {data_dir / 'commonsense'}, or train on a single task (e.g. commonsense/boolq).")
-        return [record for spec in SPECS.values() for record in self._file(f"{spec.folder}/train.json", data_dir)]
+            return [UNION_FILE]
+        return [f"{spec.folder}/train.json" for spec in SPECS.values()]
+
+    def _train_records(self, data_dir: Path | None) -> list[Record]:
+        if data_dir is not None and not (data_dir / "commonsense" / UNION_FILE).is_file():
+            missing = [s.folder for s in SPECS.values() if not (data_dir / "commonsense" / s.folder / "train.json").is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"commonsense/all needs {data_dir / 'commonsense' / UNION_FILE} (LLM-Adapters "
+                    f"ft-training_set/{UNION_FILE}) or all 8 per-task train.json files; missing train.json for {missing}. "
+                    f"Download {UNION_FILE} into {data_dir / 'commonsense'}, or train on a single task (e.g. commonsense/boolq).")
+        return super()._train_records(data_dir)
 
 
 TASKS = {f"commonsense/{key}": (lambda spec=spec: CommonsenseTask(spec)) for key, spec in SPECS.items()}

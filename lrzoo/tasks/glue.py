@@ -82,12 +82,14 @@ class GlueTask(Task):
         self.label_range = None if spec.label_names else STSB_RANGE
         self.splits = ("train", *spec.dev_files, "test")
 
-    def _records(self, split: str, data_dir: Path | None) -> list[Record]:
+    def _local_files(self, split: str, data_dir: Path) -> list[str]:
         split = "validation" if split == "test" else split
+        return [f"glue/{self.spec.folder}/{'train.tsv' if split == 'train' else self.spec.dev_files[split]}"]
+
+    def _records(self, split: str, data_dir: Path | None) -> list[Record]:
         if data_dir is None:
-            return self._hub_records(split)
-        name = "train.tsv" if split == "train" else self.spec.dev_files[split]
-        path = require_file(data_dir, f"glue/{self.spec.folder}/{name}", "glue", LAYOUT)
+            return self._hub_records("validation" if split == "test" else split)
+        path = require_file(data_dir, self._local_files(split, data_dir)[0], "glue", LAYOUT)
         header = self.spec.tsv_columns if self.spec.has_header else None
         records = read_tsv(path, tuple(c for c in header if c is not None) if header else None, self.spec.num_columns)
         a, b, label = self.spec.tsv_columns

@@ -72,9 +72,12 @@ class Gsm8kTask(MathTask):
     def __init__(self):
         super().__init__("math/gsm8k")
 
+    def _local_files(self, split: str, data_dir: Path) -> list[str]:
+        return [f"gsm8k/{split}.jsonl"]
+
     def _records(self, split: str, data_dir: Path | None) -> list[Record]:
         if data_dir is not None:
-            return read_jsonl(require_file(data_dir, f"gsm8k/{split}.jsonl", "gsm8k", LAYOUT))
+            return read_jsonl(require_file(data_dir, self._local_files(split, data_dir)[0], "gsm8k", LAYOUT))
         import datasets
 
         return with_locations(f"openai/gsm8k:main {split}", datasets.load_dataset("openai/gsm8k", "main", split=split))
@@ -119,14 +122,17 @@ class Math500Task(MathTask):
     def __init__(self):
         super().__init__("math/math500")
 
+    def _local_files(self, split: str, data_dir: Path) -> list[str]:
+        return ["metamathqa/MetaMathQA-395K.json" if split == "train" else "math/math500_test.jsonl"]
+
     def _records(self, split: str, data_dir: Path | None) -> list[Record]:
         if split == "train":
             if data_dir is not None:
-                return read_json_list(require_file(data_dir, "metamathqa/MetaMathQA-395K.json", "metamathqa", LAYOUT))
+                return read_json_list(require_file(data_dir, self._local_files(split, data_dir)[0], "metamathqa", LAYOUT))
             source = "meta-math/MetaMathQA"
         else:
             if data_dir is not None:
-                return read_jsonl(require_file(data_dir, "math/math500_test.jsonl", "math", LAYOUT))
+                return read_jsonl(require_file(data_dir, self._local_files(split, data_dir)[0], "math", LAYOUT))
             source = "HuggingFaceH4/MATH-500"
         import datasets
 

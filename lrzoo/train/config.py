@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..errors import UserError, did_you_mean
 from .budget import validate_trainer_config
 
 
@@ -106,9 +107,12 @@ class EvalConfig:
 
 
 def _from_dict(cls: type, values: dict[str, Any], node: str) -> Any:
-    """``cls(**values)`` for the config node ``node``, with an error naming unknown keys and the known ones."""
+    """``cls(**values)`` for the config node ``node``, with an error naming unknown keys (each with its closest
+    known one) and the known ones."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"Unknown {node} option(s) {unknown}; known: {', '.join(sorted(known))}.")
+        guesses = [f"{node}.{key}" + (f" (did you mean {node}.{guess}?)" if (guess := did_you_mean(key, known)) else "")
+                   for key in unknown]
+        raise UserError(f"Unknown {node} option(s) {', '.join(guesses)}; known: {', '.join(sorted(known))}.")
     return cls(**values)
