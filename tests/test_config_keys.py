@@ -51,7 +51,7 @@ def test_every_node_the_recipes_read_is_checked():
 
 def test_documented_optional_keys_stay_accepted():
     # +task.heldout_size=N (docs/recipes.md), model.pooling (encoder heads), a logger's own options
-    check_keys(plain_config(compose(["+task.heldout_size=32", "+model.pooling=mean", "logger=wandb",
+    check_keys(plain_config(compose(["+task.heldout_size=32", "model.pooling=mean", "model.similarity_head=cross_encoder", "logger=wandb",
                                      "logger.project=p", "+adapter.target_modules=[query]", "+adapter.use_rslora=true"])))
 
 
