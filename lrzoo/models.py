@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -339,6 +340,12 @@ def load_model(
         model = heads.PooledForSequenceClassification(model, overrides["num_labels"], *head, label_range=label_range)
         if saved is not None:
             heads.load_head_weights(model, location)
+        else:  # said once, in the words lrzoo-train uses for transformers' own heads (lrzoo.cli.console)
+            new = sorted(name for name, _ in model.named_parameters() if not name.startswith(model.base_model_prefix + "."))
+            if new:
+                logging.getLogger(__name__).warning(
+                    "%s loaded; new weights, not in the checkpoint (initialised at random, trained by the run): %s",
+                    source, ", ".join(new))
         _ensure_pad_token(model, tokenizer)
     return model, tokenizer
 
