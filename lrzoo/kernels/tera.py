@@ -26,9 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import apply_mask, base_out, bias_grad, dropout_mask, flatten, materialize_wins, remember_bias
+from .common import (apply_mask, base_out, bias_grad, check_tensors, dropout_mask, flatten, materialize_wins,
+                     remember_bias)
 from .lora import lora_linear
-from .registry import KernelEntry, register
+from .registry import CheckCase, KernelEntry, register
 
 
 def _kron_rows(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -266,4 +267,19 @@ def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0
     return F.linear(x, merged_w, None if bias is None else bias.to(x.dtype))
 
 
-register(KernelEntry(op="tera_linear", reference=tera_linear, triton="triton_tera:tera_linear"))
+def _check(device: torch.device, dtype: torch.dtype) -> list[CheckCase]:
+    """Both forms of the Triton side: Q = 4 on a 64-wide layer (the LoRA kernel with A = Rcᵀ, B = T) and
+    Q = 16 on a 16-wide one (the merge kernel, ``merge_wins``), 40 tokens each."""
+    cases = []
+    for name, modes, rank in (("Q=4, 64→64, LoRA form", (8, 8, 8, 8), 2), ("Q=16, 16→16, merged W'", (4, 4, 4, 4), 4)):
+        rand = check_tensors(device, dtype, seed=rank)
+        f32 = torch.float32
+        width = modes[0] * modes[1]
+        inputs = dict(x=rand(2, 20, width), weight=rand(width, width, scale=0.2), bias=rand(width),
+                      factors=rand(4, max(modes) + 2, rank, scale=0.5, dtype_=f32), core=rand(*(rank,) * 4, dtype_=f32),
+                      lam=rand(4, rank, dtype_=f32), modes=modes, scaling=0.4)
+        cases.append(CheckCase(name, inputs, ("x", "bias", "lam")))
+    return cases
+
+
+register(KernelEntry(op="tera_linear", reference=tera_linear, triton="triton_tera:tera_linear", check=_check))
