@@ -136,34 +136,32 @@ def merge_wins(x: torch.Tensor, weight: torch.Tensor, rank_q: int, dropout_p: fl
 def kron_apply(x2: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
     """``x2 · (M_1 ⊗ … ⊗ M_k)`` for ``x2: (N, Π rows)`` -> ``(N, Π cols)``, one mode at a time.
 
-    Row-major in both indices, as :func:`_kron_rows` (``Rc = kron(U_K+1, …, U_N)``). Each step turns the
-    leading row mode into a trailing column mode: ``N·(Π c_<k)·(Π r_≥k)·c_k`` multiply-adds instead of
-    ``N·Π r·Π c`` for the dense product (x·Rc on a 576-wide layer with R = 16: 7.9 M against 75 M per 512 tokens).
+    Row-major in both indices, as :func:`_kron_rows` (``Rc = kron(U_K+1, …, U_N)``). The last mode is one
+    GEMM over every token; each earlier one a batched ``(c_k × r_k)·(r_k × Π c_>k)`` product on contiguous
+    views (no transposed copies). ``N·Σ_k (Π r_<k)·r_k·c_k·(Π c_>k)`` multiply-adds instead of ``N·Π r·Π c``
+    for the dense product (x·Rc on a 576-wide layer with R = 16: 7.9 M against 75 M per 512 tokens).
     """
     n = x2.shape[0]
-    out = x2
-    for mat in mats:
-        out = (out.reshape(n, mat.shape[0], -1).transpose(1, 2) @ mat).reshape(n, -1)
-    return out
+    rows = [mat.shape[0] for mat in mats]
+    out = x2.reshape(-1, rows[-1]) @ mats[-1]
+    trailing = mats[-1].shape[1]
+    for k in range(len(mats) - 2, -1, -1):
+        out = torch.matmul(mats[k].t(), out.reshape(-1, rows[k], trailing))
+        trailing *= mats[k].shape[1]
+    return out.reshape(n, -1)
 
 
 def kron_cost(tokens: int, rows: tuple[int, ...], cols: tuple[int, ...]) -> int:
     """Multiply-adds of :func:`kron_apply` with factors of shapes ``(rows[k], cols[k])``."""
-    total, done, left = 0, 1, math.prod(rows)
-    for r, c in zip(rows, cols):
-        left //= r
-        total += tokens * done * r * left * c
-        done *= c
-    return total
+    return sum(tokens * math.prod(rows[:k]) * rows[k] * cols[k] * math.prod(cols[k + 1:]) for k in range(len(rows)))
 
 
 def merged_form_wins(tokens: int, modes: tuple[int, ...], rank: int, training: bool) -> bool:
     """Whether the torch path should build ``W' = W + ΔW`` instead of the Tucker form, by multiply-add count.
 
     Tucker form (:class:`TeraTuckerFunction`): ``x·Rc`` and ``z·Lᵀ`` (and their transposes in the backward)
-    one mode at a time, plus the Q×Q core, ``N·Q²`` once forward and twice backward (``∂Gλ = ĝᵀ·xa`` and
-    ``ĝ·Gλ`` for ∂x). Merged form (autograd): ``T = L·Gλ`` and ``T·Rcᵀ`` to build ΔW; in training also the
-    weight-gradient GEMM ``dyᵀx`` and the two products back to ``Gλ``. The GEMM ``x·W'ᵀ`` (or ``x·Wᵀ``) and
+    one mode at a time, plus the Q×Q core, ``N·Q²`` once forward and once backward. Merged form (autograd):
+    ``T = L·Gλ`` and ``T·Rcᵀ`` to build ΔW; in training also the weight-gradient GEMM ``dyᵀx`` and the two products back to ``Gλ``. The GEMM ``x·W'ᵀ`` (or ``x·Wᵀ``) and
     ``∂x = dy·W'`` are on both sides. The merged form only wins when Q nears the width and tokens are many.
     """
     k = len(modes) // 2
@@ -171,7 +169,7 @@ def merged_form_wins(tokens: int, modes: tuple[int, ...], rank: int, training: b
     d_out, d_in = math.prod(rows), math.prod(cols)
     ranks = (rank,) * k
     if training:
-        tucker = 3 * tokens * q * q + 2 * (kron_cost(tokens, cols, ranks) + kron_cost(tokens, rows, ranks))
+        tucker = 2 * tokens * q * q + 2 * (kron_cost(tokens, cols, ranks) + kron_cost(tokens, rows, ranks))
         merged = tokens * d_out * d_in + 2 * d_out * d_in * q + 2 * d_out * q * q
     else:
         tucker = tokens * q * q + kron_cost(tokens, cols, ranks) + kron_cost(tokens, ranks, rows)
@@ -179,70 +177,99 @@ def merged_form_wins(tokens: int, modes: tuple[int, ...], rank: int, training: b
     return merged < tucker
 
 
+def _outer(vectors) -> torch.Tensor:
+    """``v_1 ⊗ … ⊗ v_k`` as a flat vector (row-major), from k − 1 outer products."""
+    out = vectors[0]
+    for vec in vectors[1:]:
+        out = torch.outer(out, vec).reshape(-1)
+    return out
+
+
+def _outer_grad(grad: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``∂v_n`` of ``v_1 ⊗ … ⊗ v_k`` given its gradient (flat): ``grad`` contracted with every other ``v_m``.
+    The leading modes are contracted once, in a running prefix, and each mode's trailing ones from it."""
+    n_modes, rank = vectors.shape
+    out = torch.empty_like(vectors)
+    lead = grad
+    for n in range(n_modes):
+        rest = lead
+        for m in range(n_modes - 1, n, -1):
+            rest = rest.reshape(-1, rank) @ vectors[m]
+        out[n] = rest
+        if n < n_modes - 1:
+            lead = vectors[n] @ lead.reshape(rank, -1)
+    return out
+
+
 def _tucker_parts(factors, core, lam, modes, dtype):
-    """``(U_out, U_in, Gλ)``: the frozen mode factors (views of the shared tensor, in ``dtype``) and the
-    scaled core as a (Q, Q) matrix, rows the output modes, differentiable in ``lam``."""
+    """``(U_out, U_in, G)``: the frozen mode factors (views of the shared tensor, in ``dtype``) and the core
+    as a (Q, Q) matrix, rows the output modes."""
     k = len(modes) // 2
     us = [factors[n, :size].to(device=lam.device, dtype=dtype) for n, size in enumerate(modes)]
-    core_d, lam_d = core.to(device=lam.device, dtype=dtype), lam.to(dtype)
-    if torch.is_grad_enabled() and lam_d.requires_grad:
-        scaled = ScaledCoreFunction.apply(core_d, lam_d)
-    else:
-        scaled = _scale_core(core_d, lam_d)[-1]
     q = lam.shape[1] ** k
-    return us[:k], us[k:], scaled.reshape(q, q)
+    return us[:k], us[k:], core.to(device=lam.device, dtype=dtype).reshape(q, q)
 
 
 class TeraTuckerFunction(torch.autograd.Function):
-    """``x Wᵀ + b + s·((drop(x)·Rc)·Gλᵀ)·Lᵀ``: ΔW applied through its Tucker structure, saving one N-sized tensor.
+    """``x Wᵀ + b + s·((drop(x)·Rc)·Gλᵀ)·Lᵀ``: ΔW applied through its Tucker structure.
 
     ``Rc = U_K+1 ⊗ … ⊗ U_N`` and ``L = U_1 ⊗ … ⊗ U_K`` are Kronecker products of the frozen mode factors, so
     ``x·Rc`` and ``z·Lᵀ`` run mode by mode (:func:`kron_apply`); neither they nor ``T = L·Gλ`` are ever built.
-    The dense work is the Q×Q core, ``N·Q²`` per product. Before this, the rank-Q form multiplied by the dense
-    ``Rc`` and ``T`` (``N·d·Q`` each, five times per step, plus ``d_out·Q²`` three times to build T) and saved
-    the N×Q product ``xa``; on SmolLM2-135M that was 1.5× LoRA's step time (docs/benchmarks.md).
+    ``Gλ = diag(λ_1 ⊗ … ⊗ λ_K)·G·diag(λ_K+1 ⊗ … ⊗ λ_N)``: the λ's of the row modes scale the columns of
+    ``L`` (``U_k diag λ_k``), those of the column modes the core's columns, so no N×Q pass applies them.
+    The dense work is the Q×Q core, ``N·Q²`` per product: once forward, ``z0 = xa·(G·diag s_in)ᵀ``, and once
+    backward, ``w = (ĝ ⊙ s_out)·G`` with ``ĝ = s·dy·L``, which gives ``∂x = dy·W + drop((w ⊙ s_in)·Rcᵀ)``,
+    ``∂s_in = Σ_N w ⊙ xa`` and, with the saved ``z0``, ``∂s_out = Σ_N ĝ ⊙ z0``; the λ's follow
+    (:func:`_outer_grad`). Without ``z0``, ``∂s_out`` costs a second ``N·Q²`` product (``ĝᵀ·xa``).
 
-    Saved: ``xa = drop(x)·Rc`` (N×Q), or x itself when it is smaller (Q > d_in; then ``xa`` is recomputed,
-    mode by mode), the dropout mask, and the parameters (W, λ, the shared factors and core). Backward, with
-    ``ĝ = s·dy·L``: ``∂Gλ = ĝᵀ·xa`` then ``∂λ`` through the rebuilt scaled core (:class:`ScaledCoreFunction`),
-    and ``∂x = dy·W + drop((ĝ·Gλ)·Rcᵀ)``.
+    Before this, the rank-Q form multiplied by the dense ``Rc`` and ``T`` (``N·d·Q`` each, five times per step,
+    plus ``d_out·Q²`` three times to build T); on SmolLM2-135M that was 1.6× LoRA's step time
+    (docs/benchmarks.md). Saved: ``xa = drop(x)·Rc`` and ``z0`` (N×Q each; x instead of xa when Q > d_in,
+    recomputing xa), the dropout mask, and the parameters (W, λ, the shared factors and core).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, factors, core, modes: tuple[int, ...], scaling: float, dropout_p: float,
                 training: bool):
         x2 = flatten(x)
-        u_out, u_in, gl = _tucker_parts(factors, core, lam, modes, x2.dtype)  # no graph: forward runs without grad
+        k = len(modes) // 2
+        u_out, u_in, g = _tucker_parts(factors, core, lam, modes, x2.dtype)
+        lam_d = lam.to(x2.dtype)
         mask = dropout_mask(x2, dropout_p, training)
         xa = kron_apply(apply_mask(x2, mask, dropout_p), u_in)
+        z0 = xa @ (g * _outer(lam_d[k:])).t()
         out = base_out(x2, weight.to(x2.dtype), bias)
-        out.add_(kron_apply(xa @ gl.t(), [u.t() for u in u_out]), alpha=scaling)
-        keep_x = gl.shape[1] > x2.shape[1]
+        out.add_(kron_apply(z0, [(u * lam_d[n]).t() for n, u in enumerate(u_out)]), alpha=scaling)
+        keep_x = g.shape[1] > x2.shape[1]
         need_lam = ctx.needs_input_grad[3]
-        ctx.save_for_backward(x2 if keep_x and need_lam else None, None if keep_x or not need_lam else xa, weight,
-                              lam, factors, core, mask)
+        ctx.save_for_backward(x2 if keep_x and need_lam else None, None if keep_x and need_lam else xa,
+                              z0 if need_lam else None, weight, lam, factors, core, mask)
         ctx.modes, ctx.scaling, ctx.dropout_p, ctx.x_shape, ctx.dtype = modes, scaling, dropout_p, x.shape, x2.dtype
         remember_bias(ctx, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, weight, lam, factors, core, mask = ctx.saved_tensors
-        s, p, dtype = ctx.scaling, ctx.dropout_p, ctx.dtype
+        x2, xa, z0, weight, lam, factors, core, mask = ctx.saved_tensors
+        s, p, dtype, modes = ctx.scaling, ctx.dropout_p, ctx.dtype, ctx.modes
+        k = len(modes) // 2
         dy = flatten(grad_out).to(dtype)
         need_x, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        with torch.enable_grad():
-            lam_ = lam.detach().requires_grad_(need_lam)
-            u_out, u_in, gl = _tucker_parts(factors, core, lam_, ctx.modes, dtype)
+        lam_d = lam.to(dtype)
+        u_out, u_in, g = _tucker_parts(factors, core, lam_d, modes, dtype)
+        s_out, s_in = _outer(lam_d[:k]), _outer(lam_d[k:])
         g_hat = kron_apply(dy, u_out).mul_(s)  # s·dy·L: (N, Q)
+        w = (g_hat * s_out) @ g  # ∂(xa ⊙ s_in)
         grad_x = grad_lam = None
         if need_lam:
             if xa is None:
                 xa = kron_apply(apply_mask(x2, mask, p), u_in)
-            grad_lam = torch.autograd.grad(gl, lam_, g_hat.t() @ xa)[0]
+            grad_out_side = (g_hat * z0).sum(0)
+            grad_in_side = (w * xa).sum(0)
+            grad_lam = torch.cat([_outer_grad(grad_out_side, lam_d[:k]), _outer_grad(grad_in_side, lam_d[k:])]).to(lam.dtype)
         if need_x:
-            back = kron_apply(g_hat @ gl.detach(), [u.t() for u in u_in])
-            grad_x = (dy @ weight.to(dtype)).add_(apply_mask(back, mask, p)).reshape(ctx.x_shape)
+            back = kron_apply(w.mul_(s_in), [u.t() for u in u_in])
+            grad_x = torch.addmm(apply_mask(back, mask, p), dy, weight.to(dtype)).reshape(ctx.x_shape)
         return grad_x, None, bias_grad(ctx, dy), grad_lam, None, None, None, None, None, None
 
 
