@@ -20,7 +20,7 @@ PACKAGE = REPO / "lrzoo"
 #: Low-rank optimizers (optimizers/) sit beside the adapter stack: they use the leaves only.
 LEAVES = {"configs", "decompositions", "errors", "fingerprint", "io", "offline_notices", "targets"}
 ALLOWED = {
-    "kernels": set(),
+    "kernels": {"io"},  # the kernel verdict cache is written atomically (kernels/verify.py)
     "tasks": {"io", "errors"},
     "configs": set(), "decompositions": set(), "errors": set(), "fingerprint": set(), "io": set(),
     "offline_notices": set(),

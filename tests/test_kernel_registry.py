@@ -109,3 +109,14 @@ def test_importing_lrzoo_loads_no_triton_kernel_module(fresh_python, tmp_path):
         loaded = [m for m in sys.modules if m.startswith("lrzoo.kernels.triton")]
         assert not loaded, loaded
     """, cwd=tmp_path)
+
+
+def test_a_triton_kernel_cannot_be_declared_without_the_problems_it_is_checked_on():
+    from lrzoo.kernels.registry import KernelEntry
+
+    with pytest.raises(ValueError, match="check cases"):
+        KernelEntry(op="lora_linear", reference=kernels.lora.lora_linear, triton="triton_lora:lora_linear")
+    for entry in KERNELS.values():
+        if entry.triton is not None:
+            cases = entry.check(torch.device("cpu"), torch.float32)
+            assert cases and all(set(case.grads) <= set(case.kwargs) for case in cases), entry.op

@@ -68,7 +68,7 @@ def _tera_delta(factors, core, lam, modes, scaling):
     ((2, 3, 4, 2, 2, 3), 2, 9, "low-rank"),  # K = 3, uneven modes, rectangular layer
 ])
 def test_tera_linear_matches_the_materialised_update_in_both_forms(modes, rank, tokens, form):
-    from lrzoo.kernels import common, randlora, tera
+    from lrzoo.kernels import tera
 
     g = torch.Generator().manual_seed(0)
     k = len(modes) // 2
@@ -78,7 +78,7 @@ def test_tera_linear_matches_the_materialised_update_in_both_forms(modes, rank, 
     lam = torch.randn(len(modes), rank, generator=g).requires_grad_()
     x = torch.randn(tokens, d_in, generator=g).requires_grad_()
     weight, bias = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
-    assert common.materialize_wins(tokens, d_in, d_out, rank ** k, True) == (form == "merged")
+    assert tera.merged_form_wins(tokens, modes, rank, True) == (form == "merged")
 
     out = tera.tera_linear(x, weight, bias, factors, core, lam, modes, 0.3)
     x_ref, lam_ref = x.detach().clone().requires_grad_(), lam.detach().clone().requires_grad_()
@@ -132,22 +132,46 @@ def test_tera_row_factor_product_is_autograds_without_keeping_the_kronecker_rows
     assert saved_activation_bytes(lambda: _kron_rows(us) @ scaled, [scaled, *us]) == 20 * 9 * 4
 
 
+def _tera_inputs(modes, rank, tokens, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = len(modes) // 2
+    d_out, d_in = int(torch.tensor(modes[:k]).prod()), int(torch.tensor(modes[k:]).prod())
+    factors = torch.randn(len(modes), max(modes) + 1, rank, generator=g).to(dtype) / rank ** 0.5
+    core = torch.randn((rank,) * len(modes), generator=g).to(dtype)
+    lam = torch.randn(len(modes), rank, generator=g).to(dtype).requires_grad_()
+    weight, bias = torch.randn(d_out, d_in, generator=g).to(dtype), torch.randn(d_out, generator=g).to(dtype)
+    x = torch.randn(tokens, d_in, generator=g).to(dtype).requires_grad_()
+    return x, weight, bias.requires_grad_(), factors, core, lam
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_tera_low_rank_form_is_lora_linears_keeping_only_xa(dropout):
+@pytest.mark.parametrize("modes,rank", [((8, 8, 8, 8), 2), ((2, 3, 4, 2, 2, 3), 3)])  # saves xa; saves x (Q > d_in)
+def test_tera_tucker_form_gradients_are_autograds_of_the_plain_formula(dropout, modes, rank):
+    """float64 gradcheck of :class:`TeraTuckerFunction` (x, λ, bias), the same mask on every evaluation."""
+    from lrzoo.kernels import tera
+
+    x, weight, bias, factors, core, lam = _tera_inputs(modes, rank, 6, torch.float64)
+    assert not tera.merged_form_wins(6, modes, rank, True)
+
+    def fn(x, lam, bias):
+        torch.manual_seed(1)  # the dropout mask is drawn in the forward: the same one for every probe
+        return tera.tera_linear(x, weight, bias, factors, core, lam, modes, 0.7, dropout, True)
+
+    assert torch.autograd.gradcheck(fn, (x, lam, bias), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_tera_tucker_form_matches_the_dense_lora_form_keeping_two_n_by_q_tensors(dropout):
+    """Same values and gradients as ``lora_linear`` with ``A = Rcᵀ, B = T`` (float64: only the order of the
+    products differs), saving only ``xa = drop(x)·Rc`` and ``z0 = xa·(G diag s_in)ᵀ`` (N×Q each) and the mask."""
     from lrzoo.cli.bench import saved_activation_bytes
     from lrzoo.kernels import lora, tera
 
-    g = torch.Generator().manual_seed(0)
     modes, rank, tokens = (8, 8, 8, 8), 2, 24
-    factors = torch.randn(4, 9, rank, generator=g)
-    core = torch.randn((rank,) * 4, generator=g)
-    lam = torch.randn(4, rank, generator=g).requires_grad_()
-    weight, bias = torch.randn(64, 64, generator=g), torch.randn(64, generator=g).requires_grad_()
-    x = torch.randn(tokens, 64, generator=g).requires_grad_()
-    dy = torch.randn(tokens, 64, generator=g)
-    assert not tera.merge_wins(x, weight, rank ** 2, dropout, True)
+    x, weight, bias, factors, core, lam = _tera_inputs(modes, rank, tokens, torch.float64)
+    dy = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
-    def through_lora_linear():  # the form before: T and Rc built through autograd, kept by lora_linear
+    def through_lora_linear():  # T and Rc built densely through autograd, kept by lora_linear
         T, Rc = tera.tera_factors(factors, core, lam, modes, x.dtype)
         return lora.lora_linear(x, weight, bias, Rc.t(), T, 0.7, dropout, True)
 
@@ -160,11 +184,33 @@ def test_tera_low_rank_form_is_lora_linears_keeping_only_xa(dropout):
         out = forward()
         results.append((out, *torch.autograd.grad(out, [x, lam, bias], dy)))
     for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     exclude = [factors, core, lam, weight, bias]
     mask_bytes = tokens * 64 if dropout else 0
-    assert saved_activation_bytes(ours, exclude) == tokens * rank ** 2 * 4 + mask_bytes   # xa (N×Q) and the mask
-    assert saved_activation_bytes(through_lora_linear, exclude) > saved_activation_bytes(ours, exclude) + 64 * 4 * 4
+    assert saved_activation_bytes(ours, exclude) == 2 * tokens * rank ** 2 * 8 + mask_bytes  # xa, z0 and the mask
+    assert saved_activation_bytes(through_lora_linear, exclude) > saved_activation_bytes(ours, exclude) + 64 * 4 * 8
+
+
+def test_tera_tucker_form_costs_about_a_lora_layer_not_a_dense_rank_q_one():
+    """SmolLM2's 576×576 projection with the default (16, 16, 16, 16) core (Q = 256): x·Rc and z·Lᵀ run mode
+    by mode and the dense work is two products with the Q×Q core, so forward + backward is within 1.25× LoRA
+    r = 16's FLOPs. The dense rank-Q form (x·Rc, T = L·Gλ, five N×576×256 GEMMs) was 2.39×."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lrzoo.kernels import lora, tera
+
+    modes, rank, tokens = (24, 24, 24, 24), 16, 256
+    x, weight, bias, factors, core, lam = _tera_inputs(modes, rank, tokens)
+    A, B = torch.randn(16, 576, requires_grad=True), torch.randn(576, 16, requires_grad=True)
+
+    def flops(step):
+        with FlopCounterMode(display=False) as counter:
+            step().sum().backward()
+        return counter.get_total_flops()
+
+    ratio = flops(lambda: tera.tera_linear(x, weight, None, factors, core, lam, modes, 0.1, 0.0, True)) / flops(
+        lambda: lora.lora_linear(x, weight, None, A, B, 0.1, 0.0, True))
+    assert ratio < 1.25, ratio
 
 
 @pytest.mark.parametrize("op", ["lora", "dora", "randlora", "tera_lora_form", "tera_merged"])

@@ -238,3 +238,124 @@ def test_bf16_error_on_gpu_is_within_torchs_own(monkeypatch, op):
     if op == "core_linear":
         inputs["core"] = _rand(16, 16, seed=6)
     assert _bf16_error_ratio(getattr(kernels, op), getattr(lora, op), inputs) < 2.0
+
+
+# --- the check a kernel passes before LRZOO_BACKEND=auto trusts it on a device (lrzoo.kernels.verify) ---
+
+@pytest.fixture
+def verdicts(monkeypatch, tmp_path):
+    """A fresh verdict file, and the dispatcher treating this CPU as a device Triton compiles for (as CUDA)."""
+    from lrzoo.kernels import backend, verify
+
+    path = tmp_path / "kernel-verdicts.json"
+    monkeypatch.setenv("LRZOO_KERNEL_VERDICTS", str(path))
+    monkeypatch.setattr(backend, "kernel_device", lambda tensor: True)
+    monkeypatch.setattr(verify, "_MEMO", {})
+    backend.warn_once.cache_clear()
+    yield path
+    backend.warn_once.cache_clear()
+
+
+def _perturbed(fn):
+    def wrong(*args, **kwargs):
+        return fn(*args, **kwargs) * 1.01  # off by 1%: well past every dtype's bound
+    return wrong
+
+
+def test_every_kernel_passes_its_check_and_the_verdicts_are_cached_as_json(monkeypatch, verdicts):
+    import json
+
+    from lrzoo.kernels import verify
+
+    results = kernels.verify_kernels("cpu")
+    assert [(v.op, v.dtype, v.ok) for v in results] == [
+        (op, "float32", True) for op in ("lora_linear", "dora_linear", "randlora_linear", "tera_linear")]
+    assert all(v.max_error < 1e-5 and v.reason is None for v in results)
+    data = json.loads(verdicts.read_text())
+    (stack,) = data["stacks"].values()
+    assert set(stack["stack"]) == {"device", "capability", "driver", "torch", "triton", "lrzoo"}
+    assert stack["stack"]["torch"] == torch.__version__ and stack["stack"]["triton"] == triton.__version__
+    assert sorted(stack["verdicts"]) == sorted(f"{v.op}/float32" for v in results)
+
+    # another process (an empty memo) reads the file and checks nothing again
+    monkeypatch.setattr(verify, "_MEMO", {})
+    monkeypatch.setattr(verify, "check_kernel", lambda *a: pytest.fail("a cached verdict was checked again"))
+    assert [v.ok for v in kernels.verify_kernels("cpu")] == [True] * 4
+
+
+def test_every_check_reaches_the_triton_kernels_it_vouches_for(monkeypatch, verdicts):
+    """A wrong shared GEMM fails all four checks; a wrong merge kernel fails its family's (the cases take the
+    merged path, not a torch fallback inside the Triton side)."""
+    from lrzoo.kernels import triton_common, triton_lora, triton_randlora, triton_tera, verify
+
+    for module in (triton_common, triton_lora, triton_tera):
+        monkeypatch.setattr(module, "fused_mm", _perturbed(triton_common.fused_mm))
+    assert [v.ok for v in kernels.verify_kernels("cpu", refresh=True)] == [False] * 4
+    monkeypatch.undo()
+    for module, op in ((triton_randlora, "randlora_linear"), (triton_tera, "tera_linear")):
+        with monkeypatch.context() as patch:
+            patch.setenv("LRZOO_KERNEL_VERDICTS", str(verdicts))
+            patch.setattr(module, "merged_weight", lambda weight, *rest: weight.to(rest[-1]) + 0.1)
+            (verdict,) = kernels.verify_kernels("cpu", ops=[op], refresh=True)
+            assert not verdict.ok and "merged" in verdict.reason, verdict
+
+
+def test_a_wrong_kernel_fails_its_check_and_auto_runs_the_torch_path_with_one_warning(monkeypatch, verdicts):
+    import json
+    import warnings
+
+    from lrzoo.kernels import triton_lora
+
+    monkeypatch.setattr(triton_lora, "lora_linear", _perturbed(triton_lora.lora_linear))
+    monkeypatch.setenv("LRZOO_BACKEND", "auto")
+    inputs = _lora_inputs((6,), 16, 24, 4, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = [kernels.lora_linear(**inputs) for _ in range(3)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "lora_linear" in messages[0] and "torch path" in messages[0], messages
+    for out in outputs:
+        assert torch.equal(out, lora.lora_linear(**inputs))
+    record = json.loads(verdicts.read_text())["stacks"]
+    (stack,) = record.values()
+    assert stack["verdicts"]["lora_linear/float32"]["ok"] is False
+    # the other kernels were not condemned with it: DoRA still runs its own (correct) kernel
+    assert kernels.dora_linear(**inputs, magnitude=torch.ones(24)) is not None
+    assert json.loads(verdicts.read_text())["stacks"][next(iter(record))]["verdicts"]["dora_linear/float32"]["ok"]
+
+
+def test_a_forced_triton_backend_raises_for_a_kernel_that_failed_its_check(monkeypatch, verdicts):
+    from lrzoo.kernels import triton_tera
+
+    monkeypatch.setattr(triton_tera, "tera_linear", _perturbed(triton_tera.tera_linear))
+    monkeypatch.setenv("LRZOO_BACKEND", "triton")
+    (case, _) = kernels.KERNELS["tera_linear"].check(torch.device(DEVICE), torch.float32)
+    with pytest.raises(kernels.KernelCheckError, match="tera_linear.*float32"):
+        kernels.tera_linear(**case.kwargs)
+
+
+def test_a_kernel_that_fails_to_compile_is_not_trusted(monkeypatch, verdicts):
+    from lrzoo.kernels import triton_randlora
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CompilationError: out of resource: shared memory, Required: 263168, Hardware limit: 232448")
+
+    monkeypatch.setattr(triton_randlora, "randlora_linear", broken)
+    monkeypatch.setenv("LRZOO_BACKEND", "auto")
+    (case,) = kernels.KERNELS["randlora_linear"].check(torch.device(DEVICE), torch.float32)
+    with pytest.warns(RuntimeWarning, match="randlora_linear.*shared memory"):
+        out = kernels.randlora_linear(**case.kwargs)
+    from lrzoo.kernels import randlora
+    assert torch.equal(out, randlora.randlora_linear(**case.kwargs))
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "stacks": []}',
+                                     "__import__('pathlib').Path('PWNED').write_text('x')"])
+def test_a_damaged_verdict_file_is_checked_again_and_never_executed(monkeypatch, verdicts, tmp_path, content):
+    import json
+
+    verdicts.write_text(content)
+    monkeypatch.chdir(tmp_path)
+    (verdict,) = kernels.verify_kernels("cpu", ops=["lora_linear"])
+    assert verdict.ok and not (tmp_path / "PWNED").exists()
+    assert json.loads(verdicts.read_text())["format"] == 1

@@ -1,9 +1,11 @@
 """Adapter matmuls: one entry point per operation, dispatching to Triton or the torch reference.
 
 Callers (the adapter layers) never choose an implementation themselves; see
-:mod:`lrzoo.kernels.backend` for the rule. Each kernel family declares its operation beside its code
-(:mod:`lrzoo.kernels.registry`): ``lora.py``, ``randlora.py`` and ``tera.py`` hold the torch path and
-the entry, ``triton_<family>.py`` the Triton side, imported on the first Triton call.
+:mod:`lrzoo.kernels.backend` for the rule, and :mod:`lrzoo.kernels.verify` for the check a kernel passes
+on a CUDA device before ``auto`` uses it (:func:`verify_kernels` runs them all, for ``make gpu-check``).
+Each kernel family declares its operation beside its code (:mod:`lrzoo.kernels.registry`): ``lora.py``,
+``randlora.py`` and ``tera.py`` hold the torch path and the entry, ``triton_<family>.py`` the Triton side,
+imported on the first Triton call.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from . import lora, randlora, tera  # importing a family registers its entry
 from .backend import requested_backend, use_triton
 from .registry import KERNELS, TRITON_OPS, KernelEntry
+from .verify import KernelCheckError, Verdict, format_verdicts, trusted, verify_kernels
 
 
 def _dispatch(op: str, x, *args, **kwargs):
@@ -24,7 +27,7 @@ def _dispatch(op: str, x, *args, **kwargs):
         # get their gradients in it, as under PEFT's eager forward.
         with torch.autocast(device_type, enabled=False):
             return _dispatch(op, x.to(torch.get_autocast_dtype(device_type)), *args, **kwargs)
-    if use_triton(op, x, op in TRITON_OPS):
+    if use_triton(op, x, op in TRITON_OPS) and trusted(op, x):
         return TRITON_OPS[op](x, *args, **kwargs)
     return KERNELS[op].reference(x, *args, **kwargs)
 
@@ -57,5 +60,6 @@ def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0
     return _dispatch("tera_linear", x, weight, bias, factors, core, lam, tuple(modes), scaling, dropout_p, training)
 
 
-__all__ = ["KERNELS", "KernelEntry", "TRITON_OPS", "core_linear", "dora_linear", "lora", "lora_linear", "randlora",
-           "randlora_linear", "requested_backend", "tera", "tera_linear"]
+__all__ = ["KERNELS", "KernelCheckError", "KernelEntry", "TRITON_OPS", "Verdict", "core_linear", "dora_linear",
+           "format_verdicts", "lora", "lora_linear", "randlora", "randlora_linear", "requested_backend", "tera",
+           "tera_linear", "verify_kernels"]

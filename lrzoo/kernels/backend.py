@@ -3,11 +3,13 @@
 * ``torch``: the pure-PyTorch path of each family (``lora.py``, ``randlora.py``, ``tera.py``; any device).
 * ``triton``: the fused Triton kernels; on a CPU tensor they need ``TRITON_INTERPRET=1`` (set
   before triton is imported), which is only useful for testing.
-* ``auto`` (default): Triton for CUDA tensors when triton imports and a kernel exists for the
-  operation, the torch path otherwise.
+* ``auto`` (default): Triton for CUDA tensors when triton imports, a kernel exists for the
+  operation and it has passed its check on this device and stack (:mod:`lrzoo.kernels.verify`; a
+  failed check runs the torch path with one warning), the torch path otherwise.
 
 A forced ``triton`` falls back to ``torch`` with a one-time warning for cases a kernel does not
-cover (no kernel for the method yet, an unsupported dtype, ...).
+cover (no kernel for the method yet, an unsupported dtype, ...), and raises
+(:class:`lrzoo.kernels.verify.KernelCheckError`) for a kernel that failed its check on the device.
 """
 
 from __future__ import annotations
@@ -48,12 +50,21 @@ def warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def kernel_device(tensor: torch.Tensor) -> bool:
+    """Whether Triton compiles kernels for ``tensor``'s device (CUDA), as opposed to interpreting them on CPU.
+
+    On such a device a kernel runs only once it has passed its check there (:mod:`lrzoo.kernels.verify`);
+    the tests replace this function to run that gate on CPU, under the interpreter.
+    """
+    return tensor.is_cuda
+
+
 def use_triton(op: str, tensor: torch.Tensor, has_kernel: bool) -> bool:
-    """Decide for one call whether the Triton kernel of ``op`` runs on ``tensor``."""
+    """Decide for one call whether the Triton kernel of ``op`` runs on ``tensor`` (before its check's verdict)."""
     backend = requested_backend()
     if backend == "torch":
         return False
-    on_cuda = tensor.is_cuda
+    on_cuda = kernel_device(tensor)
     if backend == "auto":
         return has_kernel and on_cuda and triton_available()
     # backend == "triton": forced

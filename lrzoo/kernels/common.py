@@ -5,7 +5,8 @@
   in backward);
 * ``base_out``: the frozen base product ``x Wᵀ + b`` in one GEMM (LoRA, DoRA, TeRA's low-rank form);
 * ``materialize_wins``: whether building ``W' = W + ΔW`` beats two thin GEMMs (RandLoRA, TeRA);
-* ``DORA_EPS``, the floor of DoRA's row norm (also read by the DoRA layer and the PEFT export).
+* ``DORA_EPS``, the floor of DoRA's row norm (also read by the DoRA layer and the PEFT export);
+* ``check_tensors``: seeded random tensors for the families' kernel-check problems.
 """
 
 from __future__ import annotations
@@ -75,3 +76,14 @@ def materialize_wins(tokens: int, d_in: int, d_out: int, num_products: int, trai
         builds = 3 if rebuilds else 2  # ΔW forward, ∂factors from ∂ΔW (+ the rebuild for ∂x)
         return builds * D * d * P + tokens * D * d < tokens * P * (2 * (d_in + d_out) + d)
     return D * d * P < tokens * P * (d_in + d_out)
+
+
+def check_tensors(device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """``rand(*shape, scale=1.0, dtype=None)``: seeded normal tensors on ``device`` (in ``dtype`` unless told),
+    for the small problems a family's kernel is checked on (:mod:`lrzoo.kernels.verify`)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0, dtype_: Optional[torch.dtype] = None) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype_ or dtype)
+
+    return rand

@@ -24,8 +24,8 @@ from typing import Optional
 
 import torch
 
-from .common import DORA_EPS, apply_mask, base_out, bias_grad, dropout_mask, flatten, remember_bias
-from .registry import KernelEntry, register
+from .common import DORA_EPS, apply_mask, base_out, bias_grad, check_tensors, dropout_mask, flatten, remember_bias
+from .registry import CheckCase, KernelEntry, register
 
 
 def lora_grads(ctx, dz, x2, weight, lora_A, lora_B, xa, mask, needs=None):
@@ -200,5 +200,23 @@ def core_linear(
     return lora_linear(x, weight, bias, lora_A, fold_core(lora_B, core), scaling, dropout_p, training)
 
 
-register(KernelEntry(op="lora_linear", reference=lora_linear, triton="triton_lora:lora_linear"))
-register(KernelEntry(op="dora_linear", reference=dora_linear, triton="triton_lora:dora_linear"))
+def _lora_check_inputs(device: torch.device, dtype: torch.dtype) -> dict:
+    """Batch dims, a rank that is not a power of two, d_out > d_in, a bias; adapter tensors in fp32."""
+    rand = check_tensors(device, dtype)
+    return dict(x=rand(2, 24, 40), weight=rand(48, 40, scale=0.2), bias=rand(48),
+                lora_A=rand(5, 40, scale=0.3, dtype_=torch.float32), lora_B=rand(48, 5, scale=0.3, dtype_=torch.float32),
+                scaling=1.5)
+
+
+def _lora_check(device: torch.device, dtype: torch.dtype) -> list[CheckCase]:
+    return [CheckCase("48 tokens, 40→48, r=5", _lora_check_inputs(device, dtype), ("x", "bias", "lora_A", "lora_B"))]
+
+
+def _dora_check(device: torch.device, dtype: torch.dtype) -> list[CheckCase]:
+    inputs = _lora_check_inputs(device, dtype)
+    inputs["magnitude"] = check_tensors(device, torch.float32, seed=1)(48).abs() + 0.5
+    return [CheckCase("48 tokens, 40→48, r=5", inputs, ("x", "bias", "lora_A", "lora_B", "magnitude"))]
+
+
+register(KernelEntry(op="lora_linear", reference=lora_linear, triton="triton_lora:lora_linear", check=_lora_check))
+register(KernelEntry(op="dora_linear", reference=dora_linear, triton="triton_lora:dora_linear", check=_dora_check))

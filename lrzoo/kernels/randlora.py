@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from .common import apply_mask, bias_grad, dropout_mask, flatten, materialize_wins, remember_bias
-from .registry import KernelEntry, register
+from .common import apply_mask, bias_grad, check_tensors, dropout_mask, flatten, materialize_wins, remember_bias
+from .registry import CheckCase, KernelEntry, register
 
 
 class ScaledBasisFunction(torch.autograd.Function):
@@ -213,5 +213,16 @@ def _triton_limits(x: torch.Tensor, dropout_p: float, training: bool) -> Optiona
     return None
 
 
+def _check(device: torch.device, dtype: torch.dtype) -> list[CheckCase]:
+    """64 tokens of a 40→48 layer, r = 8, n = 5: enough tokens that the Triton side merges W' with its kernel
+    (``materialize_wins``), bases larger than the layer (sliced, strided), a bias."""
+    rand = check_tensors(device, dtype)
+    f32 = torch.float32
+    inputs = dict(x=rand(2, 32, 40), weight=rand(48, 40, scale=0.2), bias=rand(48),
+                  basis_A=rand(8, 1, 43, dtype_=f32), basis_B=rand(50, 6, 8, dtype_=f32), lam=rand(8, 5, dtype_=f32),
+                  gamma=rand(5, 40, dtype_=f32), scaling=0.7)
+    return [CheckCase("64 tokens, 40→48, merged W'", inputs, ("x", "bias", "lam", "gamma"))]
+
+
 register(KernelEntry(op="randlora_linear", reference=randlora_linear, triton="triton_randlora:randlora_linear",
-                     limits=_triton_limits))
+                     limits=_triton_limits, check=_check))

@@ -1,6 +1,6 @@
 """The dispatch table. Each kernel family declares its operation beside its code, by keyword::
 
-    register(KernelEntry(op="lora_linear", reference=lora_linear, triton="triton_lora:lora_linear"))
+    register(KernelEntry(op="lora_linear", reference=lora_linear, triton="triton_lora:lora_linear", check=_lora_check))
 
 * ``reference``: the torch path (any device), and the operation's signature: ``x`` first, the
   operation's tensors and scalars, then ``dropout_p`` and ``training`` (read here by name).
@@ -10,6 +10,9 @@
   imported, and ``import lrzoo`` must not decide that for the user.
 * ``limits``: the family's own limits, ``(x, dropout_p, training) -> reason or None``, on top of the
   checks every kernel shares (:func:`uncovered`).
+* ``check``: ``(device, dtype) -> [CheckCase, ...]``, small problems that reach the Triton kernel (not a
+  silent torch fallback inside it), on which :mod:`lrzoo.kernels.verify` compares it with ``reference``,
+  forward and backward, before ``LRZOO_BACKEND=auto`` trusts it on a CUDA device. Required with ``triton``.
 
 A call the Triton kernel does not cover runs the reference instead, with a one-time warning naming
 the reason. Which backend runs at all is :mod:`lrzoo.kernels.backend`'s rule.
@@ -30,6 +33,15 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
+class CheckCase:
+    """One problem of a kernel's check: the op's keyword arguments and the inputs whose gradients are compared."""
+
+    name: str
+    kwargs: dict
+    grads: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class KernelEntry:
     """One operation of the dispatch table (see the module docstring)."""
 
@@ -37,10 +49,13 @@ class KernelEntry:
     reference: Callable
     triton: Optional[str] = None
     limits: Optional[Callable[[torch.Tensor, float, bool], Optional[str]]] = None
+    check: Optional[Callable[[torch.device, torch.dtype], list[CheckCase]]] = None
 
     def __post_init__(self):
         if self.triton is not None and self.triton.count(":") != 1:
             raise ValueError(f"{self.op}: triton={self.triton!r} is not 'module:function'.")
+        if self.triton is not None and self.check is None:
+            raise ValueError(f"{self.op}: a Triton kernel needs check cases (check=...) before auto may trust it.")
         names = list(inspect.signature(self.reference).parameters)
         if names[-2:] != ["dropout_p", "training"]:
             raise ValueError(f"{self.op}: the reference must end with (dropout_p, training), not {names}.")

@@ -9,22 +9,27 @@ and the column modes turns it into three matrices:
     Gλ = reshape(G ⊙ λ_1 ∘ … ∘ λ_N, (Q, Q))            trainable through the λ_n
     ΔW = s · (L Gλ) Rcᵀ = s · T Rcᵀ
 
-so ΔW has rank ≤ Q however large d is, and the layer is a LoRA with ``A = Rcᵀ`` (frozen) and
-``B = T`` (trained through λ). Per step that costs two thin GEMMs of rank Q and no weight-sized
-gradient, against building ``W' = W + ΔW`` (d_out·d_in·Q) plus the weight-gradient GEMM ``dyᵀx`` the
-merged form needs for λ: the low-rank form wins unless Q approaches the layer width (large R or K).
-:func:`lrzoo.kernels.common.materialize_wins` decides by multiply-add count, as for RandLoRA.
-The Triton side is :mod:`lrzoo.kernels.triton_tera`; the dispatch entry is at the bottom.
+so ΔW has rank ≤ Q however large d is. ``L`` and ``Rc`` are Kronecker products of the (I_n, R)
+factors (the row-wise Kronecker of row vectors is the Kronecker product), so the torch path applies
+them mode by mode and never builds them: ``y = x Wᵀ + s·((x·Rc)·Gλᵀ)·Lᵀ`` (:class:`TeraTuckerFunction`),
+whose dense work is the Q×Q core, ``N·Q²`` per product, against ``N·d·Q`` for a product with the
+dense ``Rc`` or ``T = L·Gλ``. Building ``W' = W + ΔW`` (``d_out·d_in·Q``) plus the weight-gradient GEMM
+``dyᵀx`` wins only when Q nears the width and tokens are many (:func:`merged_form_wins`).
+The Triton side is :mod:`lrzoo.kernels.triton_tera` (the fused LoRA kernel with ``A = Rcᵀ``, ``B = T``,
+or a merge kernel; it picks with :func:`merge_wins`); the dispatch entry is at the bottom.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .common import apply_mask, base_out, bias_grad, dropout_mask, flatten, materialize_wins, remember_bias
-from .lora import lora_grads, lora_linear
-from .registry import KernelEntry, register
+from .common import (apply_mask, base_out, bias_grad, check_tensors, dropout_mask, flatten, materialize_wins,
+                     remember_bias)
+from .lora import lora_linear
+from .registry import CheckCase, KernelEntry, register
 
 
 def _kron_rows(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -128,59 +133,180 @@ def merge_wins(x: torch.Tensor, weight: torch.Tensor, rank_q: int, dropout_p: fl
     return materialize_wins(x.numel() // d_in, d_in, d_out, rank_q, torch.is_grad_enabled(), rebuilds)
 
 
-class TeraLowRankFunction(torch.autograd.Function):
-    """The rank-Q form ``x Wᵀ + b + s·(drop(x)·Rc)·Tᵀ`` keeping only ``xa = drop(x)·Rc`` (N×Q) and λ.
+def kron_apply(x2: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
+    """``x2 · (M_1 ⊗ … ⊗ M_k)`` for ``x2: (N, Π rows)`` -> ``(N, Π cols)``, one mode at a time.
 
-    Through :func:`lora_linear` with ``A = Rcᵀ, B = T`` the backward kept T (d_out×Q) and Rc (d_in×Q),
-    tensors built from λ and the shared factors on every call: ~300 MiB on SmolLM2-135M (Q = 256), where
-    LoRA's A and B are parameters. Here both are rebuilt in the backward (a few small GEMMs against the
-    layer's N-sized ones) and ``∂λ`` flows through the rebuilt T by autograd, with the same operations
-    as :func:`lora_linear`'s backward, so values and gradients are those of the ``lora_linear`` form.
+    Row-major in both indices, as :func:`_kron_rows` (``Rc = kron(U_K+1, …, U_N)``). The last mode is one
+    GEMM over every token; each earlier one a batched ``(c_k × r_k)·(r_k × Π c_>k)`` product on contiguous
+    views (no transposed copies). ``N·Σ_k (Π r_<k)·r_k·c_k·(Π c_>k)`` multiply-adds instead of ``N·Π r·Π c``
+    for the dense product (x·Rc on a 576-wide layer with R = 16: 7.9 M against 75 M per 512 tokens).
+    """
+    n = x2.shape[0]
+    rows = [mat.shape[0] for mat in mats]
+    out = x2.reshape(-1, rows[-1]) @ mats[-1]
+    trailing = mats[-1].shape[1]
+    for k in range(len(mats) - 2, -1, -1):
+        out = torch.matmul(mats[k].t(), out.reshape(-1, rows[k], trailing))
+        trailing *= mats[k].shape[1]
+    return out.reshape(n, -1)
+
+
+def kron_cost(tokens: int, rows: tuple[int, ...], cols: tuple[int, ...]) -> int:
+    """Multiply-adds of :func:`kron_apply` with factors of shapes ``(rows[k], cols[k])``."""
+    return sum(tokens * math.prod(rows[:k]) * rows[k] * cols[k] * math.prod(cols[k + 1:]) for k in range(len(rows)))
+
+
+def merged_form_wins(tokens: int, modes: tuple[int, ...], rank: int, training: bool) -> bool:
+    """Whether the torch path should build ``W' = W + ΔW`` instead of the Tucker form, by multiply-add count.
+
+    Tucker form (:class:`TeraTuckerFunction`): ``x·Rc`` and ``z·Lᵀ`` (and their transposes in the backward)
+    one mode at a time, plus the Q×Q core, ``N·Q²`` once forward and once backward. Merged form (autograd):
+    ``T = L·Gλ`` and ``T·Rcᵀ`` to build ΔW; in training also the weight-gradient GEMM ``dyᵀx`` and the two products back to ``Gλ``. The GEMM ``x·W'ᵀ`` (or ``x·Wᵀ``) and
+    ``∂x = dy·W'`` are on both sides. The merged form only wins when Q nears the width and tokens are many.
+    """
+    k = len(modes) // 2
+    rows, cols, q = modes[:k], modes[k:], rank ** k
+    d_out, d_in = math.prod(rows), math.prod(cols)
+    ranks = (rank,) * k
+    if training:
+        tucker = 2 * tokens * q * q + 2 * (kron_cost(tokens, cols, ranks) + kron_cost(tokens, rows, ranks))
+        merged = tokens * d_out * d_in + 2 * d_out * d_in * q + 2 * d_out * q * q
+    else:
+        tucker = tokens * q * q + kron_cost(tokens, cols, ranks) + kron_cost(tokens, ranks, rows)
+        merged = d_out * q * q + d_out * d_in * q
+    return merged < tucker
+
+
+def _outer(vectors) -> torch.Tensor:
+    """``v_1 ⊗ … ⊗ v_k`` as a flat vector (row-major), from k − 1 outer products."""
+    out = vectors[0]
+    for vec in vectors[1:]:
+        out = torch.outer(out, vec).reshape(-1)
+    return out
+
+
+def _outer_grad(grad: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``∂v_n`` of ``v_1 ⊗ … ⊗ v_k`` given its gradient (flat): ``grad`` contracted with every other ``v_m``.
+    The leading modes are contracted once, in a running prefix, and each mode's trailing ones from it."""
+    n_modes, rank = vectors.shape
+    out = torch.empty_like(vectors)
+    lead = grad
+    for n in range(n_modes):
+        rest = lead
+        for m in range(n_modes - 1, n, -1):
+            rest = rest.reshape(-1, rank) @ vectors[m]
+        out[n] = rest
+        if n < n_modes - 1:
+            lead = vectors[n] @ lead.reshape(rank, -1)
+    return out
+
+
+def _tucker_parts(factors, core, lam, modes, dtype):
+    """``(U_out, U_in, G)``: the frozen mode factors (views of the shared tensor, in ``dtype``) and the core
+    as a (Q, Q) matrix, rows the output modes."""
+    k = len(modes) // 2
+    us = [factors[n, :size].to(device=lam.device, dtype=dtype) for n, size in enumerate(modes)]
+    q = lam.shape[1] ** k
+    return us[:k], us[k:], core.to(device=lam.device, dtype=dtype).reshape(q, q)
+
+
+class TeraTuckerFunction(torch.autograd.Function):
+    """``x Wᵀ + b + s·((drop(x)·Rc)·Gλᵀ)·Lᵀ``: ΔW applied through its Tucker structure.
+
+    ``Rc = U_K+1 ⊗ … ⊗ U_N`` and ``L = U_1 ⊗ … ⊗ U_K`` are Kronecker products of the frozen mode factors, so
+    ``x·Rc`` and ``z·Lᵀ`` run mode by mode (:func:`kron_apply`); neither they nor ``T = L·Gλ`` are ever built.
+    ``Gλ = diag(λ_1 ⊗ … ⊗ λ_K)·G·diag(λ_K+1 ⊗ … ⊗ λ_N)``: the λ's of the row modes scale the columns of
+    ``L`` (``U_k diag λ_k``), those of the column modes the core's columns, so no N×Q pass applies them.
+    The dense work is the Q×Q core, ``N·Q²`` per product: once forward, ``z0 = xa·(G·diag s_in)ᵀ``, and once
+    backward, ``w = (ĝ ⊙ s_out)·G`` with ``ĝ = s·dy·L``, which gives ``∂x = dy·W + drop((w ⊙ s_in)·Rcᵀ)``,
+    ``∂s_in = Σ_N w ⊙ xa`` and, with the saved ``z0``, ``∂s_out = Σ_N ĝ ⊙ z0``; the λ's follow
+    (:func:`_outer_grad`). Without ``z0``, ``∂s_out`` costs a second ``N·Q²`` product (``ĝᵀ·xa``).
+
+    Before this, the rank-Q form multiplied by the dense ``Rc`` and ``T`` (``N·d·Q`` each, five times per step,
+    plus ``d_out·Q²`` three times to build T); on SmolLM2-135M that was 1.6× LoRA's step time
+    (docs/benchmarks.md). Saved: ``xa = drop(x)·Rc`` and ``z0`` (N×Q each; x instead of xa when Q > d_in,
+    recomputing xa), the dropout mask, and the parameters (W, λ, the shared factors and core).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lam, factors, core, modes: tuple[int, ...], scaling: float, dropout_p: float,
                 training: bool):
         x2 = flatten(x)
-        T, Rc = tera_factors(factors, core, lam, modes, x2.dtype)  # no graph: forward runs without grad
+        k = len(modes) // 2
+        u_out, u_in, g = _tucker_parts(factors, core, lam, modes, x2.dtype)
+        lam_d = lam.to(x2.dtype)
         mask = dropout_mask(x2, dropout_p, training)
-        xa = apply_mask(x2, mask, dropout_p) @ Rc
+        xa = kron_apply(apply_mask(x2, mask, dropout_p), u_in)
+        z0 = xa @ (g * _outer(lam_d[k:])).t()
         out = base_out(x2, weight.to(x2.dtype), bias)
-        out.addmm_(xa, T.t(), alpha=scaling)
-        ctx.save_for_backward(weight, lam, factors, core, xa, mask)
-        ctx.modes, ctx.scaling, ctx.dropout_p, ctx.x_shape = modes, scaling, dropout_p, x.shape
+        out.add_(kron_apply(z0, [(u * lam_d[n]).t() for n, u in enumerate(u_out)]), alpha=scaling)
+        keep_x = g.shape[1] > x2.shape[1]
+        need_lam = ctx.needs_input_grad[3]
+        ctx.save_for_backward(x2 if keep_x and need_lam else None, None if keep_x and need_lam else xa,
+                              z0 if need_lam else None, weight, lam, factors, core, mask)
+        ctx.modes, ctx.scaling, ctx.dropout_p, ctx.x_shape, ctx.dtype = modes, scaling, dropout_p, x.shape, x2.dtype
         remember_bias(ctx, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, lam, factors, core, xa, mask = ctx.saved_tensors
-        dy = flatten(grad_out).to(xa.dtype)
+        x2, xa, z0, weight, lam, factors, core, mask = ctx.saved_tensors
+        s, p, dtype, modes = ctx.scaling, ctx.dropout_p, ctx.dtype, ctx.modes
+        k = len(modes) // 2
+        dy = flatten(grad_out).to(dtype)
         need_x, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        with torch.enable_grad():
-            lam_ = lam.detach().requires_grad_(need_lam)
-            T, Rc = tera_factors(factors, core, lam_, ctx.modes, dy.dtype)
-        # LoRA's backward with A = Rcᵀ (frozen) and B = T; ∂T then flows into λ through the rebuilt T
-        grad_x, _, grad_T = lora_grads(ctx, dy, None, weight.to(dy.dtype), Rc.t(), T.detach(), xa, mask,
-                                       needs=(need_x, False, need_lam))
-        grad_lam = torch.autograd.grad(T, lam_, grad_T)[0] if need_lam else None
+        lam_d = lam.to(dtype)
+        u_out, u_in, g = _tucker_parts(factors, core, lam_d, modes, dtype)
+        s_out, s_in = _outer(lam_d[:k]), _outer(lam_d[k:])
+        g_hat = kron_apply(dy, u_out).mul_(s)  # s·dy·L: (N, Q)
+        w = (g_hat * s_out) @ g  # ∂(xa ⊙ s_in)
+        grad_x = grad_lam = None
+        if need_lam:
+            if xa is None:
+                xa = kron_apply(apply_mask(x2, mask, p), u_in)
+            grad_out_side = (g_hat * z0).sum(0)
+            grad_in_side = (w * xa).sum(0)
+            grad_lam = torch.cat([_outer_grad(grad_out_side, lam_d[:k]), _outer_grad(grad_in_side, lam_d[k:])]).to(lam.dtype)
+        if need_x:
+            back = kron_apply(w.mul_(s_in), [u.t() for u in u_in])
+            grad_x = torch.addmm(apply_mask(back, mask, p), dy, weight.to(dtype)).reshape(ctx.x_shape)
         return grad_x, None, bias_grad(ctx, dy), grad_lam, None, None, None, None, None, None
 
 
 def tera_linear(x, weight, bias, factors, core, lam, modes, scaling, dropout_p=0.0, training=False):
     """``x (W + ΔW)ᵀ + b`` (``x Wᵀ + drop(x) ΔWᵀ + b`` with dropout). The base weight is frozen; a trained
-    bias gets its gradient."""
+    bias gets its gradient.
+
+    The Tucker form (:class:`TeraTuckerFunction`) unless building ``W'`` costs fewer multiply-adds
+    (:func:`merged_form_wins`; never with dropout on x). Shared factors or a core that require a gradient
+    (nothing in lrzoo trains them) go through plain autograd on ``T``, ``Rc``."""
     modes = tuple(modes)
-    rank_q = lam.shape[1] ** (lam.shape[0] // 2)
-    low_rank = not merge_wins(x, weight, rank_q, dropout_p, training)
-    if low_rank and torch.is_grad_enabled() and lam.requires_grad and not (factors.requires_grad or core.requires_grad):
-        return TeraLowRankFunction.apply(x, weight.detach(), bias, lam, factors, core, modes, float(scaling),
-                                         float(dropout_p), bool(training))
+    rank = lam.shape[1]
+    tokens = x.numel() // max(x.shape[-1], 1)
+    merged = not (dropout_p > 0 and training) and merged_form_wins(tokens, modes, rank, torch.is_grad_enabled())
+    if not merged and not (torch.is_grad_enabled() and (factors.requires_grad or core.requires_grad)):
+        return TeraTuckerFunction.apply(x, weight.detach(), bias, lam, factors, core, modes, float(scaling),
+                                        float(dropout_p), bool(training))
     T, Rc = tera_factors(factors, core, lam, modes, x.dtype)
-    if low_rank:
+    if not merged:
         return lora_linear(x, weight, bias, Rc.t(), T, scaling, dropout_p, training)
-    merged = weight.detach().to(x.dtype) + scaling * (T @ Rc.t())
-    return F.linear(x, merged, None if bias is None else bias.to(x.dtype))
+    merged_w = weight.detach().to(x.dtype) + scaling * (T @ Rc.t())
+    return F.linear(x, merged_w, None if bias is None else bias.to(x.dtype))
 
 
-register(KernelEntry(op="tera_linear", reference=tera_linear, triton="triton_tera:tera_linear"))
+def _check(device: torch.device, dtype: torch.dtype) -> list[CheckCase]:
+    """Both forms of the Triton side: Q = 4 on a 64-wide layer (the LoRA kernel with A = Rcᵀ, B = T) and
+    Q = 16 on a 16-wide one (the merge kernel, ``merge_wins``), 40 tokens each."""
+    cases = []
+    for name, modes, rank in (("Q=4, 64→64, LoRA form", (8, 8, 8, 8), 2), ("Q=16, 16→16, merged W'", (4, 4, 4, 4), 4)):
+        rand = check_tensors(device, dtype, seed=rank)
+        f32 = torch.float32
+        width = modes[0] * modes[1]
+        inputs = dict(x=rand(2, 20, width), weight=rand(width, width, scale=0.2), bias=rand(width),
+                      factors=rand(4, max(modes) + 2, rank, scale=0.5, dtype_=f32), core=rand(*(rank,) * 4, dtype_=f32),
+                      lam=rand(4, rank, dtype_=f32), modes=modes, scaling=0.4)
+        cases.append(CheckCase(name, inputs, ("x", "bias", "lam")))
+    return cases
+
+
+register(KernelEntry(op="tera_linear", reference=tera_linear, triton="triton_tera:tera_linear", check=_check))

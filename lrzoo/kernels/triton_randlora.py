@@ -5,14 +5,16 @@ transpose when ``d_in > d_out``). The merge kernel forms each (D×d) tile of M a
 with the pieces of ``Af[c] = λ·A⊙γ`` gathered from the shared bases on the fly (neither ``Af`` nor
 ``Bf`` is materialised), adds W and writes ``W'`` once in the activation dtype.
 
-backward  ``∂x = dy W'``                                     one GEMM with the saved W'
+backward  ``∂x = dy W'``                                     W' merged again (not kept), one GEMM
           ``G = dyᵀ x``                                       the weight-gradient-sized GEMM RandLoRA
                                                                cannot avoid (docs/benchmarks.md, limits)
           ``∂Af = s·Bfᵀ G`` contracted to ``∂λ = Σ_i ∂Af⊙A⊙γ``     one fused kernel per (product chunk,
           and ``∂γ = Σ_k ∂Af⊙λ⊙A``                              column tile): ∂Af stays in registers
 
-Saved: x and W' (weight-sized, only when x needs a gradient); the autograd Function is the shared
-:class:`lrzoo.kernels.triton_common.MergedWeightFunction` with this file's merge and contraction.
+Saved: x (the frozen W, the bases, λ and γ are parameters or buffers). W' is not kept from forward to
+backward, as on the torch path: no d_out×d_in tensor per layer alive through the step. The autograd
+Function is the shared :class:`lrzoo.kernels.triton_common.MergedWeightFunction` with this file's merge
+and contraction.
 Dropout and few-token calls take the torch path (the entry's ``limits`` in :mod:`lrzoo.kernels.randlora`,
 and :func:`lrzoo.kernels.common.materialize_wins`).
 """

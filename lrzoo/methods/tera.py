@@ -142,8 +142,9 @@ class TeraLayer(AdapterLayer):
         return F.linear(F.linear(self.adapter_dropout[adapter_name](x), Rc.t()), T) * self.scaling[adapter_name]
 
     def fused_forward(self, x, adapter_name):
-        """``x (W + ΔW)ᵀ + b`` through :func:`lrzoo.kernels.tera_linear`: ΔW = s·T·Rcᵀ has rank ≤ R^K, so it
-        is applied as two thin GEMMs, or merged into W by one kernel when R^K nears the width."""
+        """``x (W + ΔW)ᵀ + b`` through :func:`lrzoo.kernels.tera_linear`: ΔW = s·L·Gλ·Rcᵀ has rank ≤ R^K, so it
+        is applied through x (the torch path mode by mode through its Kronecker factors, Triton as a rank-R^K
+        LoRA), or merged into W when R^K nears the width."""
         tuner, base = self._tera_tuner, self.get_base_layer()
         p = dropout_probability(self.adapter_dropout[adapter_name])
         return kernels.tera_linear(x, self.base_weight_out_in(), base.bias, tuner.tera_factors[adapter_name],
