@@ -108,6 +108,9 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
     other_param_names: tuple[str, ...] = ()
     #: layer types the method can replace.
     supported_layer_types: tuple[type, ...] = LINEAR_TYPES
+    #: whether ΔW depends on ``config.alpha``. A method without a scale (SALT, SVFit) sets False, so that
+    #: ``wrap`` refuses an alpha instead of ignoring it (:func:`lrzoo.registry.ignored_options`).
+    uses_alpha: bool = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterConfig, *, tuner=None, key=None):
         nn.Module.__init__(self)

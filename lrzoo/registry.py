@@ -182,6 +182,17 @@ def get_adapter(name: str) -> AdapterSpec:
         ) from None
 
 
+def ignored_options(name: str) -> tuple[str, ...]:
+    """The ``wrap`` options of method ``name`` that would not change what it computes: ``("alpha",)`` for a
+    layer without a scale (``uses_alpha = False``: SALT, SVFit), else ``()``.
+
+    ``wrap`` refuses them. ``lrzoo-train`` drops them from the adapter node and from the run's hash with a
+    notice instead, since its experiment presets set ``alpha`` for every adapter.
+    """
+    layer_cls = get_adapter(name).layer_cls
+    return () if getattr(layer_cls, "uses_alpha", True) else ("alpha",)
+
+
 def adapter_defaults(name: str) -> dict[str, Any]:
     """The defaults of method ``name``: what ``lrzoo.wrap(model, name)`` uses for every option not given.
 

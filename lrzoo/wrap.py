@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .peft_bridge import keep_quantized_layout, refuse_repacked_base
-from .registry import AdapterSpec, adapter_defaults, get_adapter, record_training_options
+from .registry import AdapterSpec, adapter_defaults, get_adapter, ignored_options, record_training_options
 from .targets import LINEAR_TYPES, TargetSpec, default_targets, is_quantized, resolve_targets, weight_shape
 
 #: model class-name suffix -> PEFT task type. The task type picks PEFT's model class, which
@@ -118,7 +118,8 @@ def wrap(
         ValueError: a rank or alpha that is not a positive number (alpha = 0 would train nothing), a
             rank larger than a targeted layer allows, targets that match nothing or only part,
             base weights on the meta device, or a 4-bit base that bitsandbytes repacked for its CPU
-            inference kernel (an eval-mode forward before ``wrap``; reload it).
+            inference kernel (an eval-mode forward before ``wrap``; reload it), or an ``alpha`` for a
+            method without a scale (SALT, SVFit), which would change nothing.
         TypeError: integer/quantized base weights, or an option the method does not have.
 
     Returns:
@@ -136,6 +137,10 @@ def wrap(
         given["r"] = r
     if alpha is not None:
         given["alpha"] = alpha
+    ignored = [key for key in ignored_options(spec.name) if given.get(key) is not None]
+    if ignored:  # accepted and ignored, it would only mislead (and split run hashes): say so
+        raise ValueError(f"{spec.name} has no scale, so {', '.join(f'{k}={given[k]!r}' for k in ignored)} would change "
+                         f"nothing: leave {' and '.join(ignored)} out (docs/adapters/{spec.name}.md).")
     options = {**_canonical(spec, defaults), **_canonical(spec, given)}
     rank_source = None if "r" in given else f"the {spec.name!r} default, from adapters/{spec.name}.yaml"
     r = _as_rank(options.pop("r", 8), spec.name, rank_source)  # 8: PEFT's default, for methods without one

@@ -205,3 +205,19 @@ def test_merged_path_backward_is_bit_identical_to_keeping_w_prime(d_in, d_out, d
         else:
             expected_x = dy @ delta.add_(W)
     assert torch.equal(grad_x, expected_x)
+
+
+def test_the_scale_is_alpha_over_r_without_the_official_one_over_sqrt_n():
+    """docs/adapters/randlora.md: the official layer scales by α/r/√n (n = ⌈min(d_in, d_out)/r⌉ bases), PEFT and
+    lrzoo by α/r, so passing alpha = α_official/√n gives the official scale."""
+    import math
+
+    ours = lrzoo.wrap(tiny_llama(0), "randlora", r=4, alpha=8, target_modules=TARGETS)
+    for module in ours.modules():
+        if isinstance(module, PeftRandLoraLinear):
+            n = math.ceil(min(module.in_features, module.out_features) / 4)
+            assert module.num_bases == n and module.scaling["default"] == pytest.approx(8 / 4)
+            official = 8 / 4 / math.sqrt(n)
+            matched = lrzoo.wrap(tiny_llama(0), "randlora", r=4, alpha=8 / math.sqrt(n), target_modules=TARGETS)
+            layer = next(m for m in matched.modules() if isinstance(m, PeftRandLoraLinear) and m.num_bases == n)
+            assert layer.scaling["default"] == pytest.approx(official)

@@ -245,3 +245,15 @@ def test_full_save_keeps_task_heads_and_reads_a_given_state_dict(tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "live").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_starts_kaiming_so_the_factors_train_from_the_first_step():
+    """docs/adapters/relora.md: the official wrapper zeroes A (no gradient for A or B until the first reset);
+    lrzoo starts A Kaiming-uniform, B = 0, so B gets a gradient at step 1 while ΔW = 0."""
+    model = relora_model()
+    loss = model(tiny_inputs(), labels=tiny_inputs()).loss
+    loss.backward()
+    for layer in lora_layers(model):
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert torch.count_nonzero(B) == 0 and A.abs().max() > 0
+        assert B.grad is not None and B.grad.abs().max() > 0

@@ -212,3 +212,28 @@ def test_several_steps_move_every_trained_tensor():
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert not torch.equal(p.detach(), before[name]), name
+
+
+def test_at_init_the_official_relu_gives_the_same_output_but_another_gradient_of_y():
+    """docs/adapters/salt.md: Y = 0 leaves the residual block's off-diagonal entries at exactly 0, where the ReLU's
+    gradient is 0, so the official first dY keeps only that block's diagonal; a, b agree, X has no gradient."""
+    model = lrzoo.wrap(TwoLinears(), "salt", r=4, lora_r=8, target_modules=["up"])
+    layer = salt_layers(model)[0]
+    torch.manual_seed(3)
+    x, grad_out = torch.randn(16, 64), torch.randn(16, 48)
+    params = [layer.salt_scale["default"], layer.salt_shift["default"], layer.salt_X["default"], layer.salt_Y["default"]]
+    ours, theirs = layer(x), official_forward(layer, x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad((ours * grad_out).sum(), params)
+    want = torch.autograd.grad((theirs * grad_out).sum(), params)
+    for g, w in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert got[2].abs().max() == 0
+    dY, official_dY = got[3], want[3]
+    assert F.cosine_similarity(dY.flatten(), official_dY.flatten(), dim=0) < 0.5
+    assert official_dY.norm() < dY.norm() / 3
+    # only the residual block's diagonal passes the ReLU: the official dY = Xᵀ diag(d), column j parallel to X[j]
+    Xt = layer.salt_X["default"].T
+    d = (official_dY * Xt).sum(0) / (Xt * Xt).sum(0)
+    torch.testing.assert_close(official_dY, Xt * d, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dY, Xt * (dY * Xt).sum(0) / (Xt * Xt).sum(0), atol=1e-3)  # lrzoo's is not

@@ -236,7 +236,10 @@ def format_lr(lr: float) -> str:
 def plan_key(config: dict[str, Any]) -> str:
     """A run's identity within a plan: the digest of its ``results.json`` ``config`` without the seed and
     ``task.data_dir`` (so a report finds the runs wherever the data was read from)."""
+    from .train import drop_ignored_adapter_options
+
     data = copy.deepcopy(config)
+    drop_ignored_adapter_options(data.get("adapter"))  # recorded before such an option was left out of the hash
     for dotted in KEY_EXCLUDED:
         *parents, leaf = dotted.split(".")
         node = data

@@ -97,6 +97,7 @@ def hashed_config(cfg: DictConfig) -> dict[str, Any]:
         _pop_dotted(data, dotted)
     for dotted, default in _HASH_DEFAULTS.items():
         _pop_dotted(data, dotted, only_if=lambda value, default=default: value == default, prune_empty=True)
+    drop_ignored_adapter_options(data.get("adapter"))
     return data
 
 
@@ -107,6 +108,20 @@ def _data_plan_or_none(task: dict[str, Any]) -> Any:
         return data_plan(task)
     except Exception:
         return None
+
+
+def drop_ignored_adapter_options(adapter: Any, method: Optional[str] = None) -> dict[str, Any]:
+    """Remove from the ``adapter`` node (in place) the options its method (``method``, else the node's ``name``)
+    takes no value from (:func:`lrzoo.registry.ignored_options`: ``alpha`` of SALT and SVFit, which the
+    experiment presets set for every adapter) and return them: they are not part of a run's hash, and the run
+    never passes them to ``wrap`` (which refuses them). ``plan_key`` applies it to recorded configs too, so
+    the runs recorded with such an option are still found."""
+    from ..registry import ignored_options, list_adapters
+
+    method = method or (adapter.get("name") if isinstance(adapter, dict) else None)
+    if not isinstance(adapter, dict) or method not in list_adapters():
+        return {}
+    return {key: adapter.pop(key) for key in ignored_options(method) if key in adapter}
 
 
 def _pop_dotted(data: dict[str, Any], dotted: str, only_if: Any = None, prune_empty: bool = False) -> None:
@@ -324,6 +339,11 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
     else:
         if adapter.get("target_modules") is None and model_cfg.get("adapter_targets") is not None:
             adapter["target_modules"] = list(model_cfg["adapter_targets"])
+        # SALT/SVFit's alpha, which the experiment presets set for every adapter: wrap refuses it, so drop it
+        ignored = {k: v for k, v in drop_ignored_adapter_options(adapter, method).items() if v is not None}
+        if ignored and is_main:
+            print(f"[lrzoo] {method} has no scale: ignoring {ignored} (not part of the run's hash; "
+                  f"docs/adapters/{method}.md)")
         peft_model = lrzoo.wrap(model, method, **adapter)
 
     if procedure is None:

@@ -118,8 +118,11 @@ def init_lora_sb(
         The number of samples used (less than ``num_samples`` if the dataloader ran out).
 
     The gradient is taken at the unadapted base model (adapters disabled), in train mode as the
-    official code does. Each batch's mean loss is multiplied by its sample count, so the sum equals
-    the official per-sample sum whenever the loss is a mean over samples (classification).
+    official code does. Each batch's mean loss is multiplied by its sample count, so G is the
+    per-sample sum whenever the loss is a mean over samples (classification). The official code
+    divides the mean loss by the count instead (weight 1/b² per sample): the same sign(G), so the same
+    init, when all batches have one size; a differently sized batch (a trailing partial one) weighs
+    differently (docs/adapters/lora_sb.md).
     """
     adapter = adapter_name or peft_model.active_adapter
     layers = {name: m for name, m in peft_model.named_modules()

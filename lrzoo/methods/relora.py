@@ -1,6 +1,7 @@
 """ReLoRA (Lialin et al., arXiv 2307.05695; Guitaricet/relora): high-rank training from low-rank cycles.
 
-Within a cycle the layer is plain LoRA, ``W' = W + s·B A`` (s = α/r, A Kaiming-uniform(a=√5), B = 0).
+Within a cycle the layer is plain LoRA, ``W' = W + s·B A`` (s = α/r, A Kaiming-uniform(a=√5), B = 0; the
+official wrapper zeroes A at wrap time, so its factors first train after the first reset: docs/adapters/relora.md).
 Every T steps (``relora_steps``) the update is merged, ``W ← W + s·B A``, and A, B are re-initialised,
 so after k cycles ``W_k = W_0 + Σ_c s·B_c A_c``: a sum of rank-r updates whose total rank grows.
 Every parameter that is not an adapted weight matrix (embeddings, norms, biases, lm_head) is trained

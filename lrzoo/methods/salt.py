@@ -8,15 +8,17 @@ scale and shift the top-r singular values of W, and a LoRA on the rest of its sp
 a, b ∈ R^r (scale and shift of the top-r singular values) and X ∈ R^{(k−r)×r_L}, Y ∈ R^{r_L×(k−r)} (a
 rank-r_L LoRA written in the residual singular basis) are trained; U, V and σ_r are frozen, per layer.
 Init as the official code: a = 1, b = 0, Y = 0, X Kaiming-uniform (ReLU gain, bound √(6/r_L)), so ΔW = 0
-exactly. Trainable parameters: 2r + 2(k − r)·r_L per matrix. No scale (the official code has none;
-``alpha`` is ignored).
+exactly. Trainable parameters: 2r + 2(k − r)·r_L per matrix. No scale (the official code has none), so
+``wrap`` refuses ``alpha`` (``lrzoo-train`` drops the one its presets set, with a notice).
 
 lrzoo's choices where the official code and lrzoo differ (docs/adapters/salt.md):
 
 * **No ReLU.** The official forward is ``U·ReLU(C)·Vᵀ`` with the ReLU on the whole k×k core, the
-  off-diagonal X Y entries included. lrzoo adds the linear ΔW above: the same function as long as no core
-  entry is negative (true at init), low-rank by construction, so ``export_lora`` is exact at rank r + r_L,
-  and every X Y entry keeps its gradient.
+  off-diagonal X Y entries included. lrzoo adds the linear ΔW above: the same *output* as long as no core
+  entry is negative (true at init), but not the same training: at init the off-diagonal core entries are
+  exactly 0, where the ReLU's gradient is 0, so the official first gradient of Y keeps only the diagonal of
+  the residual block (cosine with lrzoo's 0.05-0.2, docs/adapters/salt.md). lrzoo's ΔW is low-rank by
+  construction, so ``export_lora`` is exact at rank r + r_L, and every X Y entry keeps its gradient.
 * **One integer r** for every layer (the official code takes r = max(1, ⌊0.1·k⌋) per layer).
 * ΔW is computed beside the untouched base weight (see :class:`~lrzoo.core_layers.DiagonalCoreLayer`
   for why lrzoo never rewrites W); the SVD is exact, in float64, with canonical signs
@@ -79,6 +81,7 @@ class SALTLayer(AdapterLayer):
 
     prefix = "salt_"
     adapter_layer_names = ("salt_scale", "salt_shift", "salt_X", "salt_Y")
+    uses_alpha = False  # no scale (scale_for): wrap refuses an alpha rather than ignore it
     other_param_names = ("salt_U", "salt_Vh", "salt_S")
 
     def init_adapter(self, adapter_name, config, weight, tuner=None):

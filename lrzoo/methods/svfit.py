@@ -39,6 +39,7 @@ class SVFitLayer(DiagonalCoreLayer):
     prefix = "svfit_"
     adapter_layer_names = ("svfit_sigma",)
     other_param_names = ("svfit_U", "svfit_Vh", "svfit_S")
+    uses_alpha = False  # no scale (scale_for): wrap refuses an alpha rather than ignore it
 
     def init_adapter(self, adapter_name, config, weight, tuner=None):
         U, S, Vh = top_singular_triplets(weight, config.r)
