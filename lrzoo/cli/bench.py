@@ -348,7 +348,8 @@ def default_shapes(device: torch.device, quick: bool) -> list[tuple[int, int, in
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lrzoo-bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lrzoo-bench", description=__doc__.split("\n")[0],
+                                     epilog="The protocol, the three modes and how --check decides: docs/benchmarks.md.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="one small shape, few methods, timings only: no verdict (smoke test, < 1 min)")
