@@ -9,8 +9,11 @@
 lrzoo applies ΔW beside the untouched base W (the same function as the paper's residual base; see
 :class:`~lrzoo.core_layers.DiagonalCoreLayer` for why W is never rewritten).
 
-Trained: the vector z (r) and the scalar σ, r + 1 parameters per matrix (the official code trains
-``scaling_factor`` too). Frozen per layer: L_r, U_r, D_r and the row pivot P, stored as a
+Trained: the vector z (r) and the scalar σ, r + 1 parameters per matrix. The official recipe trains z
+only: its ``scaling_factor`` is an ``nn.Parameter``, but ``get_loldu_params`` (``minloldu/loldu_utils.py``)
+returns ``vector_z`` alone and the README freezes everything else, so σ stays at σ₀ there. lrzoo trains σ
+as the spec says (the same reachable ΔW, different steps; docs/adapters/loldu.md says what it changes and
+how to freeze it). Frozen per layer: L_r, U_r, D_r and the row pivot P, stored as a
 permutation vector (the official code keeps a dense d_out×d_out P). The LU runs in float64 and is
 deterministic given W, so ``frozen_factors="recomputed"`` rebuilds every frozen factor from W at
 load time.
