@@ -93,7 +93,7 @@ def test_the_cli_destroys_the_process_group_before_exit(tmp_path, outcome):
     done = subprocess.run([sys.executable, "-c", _CLI_IN_A_PROCESS_GROUP, *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert ("exit 1" in done.stdout) == (outcome == "refused"), done.stdout + done.stderr[-2000:]
+    assert ("exit 2" in done.stdout) == (outcome == "refused")  # a refusal exits 2 (lrzoo.cli.errors), done.stdout + done.stderr[-2000:]
     assert "process group left behind: False" in done.stdout, done.stdout + done.stderr[-2000:]
 
 

@@ -57,6 +57,9 @@ class EvaluationMixin:
     ``model``, ``tokenizer``, ``config``, ``task``, ``eval_sets``, ``rank``/``world``/``sharded``, ``guard``
     and its progress (``best``, ``last_eval``, ``train_time``, ``tokens_seen``...)."""
 
+    #: features a binary bi-encoder's threshold is chosen on (set by _prepare_calibration); none by default
+    calibration: Optional[dict] = None
+
     def _encode_eval_sets(self, eval_sets: dict[str, tuple[Any, Any]]) -> None:
         """``self.eval_sets``: ``{name: (task, features, rows)}``, and how each is scored (``self.eval_kinds``:
         the task's kind, or ``"loglik"`` for a multiple-choice generation task under ``eval.mode=loglik``)."""
