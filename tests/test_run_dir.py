@@ -204,12 +204,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     _assert_same_run(run_dir, resumed, Path(run_dir_of(straight_cfg)), straight)
 
 
+def _stopped_run(data: Path, output_root: Path, extra: list[str], step: int) -> Path:
+    """The run directory of a tiny run of ``extra`` stopped (trainer.stop_after) at ``step``, checkpoints kept."""
+    cfg = compose(tiny_run_overrides(data, output_root, *extra, f"trainer.stop_after={step}"))
+    run_dir = Path(run_dir_of(cfg))
+    assert run_recipe(cfg, str(run_dir)) is None
+    return run_dir
+
+
 def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     data = write_sst2(tmp_path / "data")
     extra = ["trainer.save_every=2", "trainer.eval_every=100", "trainer.keep_checkpoints=1"]
-    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *extra, "trainer.stop_after=2"))
-    run_dir = Path(run_dir_of(cfg))
-    run_recipe(cfg, str(run_dir))
+    run_dir = _stopped_run(data, tmp_path / "runs", extra, 2)
     state = run_dir / "checkpoints" / "step-0000002" / "trainer_state.pt"
     state.write_bytes(b"garbage, not a torch file")
     cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *extra))
@@ -239,9 +245,7 @@ def _plant_payload(state_file: Path, marker: Path) -> None:
 def test_a_checkpoint_that_would_run_code_is_refused_and_the_older_one_resumed(tmp_path):
     data = write_sst2(tmp_path / "data")
     extra = ["adapter.dropout=0.1", "trainer.save_every=2", "trainer.eval_every=100"]
-    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *extra, "trainer.stop_after=6"))
-    run_dir = Path(run_dir_of(cfg))
-    assert run_recipe(cfg, str(run_dir)) is None
+    run_dir = _stopped_run(data, tmp_path / "runs", extra, 6)
     newest = run_dir / "checkpoints" / "step-0000006" / "trainer_state.pt"
     marker = tmp_path / "payload-ran"
     _plant_payload(newest, marker)
@@ -376,9 +380,7 @@ def _metric_rows(path: Path) -> list[tuple[int, str]]:
 def test_metrics_csv_keeps_every_row_when_a_resume_cannot_write(tmp_path):
     data = write_sst2(tmp_path / "data")
     extra = ["trainer.save_every=4", "trainer.eval_every=100", "trainer.log_every=1"]
-    cfg = compose(tiny_run_overrides(data, tmp_path / "runs", *extra, "trainer.stop_after=4"))
-    run_dir = Path(run_dir_of(cfg))
-    assert run_recipe(cfg, str(run_dir)) is None
+    run_dir = _stopped_run(data, tmp_path / "runs", extra, 4)
     metrics = run_dir / "metrics.csv"
     # what a run killed at step 6, after its checkpoint at 4, leaves: rows the resume must drop (a rewrite)
     with open(metrics, "a", newline="") as handle:
