@@ -28,12 +28,13 @@ and read with :func:`training_options`. The trainer reads it once, when it build
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from peft import PeftConfig
+
+from .errors import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,8 @@ def get_adapter(name: str) -> AdapterSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        close = did_you_mean(name, _REGISTRY)
+        hint = f" Did you mean {close!r}?" if close else ""
         raise ValueError(
             f"Unknown adapter {name!r}.{hint} Known adapters: {', '.join(list_adapters())}. "
             "Register new methods with lrzoo.register_adapter."

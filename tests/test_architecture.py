@@ -28,7 +28,7 @@ ALLOWED = {
     "peft_bridge": {"fingerprint", "targets"},
     "layer": {"peft_bridge", "targets"},
     "core_layers": {"layer", "kernels"},
-    "registry": {"peft_bridge", "configs"},
+    "registry": {"peft_bridge", "configs", "errors"},  # errors is a leaf (docs/architecture.md)
     "methods": LEAVES | {"core_layers", "kernels", "layer", "peft_bridge", "registry"},
     "wrap": LEAVES | {"registry", "methods", "peft_bridge"},
     "export": LEAVES | {"kernels", "layer", "methods", "peft_bridge"},

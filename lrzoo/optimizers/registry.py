@@ -9,13 +9,13 @@ param groups.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
+from ..errors import did_you_mean
 from ..targets import LINEAR_TYPES, TargetSpec, leaf_names, resolve_targets
 
 
@@ -58,8 +58,8 @@ def get_optimizer(name: str) -> OptimizerSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        close = did_you_mean(name, _REGISTRY)
+        hint = f" Did you mean {close!r}?" if close else ""
         raise ValueError(f"Unknown optimizer method {name!r}.{hint} Known: {', '.join(list_optimizers())}.") from None
 
 
