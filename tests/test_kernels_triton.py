@@ -359,3 +359,15 @@ def test_a_damaged_verdict_file_is_checked_again_and_never_executed(monkeypatch,
     (verdict,) = kernels.verify_kernels("cpu", ops=["lora_linear"])
     assert verdict.ok and not (tmp_path / "PWNED").exists()
     assert json.loads(verdicts.read_text())["format"] == 1
+
+
+def test_a_first_call_under_inference_mode_still_checks_the_kernel_with_gradients(monkeypatch, verdicts):
+    import json
+
+    monkeypatch.setenv("LRZOO_BACKEND", "auto")
+    inputs = _lora_inputs((6,), 16, 24, 4, torch.float32)
+    with torch.inference_mode():
+        out = kernels.lora_linear(**inputs)
+    torch.testing.assert_close(out, lora.lora_linear(**inputs), **TOL[torch.float32])
+    (stack,) = json.loads(verdicts.read_text())["stacks"].values()
+    assert stack["verdicts"]["lora_linear/float32"]["ok"] is True, stack["verdicts"]

@@ -214,14 +214,14 @@ def _triton_limits(x: torch.Tensor, dropout_p: float, training: bool) -> Optiona
 
 
 def _check(device: torch.device, dtype: torch.dtype) -> list[CheckCase]:
-    """64 tokens of a 40→48 layer, r = 8, n = 5: enough tokens that the Triton side merges W' with its kernel
-    (``materialize_wins``), bases larger than the layer (sliced, strided), a bias."""
+    """64 tokens of a 48→64 layer, r = 16, n = 3: enough tokens that the Triton side merges W' with its kernel
+    (``materialize_wins``), bases larger than the layer (sliced, strided), a bias; sizes multiples of 16."""
     rand = check_tensors(device, dtype)
     f32 = torch.float32
-    inputs = dict(x=rand(2, 32, 40), weight=rand(48, 40, scale=0.2), bias=rand(48),
-                  basis_A=rand(8, 1, 43, dtype_=f32), basis_B=rand(50, 6, 8, dtype_=f32), lam=rand(8, 5, dtype_=f32),
-                  gamma=rand(5, 40, dtype_=f32), scaling=0.7)
-    return [CheckCase("64 tokens, 40→48, merged W'", inputs, ("x", "bias", "lam", "gamma"))]
+    inputs = dict(x=rand(2, 32, 48), weight=rand(64, 48, scale=0.2), bias=rand(64),
+                  basis_A=rand(16, 1, 51, dtype_=f32), basis_B=rand(66, 4, 16, dtype_=f32), lam=rand(16, 3, dtype_=f32),
+                  gamma=rand(3, 48, dtype_=f32), scaling=0.7)
+    return [CheckCase("64 tokens, 48→64, merged W'", inputs, ("x", "bias", "lam", "gamma"))]
 
 
 register(KernelEntry(op="randlora_linear", reference=randlora_linear, triton="triton_randlora:randlora_linear",

@@ -192,7 +192,7 @@ def _run(fn, case: CheckCase, cast: Optional[torch.dtype] = None):
         leaves[name] = value
     out = fn(**leaves)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out)
-    grads = torch.autograd.grad(out, [leaves[name] for name in case.grads], grad_out)
+    grads = torch.autograd.grad(out, [leaves[name] for name in case.grads], grad_out, allow_unused=True)
     return out.detach(), dict(zip(case.grads, grads))
 
 
@@ -214,7 +214,10 @@ def check_kernel(entry: KernelEntry, device, dtype: torch.dtype) -> Verdict:
     try:
         triton_fn = entry.resolve_triton()
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.autocast(device.type, enabled=False), torch.enable_grad():
+        # the first call may come from an eval loop (no_grad, inference_mode) or under autocast: none of it
+        # may reach the check, whose verdict is kept on disk
+        with torch.random.fork_rng(devices=devices), torch.autocast(device.type, enabled=False), \
+                torch.inference_mode(False), torch.enable_grad():
             for case in entry.check(device, dtype):
                 got = _run(triton_fn, case)
                 want = _run(entry.reference, case)
@@ -233,6 +236,8 @@ def check_kernel(entry: KernelEntry, device, dtype: torch.dtype) -> Verdict:
                     break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        raise  # the device is full, which says nothing about the kernel (verdict_for does not keep it)
     except Exception as error:  # compile errors, launch failures, wrong shapes: all mean "do not trust"
         message = str(error).strip().splitlines()
         failure = f"raised {type(error).__name__}: {message[0][:300] if message else ''}"
@@ -246,8 +251,9 @@ def check_kernel(entry: KernelEntry, device, dtype: torch.dtype) -> Verdict:
 _MEMO: dict[tuple[str, str, str, str], Verdict] = {}
 
 
-def verdict_for(op: str, device, dtype: torch.dtype, refresh: bool = False) -> Verdict:
-    """The verdict of ``op`` in ``dtype`` on ``device``: remembered, else cached on disk, else checked now."""
+def verdict_for(op: str, device, dtype: torch.dtype, refresh: bool = False, check: bool = True) -> Optional[Verdict]:
+    """The verdict of ``op`` in ``dtype`` on ``device``: remembered, else cached on disk, else checked now
+    (``check=False``: ``None`` instead of checking)."""
     device = _device(device)
     path = cache_path()
     memo_key = (str(path), str(device), op, _dtype_name(dtype))
@@ -260,7 +266,13 @@ def verdict_for(op: str, device, dtype: torch.dtype, refresh: bool = False) -> V
         if isinstance(entry, dict) and isinstance(entry.get("verdicts"), dict):
             verdict = _verdict_from(op, _dtype_name(dtype), entry["verdicts"].get(f"{op}/{_dtype_name(dtype)}"))
     if verdict is None:
-        verdict = check_kernel(KERNELS[op], device, dtype)
+        if not check:
+            return None
+        try:
+            verdict = check_kernel(KERNELS[op], device, dtype)
+        except torch.cuda.OutOfMemoryError:
+            return Verdict(op=op, dtype=_dtype_name(dtype), ok=False, max_error=None, seconds=0.0,
+                           reason="the device ran out of memory during the check (not kept; checked again next call)")
         _write_verdicts(path, identity, [verdict])
     _MEMO[memo_key] = verdict
     return verdict
@@ -274,7 +286,13 @@ def trusted(op: str, x: torch.Tensor) -> bool:
     """
     if not backend.kernel_device(x) or x.dtype not in KERNEL_DTYPES:
         return True
-    verdict = verdict_for(op, x.device, x.dtype)
+    # a check cannot launch its kernels inside a CUDA graph capture: without a verdict, the graph records the torch path
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    verdict = verdict_for(op, x.device, x.dtype, check=not capturing)
+    if verdict is None:
+        backend.warn_once(f"LRZOO_BACKEND: the Triton {op} kernel is not checked yet and a CUDA graph is being "
+                          f"captured; the graph uses the torch path (call lrzoo.kernels.verify_kernels() before capturing).")
+        return False
     if verdict.ok:
         return True
     device = stack_identity(str(_device(x.device)))["device"]
