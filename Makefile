@@ -16,7 +16,7 @@ BENCH_ARGS ?= --quick
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench bench-check docs clean results-glue results-glue-tuned results-cs-loglik results-cs-question results-docs gpu-check
+.PHONY: install test demo bench bench-check docs clean kernels-check roofline results-glue results-glue-tuned results-cs-loglik results-cs-question results-docs gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,19 @@ results-cs-question: install
 # The prose around them is not touched; a sweep with no runs/ directory leaves its blocks as they are.
 results-docs: install
 	OMP_NUM_THREADS=1 $(PY) -m lrzoo.cli.results_docs
+
+# Every Triton kernel x every autotune config it may pick x every dtype the dispatcher sends it, compiled ahead of
+# time for sm_80 (A100) and sm_90a (H100) with the ptxas in triton's wheel: no GPU, no interpreter. Fails on a
+# compile error, shared memory over the target's limit, or an unaccepted spill (lrzoo/kernels/aot_check.py). One
+# compile at a time; results cached (~/.cache/lrzoo/aot and triton's cache), so a rerun takes seconds.
+# KERNELS_CHECK_ARGS: e.g. --subset, --exhaustive, --targets sm_90, --docs docs/kernels.md, --json FILE.
+KERNELS_CHECK_ARGS ?=
+kernels-check: install
+	env -u TRITON_INTERPRET OMP_NUM_THREADS=1 $(PY) -m lrzoo.kernels.aot_check $(KERNELS_CHECK_ARGS)
+
+# The predicted roofline (no GPU, no triton): lrzoo's kernels vs PEFT's eager ops at performance.md's shapes.
+roofline: install
+	$(PY) -m lrzoo.kernels.roofline
 
 # Everything that needs CUDA (GPU-marked tests, Triton vs torch on the GPU, lrzoo-bench at the H100 shapes)
 # with one summary, in under 8 minutes; exits 2 with "no CUDA device" elsewhere. Uses the venv when there

@@ -30,19 +30,25 @@ import triton.language as tl
 
 from .backend import interpreter_on
 from .common import bias_grad, flatten, remember_bias
+from .tiles import all_fused_mm_tiles, fused_mm_block_r, fused_mm_tiles
 
 
 def _configs() -> list:
     if interpreter_on():
         # The interpreter runs programs one after another and cannot benchmark: one config, big blocks.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-    ]
+    return [triton.Config(t.blocks, num_warps=t.num_warps, num_stages=t.num_stages) for t in all_fused_mm_tiles()]
+
+
+def _device_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune prune hook: only the tiles that compile without spilling on this device for this call's dot
+    (fp32 IEEE or half precision; :func:`lrzoo.kernels.tiles.fused_mm_tiles`, checked by ``make kernels-check``)."""
+    major, minor = torch.cuda.get_device_capability(named_args["x_ptr"].device)
+    masked = any(kwargs.get(flag) for flag in ("MASK_X", "MASK_W", "MASK_LR"))
+    allowed = {(t.BLOCK_M, t.BLOCK_N, t.BLOCK_K, t.num_warps, t.num_stages)
+               for t in fused_mm_tiles(10 * major + minor, bool(kwargs.get("DOT_FP32")), masked)}
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in allowed]
 
 
 @triton.jit
@@ -52,7 +58,8 @@ def _keep(seed, rows, cols, row_len, p):
     return tl.rand(seed, offsets.to(tl.uint32)) >= p
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "R", "HAS_LR", "REDUCE"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "R", "HAS_LR", "REDUCE"],
+                 prune_configs_by={"early_config_prune": _device_configs})
 @triton.jit
 def _fused_mm_kernel(
     x_ptr, w_ptr, s_ptr, bm_ptr, out_ptr, colscale_ptr, bias_ptr, kscale_ptr, red_ptr,
@@ -166,7 +173,7 @@ def fused_mm(
         s_mat, bm, beta, R = x, w, 0.0, 1
     where, seed, p, row_len = dropout if dropout is not None else ("", 0, 0.0, 0)
     red = reduce_with if reduce_with is not None else x
-    block_r = max(16, min(64, triton.next_power_of_2(R)))
+    block_r = fused_mm_block_r(R, dot_fp32)
 
     def grid(meta):
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])

@@ -28,15 +28,18 @@ import triton.language as tl
 from .backend import interpreter_on
 from .common import materialize_wins
 from .randlora import randlora_linear as torch_randlora_linear
+from .tiles import RANDLORA_DIAG, RANDLORA_MERGE
 from .triton_common import MergedWeightFunction
 
 
-#: chunk of the P = n·r products per step; rows of Af are gathered, so P need not be a multiple.
-BLOCK_C = 32
+#: the interpreter's tiles (programs run one after another: few, large ones); on a GPU the kernels launch with
+#: their checked tiles (lrzoo.kernels.tiles: no spills on sm_80/sm_90). BLOCK_C chunks the P = n·r products in the
+#: merge and tiles them in the ∂λ/∂γ kernel; rows of Af are gathered, so P need not be a multiple of it.
+_INTERPRETER_TILE = {"BLOCK_C": 32, "BLOCK_D": 64, "BLOCK_d": 64, "num_warps": 4}
 
 
-def _blocks() -> tuple[int, int]:
-    return (64, 64) if interpreter_on() else (64, 128)
+def _tile(production: dict) -> dict:
+    return _INTERPRETER_TILE if interpreter_on() else production
 
 
 # PEFT's pairing of the flattened factors: column ``c`` of Bf is ``B[:, c // r, c % r]``; row ``c`` of
@@ -127,12 +130,11 @@ def merged_weight(weight, basis_A, basis_B, lam, gamma, scaling: float, dtype: t
     out = torch.empty(d_out, d_in, device=weight.device, dtype=dtype)
     # M is (D, d); stored as ΔW = M when d_in ≤ d_out, else as Mᵀ: swap the strides, not the data.
     w_s, o_s = (weight.stride(), out.stride()) if d_in <= d_out else (weight.stride()[::-1], out.stride()[::-1])
-    block_D, block_d = _blocks()
-    _merge_kernel[(triton.cdiv(D, block_D), triton.cdiv(d, block_d))](
+    tile = _tile(RANDLORA_MERGE)
+    _merge_kernel[(triton.cdiv(D, tile["BLOCK_D"]), triton.cdiv(d, tile["BLOCK_d"]))](
         weight, out, A, B, lam, gamma, D, d, r, n, float(scaling),
         *w_s, *o_s, A.stride(0), A.stride(1), B.stride(0), B.stride(1), B.stride(2),
-        lam.stride(0), lam.stride(1), gamma.stride(0), gamma.stride(1),
-        BLOCK_C=BLOCK_C, BLOCK_D=block_D, BLOCK_d=block_d,
+        lam.stride(0), lam.stride(1), gamma.stride(0), gamma.stride(1), **tile,
     )
     return out
 
@@ -146,12 +148,11 @@ def diag_grads(grad_w: torch.Tensor, basis_A, basis_B, lam, gamma, scaling: floa
     g_s = grad_w.stride() if d_in <= d_out else grad_w.stride()[::-1]
     dlam = torch.zeros(r, n, device=lam.device, dtype=torch.float32)
     dgamma = torch.zeros(n, d, device=gamma.device, dtype=torch.float32)
-    block_D, block_d = _blocks()
-    _diag_grad_kernel[(triton.cdiv(r * n, BLOCK_C), triton.cdiv(d, block_d))](
+    tile = _tile(RANDLORA_DIAG)
+    _diag_grad_kernel[(triton.cdiv(r * n, tile["BLOCK_C"]), triton.cdiv(d, tile["BLOCK_d"]))](
         grad_w, A, B, lam, gamma, dlam, dgamma, D, d, r, n, float(scaling),
         *g_s, A.stride(0), A.stride(1), B.stride(0), B.stride(1), B.stride(2),
-        dlam.stride(0), dlam.stride(1), dgamma.stride(0), dgamma.stride(1),
-        BLOCK_C=BLOCK_C, BLOCK_D=block_D, BLOCK_d=block_d,
+        dlam.stride(0), dlam.stride(1), dgamma.stride(0), dgamma.stride(1), **tile,
     )
     return dlam, dgamma
 

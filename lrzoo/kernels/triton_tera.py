@@ -17,12 +17,14 @@ import triton.language as tl
 
 from .backend import interpreter_on
 from .tera import merge_wins, tera_factors
+from .tiles import TERA_MERGE
 from .triton_common import MergedWeightFunction, fused_mm
 from .triton_lora import lora_linear as triton_lora_linear
 
 
-def _blocks() -> tuple[int, int, int]:
-    return (64, 64, 64) if interpreter_on() else (64, 128, 32)
+def _tile() -> dict:
+    """The interpreter's tile (few, large programs), else the checked one (lrzoo.kernels.tiles: no spills)."""
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_Q": 64, "num_warps": 4} if interpreter_on() else TERA_MERGE
 
 
 @triton.jit
@@ -50,11 +52,10 @@ def merged_weight(weight: torch.Tensor, T: torch.Tensor, Rc: torch.Tensor, scali
     """``W + s·T·Rcᵀ`` as a new ``(d_out, d_in)`` tensor in ``dtype`` (one kernel; ΔW never stored)."""
     d_out, d_in = weight.shape
     out = torch.empty(d_out, d_in, device=weight.device, dtype=dtype)
-    block_m, block_n, block_q = _blocks()
-    _merge_kernel[(triton.cdiv(d_out, block_m), triton.cdiv(d_in, block_n))](
+    tile = _tile()
+    _merge_kernel[(triton.cdiv(d_out, tile["BLOCK_M"]), triton.cdiv(d_in, tile["BLOCK_N"]))](
         weight, T, Rc, out, d_out, d_in, T.shape[1], float(scaling),
-        *weight.stride(), *T.stride(), *Rc.stride(), *out.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q,
+        *weight.stride(), *T.stride(), *Rc.stride(), *out.stride(), **tile,
     )
     return out
 
