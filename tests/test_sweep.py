@@ -762,3 +762,19 @@ def test_lrzoo_sweep_then_report_on_a_tiny_model(tmp_path, capsys):
     assert "1/1 cells complete" in out and "(missing:" not in out
     assert re.search(r"^\| lora \| \*\*[0-9.]+\*\* \[[0-9.]+, [0-9.]+\] ±[0-9.]+ \|$", out, re.M), out  # mean [95% interval] ±sd
     assert (tmp_path / "report" / "results.csv").is_file() and plan_key(results[0]["config"])
+
+
+def test_a_bi_encoder_cell_gets_no_head_trials(tmp_path):
+    """A bi-encoder (the cosine of two pooled embeddings) has no head to train: on STS-B the head stage would rerun
+    the chosen lr under another hash for the same model. A cross-encoder cell of the same plan still gets its trial."""
+    path = tmp_path / "plan.yaml"
+    _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), tasks=("glue/stsb", "glue/sst2"),
+          seeds=(0,), extra=("trainer.head_lr=2e-3", "model.pooling=mean", "model.similarity_head=bi_encoder"))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "head_grid": [2e-2]}))
+    plan = load_plan(path)
+    composer = Composer(plan)
+    assert not composer.trains_head(plan.methods[0], "glue/stsb") and composer.trains_head(plan.methods[0], "glue/sst2")
+    fake = FakeRuns()
+    assert run_plan(plan, jobs=1, composer=composer, launch=fake) == 0
+    launched = {(r.task, r.head) for r in fake.launched}
+    assert ("glue/stsb", 2e-2) not in launched and ("glue/sst2", 2e-2) in launched

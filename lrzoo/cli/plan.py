@@ -288,6 +288,19 @@ class Composer:
         value = self._cell_config(method, task).trainer.get("head_lr")
         return float(value) if value is not None else None
 
+    def trains_head(self, method: Method, task: str) -> bool:
+        """Whether the cell's model has a task head to train: a bi-encoder (``model.similarity_head=bi_encoder``
+        on a similarity task) scores by the cosine of two embeddings and has none, so a head-rate trial would
+        repeat the seed-0 run under another hash."""
+        from ..heads import pair_form_for
+        from ..tasks import get_task
+
+        cfg = self._cell_config(method, task)
+        task_spec = get_task(cfg.task.name)
+        if task_spec.kind == "generation":
+            return True
+        return pair_form_for(cfg.model.get("similarity_head"), task_spec) != "bi_encoder"
+
     def _cell_config(self, method: Method, task: str) -> Any:
         if (method.name, task) not in self._cells:
             from .overrides import compose_checked
@@ -496,7 +509,8 @@ def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup
         state.grid = grid = dict(sorted(grid.items()))
         state.chosen, state.why_not, state.scores = choose_lr(task, grid)
     state.preset_head = composer.preset_head(method, task)
-    state.head_trials = tuple(h for h in plan.head_lrs(method) if h != state.preset_head)
+    state.head_trials = tuple(h for h in plan.head_lrs(method) if h != state.preset_head) \
+        if plan.head_lrs(method) and composer.trains_head(method, task) else ()
     if state.chosen is None:
         state.head_why_not = "the lr is not chosen yet"
         return state
