@@ -91,7 +91,7 @@ KERNELS_CHECK_ARGS ?=
 kernels-check: install
 	env -u TRITON_INTERPRET OMP_NUM_THREADS=1 $(PY) -m lrzoo.kernels.aot_check $(KERNELS_CHECK_ARGS)
 
-# The predicted roofline (no GPU, no triton): lrzoo's kernels vs PEFT's eager ops at performance.md's shapes.
+# The predicted roofline (no GPU, no triton): lrzoo's kernels vs PEFT's eager ops at the protocol's shapes (docs/benchmarks.md#protocol).
 roofline: install
 	$(PY) -m lrzoo.kernels.roofline
 
