@@ -1,10 +1,10 @@
-"""Low-rank gradient optimizers (GaLore, Fira): one module per method; importing this package registers them.
+"""Low-rank gradient optimizers (GaLore, Fira, Q-GaLore, APOLLO): one module per method; importing this package registers them.
 
 They are optimizers, not adapters: they train a plain model's weights in full with rank-r optimizer
 state. Build one with ``lrzoo.make_optimizer(model, lr, method="galore", rank=..., ...)``.
 """
 
-from . import fira, galore  # noqa: F401  (registers them)
+from . import apollo, fira, galore, q_galore  # noqa: F401  (registers them)
 from .registry import (
     OptimizerSpec,
     create_optimizer,

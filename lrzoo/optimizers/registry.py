@@ -10,7 +10,7 @@ param groups.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -31,19 +31,23 @@ class OptimizerSpec:
     group_defaults: dict[str, Any] = field(default_factory=dict)
     #: One line for listings and error messages.
     summary: str = ""
+    #: ``(model, weights, options) -> weights``: changes the model before the groups are built (Q-GaLore stores
+    #: the targeted weights in INT8) and returns the parameters that stand for ``weights``; None for most.
+    prepare_model: Optional[Callable[[nn.Module, list, dict], list]] = None
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 
 
 def register_optimizer(name: str, optimizer_cls: type[torch.optim.Optimizer], *,
-                       group_defaults: Optional[dict[str, Any]] = None, summary: str = "") -> OptimizerSpec:
+                       group_defaults: Optional[dict[str, Any]] = None, summary: str = "",
+                       prepare_model: Optional[Callable[[nn.Module, list, dict], list]] = None) -> OptimizerSpec:
     """Add an optimizer method under ``name`` (a lower-case identifier)."""
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"Optimizer names are lower-case identifiers, got {name!r}.")
     if name in _REGISTRY:
         raise ValueError(f"An optimizer named {name!r} is already registered.")
-    spec = OptimizerSpec(name, optimizer_cls, dict(group_defaults or {}), summary)
+    spec = OptimizerSpec(name, optimizer_cls, dict(group_defaults or {}), summary, prepare_model)
     _REGISTRY[name] = spec
     return spec
 
@@ -96,7 +100,10 @@ def create_optimizer(
         raise ValueError(f"{name} trains the model's own weights: pass the plain model, not one returned by "
                          "lrzoo.wrap (training LoRA factors with a low-rank optimizer is not offered).")
     group_options = {key: options.pop(key, default) for key, default in spec.group_defaults.items()}
-    projected = {id(p) for p in projection_targets(model, target_modules)}
+    targets = projection_targets(model, target_modules)
+    if spec.prepare_model is not None:
+        targets = spec.prepare_model(model, targets, options)
+    projected = {id(p) for p in targets}
     head = set(head_params) if head_lr is not None else set()
     groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
