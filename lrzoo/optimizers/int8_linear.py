@@ -51,9 +51,21 @@ class _Int8LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def gradient_carrier(shape: tuple[int, int], dtype: torch.dtype, device) -> nn.Parameter:
+class GradientCarrier(nn.Parameter):
+    """The m×n ``weight`` of an :class:`Int8Linear`: one stored NaN, a gradient of the weight's shape."""
+
+    def copy_(self, src: torch.Tensor, non_blocking: bool = False) -> "GradientCarrier":
+        # A checkpoint of the trainable tensors holds the carrier's own NaNs: copying them back is a no-op (the
+        # weight itself comes back with the optimizer's state). Real values would be lost: refuse them.
+        if torch.isnan(src).all():
+            return self
+        raise ValueError("This weight is stored as INT8 codes (Q-GaLore's Int8Linear): load values with "
+                         "model.load_state_dict(...), which quantizes them, not by copying into layer.weight.")
+
+
+def gradient_carrier(shape: tuple[int, int], dtype: torch.dtype, device) -> GradientCarrier:
     """An m×n Parameter over one stored NaN (see the module docstring)."""
-    return nn.Parameter(torch.full((1, 1), float("nan"), dtype=dtype, device=device).expand(*shape))
+    return GradientCarrier(torch.full((1, 1), float("nan"), dtype=dtype, device=device).expand(*shape))
 
 
 class Int8Linear(nn.Module):

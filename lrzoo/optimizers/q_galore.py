@@ -177,7 +177,7 @@ class QGaLoreAdamW(ProjectedAdamW):
     def projector(state: dict, group: dict, shape: tuple[int, int]) -> torch.Tensor:
         """P dequantized from its INT4 codes."""
         codes, scales, zeros = (state[key] for key in PROJECTOR_KEYS)
-        return (scales * (codes.to(scales.dtype) - zeros)).reshape(shape)
+        return (scales * (codes.reshape(-1, group["proj_group_size"]).to(scales.dtype) - zeros)).reshape(shape)
 
     @staticmethod
     def _adam(grad: torch.Tensor, value: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
