@@ -373,3 +373,4 @@ def test_int8_weights_on_float_parameters_are_refused_with_the_fix():
 
 def test_list_optimizers_names_q_galore():
     assert "q_galore" in lrzoo.list_optimizers()
+

@@ -45,14 +45,15 @@ class QGaLoreAdamW(ProjectedAdamW):
     Projected groups take GaLore's keys plus ``proj_bits`` (4), ``proj_group_size`` (256), ``cos_threshold``
     (0.4), ``gamma_proj`` (2), ``queue_size`` (5). ``int8_weights``: the projected weights are the carriers
     of :class:`.int8_linear.Int8Linear` layers (what ``make_optimizer`` builds); ``False`` trains float
-    weights (INT4 P and the lazy refresh only). ``seed`` seeds the stochastic rounding's generator, whose
-    state is part of ``state_dict()``.
+    weights (INT4 P and the lazy refresh only). ``seed`` (default: ``torch.initial_seed()``, the run's seed)
+    seeds the stochastic rounding's generator, whose state is part of ``state_dict()``.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0, proj_bits: int = 4, proj_group_size: int = 256,
                  cos_threshold: float = 0.4, gamma_proj: float = 2, queue_size: int = 5, int8_weights: bool = True,
-                 weight_group_size: int = 256, stochastic_round: bool = True, seed: int = 0, weight_names=None):
+                 weight_group_size: int = 256, stochastic_round: bool = True, seed: Optional[int] = None,
+                 weight_names=None):
         self.method_defaults = {"proj_bits": proj_bits, "proj_group_size": proj_group_size,
                                 "cos_threshold": cos_threshold, "gamma_proj": gamma_proj, "queue_size": queue_size}
         self._check_options(self.method_defaults)
@@ -60,6 +61,8 @@ class QGaLoreAdamW(ProjectedAdamW):
             if not isinstance(value, bool):
                 raise ValueError(f"QGaLoreAdamW: {key} must be true or false, got {value!r}.")
         self._check_int(weight_group_size, "weight_group_size")
+        if seed is None:  # the run's seed (torch.manual_seed), so runs with other seeds round differently
+            seed = torch.initial_seed()
         self._check_int(seed, "seed", minimum=0)
         self.int8_weights, self.weight_group_size = int8_weights, weight_group_size
         self.stochastic_round, self.seed = stochastic_round, seed
