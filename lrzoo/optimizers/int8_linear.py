@@ -23,7 +23,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from .group_quant import Quantized, dequantize, quantize
+from .group_quant import Quantized, check_group_size, dequantize, quantize
 
 WEIGHT_BITS = 8
 
@@ -139,25 +139,26 @@ def to_int8_linear(model: nn.Module, weights: list[nn.Parameter], group_size: in
                    owner: str = "q_galore") -> list[nn.Parameter]:
     """Swap the ``nn.Linear`` owning each of ``weights`` for an :class:`Int8Linear`; return their carriers.
 
-    Weights already in an ``Int8Linear`` (a second optimizer over the same model) are returned as they are.
+    Every layer is checked before any is swapped (a refused one leaves the model as it was). Weights already in
+    an ``Int8Linear`` (a second optimizer over the same model) are returned as they are.
     """
     wanted = {id(w) for w in weights}
     carriers: dict[int, nn.Parameter] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+    swaps = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            full_name = f"{parent_name}.{name}" if parent_name else name
             if isinstance(child, Int8Linear) and id(child.weight) in wanted:
                 carriers[id(child.weight)] = child.weight
             elif id(getattr(child, "weight", None)) in wanted:
                 if type(child) is not nn.Linear:
                     raise ValueError(f"{owner}: int8_weights stores nn.Linear weights only, got {type(child).__name__} "
-                                     f"({name}); pass int8_weights=false or leave it out of target_modules.")
-                from .group_quant import check_group_size
-
-                check_group_size(owner, f"the weight of {name} ({child.out_features}×{child.in_features})",
+                                     f"({full_name}); pass int8_weights=false or leave it out of target_modules.")
+                check_group_size(owner, f"the weight of {full_name} ({child.out_features}×{child.in_features})",
                                  child.weight.numel(), group_size)
-                original = id(child.weight)
-                replacement = Int8Linear(child, group_size)
-                setattr(parent, name, replacement)
-                carriers[original] = replacement.weight
+                swaps.append((parent, name, child))
+    for parent, name, child in swaps:
+        replacement = Int8Linear(child, group_size)
+        setattr(parent, name, replacement)
+        carriers[id(child.weight)] = replacement.weight
     return [carriers[id(w)] for w in weights if id(w) in carriers]
-

@@ -56,10 +56,8 @@ class QGaLoreAdamW(ProjectedAdamW):
                  weight_names=None):
         self.method_defaults = {"proj_bits": proj_bits, "proj_group_size": proj_group_size,
                                 "cos_threshold": cos_threshold, "gamma_proj": gamma_proj, "queue_size": queue_size}
-        self._check_options(self.method_defaults)
-        for key, value in (("int8_weights", int8_weights), ("stochastic_round", stochastic_round)):
-            if not isinstance(value, bool):
-                raise ValueError(f"QGaLoreAdamW: {key} must be true or false, got {value!r}.")
+        self._check_options({**self.method_defaults, "int8_weights": int8_weights,
+                             "stochastic_round": stochastic_round})
         self._check_int(weight_group_size, "weight_group_size")
         if seed is None:  # the run's seed (torch.manual_seed), so runs with other seeds round differently
             seed = torch.initial_seed()
@@ -75,15 +73,19 @@ class QGaLoreAdamW(ProjectedAdamW):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"QGaLoreAdamW: {name} must be an integer ≥ {minimum}, got {value!r}.")
 
-    def _check_options(self, options: dict) -> None:
+    @classmethod
+    def _check_options(cls, options: dict) -> None:
+        for key in ("int8_weights", "stochastic_round"):
+            if key in options and not isinstance(options[key], bool):
+                raise ValueError(f"QGaLoreAdamW: {key} must be true or false, got {options[key]!r}.")
         if "proj_bits" in options:
-            self._check_int(options["proj_bits"], "proj_bits")
+            cls._check_int(options["proj_bits"], "proj_bits")
             if options["proj_bits"] > 8:
                 raise ValueError(f"QGaLoreAdamW: proj_bits must be ≤ 8 (codes are stored one per byte), got "
                                  f"{options['proj_bits']!r}; the paper's is 4.")
         for key in ("proj_group_size", "queue_size"):
             if key in options:
-                self._check_int(options[key], key)
+                cls._check_int(options[key], key)
         if "cos_threshold" in options:
             value = as_real(options["cos_threshold"])
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
@@ -238,10 +240,25 @@ class QGaLoreAdamW(ProjectedAdamW):
 
 
 def prepare_int8(model, weights: list, options: dict) -> list:
-    """``make_optimizer``'s hook: store the targeted weights in INT8 (unless ``int8_weights=False``)."""
+    """``make_optimizer``'s hook: store the targeted weights in INT8 (unless ``int8_weights=False``).
+
+    The options that could refuse the optimizer later are checked first, so a refused run leaves the model as it
+    was (the optimizer checks them all again)."""
+    QGaLoreAdamW._check_options(options)
     if not options.get("int8_weights", True):
         return weights
-    return to_int8_linear(model, weights, options.get("weight_group_size", 256), owner="q_galore")
+    group_size = options.get("weight_group_size", 256)
+    QGaLoreAdamW._check_int(group_size, "weight_group_size")
+    rank, proj_group_size = options.get("rank"), options.get("proj_group_size")
+    if isinstance(rank, int) and isinstance(proj_group_size, int) and rank > 0 and proj_group_size > 0:
+        names = {id(p): name for name, p in model.named_parameters()}
+        for weight in weights:
+            m, n = weight.shape
+            side = projection_side(weight.shape, options.get("proj_type", "std"))
+            check_group_size("QGaLoreAdamW", f"the projector of {names.get(id(weight), 'a weight')} "
+                             f"({'r×n' if side == 'right' else 'm×r'})", rank * (n if side == "right" else m),
+                             proj_group_size)
+    return to_int8_linear(model, weights, group_size, owner="q_galore")
 
 
 def weight_bytes(model) -> int:

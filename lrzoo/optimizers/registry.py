@@ -32,7 +32,8 @@ class OptimizerSpec:
     #: One line for listings and error messages.
     summary: str = ""
     #: ``(model, weights, options) -> weights``: changes the model before the groups are built (Q-GaLore stores
-    #: the targeted weights in INT8) and returns the parameters that stand for ``weights``; None for most.
+    #: the targeted weights in INT8) and returns the parameters that stand for ``weights``; None for most. It sees
+    #: every option (group and optimizer) and should check them before it changes anything.
     prepare_model: Optional[Callable[[nn.Module, list, dict], list]] = None
 
 
@@ -102,7 +103,7 @@ def create_optimizer(
     group_options = {key: options.pop(key, default) for key, default in spec.group_defaults.items()}
     targets = projection_targets(model, target_modules)
     if spec.prepare_model is not None:
-        targets = spec.prepare_model(model, targets, options)
+        targets = spec.prepare_model(model, targets, {**group_options, **options})
     projected = {id(p) for p in targets}
     head = set(head_params) if head_lr is not None else set()
     groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
