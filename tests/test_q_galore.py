@@ -266,6 +266,11 @@ def test_the_dense_state_dict_is_a_plain_model_and_loads_back_quantized():
     torch.testing.assert_close(plain(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="stored as INT8 codes"):
         layer.weight.copy_(torch.zeros(layer.weight.shape))
+    layer.weight.copy_(layer.weight.detach().clone())  # its own NaNs (a trainer checkpoint's copy): a no-op
+    # a dense state dict loaded into the INT8 model is quantized (round to nearest), nothing reported missing
+    other = tiny_llama(seed=2).state_dict()
+    assert not model.load_state_dict(other).missing_keys
+    assert torch.equal(layer.weight_codes, quantize(other["model.layers.0.mlp.up_proj.weight"], GROUP, 8).codes)
 
 
 def test_gradients_accumulate_in_weight_grad_like_a_linear_layers():

@@ -8,8 +8,10 @@ The gradient still arrives in ``layer.weight.grad``: ``weight`` is a *carrier*, 
 whose every element is one stored NaN (a stride-0 view of 1 element, 4 bytes). Autograd accumulates ∂L/∂W
 into its ``.grad`` as for any weight, so gradient accumulation, clipping, ``zero_grad`` and non-finite checks
 see it. Its value is never the weight: code that reads ``layer.weight`` gets NaN (loudly wrong, not silently),
-and an optimizer other than Q-GaLore's fails on its first in-place update (PyTorch refuses writes to a tensor
-whose elements share memory). The weight's value is :meth:`Int8Linear.dense_weight`.
+an optimizer other than Q-GaLore's fails on its first in-place update (PyTorch refuses writes to a tensor
+whose elements share memory), and copying real values into it is refused (copying its own NaNs back, as a
+trainer checkpoint of the trainable tensors does, is a no-op). The weight's value is
+:meth:`Int8Linear.dense_weight`.
 
 ``state_dict()`` holds the *dequantized* weight under ``weight`` (so ``save_pretrained`` writes a plain dense
 model, loadable without lrzoo); loading a dense ``weight`` quantizes it (round to nearest). The exact INT8
@@ -149,6 +151,7 @@ def to_int8_linear(model: nn.Module, weights: list[nn.Parameter], group_size: in
         for name, child in parent.named_children():
             full_name = f"{parent_name}.{name}" if parent_name else name
             if isinstance(child, Int8Linear) and id(child.weight) in wanted:
+                child.weight.lrzoo_int8_layer = weakref.ref(child)
                 carriers[id(child.weight)] = child.weight
             elif id(getattr(child, "weight", None)) in wanted:
                 if type(child) is not nn.Linear:
