@@ -15,8 +15,8 @@ GaLore with three quantized or lazy parts:
   (step counted from 0 before the update), with T the weight's current gap.
 
 The step (official ``QGaLoreAdamW8bit.step``): R = proj(G); the bitsandbytes 32-bit Adam update of a zero
-tensor, u = −lr·√(1−β2ᵗ)/(1−β1ᵗ) · M/(√V + ε·√(1−β2ᵗ)) (ε inside the bias correction, as torch's AdamW);
-W ← W + α·back(u); W ← W − lr·wd·W; re-quantize. Groups without ``rank`` take the same Adam with the decay
+tensor, u = −lr·√(1−β2ᵗ)/(1−β1ᵗ) · M/(√V + ε·√(1−β2ᵗ)) (ε inside the bias correction, as torch's
+AdamW); W ← W + α·back(u); W ← W − lr·wd·W; re-quantize. Groups without ``rank`` take the same Adam with the decay
 first (W·(1 − lr·wd) + u). Defaults: the C4 scripts' (r 128 at 60M, T 200, α 0.25, β (0.9, 0.95), ε 1e-8).
 """
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import as_real
-from .group_quant import Quantized, check_group_size, dequantize, nbytes, quantize
+from .group_quant import Quantized, check_group_size, nbytes, quantize
 from .int8_linear import Int8Linear, to_int8_linear
 from .projector import ProjectedAdamW, orthonormal_basis, project, project_back, projection_side
 from .registry import register_optimizer
