@@ -382,3 +382,21 @@ def test_int8_weights_on_float_parameters_are_refused_with_the_fix():
 def test_list_optimizers_names_q_galore():
     assert "q_galore" in lrzoo.list_optimizers()
 
+
+
+def test_the_ported_adam_is_bitsandbytes_own_32bit_update():
+    """The Adam of the parity test's port (and of lrzoo) against bitsandbytes' CPU kernel itself (its default
+    backend, compiled by torch where it can be, hence a rounding-level tolerance rather than 0)."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    theirs = torch.randn(64, 8)
+    ours = theirs.clone()
+    exp_avg, exp_avg_sq = torch.zeros_like(theirs), torch.zeros_like(theirs)
+    state, group = {"step": 0}, {"betas": (0.9, 0.95), "lr": 1e-2, "eps": 1e-8, "weight_decay": 0.1}
+    for step in range(1, 11):
+        grad = torch.randn(64, 8)
+        functional.optimizer_update_32bit("adam", grad, theirs, exp_avg, 0.9, 1e-8, step, 1e-2, exp_avg_sq, 0.95,
+                                          weight_decay=0.1, gnorm_scale=1.0)
+        ours = QGaLoreAdamW._adam(grad, ours, state, group)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state["exp_avg_sq"], exp_avg_sq, rtol=1e-6, atol=0)
