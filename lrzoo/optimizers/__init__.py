@@ -1,4 +1,4 @@
-"""Low-rank gradient optimizers (GaLore, Fira, Q-GaLore, APOLLO): one module per method; importing this package registers them.
+"""Low-rank gradient optimizers (GaLore, Fira, Q-GaLore, APOLLO): one module per method, registered on import.
 
 They are optimizers, not adapters: they train a plain model's weights in full with rank-r optimizer
 state. Build one with ``lrzoo.make_optimizer(model, lr, method="galore", rank=..., ...)``.
@@ -14,6 +14,7 @@ from .registry import (
     register_optimizer,
     state_bytes,
 )
+from .q_galore import weight_bytes
 
 __all__ = [
     "OptimizerSpec",
@@ -23,4 +24,5 @@ __all__ = [
     "projection_targets",
     "register_optimizer",
     "state_bytes",
+    "weight_bytes",
 ]

@@ -1,7 +1,7 @@
-"""The optimizer registry: low-rank gradient methods (GaLore, Fira) by name, and the one call that builds them.
+"""The optimizer registry: low-rank gradient methods (GaLore, Fira, ...) by name, and the one call that builds them.
 
-An optimizer method is not an adapter: it adds no module and saves no adapter file; it trains the
-model's own weights with less optimizer state. Each method registers itself in its file under
+An optimizer method is not an adapter: it adds no adapter module and saves no adapter file; it trains the
+model's own weights with less optimizer state (Q-GaLore also stores the targeted weights in INT8). Each method registers itself in its file under
 ``lrzoo/optimizers/`` with :func:`register_optimizer`; :func:`create_optimizer` (behind
 ``lrzoo.make_optimizer(model, lr, method=name, ...)``) picks the weights to project and builds the
 param groups.
@@ -82,7 +82,8 @@ def create_optimizer(
     """Optimizer method ``name`` over the trainable parameters of a plain (unwrapped) ``model``.
 
     The weights of the targeted layers are projected; everything else trainable (embeddings, norms,
-    biases, the head) is plain AdamW in the same optimizer.
+    biases, the head) is plain AdamW in the same optimizer. A method with a ``prepare_model`` hook changes the
+    model first: ``q_galore`` swaps each targeted ``nn.Linear`` for an INT8 ``Int8Linear``, in place.
 
     Args:
         model: the model whose weights are trained in full (not an ``lrzoo.wrap`` result).
