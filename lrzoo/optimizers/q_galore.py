@@ -146,18 +146,26 @@ class QGaLoreAdamW(ProjectedAdamW):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         rng = state_dict.pop("rounding_rng", None)
+        # The INT8 weights go to the layers as saved: the base class would cast fp32 scales to a bf16 model's dtype.
+        weights, state_dict["state"] = {}, dict(state_dict["state"])
+        for index, state in state_dict["state"].items():
+            if all(key in state for key in WEIGHT_KEYS):
+                weights[index] = Quantized(*(state[key] for key in WEIGHT_KEYS))
+                state_dict["state"][index] = {k: v for k, v in state.items() if k not in WEIGHT_KEYS}
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for param in group["params"]:
-                state, layer = self.state[param], self.int8_layer(param)
-                if layer is not None and all(key in state for key in WEIGHT_KEYS):
-                    layer.set_quantized(Quantized(*(state.pop(key).to(layer.weight_codes.device)
-                                                    for key in WEIGHT_KEYS)))
-                    if not state:
-                        del self.state[param]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, quantized in weights.items():
+            layer = self.int8_layer(params[index])
+            if layer is None:
+                raise ValueError(f"QGaLoreAdamW.load_state_dict: the state holds INT8 codes for parameter {index}, "
+                                 "which is no INT8 layer's weight here: build the optimizer with "
+                                 "lrzoo.make_optimizer(model, lr, method='q_galore') before loading.")
+            layer.set_quantized(Quantized(*(t.to(layer.weight_codes.device) for t in quantized)))
+            if not self.state[params[index]]:
+                del self.state[params[index]]
         if rng is not None:
-            device = next((self.int8_layer(p).weight_codes.device for g in self.param_groups for p in g["params"]
-                           if self.int8_layer(p) is not None), torch.device("cpu"))
+            device = next((self.int8_layer(p).weight_codes.device for p in params if self.int8_layer(p) is not None),
+                          torch.device("cpu"))
             self.generator(device).set_state(rng)
 
     # -- the step --------------------------------------------------------------------------------------------
@@ -169,11 +177,11 @@ class QGaLoreAdamW(ProjectedAdamW):
             if len(queue) == group["queue_size"]:
                 queue.pop(0)
             queue.append(F.cosine_similarity(state["past_vector"], first, dim=0).item())
-            state["cos_queue"] = torch.tensor(queue, dtype=torch.float64)
+            state["cos_queue"] = torch.tensor(queue, dtype=torch.float32)  # fp32 .item()s: exact
             if len(queue) == group["queue_size"] and sum(queue) / group["queue_size"] >= group["cos_threshold"]:
                 state["update_proj_gap"] = int(state["update_proj_gap"] * group["gamma_proj"])
         else:
-            state["cos_queue"] = torch.zeros(0, dtype=torch.float64)
+            state["cos_queue"] = torch.zeros(0, dtype=torch.float32)
         state["past_vector"] = first
         quantized = quantize(basis, group["proj_group_size"], group["proj_bits"])
         state.update(zip(PROJECTOR_KEYS, quantized))
