@@ -400,3 +400,12 @@ def test_the_ported_adam_is_bitsandbytes_own_32bit_update():
         ours = QGaLoreAdamW._adam(grad, ours, state, group)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(state["exp_avg_sq"], exp_avg_sq, rtol=1e-6, atol=0)
+
+
+def test_int8_state_loaded_into_float_weights_is_refused():
+    model = tiny_llama()
+    optimizer = make(model)
+    train(model, optimizer, range(1))
+    float_optimizer = make(tiny_llama(), int8_weights=False)
+    with pytest.raises(ValueError, match=r"holds INT8 codes for parameter \d+, which is no INT8 layer's weight"):
+        float_optimizer.load_state_dict(optimizer.state_dict())
