@@ -60,7 +60,8 @@ def test_every_experiment_preset_uses_only_declared_keys(experiment):
     check_keys(plain_config(compose([f"experiment={experiment}"])))
 
 
-@pytest.mark.parametrize("adapter", ADAPTER_FILES + ["galore", "fira", "full_finetune", "head_only", "zero_shot"])
+@pytest.mark.parametrize("adapter", ADAPTER_FILES + ["galore", "fira", "apollo", "apollo_mini", "q_galore",
+                                     "full_finetune", "head_only", "zero_shot"])
 def test_every_adapter_option_uses_only_declared_keys(adapter):
     # with a preset that sets r/alpha for every adapter, as results.md's runs do
     check_keys(plain_config(compose([f"adapter={adapter}", "experiment=glue_cpu"])))

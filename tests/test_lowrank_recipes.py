@@ -1,4 +1,4 @@
-"""``adapter=galore`` / ``adapter=fira`` in lrzoo-train (issue 15 item 4): the whole model trained through the
+"""``adapter=galore`` / ``fira`` / ``apollo`` / ``apollo_mini`` / ``q_galore`` in lrzoo-train (issue 15 item 4, issue 30): the whole model trained through the
 low-rank optimizer, saved whole, resumed bit-exactly, with its optimizer-state size in results.json."""
 
 from __future__ import annotations
@@ -22,19 +22,24 @@ def _run(tmp_path, method, *extra, stop_after=None):
     return run_recipe(cfg, run_dir_of(compose(overrides))), run_dir_of(compose(overrides))
 
 
-@pytest.mark.parametrize("method", ["galore", "fira"])
+#: tiny_bert's weights (32 wide) and rank-4 projectors split into groups of 32, not Q-GaLore's default 256
+EXTRA = {"q_galore": ("adapter.proj_group_size=32", "adapter.weight_group_size=32")}
+
+
+@pytest.mark.parametrize("method", ["galore", "fira", "apollo", "apollo_mini", "q_galore"])
 def test_lowrank_optimizer_recipe_trains_the_whole_model_and_resumes_exactly(method, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    results, run_dir = _run(tmp_path / "straight", method)
+    extra = EXTRA.get(method, ())
+    results, run_dir = _run(tmp_path / "straight", method, *extra)
     assert results["adapter"] == method and results["steps"] == 8
     assert results["trainable_params"] == results["total_params"]
     # projected moments are rank/d of AdamW's: far below 2 × (trainable params) × 4 bytes
     assert 0 < results["optimizer_state_mb"] * 2**20 < 0.8 * 8 * results["trainable_params"]
     straight = AutoModelForSequenceClassification.from_pretrained(Path(run_dir) / "adapter").state_dict()
 
-    assert _run(tmp_path / "resumed", method, stop_after=4)[0] is None
-    resumed_results, resumed_dir = _run(tmp_path / "resumed", method)
+    assert _run(tmp_path / "resumed", method, *extra, stop_after=4)[0] is None
+    resumed_results, resumed_dir = _run(tmp_path / "resumed", method, *extra)
     resumed = AutoModelForSequenceClassification.from_pretrained(Path(resumed_dir) / "adapter").state_dict()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # projector state survives the checkpoint
     assert resumed_results["metrics"] == results["metrics"]

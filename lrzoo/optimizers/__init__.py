@@ -1,10 +1,10 @@
-"""Low-rank gradient optimizers (GaLore, Fira): one module per method; importing this package registers them.
+"""Low-rank gradient optimizers (GaLore, Fira, Q-GaLore, APOLLO): one module per method, registered on import.
 
 They are optimizers, not adapters: they train a plain model's weights in full with rank-r optimizer
 state. Build one with ``lrzoo.make_optimizer(model, lr, method="galore", rank=..., ...)``.
 """
 
-from . import fira, galore  # noqa: F401  (registers them)
+from . import apollo, fira, galore, q_galore  # noqa: F401  (registers them)
 from .registry import (
     OptimizerSpec,
     create_optimizer,
@@ -14,6 +14,7 @@ from .registry import (
     register_optimizer,
     state_bytes,
 )
+from .q_galore import weight_bytes
 
 __all__ = [
     "OptimizerSpec",
@@ -23,4 +24,5 @@ __all__ = [
     "projection_targets",
     "register_optimizer",
     "state_bytes",
+    "weight_bytes",
 ]

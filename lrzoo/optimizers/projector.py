@@ -176,6 +176,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
             f"rank < {smallest} to keep every weight low-rank, or leave them out of target_modules.",
             UserWarning, stacklevel=3)
 
+    def new_projector(self, grad: torch.Tensor, state: dict, group: dict, side: str) -> torch.Tensor:
+        """P at a refresh: GaLore's top-r singular vectors of ``grad`` (APOLLO draws a random one instead)."""
+        return orthonormal_basis(grad, group["rank"], side)
+
     def full_update(self, grad: torch.Tensor, low_rank_grad: torch.Tensor, normed: torch.Tensor,
                     state: dict, group: dict, side: str) -> torch.Tensor:
         """The m×n update direction D of a projected weight.
@@ -206,13 +210,13 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
                 state = self.state[param]
-                if not state:
+                if "step" not in state:
                     state["step"] = 0
                 low_rank_grad, side = grad, None
                 if projected:
                     side = projection_side(param.shape, group["proj_type"])
                     if state["step"] % group["update_proj_gap"] == 0:
-                        state["projector"] = orthonormal_basis(grad, group["rank"], side)
+                        state["projector"] = self.new_projector(grad, state, group, side)
                     low_rank_grad = project(grad, state["projector"], side)
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(low_rank_grad)

@@ -1,7 +1,7 @@
-"""The optimizer registry: low-rank gradient methods (GaLore, Fira) by name, and the one call that builds them.
+"""The optimizer registry: low-rank gradient methods (GaLore, Fira, ...) by name, and the one call that builds them.
 
-An optimizer method is not an adapter: it adds no module and saves no adapter file; it trains the
-model's own weights with less optimizer state. Each method registers itself in its file under
+An optimizer method is not an adapter: it adds no adapter module and saves no adapter file; it trains the
+model's own weights with less optimizer state (Q-GaLore also stores the targeted weights in INT8). Each method registers itself in its file under
 ``lrzoo/optimizers/`` with :func:`register_optimizer`; :func:`create_optimizer` (behind
 ``lrzoo.make_optimizer(model, lr, method=name, ...)``) picks the weights to project and builds the
 param groups.
@@ -10,7 +10,7 @@ param groups.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -31,19 +31,24 @@ class OptimizerSpec:
     group_defaults: dict[str, Any] = field(default_factory=dict)
     #: One line for listings and error messages.
     summary: str = ""
+    #: ``(model, weights, options) -> weights``: changes the model before the groups are built (Q-GaLore stores
+    #: the targeted weights in INT8) and returns the parameters that stand for ``weights``; None for most. It sees
+    #: every option (group and optimizer) and should check them before it changes anything.
+    prepare_model: Optional[Callable[[nn.Module, list, dict], list]] = None
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 
 
 def register_optimizer(name: str, optimizer_cls: type[torch.optim.Optimizer], *,
-                       group_defaults: Optional[dict[str, Any]] = None, summary: str = "") -> OptimizerSpec:
+                       group_defaults: Optional[dict[str, Any]] = None, summary: str = "",
+                       prepare_model: Optional[Callable[[nn.Module, list, dict], list]] = None) -> OptimizerSpec:
     """Add an optimizer method under ``name`` (a lower-case identifier)."""
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"Optimizer names are lower-case identifiers, got {name!r}.")
     if name in _REGISTRY:
         raise ValueError(f"An optimizer named {name!r} is already registered.")
-    spec = OptimizerSpec(name, optimizer_cls, dict(group_defaults or {}), summary)
+    spec = OptimizerSpec(name, optimizer_cls, dict(group_defaults or {}), summary, prepare_model)
     _REGISTRY[name] = spec
     return spec
 
@@ -77,7 +82,8 @@ def create_optimizer(
     """Optimizer method ``name`` over the trainable parameters of a plain (unwrapped) ``model``.
 
     The weights of the targeted layers are projected; everything else trainable (embeddings, norms,
-    biases, the head) is plain AdamW in the same optimizer.
+    biases, the head) is plain AdamW in the same optimizer. A method with a ``prepare_model`` hook changes the
+    model first: ``q_galore`` swaps each targeted ``nn.Linear`` for an INT8 ``Int8Linear``, in place.
 
     Args:
         model: the model whose weights are trained in full (not an ``lrzoo.wrap`` result).
@@ -96,7 +102,10 @@ def create_optimizer(
         raise ValueError(f"{name} trains the model's own weights: pass the plain model, not one returned by "
                          "lrzoo.wrap (training LoRA factors with a low-rank optimizer is not offered).")
     group_options = {key: options.pop(key, default) for key, default in spec.group_defaults.items()}
-    projected = {id(p) for p in projection_targets(model, target_modules)}
+    targets = projection_targets(model, target_modules)
+    if spec.prepare_model is not None:
+        targets = spec.prepare_model(model, targets, {**group_options, **options})
+    projected = {id(p) for p in targets}
     head = set(head_params) if head_lr is not None else set()
     groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
