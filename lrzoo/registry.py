@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Union
 
 from peft import PeftConfig
 
-from .errors import did_you_mean
+from .registry_table import Table
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class AdapterSpec:
     quantized_base_refusal: Union[str, Callable[[Any], str]] = ""
 
 
-_REGISTRY: dict[str, AdapterSpec] = {}
+_REGISTRY: Table[AdapterSpec] = Table("adapter", hint="Register new methods with lrzoo.register_adapter.")
 
 
 def register_adapter(
@@ -102,8 +102,7 @@ def register_adapter(
     """
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"Adapter names are lower-case identifiers, got {name!r}.")
-    if name in _REGISTRY:
-        raise ValueError(f"An adapter named {name!r} is already registered.")
+    _REGISTRY.refuse_taken(name)  # before PEFT's tables learn the name
     if config_cls is not None:
         if layer_cls is None:
             raise ValueError(f"register_adapter({name!r}, config_cls, layer_cls): layer_cls is missing.")
@@ -125,8 +124,7 @@ def register_adapter(
         quantized_base_refusal=quantized_base_refusal,
         procedure=procedure,
     )
-    _REGISTRY[name] = spec
-    return spec
+    return _REGISTRY.add(name, spec)
 
 
 def unregister_adapter(name: str) -> AdapterSpec:
@@ -167,20 +165,12 @@ def _first_line(text: Optional[str]) -> str:
 
 def list_adapters() -> list[str]:
     """The registered adapter names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names(sort=True)
 
 
 def get_adapter(name: str) -> AdapterSpec:
     """Look a method up by name; unknown names fail with the list of known ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = did_you_mean(name, _REGISTRY)
-        hint = f" Did you mean {close!r}?" if close else ""
-        raise ValueError(
-            f"Unknown adapter {name!r}.{hint} Known adapters: {', '.join(list_adapters())}. "
-            "Register new methods with lrzoo.register_adapter."
-        ) from None
+    return _REGISTRY.lookup(name)
 
 
 def ignored_options(name: str) -> tuple[str, ...]:
