@@ -1,4 +1,4 @@
-"""Training procedures are a table the registry points to (lrzoo/train/procedures.py): each method's entry,
+"""Training procedures are a table the registry points to (lrzoo/procedure.py, each beside its method): each method's entry,
 the options it gets from wrap, ReLoRA's state through its own state_dict, and no method name in the loop."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import torch
 import lrzoo
 from conftest import REPO, tiny_bert, tiny_llama
 from lrzoo.train.config import TrainerConfig
-from lrzoo.train.procedures import PROCEDURES, Procedure, procedure_for, register_procedure
-from lrzoo.train.relora import ReLoRA, ReLoRAHook
+from lrzoo.methods.relora import ReLoRA, ReLoRAHook
+from lrzoo.procedure import PROCEDURES, Procedure, register_procedure
+from lrzoo.registry import RECORD_ATTRIBUTE, record_of
+from lrzoo.train.procedures import procedure_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -28,7 +30,7 @@ def test_the_registry_picks_the_procedure_with_the_options_wrap_recorded(method,
     model = lrzoo.wrap(tiny_llama(0) if method == "relora" else tiny_bert(0), method, r=4)
     built = procedure_for(model, TrainerConfig(seed=3))
     assert built.name == procedure
-    assert built.options == {k: v for k, v in model.lrzoo_training.items() if k != "method"}
+    assert built.options == record_of(model).options and built.options is not record_of(model).options
 
 
 def test_a_model_lrzoo_did_not_wrap_gets_the_plain_procedure():
@@ -38,7 +40,7 @@ def test_a_model_lrzoo_did_not_wrap_gets_the_plain_procedure():
 def test_loraplus_optimizer_groups_come_from_the_options_not_the_model():
     model = lrzoo.wrap(tiny_bert(0), "loraplus", r=4, loraplus_lr_ratio=4.0)
     built = procedure_for(model, TrainerConfig(lr=1e-3))
-    del model.lrzoo_training  # the procedure holds the options: the record is read once
+    delattr(model, RECORD_ATTRIBUTE)  # the procedure holds the options: the record is read once
     assert sorted({g["lr"] for g in built.make_optimizer(model).param_groups if g["params"]}) == [1e-3, 4e-3]
 
 
