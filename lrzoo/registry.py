@@ -56,7 +56,7 @@ class AdapterSpec:
     #: reset interval...), with defaults; recorded on the model (:func:`training_options`).
     training_defaults: dict[str, Any] = field(default_factory=dict)
     #: The training procedure the trainer runs for this method: a key of
-    #: :data:`lrzoo.train.procedures.PROCEDURES` (``None``: the plain one).
+    #: :data:`lrzoo.procedure.PROCEDURES` (``None``: the plain one).
     procedure: Optional[str] = None
     #: Called as ``post_wrap(peft_model, adapter_name)`` after injection (e.g. to tag the model).
     post_wrap: Optional[Callable[..., None]] = None

@@ -5,7 +5,7 @@ A callback is any object with some of these methods; the trainer calls those it 
 * ``on_train_begin(trainer)``
 * ``on_step_end(step, model, optimizer, scheduler)``: after each optimizer step (``step`` counts
   from 1). Training procedures hook in here (ReLoRA's merge-and-reinit every T steps: the callbacks
-  of :mod:`lrzoo.train.procedures`).
+  a :class:`lrzoo.procedure.Procedure` returns, :class:`lrzoo.methods.relora.ReLoRAHook`).
 * ``on_log(step, metrics)``: ``metrics`` is a flat ``{"train/loss": ..., "eval/accuracy": ...}``.
 * ``on_train_end(trainer)``
 * ``state_dict()`` / ``load_state_dict(state)``: whatever the callback must carry across a
