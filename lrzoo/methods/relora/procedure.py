@@ -235,7 +235,8 @@ class ReLoRAProcedure(Procedure):
 
     def __post_init__(self) -> None:
         self.relora = ReLoRA(**{k: self.options[k] for k in ("relora_steps", "optimizer_pruning",
-                                                             "optimizer_pruning_ratio")}, seed=self.config.seed)
+                                                             "optimizer_pruning_ratio")},
+                            seed=self.config.seed if self.config is not None else 0)  # None: make_optimizer's use
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
         return make_relora_scheduler(
