@@ -14,12 +14,11 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..procedure import PROCEDURES, Procedure, head_parameter_ids, procedure_of
+from ..procedure import PROCEDURES, Procedure, procedure_of
 from ..registry import record_of
 from .procedures import LowRankOptimizerProcedure
 
-#: kept for callers of earlier releases; the head's parameters (lrzoo.procedure)
-__all__ = ["head_parameter_ids", "make_optimizer"]
+__all__ = ["make_optimizer"]
 
 
 def make_optimizer(
