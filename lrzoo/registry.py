@@ -53,7 +53,7 @@ class AdapterSpec:
     #: (a packaged file's keys win over these; see :func:`adapter_defaults`).
     defaults: dict[str, Any] = field(default_factory=dict)
     #: Training-procedure options ``wrap`` accepts but the layer does not (LoRA+'s λ, ReLoRA's
-    #: reset interval...), with defaults; recorded on the model (:func:`training_options`).
+    #: reset interval...), with defaults; recorded on the model (:attr:`TrainingRecord.options`).
     training_defaults: dict[str, Any] = field(default_factory=dict)
     #: The training procedure the trainer runs for this method: a key of
     #: :data:`lrzoo.procedure.PROCEDURES` (``None``: the plain one).
@@ -66,7 +66,7 @@ class AdapterSpec:
     #: a function of one quantized target layer giving that reason for the layers it cannot handle.
     quantized_base_refusal: Union[str, Callable[[Any], str]] = ""
     #: ``export_problem(peft_model, adapter_name)``: why :func:`lrzoo.export_lora` cannot write this model's adapter
-    #: as a LoRA file (ReLoRA after a reset), or ``None``. Asked for the method the model was wrapped with.
+    #: as a LoRA file (ReLoRA after a reset), or ``None``. :func:`lrzoo.export_lora` asks every method.
     export_problem: Optional[Callable[[Any, str], Optional[str]]] = None
     #: ``foreign_folder(path)``: for a folder without ``adapter_config.json``, the message when this method saved
     #: it as something else than an adapter (ReLoRA's full model), or ``None``. :func:`lrzoo.load` asks every method.
