@@ -140,3 +140,11 @@ def swap_layer_class(module: nn.Module, cls: type) -> None:
 def default_targets_config(tuner: BaseTuner, config, model: nn.Module):
     """``config`` with ``target_modules=None`` resolved to the architecture's default, as injection will."""
     return tuner._prepare_adapter_config(config, tuner.get_model_config(model))
+
+
+#: what the rest of lrzoo takes from here (through ``lrzoo.peft_bridge``), PEFT's classes included
+__all__ = ["PEFT_MODEL_PREFIX", "PEFT_SYMBOLS", "BaseTunerLayer", "DoraLinearLayer", "DoraLinearVariant", "LoraLayer",
+           "ModulesToSaveWrapper", "PeftLoraLinear", "PeftRandLoraLinear", "check_adapters_to_merge",
+           "default_targets_config", "frozen_tensor_dict", "init_tuner_layer_state", "is_modules_to_save",
+           "move_adapter_to_base_device", "peft_symbol_problems", "stash", "swap_layer_class", "transpose", "unstash",
+           "use_layer_classes"]
