@@ -6,6 +6,7 @@
 
 from . import offline_notices  # noqa: F401  (before PEFT imports bitsandbytes)
 from . import methods  # noqa: F401  (registers every adapter)
+from . import peft_bridge
 from .export import export_lora
 from .kernels.backend import requested_backend as get_backend
 from .layer import AdapterConfig, AdapterLayer
@@ -15,6 +16,8 @@ from .optimizers import list_optimizers
 from .registry import adapter_defaults, get_adapter, list_adapters, register_adapter
 from .train.optim import make_optimizer
 from .wrap import wrap
+
+peft_bridge.install_load_hooks()  # lrzoo's checks on PEFT's load path, explicitly and once (docs/architecture.md)
 
 __version__ = "0.1.0"
 

@@ -24,10 +24,8 @@ from typing import Optional
 
 import torch
 from peft import LoraConfig, PeftModel
-from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from peft.utils.other import ModulesToSaveWrapper, transpose
 from safetensors.torch import save_file
 
 from .io import refuse_foreign_files, remove_stale_siblings, replace_files_in
@@ -35,8 +33,8 @@ from .kernels.common import DORA_EPS
 from .kernels.randlora import randlora_factors
 from .layer import AdapterLayer
 from .methods.pissa import initial_factors
-from .methods.relora import lora_export_problem
-from .peft_bridge import PEFT_MODEL_PREFIX, dequantized_weight
+from .peft_bridge import PEFT_MODEL_PREFIX, LoraLayer, dequantized_weight, is_modules_to_save, transpose
+from .registry import adapter_specs, record_of
 from .targets import is_quantized, weight_shape
 
 #: what an export writes into its directory (and all it may replace there).
@@ -169,7 +167,7 @@ def export_lora(
     remove_stale_siblings(out_dir)  # temporary folders of an export that was killed before it finished
     refuse_foreign_files(out_dir, overwrite or _earlier_export(out_dir), EXPORT_FILES, "export_lora")
     adapter = adapter_name or peft_model.active_adapter
-    problem = lora_export_problem(peft_model, adapter)  # ReLoRA after resets or with trained non-adapter weights
+    problem = export_problem(peft_model, adapter)  # ReLoRA after resets or with trained non-adapter weights
     if problem:
         raise ValueError(problem)
     config = peft_model.peft_config[adapter]
@@ -180,7 +178,7 @@ def export_lora(
     for name, module in base_model.named_modules():
         if not isinstance(module, BaseTunerLayer) or adapter not in _adapters_of(module):
             continue
-        if any(isinstance(parent, ModulesToSaveWrapper) for parent in _parents(base_model, name)):
+        if any(is_modules_to_save(parent) for parent in _parents(base_model, name)):
             continue
         with torch.no_grad():
             factors, delta = lora_view(module, adapter)
@@ -218,7 +216,7 @@ def export_lora(
         fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in base_model.modules() if isinstance(m, BaseTunerLayer)),
     )
     report = {
-        "source_method": getattr(peft_model, "lrzoo_training", {}).get("method") or str(config.peft_type),
+        "source_method": record_of(peft_model).method or str(config.peft_type),
         "exact": all(layer.exact for layer in layers),
         "max_relative_error": max(layer.relative_error for layer in layers),
         "layers": [layer.__dict__ for layer in layers],
@@ -231,6 +229,17 @@ def export_lora(
             json.dump(report, f, indent=2)
     _warn_if_lossy(report, layers, out_dir)
     return report
+
+
+def export_problem(peft_model: PeftModel, adapter: str) -> Optional[str]:
+    """Why a method says ``adapter`` of ``peft_model`` cannot be written as a LoRA file (its spec's ``export_problem``
+    hook: ReLoRA after a reset), or ``None``. Every method is asked, not only the one the model was wrapped with
+    last: a second adapter added with ``wrap`` does not make the first exportable."""
+    for spec in adapter_specs():
+        problem = spec.export_problem(peft_model, adapter) if spec.export_problem is not None else None
+        if problem:
+            return problem
+    return None
 
 
 def _earlier_export(out_dir: str) -> bool:
@@ -287,5 +296,5 @@ def _parents(root: torch.nn.Module, name: str):
 def _modules_to_save_state(peft_model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
     """The saved task-head tensors, in the key format PEFT writes for ``modules_to_save``."""
     saved = get_peft_model_state_dict(peft_model, adapter_name=adapter)
-    heads = [name for name, m in peft_model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    heads = [name for name, m in peft_model.get_base_model().named_modules() if is_modules_to_save(m)]
     return {k: v for k, v in saved.items() if any(k.startswith(f"{PEFT_MODEL_PREFIX}{h}.") for h in heads)}

@@ -25,10 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft import PeftConfig
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
-from .peft_bridge import dequantized_weight, frozen_tensor_dict, init_tuner_layer_state, move_adapter_to_base_device
+from .peft_bridge import (check_adapters_to_merge, dequantized_weight, frozen_tensor_dict, init_tuner_layer_state,
+                          move_adapter_to_base_device)
 from .targets import LINEAR_TYPES, is_quantized, quantization_of, weight_shape
 
 FROZEN_FACTOR_POLICIES = ("saved", "recomputed")

@@ -2,6 +2,8 @@
 
 ``PeftModel.from_pretrained`` works too once ``lrzoo`` is imported; the difference is only that a
 plain LORA (or RANDLORA) checkpoint loaded that way uses PEFT's own layers instead of lrzoo's faster ones.
+What a method does around a load is its spec's hooks (``foreign_folder``, ``before_load``, ``after_load``:
+:class:`lrzoo.registry.AdapterSpec`); this module asks every method and names none.
 """
 
 from __future__ import annotations
@@ -9,11 +11,9 @@ from __future__ import annotations
 import os
 
 import torch.nn as nn
-from peft import LoraConfig, PeftConfig, PeftModel, RandLoraConfig
+from peft import PeftConfig, PeftModel
 
-from .methods import randlora
-from .methods.lora import attach_fast_layers
-from .methods.relora import full_model_error
+from .registry import adapter_specs
 
 
 def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs) -> PeftModel:
@@ -25,17 +25,22 @@ def load(model: nn.Module, path: str, adapter_name: str = "default", is_trainabl
         adapter_name: the name to give the loaded adapter.
         is_trainable: load for further training instead of inference.
     """
+    specs = adapter_specs()
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        if full_model_error(path):  # ReLoRA saves a full transformers model, not an adapter
-            raise ValueError(full_model_error(path))
+        for spec in specs:  # a method that saves something else than an adapter (ReLoRA's full model) says so
+            problem = spec.foreign_folder(path) if spec.foreign_folder is not None else None
+            if problem:
+                raise ValueError(problem)
         raise FileNotFoundError(
             f"{path!r} has no adapter_config.json; point lrzoo.load at the directory save_pretrained wrote."
         )
     config = PeftConfig.from_pretrained(path)
-    if isinstance(config, LoraConfig):
-        attach_fast_layers(config)
+    for spec in specs:
+        if spec.before_load is not None:
+            spec.before_load(config)
     peft_model = PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
                                            config=config, **kwargs)
-    if isinstance(config, RandLoraConfig):  # PEFT builds its own layers; give them lrzoo's forward
-        randlora.attach_fast_layers(peft_model)
+    for spec in specs:
+        if spec.after_load is not None:
+            spec.after_load(peft_model, config)
     return peft_model

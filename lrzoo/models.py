@@ -46,6 +46,7 @@ from transformers import (
 
 from . import heads
 from .io import atomic_directory
+from .registry_table import Table
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASK_KINDS = ("classification", "regression", "generation")
@@ -256,12 +257,12 @@ def _check_quantized_widths(model: nn.Module, quantization: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 #: built-in name -> (local directory finder or None for tiny models, architecture family)
-BUILTIN_MODELS: dict[str, tuple[Optional[Callable[[], Path]], str]] = {
+BUILTIN_MODELS: Table[tuple[Optional[Callable[[], Path]], str]] = Table("built-in model", entries={
     "minilm": (minilm_dir, "encoder"),
     "smollm2_135m": (smollm2_dir, "decoder"),
     "tiny_bert": (None, "encoder"),
     "tiny_llama": (None, "decoder"),
-}
+})
 
 
 def load_model(

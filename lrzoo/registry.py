@@ -14,15 +14,16 @@ Two kinds of entries exist:
   returns a stock PEFT config, so their checkpoints stay in PEFT's own format.
 
 A method whose training differs from "AdamW on the trainable tensors, the configured schedule" names a
-training procedure (``register_adapter(..., procedure="relora")``); the procedures themselves are the
-table :data:`lrzoo.train.procedures.PROCEDURES` (the registry does not import the trainer).
+training procedure (``register_adapter(..., procedure="relora")``), a class of :data:`lrzoo.procedure.PROCEDURES`
+written beside the method. What else depends on the method (how :func:`lrzoo.load` treats its checkpoints,
+why :func:`lrzoo.export_lora` refuses it, its stock-PEFT twin for the benchmarks) is a hook on its
+:class:`AdapterSpec`, so no code outside ``lrzoo/methods/`` compares a method's name.
 
-**Training options.** ``wrap`` options that are not layer settings (LoRA+'s λ, ReLoRA's reset interval,
-LoRA-SB's init samples: a spec's ``training_defaults``) are recorded in one place, the wrapped model's
-``lrzoo_training`` dict (``{"method": ..., **options}``), written by :func:`record_training_options`
-and read with :func:`training_options`. The trainer reads it once, when it builds the run's procedure
-(:func:`lrzoo.train.procedures.procedure_for`), and passes the options on explicitly; a user's
-``lrzoo.make_optimizer(model, lr)`` after ``wrap`` takes its LoRA+ defaults from it.
+**The record.** What lrzoo knows about how a prepared model trains is one typed attribute,
+``model.lrzoo_record`` (:class:`TrainingRecord`: the method ``wrap`` used, its training options such as LoRA+'s λ or
+ReLoRA's reset interval, a baseline's head and evaluate-only mark, the method's own ``method_state``), read with
+:func:`record_of`. The trainer reads it once, when it builds the run's procedure, and passes the options on
+explicitly; a user's ``lrzoo.make_optimizer(model, lr)`` after ``wrap`` takes the procedure and its defaults from it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Callable, Optional, Union
 
 from peft import PeftConfig
 
-from .errors import did_you_mean
+from .registry_table import Table
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,10 @@ class AdapterSpec:
     #: (a packaged file's keys win over these; see :func:`adapter_defaults`).
     defaults: dict[str, Any] = field(default_factory=dict)
     #: Training-procedure options ``wrap`` accepts but the layer does not (LoRA+'s λ, ReLoRA's
-    #: reset interval...), with defaults; recorded on the model (:func:`training_options`).
+    #: reset interval...), with defaults; recorded on the model (:attr:`TrainingRecord.options`).
     training_defaults: dict[str, Any] = field(default_factory=dict)
     #: The training procedure the trainer runs for this method: a key of
-    #: :data:`lrzoo.train.procedures.PROCEDURES` (``None``: the plain one).
+    #: :data:`lrzoo.procedure.PROCEDURES` (``None``: the plain one).
     procedure: Optional[str] = None
     #: Called as ``post_wrap(peft_model, adapter_name)`` after injection (e.g. to tag the model).
     post_wrap: Optional[Callable[..., None]] = None
@@ -64,9 +65,30 @@ class AdapterSpec:
     #: Why the method cannot train on a bitsandbytes-quantized base and what to do instead ("" = it can), or
     #: a function of one quantized target layer giving that reason for the layers it cannot handle.
     quantized_base_refusal: Union[str, Callable[[Any], str]] = ""
+    #: ``export_problem(peft_model, adapter_name)``: why :func:`lrzoo.export_lora` cannot write this model's adapter
+    #: as a LoRA file (ReLoRA after a reset), or ``None``. :func:`lrzoo.export_lora` asks every method.
+    export_problem: Optional[Callable[[Any, str], Optional[str]]] = None
+    #: ``foreign_folder(path)``: for a folder without ``adapter_config.json``, the message when this method saved
+    #: it as something else than an adapter (ReLoRA's full model), or ``None``. :func:`lrzoo.load` asks every method.
+    foreign_folder: Optional[Callable[[str], Optional[str]]] = None
+    #: ``before_load(peft_config)``, ``after_load(peft_model, peft_config)``: run by :func:`lrzoo.load` around PEFT's
+    #: loading for every checkpoint (the hook checks the config is its own: LoRA's fast layers for any ``LORA``
+    #: checkpoint, RandLoRA's forward for a ``RANDLORA`` one).
+    before_load: Optional[Callable[[PeftConfig], None]] = None
+    after_load: Optional[Callable[[Any, PeftConfig], None]] = None
+    #: ``peft_reference(**options)``: the stock PEFT config of the same method (PEFT's own layers), for the
+    #: benchmarks' lrzoo-versus-PEFT rows; ``None`` when PEFT has no such method. Options: ``r``, ``alpha``,
+    #: ``dropout``, ``target_modules``, ``task_type``.
+    peft_reference: Optional[Callable[..., PeftConfig]] = None
+    #: ``wrap`` keywords a benchmark adds so that an untrained layer does the work of a trained one
+    #: (``{"init_lora_weights": False}``: B ≠ 0).
+    bench_options: dict[str, Any] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, AdapterSpec] = {}
+#: the per-method hooks ``register_adapter`` takes as keywords (fields of :class:`AdapterSpec`)
+HOOKS = ("export_problem", "foreign_folder", "before_load", "after_load", "peft_reference", "bench_options")
+
+_REGISTRY: Table[AdapterSpec] = Table("adapter", hint="Register new methods with lrzoo.register_adapter.")
 
 
 def register_adapter(
@@ -82,6 +104,7 @@ def register_adapter(
     summary: str = "",
     quantized_base_refusal: Union[str, Callable[[Any], str]] = "",
     procedure: Optional[str] = None,
+    **hooks: Any,
 ) -> AdapterSpec:
     """Add a method to the registry and, for lrzoo-native methods, to PEFT.
 
@@ -97,13 +120,17 @@ def register_adapter(
         summary: one-line description.
         quantized_base_refusal: why the method cannot run on a quantized base and the alternative
             (``wrap`` refuses such a base with it); empty when it can.
-        procedure: the name of its training procedure in :data:`lrzoo.train.procedures.PROCEDURES`
+        procedure: the name of its training procedure in :data:`lrzoo.procedure.PROCEDURES`
             (``"relora"``, ``"lora_sb"``, ``"loraplus"``...); ``None`` for the plain one.
+        hooks: the per-method hooks of :class:`AdapterSpec` (``export_problem``, ``foreign_folder``,
+            ``before_load``, ``after_load``, ``peft_reference``, ``bench_options``).
     """
+    unknown = sorted(set(hooks) - set(HOOKS))
+    if unknown:
+        raise TypeError(f"register_adapter({name!r}): unknown hook(s) {unknown}; known: {', '.join(HOOKS)}.")
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"Adapter names are lower-case identifiers, got {name!r}.")
-    if name in _REGISTRY:
-        raise ValueError(f"An adapter named {name!r} is already registered.")
+    _REGISTRY.refuse_taken(name)  # before PEFT's tables learn the name
     if config_cls is not None:
         if layer_cls is None:
             raise ValueError(f"register_adapter({name!r}, config_cls, layer_cls): layer_cls is missing.")
@@ -124,9 +151,9 @@ def register_adapter(
         summary=summary or _first_line(config_cls.__doc__ if config_cls else ""),
         quantized_base_refusal=quantized_base_refusal,
         procedure=procedure,
+        **{key: dict(value) if key == "bench_options" else value for key, value in hooks.items()},
     )
-    _REGISTRY[name] = spec
-    return spec
+    return _REGISTRY.add(name, spec)
 
 
 def unregister_adapter(name: str) -> AdapterSpec:
@@ -146,19 +173,58 @@ def unregister_adapter(name: str) -> AdapterSpec:
     return spec
 
 
-#: The attribute of a wrapped model that holds ``wrap``'s training options (see the module docstring).
-TRAINING_OPTIONS_ATTRIBUTE = "lrzoo_training"
+@dataclass
+class TrainingRecord:
+    """What lrzoo records about how a model is trained: the one attribute lrzoo sets on a model it prepares
+    (``model.lrzoo_record``, :data:`RECORD_ATTRIBUTE`; read it with :func:`record_of`).
+
+    ``wrap`` writes it (method and options), a baseline (:mod:`lrzoo.train.baselines`) writes it (head, evaluate
+    only), and a method's ``post_wrap`` may add what it must remember about the wrapped model (``method_state``).
+    """
+
+    #: the registry name ``wrap`` used; ``None`` for a model lrzoo did not wrap (a baseline)
+    method: Optional[str] = None
+    #: the method's training options (its spec's ``training_defaults`` keys: LoRA+'s λ, ReLoRA's reset interval...)
+    options: dict[str, Any] = field(default_factory=dict)
+    #: module names trained in full as the task head (baselines; a wrapped model's head is PEFT's modules_to_save)
+    head_modules: tuple[str, ...] = ()
+    #: the run trains nothing and is evaluated once (``adapter=zero_shot``)
+    evaluate_only: bool = False
+    #: what the method keeps about the wrapped model (ReLoRA: the values of the non-adapter weights at wrap)
+    method_state: dict[str, Any] = field(default_factory=dict)
+
+
+#: The attribute of a model that holds its :class:`TrainingRecord`.
+RECORD_ATTRIBUTE = "lrzoo_record"
+
+
+def record_of(model: Any) -> TrainingRecord:
+    """The :class:`TrainingRecord` lrzoo set on ``model``; an empty one (no method) for a model it did not
+    prepare. The record itself, not a copy: a ``post_wrap`` hook writes its ``method_state`` through it."""
+    record = getattr(model, RECORD_ATTRIBUTE, None)
+    return record if isinstance(record, TrainingRecord) else TrainingRecord()
+
+
+def set_record(model: Any, record: TrainingRecord) -> TrainingRecord:
+    """Set ``model``'s :class:`TrainingRecord` (``wrap`` and the baselines do)."""
+    setattr(model, RECORD_ATTRIBUTE, record)
+    return record
 
 
 def record_training_options(model: Any, options: dict[str, Any]) -> None:
     """Record ``options`` (``{"method": name, **training options}``) on ``model``: what ``wrap`` does."""
-    setattr(model, TRAINING_OPTIONS_ATTRIBUTE, dict(options))
+    options = dict(options)
+    record = record_of(model)
+    set_record(model, TrainingRecord(method=options.pop("method", None), options=options,
+                                     head_modules=record.head_modules, evaluate_only=record.evaluate_only,
+                                     method_state=record.method_state))
 
 
 def training_options(model: Any) -> dict[str, Any]:
-    """A copy of the training options ``wrap`` recorded on ``model`` (``{"method": name, ...}``), ``{}`` when
-    it was not wrapped by lrzoo (a baseline, a plain module)."""
-    return dict(getattr(model, TRAINING_OPTIONS_ATTRIBUTE, None) or {})
+    """A copy of the training options ``wrap`` recorded on ``model`` as ``{"method": name, **options}``, ``{}``
+    when it was not wrapped by lrzoo (a baseline, a plain module)."""
+    record = record_of(model)
+    return {} if record.method is None else {"method": record.method, **record.options}
 
 
 def _first_line(text: Optional[str]) -> str:
@@ -167,20 +233,17 @@ def _first_line(text: Optional[str]) -> str:
 
 def list_adapters() -> list[str]:
     """The registered adapter names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names(sort=True)
+
+
+def adapter_specs() -> list[AdapterSpec]:
+    """Every registered method's spec, by name (for code that asks each method's hooks: :func:`lrzoo.load`)."""
+    return [_REGISTRY[name] for name in list_adapters()]
 
 
 def get_adapter(name: str) -> AdapterSpec:
     """Look a method up by name; unknown names fail with the list of known ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = did_you_mean(name, _REGISTRY)
-        hint = f" Did you mean {close!r}?" if close else ""
-        raise ValueError(
-            f"Unknown adapter {name!r}.{hint} Known adapters: {', '.join(list_adapters())}. "
-            "Register new methods with lrzoo.register_adapter."
-        ) from None
+    return _REGISTRY.lookup(name)
 
 
 def ignored_options(name: str) -> tuple[str, ...]:

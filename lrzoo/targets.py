@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Union
 
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # public: in peft.utils.__all__
 from transformers.pytorch_utils import Conv1D
 
 #: model_type -> default target module names. PEFT's table (the LoRA paper's q/v choice) with

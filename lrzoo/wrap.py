@@ -123,11 +123,10 @@ def wrap(
         TypeError: integer/quantized base weights, or an option the method does not have.
 
     Returns:
-        The ``PeftModel``. ``peft_model.lrzoo_training`` holds the method's training-procedure
-        options, ``{"method": method, **options}`` (:func:`lrzoo.registry.training_options` reads a
-        copy): the trainer reads them once to build the run's procedure
-        (:func:`lrzoo.train.procedures.procedure_for`), and :func:`lrzoo.make_optimizer` takes its
-        LoRA+ defaults from them when called after ``wrap``.
+        The ``PeftModel``. Its :class:`lrzoo.registry.TrainingRecord` (``peft_model.lrzoo_record``, read with
+        :func:`lrzoo.registry.record_of`) holds the method and its training-procedure options: the trainer reads
+        them once to build the run's procedure (:func:`lrzoo.train.procedures.procedure_for`), and
+        :func:`lrzoo.make_optimizer` builds the method's optimizer (LoRA+'s groups, LoRA-Pro's) from them.
     """
     spec = get_adapter(method)
     base = model.get_base_model() if isinstance(model, PeftModel) else model

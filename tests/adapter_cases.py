@@ -152,7 +152,7 @@ CASES.extend([
 ])
 
 
-# LoRA-Pro: LoRA's layer and checkpoint; only the optimizer differs (tests/test_lora_pro.py checks its step).
+# LoRA-Pro: LoRA's layer and checkpoint; only the optimizer differs (tests/methods/test_lora_pro.py checks its step).
 CASES.extend([
     Case("lora_pro", "llama", {"r": 4, "alpha": 8}, _lora_delta, _lora_count, random_init=LORA_RANDOM,
          native_peft_format=True),

@@ -17,30 +17,34 @@ PACKAGE = REPO / "lrzoo"
 #: area -> the other areas it may import. An area is a top-level module or subpackage of lrzoo
 #: ("lrzoo" itself is the public API in __init__). Data flows one way: leaves, then the PEFT bridge,
 #: layers, registry, methods, the wrap/export/load API, then the trainer, then the command line.
-#: Low-rank optimizers (optimizers/) sit beside the adapter stack: they use the leaves only.
-LEAVES = {"configs", "decompositions", "errors", "fingerprint", "io", "offline_notices", "targets"}
+#: Low-rank optimizers (optimizers/) sit beside the adapter stack: they use the leaves only. A method's training
+#: procedure (its optimizer, schedule, callbacks) lives in its folder under methods/ and builds on procedure
+#: (the base class and table): it may use torch, transformers' schedules and the low-rank optimizers' checks,
+#: never the trainer (train/), which lends it what it needs as arguments.
+LEAVES = {"configs", "decompositions", "errors", "fingerprint", "io", "offline_notices", "registry_table", "targets"}
 ALLOWED = {
-    "kernels": {"io"},  # the kernel verdict cache is written atomically (kernels/verify.py)
-    "tasks": {"io", "errors"},
+    "kernels": {"io", "registry_table"},  # the kernel verdict cache is written atomically (kernels/verify.py)
+    "tasks": {"io", "errors", "registry_table"},
     "configs": set(), "decompositions": set(), "errors": set(), "fingerprint": set(), "io": set(),
-    "offline_notices": set(),
+    "offline_notices": set(), "registry_table": {"errors"},
     "targets": set(),
     "peft_bridge": {"fingerprint", "targets"},
     "layer": {"peft_bridge", "targets"},
     "core_layers": {"layer", "kernels"},
-    "registry": {"peft_bridge", "configs", "errors"},  # errors is a leaf (docs/architecture.md)
-    "methods": LEAVES | {"core_layers", "kernels", "layer", "peft_bridge", "registry"},
+    "registry": {"peft_bridge", "configs", "errors", "registry_table"},  # errors is a leaf (docs/architecture.md)
+    "procedure": LEAVES | {"peft_bridge", "registry"},
+    "methods": LEAVES | {"core_layers", "kernels", "layer", "optimizers", "peft_bridge", "procedure", "registry"},
     "wrap": LEAVES | {"registry", "methods", "peft_bridge"},
-    "export": LEAVES | {"kernels", "layer", "methods", "peft_bridge"},
-    "load": LEAVES | {"methods", "peft_bridge"},
+    "export": LEAVES | {"kernels", "layer", "methods", "peft_bridge", "registry"},
+    "load": LEAVES | {"registry"},
     "heads": LEAVES,
     "models": LEAVES | {"heads"},
     "optimizers": LEAVES,
-    "train": LEAVES | {"heads", "kernels", "layer", "methods", "models", "optimizers", "peft_bridge", "registry", "tasks", "wrap",
-                       "lrzoo"},
+    "train": LEAVES | {"heads", "kernels", "layer", "methods", "models", "optimizers", "peft_bridge", "procedure",
+                       "registry", "tasks", "wrap", "lrzoo"},
     "cli": LEAVES | {"heads", "kernels", "models", "optimizers", "registry", "tasks", "train", "lrzoo"},
-    "lrzoo": LEAVES | {"export", "kernels", "layer", "load", "methods", "optimizers", "peft_bridge", "registry", "train",
-                       "wrap"},
+    "lrzoo": LEAVES | {"export", "kernels", "layer", "load", "methods", "optimizers", "peft_bridge", "procedure",
+                       "registry", "train", "wrap"},
 }
 
 
@@ -91,20 +95,37 @@ def test_imports_follow_the_layering():
     assert not problems, "imports against docs/architecture.md:\n" + "\n".join(problems)
 
 
-#: PEFT below its documented API: only lrzoo/peft_bridge.py may use these.
+#: PEFT below its documented API: only lrzoo/peft_bridge/ may use these.
 PRIVATE_PEFT_ATTRIBUTES = {
     "_replace_module", "_create_and_replace", "_pre_injection_hook", "_prepare_adapter_config",
     "_check_target_module_exists", "_move_adapter_to_device_of_base_layer", "_cache_store", "_cache_pop",
     "_disable_adapters", "_active_adapter", "_register_custom_module",
 }
-PRIVATE_PEFT_MODULES = ("peft.tuners._buffer_dict", "peft.mapping", "peft.tuners.lora.layer", "peft.tuners.lora.dora",
-                        "peft.tuners.lora.variants", "peft.tuners.randlora.layer")
+#: Where the rest of lrzoo may import PEFT from (everything else goes through lrzoo.peft_bridge): the package's
+#: top level and the namespaces PEFT documents as its API (peft.utils' and peft.optimizers' exported names),
+#: and the two tuner base classes PEFT's "Tuners" reference documents.
+PUBLIC_PEFT_MODULES = {"peft": None, "peft.utils": None, "peft.optimizers": None,
+                       "peft.tuners.tuners_utils": {"BaseTuner", "BaseTunerLayer"}}
+
+
+def _peft_import_problem(node: ast.AST) -> str:
+    """Why an import of PEFT below its public API is one, or ``""``."""
+    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "peft" and not node.level:
+        allowed = PUBLIC_PEFT_MODULES.get(node.module, set())
+        names = {alias.name for alias in node.names}
+        if allowed is not None and not names <= allowed:
+            return f"from {node.module} import {', '.join(sorted(names - allowed))}"
+    if isinstance(node, ast.Import):
+        deep = [alias.name for alias in node.names if alias.name.startswith("peft.")]
+        if deep:
+            return f"import {', '.join(deep)}"
+    return ""
 
 
 def test_only_the_bridge_touches_peft_internals():
     problems = []
     for path, name, _, tree in _modules():
-        if name == "lrzoo.peft_bridge":
+        if name == "lrzoo.peft_bridge" or name.startswith("lrzoo.peft_bridge."):
             continue
         where = path.relative_to(REPO)
         docstrings = {id(n.body[0].value) for n in ast.walk(tree)
@@ -115,8 +136,8 @@ def test_only_the_bridge_touches_peft_internals():
                 problems.append(f"{where}:{node.lineno}: .{node.attr}")
             if isinstance(node, ast.FunctionDef) and node.name in PRIVATE_PEFT_ATTRIBUTES:
                 problems.append(f"{where}:{node.lineno}: overrides {node.name}")
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PRIVATE_PEFT_MODULES):
-                problems.append(f"{where}:{node.lineno}: from {node.module} import ...")
+            if _peft_import_problem(node):
+                problems.append(f"{where}:{node.lineno}: {_peft_import_problem(node)} (below PEFT's public API)")
             if isinstance(node, ast.ImportFrom) and any(a.name.startswith("PEFT_TYPE_TO_") for a in node.names):
                 problems.append(f"{where}:{node.lineno}: imports a PEFT type table")
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and "base_model.model." in node.value \
@@ -125,7 +146,7 @@ def test_only_the_bridge_touches_peft_internals():
             if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "__class__"
                                                     for t in node.targets):
                 problems.append(f"{where}:{node.lineno}: swaps a layer class")
-    assert not problems, ("PEFT internals outside lrzoo/peft_bridge.py (use the bridge's functions):\n"
+    assert not problems, ("PEFT internals outside lrzoo/peft_bridge/ (use the bridge's functions):\n"
                           + "\n".join(problems))
 
 
@@ -153,8 +174,20 @@ def test_the_readme_lists_exactly_the_registered_adapters():
 def test_each_method_module_is_discovered():
     from lrzoo import methods
 
-    files = sorted(p.stem for p in (PACKAGE / "methods").glob("*.py") if not p.stem.startswith("_"))
+    files = sorted([p.stem for p in (PACKAGE / "methods").glob("*.py") if not p.stem.startswith("_")]
+                   + [p.parent.name for p in (PACKAGE / "methods").glob("*/__init__.py")])
     assert list(methods.METHOD_MODULES) == files
+
+
+def test_the_guard_sees_peft_imports_below_the_public_api():
+    problems = [_peft_import_problem(ast.parse(line).body[0]) for line in (
+        "from peft.utils.other import ModulesToSaveWrapper", "from peft.utils.constants import X",
+        "from peft.tuners.lora import LoraLayer", "import peft.tuners.lora",
+        "from peft.tuners.tuners_utils import check_adapters_to_merge")]
+    assert all(problems), problems
+    assert not any(_peft_import_problem(ast.parse(line).body[0]) for line in (
+        "from peft import LoraConfig", "from peft.utils import get_peft_model_state_dict",
+        "from peft.tuners.tuners_utils import BaseTunerLayer", "import peft"))
 
 
 @pytest.mark.parametrize("name", lrzoo.list_adapters())

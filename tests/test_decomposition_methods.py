@@ -18,6 +18,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import lrzoo
+from lrzoo.registry import training_options
 from adapter_cases import CASES_BY_METHOD
 from conftest import tiny_bert, tiny_inputs
 
@@ -220,7 +221,7 @@ def test_lora_sb_init_is_the_truncated_svd_of_the_signed_per_sample_gradient_sum
 
     via_wrap = lrzoo.wrap(tiny_bert(**no_dropout), "lora_sb", r=r, init_data=batches, init_lr=lr)
     torch.testing.assert_close(_first_layer(via_wrap).delta_weight("default"), delta)
-    assert "init_data" not in via_wrap.lrzoo_training
+    assert "init_data" not in training_options(via_wrap)
 
 
 def test_flora_refuses_grouped_convolutions():

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lrzoo
+from lrzoo.registry import training_options
 from conftest import tiny_llama
 from recipe_helpers import compose
 
@@ -34,7 +35,7 @@ def used(peft_model, name: str, key: str):
     """The value ``wrap`` used for option ``key``: a training option or a (possibly renamed) config field."""
     spec = lrzoo.get_adapter(name)
     if key in spec.training_defaults:
-        return peft_model.lrzoo_training[key]
+        return training_options(peft_model)[key]
     return getattr(peft_model.peft_config["default"], spec.aliases.get(key, key))
 
 
@@ -48,14 +49,14 @@ def test_wrap_without_options_uses_every_key_of_the_adapter_yaml(name):
 
     as_recipe = lrzoo.wrap(wide_llama(), name, **recipe)  # the Hydra path: every key given
     assert by_default.peft_config["default"].to_dict() == as_recipe.peft_config["default"].to_dict()
-    assert by_default.lrzoo_training == as_recipe.lrzoo_training
+    assert training_options(by_default) == training_options(as_recipe)
 
 
 def test_explicit_values_win_over_the_defaults():
     model = lrzoo.wrap(tiny_llama(), "relora", r=4, alpha=2, relora_steps=7)
     config = model.peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 2, 0.1)  # dropout: relora.yaml's
-    assert model.lrzoo_training["relora_steps"] == 7
+    assert training_options(model)["relora_steps"] == 7
     flora = lrzoo.wrap(tiny_llama(), "flora", r=4)
     assert flora.peft_config["default"].alpha == 64.0  # each key is a default on its own, as adapter.r=4 in Hydra
 

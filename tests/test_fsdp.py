@@ -230,7 +230,7 @@ def test_shard_model_shards_the_frozen_base_and_replicates_the_adapter(tmp_path,
 
 
 def test_fsdp_refuses_relora():
-    from lrzoo.train.callbacks import ReLoRAHook
+    from lrzoo.methods.relora import ReLoRAHook
     from lrzoo.train.sharding import check_supported
 
     with pytest.raises(ValueError, match="ReLoRA"):

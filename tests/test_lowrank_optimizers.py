@@ -19,6 +19,7 @@ import torch
 import lrzoo
 from conftest import REPO, tiny_bert, tiny_llama
 from lrzoo.optimizers import projection_targets, state_bytes
+from lrzoo.registry import TrainingRecord, set_record
 from lrzoo.optimizers.fira import FiraAdamW
 from lrzoo.optimizers.galore import GaLoreAdamW
 
@@ -246,7 +247,7 @@ def test_make_optimizer_groups_projected_weights_and_plain_adamw_for_the_rest():
 
 def test_head_lr_applies_to_the_marked_head():
     model = tiny_bert()
-    model.lrzoo_head_modules = ["classifier"]
+    set_record(model, TrainingRecord(head_modules=("classifier",)))
     optimizer = lrzoo.make_optimizer(model, lr=1e-3, method="fira", head_lr=5e-3, rank=2)
     head = {id(p) for p in model.classifier.parameters()}
     for group in optimizer.param_groups:

@@ -7,6 +7,7 @@ import torch
 from peft.optimizers import create_loraplus_optimizer
 
 import lrzoo
+from lrzoo.registry import training_options
 from conftest import tiny_bert, tiny_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -22,7 +23,7 @@ def groups_by_lr(optimizer):
 
 def test_loraplus_groups_equal_peft_with_the_default_ratio_16():
     model = lrzoo.wrap(tiny_bert(), "loraplus", r=4)
-    assert model.lrzoo_training["loraplus_lr_ratio"] == 16.0
+    assert training_options(model)["loraplus_lr_ratio"] == 16.0
     ours = lrzoo.make_optimizer(model, lr=1e-4)
     reference = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16.0)
     assert groups_by_lr(ours) == groups_by_lr(reference)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import lrzoo
+from lrzoo.registry import training_options
 from lrzoo.configs import config_dir
 from conftest import REPO
 
@@ -41,5 +42,5 @@ def test_adapter_config_keys_are_accepted_by_wrap(path):
     config, aliases = model.peft_config["default"], lrzoo.get_adapter(method).aliases
     for key, value in kwargs.items():
         field = aliases.get(key, key)
-        landed = getattr(config, field) if hasattr(config, field) else model.lrzoo_training.get(key, "<absent>")
+        landed = getattr(config, field) if hasattr(config, field) else training_options(model).get(key, "<absent>")
         assert landed == value, f"{path.name}: {key}={value!r} became {landed!r}"

@@ -166,3 +166,39 @@ def test_unregistered_config_cannot_be_built():
 
     with pytest.raises(TypeError, match="not registered"):
         Orphan()
+
+
+def _peft_load_functions():
+    from peft.config import PeftConfigMixin
+
+    return (PeftModel.load_adapter, PeftModel.from_pretrained.__func__, PeftConfigMixin.from_json_file.__func__)
+
+
+def test_load_hooks_are_installed_by_import_lrzoo_once(monkeypatch):
+    import importlib
+
+    from peft.config import PeftConfigMixin
+
+    from lrzoo import peft_bridge
+    from lrzoo.peft_bridge import load_checks
+
+    assert peft_bridge.load_hooks_installed()  # import lrzoo installed them
+    assert not any(getattr(f.__wrapped__, "_lrzoo_checked", False) for f in _peft_load_functions())  # wrapped once
+    # PEFT as it was before lrzoo: the module alone patches nothing, the explicit call patches once
+    originals = [f.__wrapped__ for f in _peft_load_functions()]
+    monkeypatch.setattr(PeftModel, "load_adapter", originals[0])
+    monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(originals[1]))
+    monkeypatch.setattr(PeftConfigMixin, "from_json_file", classmethod(originals[2]))
+    importlib.reload(load_checks)
+    assert not peft_bridge.load_hooks_installed()
+    assert load_checks.install_load_hooks() is True
+    assert load_checks.install_load_hooks() is False  # a second call wraps nothing
+    assert [f.__wrapped__ for f in _peft_load_functions()] == originals
+
+
+def test_partly_installed_load_hooks_are_refused(monkeypatch):
+    from lrzoo.peft_bridge import install_load_hooks
+
+    monkeypatch.setattr(PeftModel, "load_adapter", PeftModel.load_adapter.__wrapped__)  # replaced by someone else
+    with pytest.raises(RuntimeError, match="some of PEFT's load functions only"):
+        install_load_hooks()

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..registry_table import Table
 from .backend import warn_once
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,10 +70,10 @@ class KernelEntry:
 
 
 #: op name -> its entry, in registration order.
-KERNELS: dict[str, KernelEntry] = {}
+KERNELS: Table[KernelEntry] = Table("kernel op")
 #: op name -> a callable with the reference's signature that checks coverage and runs the Triton
 #: implementation (or the reference, warning once). Only ops with a declared Triton side are here.
-TRITON_OPS: dict[str, Callable] = {}
+TRITON_OPS: Table[Callable] = Table("Triton kernel op")
 
 
 def register(entry: KernelEntry) -> KernelEntry:
@@ -80,9 +81,9 @@ def register(entry: KernelEntry) -> KernelEntry:
     known = KERNELS.get(entry.op)
     if known is not None and known.reference.__module__ != entry.reference.__module__:
         raise ValueError(f"{entry.op} is already declared by {known.reference.__module__}.")
-    KERNELS[entry.op] = entry
+    KERNELS.add(entry.op, entry, replace=True)  # the same module again (a reload): its new entry
     if entry.triton is not None:
-        TRITON_OPS[entry.op] = _triton_call(entry)
+        TRITON_OPS.add(entry.op, _triton_call(entry), replace=True)
     else:
         TRITON_OPS.pop(entry.op, None)
     return entry

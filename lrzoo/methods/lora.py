@@ -4,8 +4,8 @@ All three keep PEFT's own ``LoraConfig`` and checkpoint layout, so what ``lrzoo.
 native ``LORA`` adapter (``use_dora=True`` for DoRA) that stock PEFT loads without lrzoo.
 
 * LoRA:  ``W' = W + s·B A``, ``s = α/r``; A Kaiming-uniform(a=√5), B = 0.
-* LoRA+: the same layer; only the optimizer differs (``η_B = λ·η_A``, λ = 16 by default), built
-  by :func:`lrzoo.make_optimizer`.
+* LoRA+: the same layer; only the optimizer differs (``η_B = λ·η_A``, λ = 16 by default), built by its
+  procedure, :class:`LoraPlusProcedure` (behind :func:`lrzoo.make_optimizer` and lrzoo's trainer).
 * DoRA:  ``W' = m ⊙ (W + sBA) / ‖W + sBA‖_row`` with the norm detached (paper §4.3), computed in
   fp32 and clamped at ``DORA_EPS`` so zero rows of W give no NaN (PEFT divides 0/0, peft#2049).
 
@@ -22,7 +22,8 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig
+from peft import LoraConfig, PeftConfig
+from peft.optimizers import create_loraplus_optimizer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
@@ -31,8 +32,9 @@ from ..kernels.common import DORA_EPS
 from ..layer import dropout_probability
 from ..peft_bridge import (DoraLinearLayer, DoraLinearVariant, PeftLoraLinear, stash, swap_layer_class, transpose,
                            unstash, use_layer_classes)
-from ..targets import is_quantized, quantization_of
+from ..procedure import Procedure, checked_head, register_procedure
 from ..registry import register_adapter
+from ..targets import is_quantized, quantization_of
 
 
 class StableDoraLinearLayer(DoraLinearLayer):
@@ -174,11 +176,64 @@ def _base_moving_init(peft_model: Any, adapter_name: str) -> None:
     record_initial_factors(peft_model, adapter_name)
 
 
+def _fast_layers_on_load(config: PeftConfig) -> None:
+    """:func:`lrzoo.load` of any ``LORA`` checkpoint (LoRA, DoRA, LoRA+, PiSSA... or stock PEFT's) builds lrzoo's
+    layers."""
+    if isinstance(config, LoraConfig):
+        attach_fast_layers(config)
+
+
+def peft_lora_config(*, r: int, alpha: Optional[float] = None, dropout: float = 0.0, target_modules: Any = None,
+                     task_type: Any = None, use_dora: bool = False) -> LoraConfig:
+    """Stock PEFT's config of the same LoRA/DoRA layer (the benchmarks' PEFT rows), B ≠ 0 as a trained adapter."""
+    return LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, target_modules=target_modules,
+                      lora_dropout=dropout, use_dora=use_dora, init_lora_weights=False, task_type=task_type)
+
+
+@register_procedure
+class LoraPlusProcedure(Procedure):
+    """LoRA+ (arXiv 2402.12354): PEFT's reference parameter groups with η_B = λ·η_A (λ: ``loraplus_lr_ratio``)."""
+
+    name = "loraplus"
+
+    def build_optimizer(self, model: nn.Module, lr: float, *, weight_decay: float = 0.0,
+                        head_lr: Optional[float] = None,
+                        optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                        loraplus_lr_ratio: Optional[float] = None, loraplus_lr_embedding: Optional[float] = None,
+                        **optimizer_kwargs: Any) -> torch.optim.Optimizer:
+        """LoRA+'s groups; λ and the embedding lr not given come from the options ``wrap`` recorded (16, 1e-6)."""
+        head = checked_head(model, lr, head_lr)
+        ratio = self.options.get("loraplus_lr_ratio", 16.0) if loraplus_lr_ratio is None else loraplus_lr_ratio
+        embedding_lr = (self.options.get("loraplus_lr_embedding", 1e-6) if loraplus_lr_embedding is None
+                        else loraplus_lr_embedding)
+        # PEFT's implementation is the reference one (it matches the paper's code): lora_B and
+        # every 1-D parameter get lr·λ, LoRA embeddings get loraplus_lr_embedding.
+        optimizer = create_loraplus_optimizer(
+            model, optimizer_cls, lr=lr, loraplus_lr_ratio=ratio,
+            loraplus_weight_decay=weight_decay, loraplus_lr_embedding=embedding_lr, **optimizer_kwargs,
+        )
+        if head_lr is None or not head:
+            return optimizer
+        # The head is no adapter tensor: it gets head_lr (with the weight decay PEFT gave it), the
+        # adapter keeps PEFT's groups. Rebuilt from PEFT's groups so they stay the reference ones.
+        param_groups = []
+        for group in optimizer.param_groups:
+            options = {"lr": group["lr"], "weight_decay": group["weight_decay"]}
+            for in_head in (False, True):
+                params = [p for p in group["params"] if (id(p) in head) == in_head]
+                if params:
+                    param_groups.append({**options, "params": params, **({"lr": head_lr} if in_head else {})})
+        return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
+
+
 register_adapter(
     "lora",
     build_config=build_lora_config,
     aliases=LORA_ALIASES,
     post_wrap=_base_moving_init,
+    before_load=_fast_layers_on_load,
+    peft_reference=peft_lora_config,
+    bench_options={"init_lora_weights": False},  # B ≠ 0: the work of a trained adapter
     summary="LoRA: W + (α/r)·B A, A Kaiming, B = 0 (native PEFT LORA checkpoint).",
 )
 register_adapter(
@@ -186,8 +241,9 @@ register_adapter(
     build_config=build_lora_config,
     aliases=LORA_ALIASES,
     training_defaults={"loraplus_lr_ratio": 16.0, "loraplus_lr_embedding": 1e-6},
-    procedure="loraplus",
+    procedure=LoraPlusProcedure.name,
     post_wrap=_base_moving_init,
+    bench_options={"init_lora_weights": False},
     summary="LoRA+: LoRA with η_B = λ·η_A (λ = 16); use lrzoo.make_optimizer.",
 )
 def _dora_quantized_refusal(layer: nn.Module) -> str:
@@ -205,4 +261,6 @@ register_adapter(
     summary="DoRA: m ⊙ (W + sBA)/‖W + sBA‖_row, detached fp32 norm (native PEFT use_dora).",
     post_wrap=_base_moving_init,  # refuses PiSSA/OLoRA inits: DoRA's update against W is not low-rank
     quantized_base_refusal=_dora_quantized_refusal,
+    peft_reference=lambda **options: peft_lora_config(use_dora=True, **options),
+    bench_options={"init_lora_weights": False},
 )

@@ -21,16 +21,17 @@ B and A come from gradients, not from W, so they cannot be recomputed at load ti
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from peft import PeftModel
 
 from ..layer import AdapterConfig
 from ..peft_bridge import move_adapter_to_base_device
-from ..registry import record_training_options, register_adapter, training_options
+from ..procedure import LoopData, Procedure, register_procedure
+from ..registry import record_of, register_adapter
 from ..decompositions import top_singular_triplets
 from .lora_xs import LoraXSLayer
 
@@ -184,9 +185,8 @@ def init_lora_sb(
 
 def _init_from_wrap(peft_model: PeftModel, adapter_name: str) -> None:
     """``post_wrap`` hook: run :func:`init_lora_sb` when ``wrap`` got ``init_data=``."""
-    training = training_options(peft_model)
-    data = training.pop("init_data", None)
-    record_training_options(peft_model, training)  # do not keep a reference to the data on the model
+    training = record_of(peft_model).options
+    data = training.pop("init_data", None)  # do not keep a reference to the data on the model
     if data is None:
         return
     if training.get("init_lr") is None:
@@ -195,6 +195,23 @@ def _init_from_wrap(peft_model: PeftModel, adapter_name: str) -> None:
                  adapter_name=adapter_name)
 
 
+@register_procedure
+class LoraSBProcedure(Procedure):
+    """LoRA-SB in lrzoo's trainer: :func:`init_lora_sb` on the first ``init_num_samples`` training rows, batched as
+    the loop batches them, with η = lr / warm-up steps as in the official code unless ``init_lr`` was given."""
+
+    name = "lora_sb"
+
+    def before_training(self, model: Any, train_rows: Sequence[dict], task: Any, data: LoopData) -> None:
+        c = self.config
+        samples = self.options.get("init_num_samples", 50)
+        batches = data.batches([train_rows[i] for i in range(min(samples, len(train_rows)))])
+        lr = self.options.get("init_lr")
+        if lr is None:
+            lr = c.lr / max(round(c.warmup_ratio * data.planned_steps(len(train_rows))), 1)
+        init_lora_sb(model, batches, lr=lr, num_samples=samples)
+
+
 register_adapter("lora_sb", LoraSBConfig, LoraSBLayer,
                  training_defaults={"init_data": None, "init_lr": None, "init_num_samples": 50},
-                 post_wrap=_init_from_wrap, procedure="lora_sb")
+                 post_wrap=_init_from_wrap, procedure=LoraSBProcedure.name)

@@ -27,10 +27,10 @@ from typing import Any, Optional
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save
 
 from ..io import atomic_file
+from ..peft_bridge import LoraLayer
 from ..registry import register_adapter
 from .lora import LORA_ALIASES, build_lora_config
 

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from peft import PeftModel, RandLoraConfig
+from peft import PeftConfig, PeftModel, RandLoraConfig
 
 from .. import kernels
 from ..layer import dropout_probability
@@ -78,10 +78,25 @@ def _post_wrap(peft_model: PeftModel, adapter_name: str) -> None:
     attach_fast_layers(peft_model)
 
 
+def _fast_layers_after_load(peft_model: PeftModel, config: PeftConfig) -> None:
+    """:func:`lrzoo.load` of a ``RANDLORA`` checkpoint: PEFT builds its own layers; give them lrzoo's forward."""
+    if isinstance(config, RandLoraConfig):
+        attach_fast_layers(peft_model)
+
+
+def peft_randlora_config(*, r: int, alpha: Optional[float] = None, dropout: float = 0.0, target_modules: Any = None,
+                         task_type: Any = None) -> RandLoraConfig:
+    """Stock PEFT's RandLoRA config (the benchmarks' PEFT rows; PEFT's own α when none is given)."""
+    options = {} if alpha is None else {"randlora_alpha": alpha}
+    return RandLoraConfig(r=r, target_modules=target_modules, randlora_dropout=dropout, task_type=task_type, **options)
+
+
 register_adapter(
     "randlora",
     build_config=build_randlora_config,
     aliases={"alpha": "randlora_alpha", "dropout": "randlora_dropout", "seed": "projection_prng_key"},
     post_wrap=_post_wrap,
+    after_load=_fast_layers_after_load,
+    peft_reference=peft_randlora_config,
     summary="RandLoRA: full-rank ΔW = s·Σ_j B_j Λ_j A Γ_j over shared random bases (native PEFT RANDLORA).",
 )

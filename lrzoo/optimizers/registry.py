@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from ..errors import did_you_mean
+from ..registry_table import Table
 from ..targets import LINEAR_TYPES, TargetSpec, leaf_names, resolve_targets
 
 
@@ -37,7 +37,7 @@ class OptimizerSpec:
     prepare_model: Optional[Callable[[nn.Module, list, dict], list]] = None
 
 
-_REGISTRY: dict[str, OptimizerSpec] = {}
+_REGISTRY: Table[OptimizerSpec] = Table("optimizer method", hint="Register new ones with lrzoo.optimizers.register_optimizer.")
 
 
 def register_optimizer(name: str, optimizer_cls: type[torch.optim.Optimizer], *,
@@ -46,26 +46,17 @@ def register_optimizer(name: str, optimizer_cls: type[torch.optim.Optimizer], *,
     """Add an optimizer method under ``name`` (a lower-case identifier)."""
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ValueError(f"Optimizer names are lower-case identifiers, got {name!r}.")
-    if name in _REGISTRY:
-        raise ValueError(f"An optimizer named {name!r} is already registered.")
-    spec = OptimizerSpec(name, optimizer_cls, dict(group_defaults or {}), summary, prepare_model)
-    _REGISTRY[name] = spec
-    return spec
+    return _REGISTRY.add(name, OptimizerSpec(name, optimizer_cls, dict(group_defaults or {}), summary, prepare_model))
 
 
 def list_optimizers() -> list[str]:
     """The registered optimizer method names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names(sort=True)
 
 
 def get_optimizer(name: str) -> OptimizerSpec:
     """Look an optimizer method up by name; unknown names fail with the list of known ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = did_you_mean(name, _REGISTRY)
-        hint = f" Did you mean {close!r}?" if close else ""
-        raise ValueError(f"Unknown optimizer method {name!r}.{hint} Known: {', '.join(list_optimizers())}.") from None
+    return _REGISTRY.lookup(name)
 
 
 def create_optimizer(

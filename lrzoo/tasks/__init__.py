@@ -8,22 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..registry_table import Table
 from . import commonsense, glue, math
 from .base import Task
 
-_FACTORIES: dict[str, Callable[[], Task]] = {**glue.TASKS, **commonsense.TASKS, **math.TASKS}
+_FACTORIES: Table[Callable[[], Task]] = Table("task", entries=[*glue.TASKS.items(), *commonsense.TASKS.items(),
+                                                                *math.TASKS.items()])
 
 
 def list_tasks() -> list[str]:
     """Every task name, in family order (GLUE, commonsense, math)."""
-    return list(_FACTORIES)
+    return _FACTORIES.names()
 
 
 def get_task(name: str) -> Task:
     """A fresh :class:`Task` for ``name`` (e.g. ``"glue/cola"``, ``"commonsense/all"``, ``"math/gsm8k"``)."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}.")
-    return _FACTORIES[name]()
+    return _FACTORIES.lookup(name)()
 
 
 __all__ = ["Task", "get_task", "list_tasks"]

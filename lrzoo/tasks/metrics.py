@@ -21,6 +21,8 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
+from ..registry_table import Table
+
 
 def modal_share(answers: Sequence) -> float:
     """The share of the most frequent answer (non-empty ``answers``): 1.0 for a model that always gives the
@@ -102,19 +104,17 @@ def _scores(values: Sequence) -> np.ndarray:
     return _labels(values).astype(np.float64)
 
 
-METRICS: dict[str, Callable[[Sequence, Sequence], float]] = {
+METRICS: Table[Callable[[Sequence, Sequence], float]] = Table("metric", entries={
     "accuracy": accuracy,
     "f1": f1,
     "matthews_correlation": matthews_correlation,
     "pearson": pearson,
     "spearmanr": spearman,
-}
+})
 
 
 def compute(names: Sequence[str], predictions: Sequence, references: Sequence) -> dict[str, float]:
     """``{name: metric(predictions, references)}`` for each of ``names``."""
     check_lengths(predictions, references)
-    unknown = [n for n in names if n not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}.")
-    return {name: METRICS[name](predictions, references) for name in names}
+    metrics = [METRICS.lookup(name) for name in names]  # every name checked before any is computed
+    return {name: metric(predictions, references) for name, metric in zip(names, metrics)}

@@ -9,9 +9,9 @@
   per run directory);
 * :mod:`~lrzoo.train.evaluation`: scores, decoding, ``results.json`` and ``predictions.json``;
   :mod:`~lrzoo.train.loglik` (multiple-choice options scored by likelihood, ``eval.mode=loglik``);
-* :mod:`~lrzoo.train.procedures`: what a method adds to the loop (its optimizer, schedule, callbacks,
-  data-dependent init), one table; :mod:`~lrzoo.train.optim` (LoRA+ groups, head lr),
-  :mod:`~lrzoo.train.relora` (ReLoRA's resets and schedule);
+* :mod:`~lrzoo.train.procedures`: the trainer's side of a method's procedure (built from the model's record, the
+  loop's batching lent to it, GaLore/Fira over a plain model); the procedures themselves live beside their
+  methods (:mod:`lrzoo.procedure`); :mod:`~lrzoo.train.optim` (``lrzoo.make_optimizer``, which asks the procedure);
 * :mod:`~lrzoo.train.callbacks` (hooks, loggers), :mod:`~lrzoo.train.baselines` (full fine-tuning, head only,
   zero-shot).
 

@@ -4,7 +4,7 @@ untrained base model.
 They are recipe options (``adapter=full_finetune`` / ``head_only`` / ``zero_shot``), not adapters:
 ``lrzoo.wrap`` does not know them, the trainer runs the plain ``transformers`` model and saves it with
 ``save_pretrained`` (the whole model for full fine-tuning). ``zero_shot`` trains nothing: the model is
-marked ``lrzoo_evaluate_only``, so the trainer skips the loop (0 steps, no optimizer, no checkpoint, no
+recorded as ``evaluate_only`` (:class:`lrzoo.registry.TrainingRecord`), so the trainer skips the loop (0 steps, no optimizer, no checkpoint, no
 saved model) and evaluates the base model once (for a classification task, with its untrained head).
 """
 
@@ -14,6 +14,7 @@ from peft import TaskType
 from torch import nn
 
 from ..heads import find_pooled_head
+from ..registry import TrainingRecord, set_record
 from ..targets import is_quantized
 from ..wrap import infer_task_type, task_head_modules
 
@@ -42,6 +43,5 @@ def prepare_baseline(model: nn.Module, name: str) -> nn.Module:
     for param_name, param in model.named_parameters():
         in_head = any(param_name.startswith(head + ".") for head in heads)
         param.requires_grad_(name == "full_finetune" or (in_head and name == "head_only"))
-    model.lrzoo_head_modules = heads
-    model.lrzoo_evaluate_only = name == "zero_shot"
+    set_record(model, TrainingRecord(head_modules=tuple(heads), evaluate_only=name == "zero_shot"))
     return model

@@ -5,7 +5,7 @@ A callback is any object with some of these methods; the trainer calls those it 
 * ``on_train_begin(trainer)``
 * ``on_step_end(step, model, optimizer, scheduler)``: after each optimizer step (``step`` counts
   from 1). Training procedures hook in here (ReLoRA's merge-and-reinit every T steps: the callbacks
-  of :mod:`lrzoo.train.procedures`).
+  a :class:`lrzoo.procedure.Procedure` returns, :class:`lrzoo.methods.relora.ReLoRAHook`).
 * ``on_log(step, metrics)``: ``metrics`` is a flat ``{"train/loss": ..., "eval/accuracy": ...}``.
 * ``on_train_end(trainer)``
 * ``state_dict()`` / ``load_state_dict(state)``: whatever the callback must carry across a
@@ -21,8 +21,7 @@ import os
 from typing import Any, Optional
 
 from ..io import atomic_file
-
-LOGGERS = ("csv", "tensorboard", "wandb", "none")
+from ..registry_table import Table
 
 
 class Callback:
@@ -135,23 +134,16 @@ class WandbLogger(Callback):
             self.run.finish()
 
 
+def _no_logger(run_dir: str, is_main: bool) -> None:
+    return None
+
+
+#: logger name -> its class (built as ``cls(run_dir, is_main, **options)``); ``none`` builds nothing.
+LOGGER_CLASSES: Table[Any] = Table("logger", entries={"csv": CSVLogger, "tensorboard": TensorBoardLogger,
+                                                       "wandb": WandbLogger, "none": _no_logger})
+LOGGERS = tuple(LOGGER_CLASSES)
+
+
 def make_logger(name: str, run_dir: str, is_main: bool, **options: Any) -> Optional[Callback]:
     """The logger callback called ``name`` (one of :data:`LOGGERS`); ``None`` for ``"none"``."""
-    if name == "csv":
-        return CSVLogger(run_dir, is_main)
-    if name == "tensorboard":
-        return TensorBoardLogger(run_dir, is_main)
-    if name == "wandb":
-        return WandbLogger(run_dir, is_main, **options)
-    if name == "none":
-        return None
-    raise ValueError(f"Unknown logger {name!r}; choose one of {', '.join(LOGGERS)}.")
-
-
-def __getattr__(name: str) -> Any:
-    # ReLoRA's trainer hook lived here before the procedure table (lrzoo.train.procedures).
-    if name == "ReLoRAHook":
-        from .relora import ReLoRAHook
-
-        return ReLoRAHook
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return LOGGER_CLASSES.lookup(name)(run_dir, is_main, **options)

@@ -154,12 +154,10 @@ def _config_fields(name: str) -> Optional[frozenset[str]]:
 def logger_keys(name: str) -> Optional[frozenset[str]]:
     """The keys ``logger=<name>`` may hold: ``name`` and its logger's keywords (None: an unknown logger, refused
     by :func:`lrzoo.train.callbacks.make_logger`)."""
-    from .callbacks import CSVLogger, TensorBoardLogger, WandbLogger
+    from .callbacks import LOGGER_CLASSES
 
-    if name == "none":
-        return frozenset({"name"})
     # make_logger's table: the options after ``name`` are the class's keywords
-    cls = {"csv": CSVLogger, "tensorboard": TensorBoardLogger, "wandb": WandbLogger}.get(name)
+    cls = LOGGER_CLASSES.get(name)
     if cls is None:
         return None
     return frozenset({"name", *(p for p in _keywords(cls) if p not in ("run_dir", "is_main"))})

@@ -95,7 +95,7 @@ class ReplicatedGradients:
 
 def check_supported(callbacks: Sequence[Any]) -> None:
     """Refuse procedures that rewrite the (sharded) base weights during training: a callback that cannot
-    run sharded says why in its ``sharding_refusal`` (ReLoRA's :class:`lrzoo.train.relora.ReLoRAHook`)."""
+    run sharded says why in its ``sharding_refusal`` (ReLoRA's :class:`lrzoo.methods.relora.ReLoRAHook`)."""
     for cb in callbacks:
         reason = getattr(cb, "sharding_refusal", "")
         if reason:

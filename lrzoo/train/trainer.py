@@ -38,7 +38,9 @@ from .data import (IGNORE_INDEX, batch_layout, collate, encode_rows, epoch_order
 from .divergence import NonfiniteGuard, total_grad_norm
 from .evaluation import EvaluationMixin, peak_memory_mb
 from .precision import autocast_dtype, check_autocast, use_precision
-from .procedures import Procedure
+from ..procedure import Procedure
+from ..registry import record_of
+from .procedures import loop_data
 from .run_dir import check_shared
 from .sharding import shard_model
 
@@ -63,7 +65,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             ``run_info["config_hash"]`` must match a checkpoint's to resume from it.
         scheduler_factory: ``f(optimizer, total_steps) -> scheduler`` replacing the procedure's
             schedule.
-        procedure: the method's training procedure (:func:`lrzoo.train.procedures.procedure_for`):
+        procedure: the method's training procedure (:func:`lrzoo.train.procedures.procedure_for`, a :class:`lrzoo.procedure.Procedure`):
             its ``before_training`` runs first, it builds the optimizer and the schedule, and its
             callbacks run before ``callbacks``. ``None``: the plain one.
         evaluation: how generation tasks are scored (the root ``eval`` node: ``mode``
@@ -90,10 +92,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
 
         config.validate()
         self.procedure = procedure if procedure is not None else Procedure(config=config)
-        self.procedure.before_training(model, train_rows, task, tokenizer)
+        self.procedure.before_training(model, train_rows, task, loop_data(config, model, task, tokenizer))
         self.config, self.task, self.tokenizer, self.run_dir = config, task, tokenizer, run_dir
         self.evaluation = evaluation if evaluation is not None else EvalConfig()
-        self.trains = not getattr(model, "lrzoo_evaluate_only", False)  # False: zero-shot, evaluated once
+        self.trains = not record_of(model).evaluate_only  # False: zero-shot, evaluated once
         self.callbacks = [*self.procedure.callbacks(model), *callbacks]
         self.run_info = dict(run_info or {})
         use_precision(config.precision)

@@ -15,7 +15,7 @@ import torch
 
 import lrzoo
 from conftest import tiny_inputs, tiny_llama
-from lrzoo.optimizers.lora_pro import DELTA, LoraProAdamW, Spectrum, equivalent_steps, solve_sylvester
+from lrzoo.methods.lora_pro.optimizer import DELTA, LoraProAdamW, Spectrum, equivalent_steps, solve_sylvester
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 
@@ -307,7 +307,7 @@ def test_no_pairs_or_dora_is_refused(build, message):
 
 
 def test_lora_pairs_of_one_adapter_name_the_adapters_there_are():
-    from lrzoo.optimizers.lora_pro import lora_pairs
+    from lrzoo.methods.lora_pro import lora_pairs
 
     model = lrzoo.wrap(tiny_llama(), "lora_pro", adapter_name="task1", r=4)
     assert len(lora_pairs(model, "task1")) == 4
@@ -355,7 +355,7 @@ def test_lora_pro_options_are_checked(options, message):
 
 def test_the_step_time_benchmark_runs_and_prints_a_row_per_rank(capsys):
     """docs/adapters/lora_pro.md#step-time comes from this command; only that it runs is tested (not its times)."""
-    from lrzoo.optimizers.lora_pro_bench import main
+    from lrzoo.methods.lora_pro.bench import main
 
     main(["--ranks", "2", "4", "--width", "16", "--layers", "1", "--repeats", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" in line]

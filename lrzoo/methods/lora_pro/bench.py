@@ -1,10 +1,10 @@
 """Step time of LoRA-Pro's optimizer against AdamW on the same LoRA factors (docs/adapters/lora_pro.md).
 
-    python -m lrzoo.optimizers.lora_pro_bench --ranks 8 16 64 128 --width 128 --layers 2
+    python -m lrzoo.methods.lora_pro.bench --ranks 8 16 64 128 --width 128 --layers 2
 
 Each of ``layers`` adapted ``width``×``width`` matrices holds a LoRA pair (A: r×width, B: width×r, both
 non-zero, as after the first steps); every step gets fresh random gradients. The optimizer step alone is timed
-(median over ``repeats`` after ``warmup`` steps), for :class:`~lrzoo.optimizers.lora_pro.LoraProAdamW` and for
+(median over ``repeats`` after ``warmup`` steps), for :class:`~lrzoo.methods.lora_pro.optimizer.LoraProAdamW` and for
 ``torch.optim.AdamW`` over the same tensors. A benchmark, not a test: the figures depend on the machine.
 """
 
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .lora_pro import LoraProAdamW
+from .optimizer import LoraProAdamW
 
 
 def _median_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], repeats: int, warmup: int,

@@ -1,53 +1,34 @@
-"""ReLoRA (Lialin et al., arXiv 2307.05695; Guitaricet/relora): high-rank training from low-rank cycles.
+"""ReLoRA's save format: the full merged model, not an adapter.
 
-Within a cycle the layer is plain LoRA, ``W' = W + s·B A`` (s = α/r, A Kaiming-uniform(a=√5), B = 0; the
-official wrapper zeroes A at wrap time, so its factors first train after the first reset: docs/adapters/relora.md).
-Every T steps (``relora_steps``) the update is merged, ``W ← W + s·B A``, and A, B are re-initialised,
-so after k cycles ``W_k = W_0 + Σ_c s·B_c A_c``: a sum of rank-r updates whose total rank grows.
-Every parameter that is not an adapted weight matrix (embeddings, norms, biases, lm_head) is trained
-in full, as in the paper's code.
+After a reset the base weights are no longer the ones the model was loaded with, and the non-adapter
+parameters are trained from the first step, so a LoRA adapter file (which holds only the current cycle's A, B
+and any task head) cannot reproduce the model. ``post_wrap`` therefore replaces the wrapped model's
+``save_pretrained`` with :func:`save_full_model`: it writes the merged model in Hugging Face format (loads with
+``AutoModelFor*.from_pretrained(dir)``, no lrzoo or PEFT needed) plus ``relora.json`` describing the run, and
+leaves the live model untouched so training can go on. :func:`lrzoo.export_lora` refuses a ReLoRA model once a
+reset happened or a non-adapter parameter changed (:func:`lora_export_problem`, the spec's ``export_problem``
+hook); :func:`lrzoo.load` pointed at such a folder says how to load it (:func:`full_model_error`, the spec's
+``foreign_folder`` hook).
 
-This file holds the layer side (native PEFT ``LORA`` layers, :func:`merge_and_reinit`,
-:func:`train_non_adapter_parameters`); the procedure (when to reset, optimizer-state pruning, the
-jagged cosine schedule, an HF ``TrainerCallback``) is :mod:`lrzoo.train.relora`.
-
-The artifact: after a reset the base weights are no longer the ones the model was loaded with, and the
-non-adapter parameters are trained from the first step, so a LoRA adapter file (which holds only the
-current cycle's A, B and any task head) cannot reproduce the model. ``post_wrap`` therefore replaces
-the wrapped model's ``save_pretrained`` with :func:`save_full_model`: it writes the merged model in
-Hugging Face format (loads with ``AutoModelFor*.from_pretrained(dir)``, no lrzoo or PEFT needed) plus
-``relora.json`` describing the run, and leaves the live model untouched so training can go on.
-:func:`lrzoo.export_lora` refuses a ReLoRA model once a reset happened or a non-adapter parameter
-changed (:func:`lora_export_problem`).
+What it remembers about the wrapped model (the fingerprints of the non-adapter values at wrap, the adapter's
+name, the training options for ``relora.json``) is the method's ``method_state`` in the model's
+:class:`lrzoo.registry.TrainingRecord`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import types
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import ModulesToSaveWrapper, transpose
 from transformers import PreTrainedModel
 
-from ..peft_bridge import PEFT_MODEL_PREFIX
-from ..registry import register_adapter, training_options
-from .lora import LORA_ALIASES, build_lora_config
-
-#: ``wrap`` options of the ReLoRA procedure (paper code defaults; see adapters/relora.yaml).
-RELORA_TRAINING_DEFAULTS = {
-    "relora_steps": 5000,  # T, the reset interval (paper: 5k for the 250M/1.3B runs)
-    "optimizer_pruning": "reset",  # reset | random | magnitude
-    "optimizer_pruning_ratio": 0.999,  # the code implements "reset" as random pruning at 0.999
-    "restart_warmup_steps": 100,
-    "min_lr_ratio": 0.1,
-}
+from ...peft_bridge import PEFT_MODEL_PREFIX, BaseTunerLayer, LoraLayer, is_modules_to_save, transpose
+from ...registry import record_of
+from .layer import resets_done
 
 #: Written next to the merged weights by :func:`save_full_model`; its presence marks the format.
 RELORA_ARTIFACT = "relora.json"
@@ -63,69 +44,6 @@ _AUTO_CLASSES = {
 }
 
 
-def lora_layers(model: nn.Module, adapter_name: str = "default") -> list[LoraLayer]:
-    """The LoRA layers of ``model`` that hold ``adapter_name``."""
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
-
-
-@torch.no_grad()
-def merge_and_reinit(model: nn.Module, adapter_name: str = "default") -> int:
-    """``W ← W + s·B A`` in every LoRA layer, then A Kaiming-uniform(a=√5) and B = 0 again.
-
-    The model's function is unchanged by the call (the update moves from B A into W). Returns the
-    number of layers reset.
-    """
-    layers = lora_layers(model, adapter_name)
-    for layer in layers:
-        if layer.merged:
-            raise RuntimeError("merge_and_reinit needs unmerged LoRA layers; call model.unmerge_adapter() first.")
-        base = layer.get_base_layer()
-        base.weight += layer.get_delta_weight(adapter_name).to(base.weight.dtype)
-        layer.reset_lora_parameters(adapter_name, init_lora_weights=True)
-        # Counted on the layer whose W absorbed the update, so the count travels with the weights
-        # whatever object (PeftModel, base model, trainer) drove the reset.
-        set_resets_done(layer, resets_done(layer, adapter_name) + 1, adapter_name)
-    return len(layers)
-
-
-def resets_done(model: nn.Module, adapter_name: str = "default") -> int:
-    """How many merge-and-reinit resets the LoRA layers of ``model`` have absorbed."""
-    layers = [model] if isinstance(model, LoraLayer) else lora_layers(model, adapter_name)
-    return max((getattr(layer, "relora_resets", {}).get(adapter_name, 0) for layer in layers), default=0)
-
-
-def set_resets_done(model: nn.Module, count: int, adapter_name: str = "default") -> None:
-    """Set the reset count (also on resume: the trainer restores the merged weights themselves)."""
-    for layer in [model] if isinstance(model, LoraLayer) else lora_layers(model, adapter_name):
-        layer.relora_resets = {**getattr(layer, "relora_resets", {}), adapter_name: count}
-
-
-def adapted_base_weights(model: nn.Module) -> set[int]:
-    """``id`` of every frozen base weight under a LoRA layer (merged into, never trained directly)."""
-    return {id(layer.get_base_layer().weight) for layer in model.modules() if isinstance(layer, LoraLayer)}
-
-
-def train_non_adapter_parameters(model: nn.Module) -> int:
-    """Make every parameter except the adapted base weights trainable; returns how many elements.
-
-    The frozen originals PEFT keeps of ``modules_to_save`` heads stay frozen (their trained copy is used).
-    """
-    frozen = adapted_base_weights(model)
-    count = 0
-    for name, param in model.named_parameters():
-        if ".original_module." in name:
-            continue
-        if id(param) not in frozen and not param.requires_grad:
-            param.requires_grad_(True)
-            count += param.numel()
-    return count
-
-
-# ----------------------------------------------------------------------------------------------
-# The artifact: the full merged model
-# ----------------------------------------------------------------------------------------------
-
-
 def _outside_the_adapter(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Parameters a LORA adapter file does not hold: everything but the LoRA tensors, the task-head
     copies PEFT saves (``modules_to_save``) and their frozen originals."""
@@ -136,7 +54,7 @@ def _outside_the_adapter(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
                 container = getattr(module, attr, None)
                 if isinstance(container, nn.Module):
                     skip.update(id(p) for p in container.parameters())
-        elif isinstance(module, ModulesToSaveWrapper):
+        elif is_modules_to_save(module):
             skip.update(id(p) for p in module.parameters())
     return [(name, p) for name, p in model.named_parameters() if id(p) not in skip]
 
@@ -155,19 +73,20 @@ def _fingerprint(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], int]:
     return str(tensor.dtype), tuple(tensor.shape), total
 
 
-def _record_wrapped_values(peft_model: PeftModel, adapter_name: str) -> None:
-    options = training_options(peft_model)  # wrap's options, read once: relora.json reports them
-    options.pop("method", None)
-    peft_model.lrzoo_relora = {
+def record_wrapped_values(peft_model: PeftModel, adapter_name: str) -> None:
+    """Remember, in the model's record, what :func:`lora_export_problem` and :func:`save_full_model` compare with."""
+    record = record_of(peft_model)
+    options = dict(record.options)  # wrap's options, read once: relora.json reports them
+    record.method_state.update({
         "adapter_name": adapter_name,
         "wrapped_values": {name: _fingerprint(p) for name, p in _outside_the_adapter(peft_model)},
         "training": options,
-    }
+    })
 
 
 def changed_since_wrap(peft_model: PeftModel) -> list[str]:
     """Names of the non-adapter parameters whose values differ from those at ``lrzoo.wrap``."""
-    recorded = peft_model.lrzoo_relora["wrapped_values"]
+    recorded = record_of(peft_model).method_state["wrapped_values"]
     now = dict(_outside_the_adapter(peft_model))
     return sorted(name for name in set(recorded) | set(now)
                   if name not in now or name not in recorded or _fingerprint(now[name]) != recorded[name])
@@ -179,8 +98,8 @@ def lora_export_problem(peft_model: nn.Module, adapter_name: str) -> Optional[st
     A LoRA file is applied to the *original* base: it cannot carry the cycles merged into W by
     resets, nor the trained embeddings/norms/biases/lm_head ReLoRA updates in full.
     """
-    info = getattr(peft_model, "lrzoo_relora", None)
-    if info is None or info["adapter_name"] != adapter_name:
+    info = record_of(peft_model).method_state
+    if info.get("adapter_name") != adapter_name or "wrapped_values" not in info:
         return None
     reasons = []
     resets = resets_done(peft_model, adapter_name)
@@ -225,7 +144,7 @@ def merged_state_dict(peft_model: PeftModel, adapter_name: str = "default",
         prefix = PEFT_MODEL_PREFIX
         source = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
     tuners = {name: m for name, m in base.named_modules() if isinstance(m, BaseTunerLayer)}
-    heads = {name for name, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    heads = {name for name, m in base.named_modules() if is_modules_to_save(m)}
     merged: dict[str, torch.Tensor] = {}
     for key, value in source.items():
         parts = key.split(".")
@@ -284,7 +203,7 @@ def save_full_model(peft_model: PeftModel, save_directory: str, safe_serializati
     ``safe_serialization`` and ``save_embedding_layers`` are accepted and moot: the model is written
     as safetensors, embeddings included.
     """
-    info = getattr(peft_model, "lrzoo_relora", {})
+    info = record_of(peft_model).method_state
     adapter = info.get("adapter_name", "default")
     if set(peft_model.peft_config) != {adapter}:
         raise ValueError(f"A ReLoRA model is saved as one full model; this one holds adapters "
@@ -341,25 +260,3 @@ def full_model_error(path: str) -> Optional[str]:
         load_with = json.load(handle).get("load_with", "transformers.AutoModel.from_pretrained('<dir>')")
     return (f"{str(path)!r} holds a full ReLoRA model ({RELORA_ARTIFACT}), not an adapter: load it without lrzoo "
             f"or PEFT, with {load_with.replace('<dir>', str(path))}.")
-
-
-def _post_wrap(peft_model: PeftModel, adapter_name: str) -> None:
-    train_non_adapter_parameters(peft_model)
-    _record_wrapped_values(peft_model, adapter_name)
-    # Per instance, so only ReLoRA models change and every caller (HF Trainer, lrzoo's trainer,
-    # user code) gets the full model; a bound method survives copy.deepcopy.
-    peft_model.save_pretrained = types.MethodType(save_full_model, peft_model)
-
-
-register_adapter(
-    "relora",
-    build_config=build_lora_config,
-    aliases=LORA_ALIASES,
-    training_defaults=RELORA_TRAINING_DEFAULTS,
-    post_wrap=_post_wrap,
-    procedure="relora",
-    summary="ReLoRA: LoRA merged into W and re-initialised every T steps; all other parameters trained.",
-    quantized_base_refusal="ReLoRA merges each cycle into W and trains every non-adapted weight in full, which a "
-                           "quantized base can do neither of. Load the base in full precision (bf16), or use LoRA "
-                           "(QLoRA) on the quantized base.",
-)

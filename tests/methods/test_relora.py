@@ -13,7 +13,8 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 import lrzoo
 from conftest import tiny_inputs, tiny_llama
 from lrzoo.methods.relora import lora_layers, merge_and_reinit
-from lrzoo.train.relora import ReLoRA, ReLoRACallback, jagged_cosine_factor, make_relora_scheduler
+from lrzoo.registry import training_options
+from lrzoo.methods.relora import ReLoRA, ReLoRACallback, jagged_cosine_factor, make_relora_scheduler
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -28,7 +29,7 @@ def base_weights(model):
 
 def test_wrap_records_the_procedure_options_and_trains_non_adapter_parameters():
     model = relora_model(relora_steps=100, optimizer_pruning="magnitude", optimizer_pruning_ratio=0.9)
-    assert model.lrzoo_training == {"method": "relora", "relora_steps": 100, "optimizer_pruning": "magnitude",
+    assert training_options(model) == {"method": "relora", "relora_steps": 100, "optimizer_pruning": "magnitude",
                                     "optimizer_pruning_ratio": 0.9, "restart_warmup_steps": 100, "min_lr_ratio": 0.1}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("embed_tokens" in n for n in trainable) and any("lm_head" in n for n in trainable)

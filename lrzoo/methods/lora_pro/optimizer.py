@@ -36,7 +36,7 @@ from typing import Any, Iterable, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from .checks import check_adamw, check_group_lr
+from ...optimizers.checks import check_adamw, check_group_lr
 
 #: the official regularisation of BᵀB and AAᵀ before inverting them (``pinv(M + δI)``)
 DELTA = 1e-8

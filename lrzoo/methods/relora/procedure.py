@@ -4,13 +4,13 @@ Three pieces, usable from any loop:
 
 * :class:`ReLoRA` — call ``on_step_end(step, model, optimizer)`` after each optimizer step; every
   ``relora_steps`` steps it merges the LoRA update into W, re-initialises A and B
-  (:func:`lrzoo.methods.relora.merge_and_reinit`) and prunes the optimizer state of the LoRA
+  (:func:`lrzoo.methods.relora.layer.merge_and_reinit`) and prunes the optimizer state of the LoRA
   parameters (``reset``, ``random`` or ``magnitude`` pruning of ``exp_avg``/``exp_avg_sq``).
 * :func:`make_relora_scheduler` — the "jagged cosine": linear warm-up, a global cosine decay to
   ``min_lr_ratio``, and after every reset a linear re-warm-up from 0 to the cosine envelope over
   ``restart_warmup_steps``.
 * :class:`ReLoRAHook` — the same as a callback of lrzoo's trainer, checkpointing what a reset changes
-  (the ``relora`` entry of :data:`lrzoo.train.procedures.PROCEDURES` adds it with the schedule).
+  (:class:`ReLoRAProcedure`, the ``relora`` entry of :data:`lrzoo.procedure.PROCEDURES`, adds it with the schedule).
 * :class:`ReLoRACallback` — the same for the HF ``Trainer``::
 
       model = lrzoo.wrap(base, "relora", r=128, alpha=32, relora_steps=1000, target_modules=[...])
@@ -33,9 +33,9 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
-from ..methods.relora import RELORA_TRAINING_DEFAULTS, lora_layers, merge_and_reinit, set_resets_done
-from ..registry import training_options
-from .callbacks import Callback
+from ...procedure import Procedure, register_procedure
+from ...registry import record_of
+from .layer import RELORA_TRAINING_DEFAULTS, lora_layers, merge_and_reinit, set_resets_done
 
 PRUNING_MODES = ("reset", "random", "magnitude")
 #: The paper's code implements ``reset_optimizer_on_relora`` as random pruning at this ratio.
@@ -90,8 +90,8 @@ class ReLoRA:
     @classmethod
     def from_model(cls, model: nn.Module, **overrides) -> "ReLoRA":
         """Build from the options given to ``lrzoo.wrap(..., "relora", ...)`` (recorded on the model:
-        :func:`lrzoo.registry.training_options`); ``overrides`` win."""
-        training = training_options(model)
+        :func:`lrzoo.registry.record_of`); ``overrides`` win."""
+        training = record_of(model).options
         if "relora_steps" not in training and not overrides:  # not wrapped by a method with ReLoRA's options
             raise ValueError("This model was not wrapped with lrzoo.wrap(model, 'relora', ...); pass the options.")
         options = {k: training[k] for k in ("relora_steps", "optimizer_pruning", "optimizer_pruning_ratio")
@@ -174,7 +174,7 @@ def make_relora_scheduler(
     return LambdaLR(optimizer, factor)
 
 
-class ReLoRAHook(Callback):
+class ReLoRAHook:
     """Runs :class:`ReLoRA` in lrzoo's trainer and checkpoints what it changes.
 
     A reset merges the LoRA update into the frozen base weights, which the trainer's checkpoint
@@ -225,3 +225,24 @@ class ReLoRACallback(TrainerCallback):
             raise ValueError("ReLoRACallback needs the model; the HF Trainer passes it to callbacks.")
         self.relora.on_step_end(state.global_step, model, optimizer)
         return control
+
+
+@register_procedure
+class ReLoRAProcedure(Procedure):
+    """ReLoRA in lrzoo's trainer: resets every ``relora_steps`` (:class:`ReLoRAHook`), the jagged cosine LR."""
+
+    name = "relora"
+
+    def __post_init__(self) -> None:
+        self.relora = ReLoRA(**{k: self.options[k] for k in ("relora_steps", "optimizer_pruning",
+                                                             "optimizer_pruning_ratio")},
+                            seed=self.config.seed if self.config is not None else 0)  # None: make_optimizer's use
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+        return make_relora_scheduler(
+            optimizer, total_steps, round(self.config.warmup_ratio * total_steps),
+            relora_steps=self.relora.relora_steps, restart_warmup_steps=self.options["restart_warmup_steps"],
+            min_lr_ratio=self.options["min_lr_ratio"])
+
+    def callbacks(self, model: nn.Module) -> list[Any]:
+        return [ReLoRAHook(self.relora, model)]

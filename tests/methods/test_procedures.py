@@ -1,4 +1,4 @@
-"""Training procedures are a table the registry points to (lrzoo/train/procedures.py): each method's entry,
+"""Training procedures are a table the registry points to (lrzoo/procedure.py, each beside its method): each method's entry,
 the options it gets from wrap, ReLoRA's state through its own state_dict, and no method name in the loop."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import torch
 import lrzoo
 from conftest import REPO, tiny_bert, tiny_llama
 from lrzoo.train.config import TrainerConfig
-from lrzoo.train.procedures import PROCEDURES, Procedure, procedure_for, register_procedure
-from lrzoo.train.relora import ReLoRA, ReLoRAHook
+from lrzoo.methods.relora import ReLoRA, ReLoRAHook
+from lrzoo.procedure import PROCEDURES, Procedure, register_procedure
+from lrzoo.registry import RECORD_ATTRIBUTE, record_of
+from lrzoo.train.procedures import procedure_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -28,7 +30,7 @@ def test_the_registry_picks_the_procedure_with_the_options_wrap_recorded(method,
     model = lrzoo.wrap(tiny_llama(0) if method == "relora" else tiny_bert(0), method, r=4)
     built = procedure_for(model, TrainerConfig(seed=3))
     assert built.name == procedure
-    assert built.options == {k: v for k, v in model.lrzoo_training.items() if k != "method"}
+    assert built.options == record_of(model).options and built.options is not record_of(model).options
 
 
 def test_a_model_lrzoo_did_not_wrap_gets_the_plain_procedure():
@@ -38,7 +40,7 @@ def test_a_model_lrzoo_did_not_wrap_gets_the_plain_procedure():
 def test_loraplus_optimizer_groups_come_from_the_options_not_the_model():
     model = lrzoo.wrap(tiny_bert(0), "loraplus", r=4, loraplus_lr_ratio=4.0)
     built = procedure_for(model, TrainerConfig(lr=1e-3))
-    del model.lrzoo_training  # the procedure holds the options: the record is read once
+    delattr(model, RECORD_ATTRIBUTE)  # the procedure holds the options: the record is read once
     assert sorted({g["lr"] for g in built.make_optimizer(model).param_groups if g["params"]}) == [1e-3, 4e-3]
 
 
@@ -82,10 +84,12 @@ def test_a_new_procedure_is_one_table_entry():
         del PROCEDURES["recording_test"]
 
 
-def test_the_trainer_and_its_command_never_test_a_method_name():
-    """`method == "relora"`-style branches belong in the procedure table, not in the loop."""
+def test_the_trainer_its_command_and_the_adapter_api_never_test_a_method_name():
+    """`method == "relora"`-style branches belong in the method's procedure or its spec's hooks, not in the loop,
+    nor in wrap/load/export (the benchmarks, which compare lrzoo with stock PEFT, have AdapterSpec.peft_reference)."""
     names = set(lrzoo.list_adapters())
-    files = sorted((REPO / "lrzoo" / "train").glob("*.py")) + [REPO / "lrzoo" / "cli" / "train.py"]
+    files = (sorted((REPO / "lrzoo" / "train").glob("*.py")) + [REPO / "lrzoo" / "cli" / "train.py"]
+             + [REPO / "lrzoo" / f"{name}.py" for name in ("wrap", "load", "export", "registry", "procedure")])
     found = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -93,3 +97,34 @@ def test_the_trainer_and_its_command_never_test_a_method_name():
                 constants = [c for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in names]
                 found += [f"{path.relative_to(REPO)}:{c.lineno}: compares with {c.value!r}" for c in constants]
     assert not found, "\n".join(found)
+
+
+def test_load_and_export_ask_the_spec_hooks(tmp_path):
+    """What load and export do differently for ReLoRA comes from its spec, not from a name in load.py/export.py."""
+    spec = lrzoo.get_adapter("relora")
+    assert spec.export_problem is not None and spec.foreign_folder is not None
+    assert lrzoo.get_adapter("lora").before_load is not None and lrzoo.get_adapter("randlora").after_load is not None
+    assert lrzoo.get_adapter("lora").peft_reference(r=4, target_modules=["q"]).init_lora_weights is False
+    model = lrzoo.wrap(tiny_llama(0), "relora", r=4, relora_steps=1)
+    from lrzoo.methods.relora import merge_and_reinit
+
+    merge_and_reinit(model)
+    with pytest.raises(ValueError, match="cannot be written as a LoRA adapter"):
+        lrzoo.export_lora(model, str(tmp_path / "export"))
+    model.save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match="holds a full ReLoRA model"):
+        lrzoo.load(tiny_llama(0), str(tmp_path / "full"))
+
+
+def test_make_optimizer_asks_the_model_s_procedure():
+    lora_pro = lrzoo.wrap(tiny_bert(0), "lora_pro", r=4)
+    assert type(lrzoo.make_optimizer(lora_pro, lr=1e-3)).__name__ == "LoraProAdamW"
+    assert type(lrzoo.make_optimizer(lora_pro, lr=1e-3, lora_pro=False)) is torch.optim.AdamW
+    plain = lrzoo.wrap(tiny_bert(0), "lora", r=4)
+    assert type(lrzoo.make_optimizer(plain, lr=1e-3, lora_pro=True)).__name__ == "LoraProAdamW"
+    groups = lrzoo.make_optimizer(plain, lr=1e-3, loraplus_lr_ratio=2.0).param_groups
+    assert sorted({g["lr"] for g in groups if g["params"]}) == [1e-3, 2e-3]  # LoRA+ asked of a plain method
+    with pytest.raises(ValueError, match="does not apply to LoRA-Pro"):
+        lrzoo.make_optimizer(lora_pro, lr=1e-3, loraplus_lr_ratio=2.0)
+    with pytest.raises(ValueError, match="wrap the model with 'lora'"):
+        procedure_for(lrzoo.wrap(tiny_bert(0), "lora_pro", r=4, lora_pro=False), TrainerConfig())
