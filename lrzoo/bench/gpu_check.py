@@ -1,23 +1,9 @@
-"""``make gpu-check``: everything that needs a CUDA device, in one run with one summary (< 8 minutes).
-
-1. the kernels' check on this device (``lrzoo.kernels.verify.verify_kernels``, refreshed), when the installed
-   lrzoo has it: the verdicts ``LRZOO_BACKEND=auto`` trusts;
-2. the GPU-marked tests (``pytest -m gpu``: bf16/fp16 error against torch's own, autocast on CUDA...);
-3. the Triton-vs-torch kernel comparisons, on the GPU (``tests/test_kernels_triton.py``, fp32/fp16/bf16);
-4. ``lrzoo-bench`` at the protocol's shapes (docs/benchmarks.md#protocol; bf16, r=16) on the kernel methods,
-   then the predicted-vs-measured table: each shape's lrzoo and eager (PEFT) time as a multiple of the frozen
-   linear and lrzoo's speed-up over PEFT, predicted by :mod:`lrzoo.kernels.roofline` for this GPU's
-   model (the nearest modelled one: H100 for sm_90, A100 for sm_80) beside what the benchmark measured.
-
-Each step runs in its own process under a time limit, so a hang or a crash in one still leaves the
-others' results. The summary names the device, the versions and each step's outcome; it is printed
-and, with ``--out FILE``, written as Markdown for docs/benchmarks.md. Without a CUDA device it exits
-at once with status 2 and says so: nothing was checked, and that must not read as a pass.
+"""What ``make gpu-check`` (:mod:`lrzoo.cli.gpu_check`) runs: every check that needs a CUDA device, each step in its
+own process under a time limit, and the summary (with :mod:`lrzoo.kernels.roofline`'s predicted-vs-measured table).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import re
@@ -27,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lrzoo.kernels import roofline
-from lrzoo.kernels.gpus import gpu_for_capability
+from ..kernels import roofline
+from ..kernels.gpus import gpu_for_capability
 
 NO_DEVICE_STATUS = 2
 #: the protocol's shapes (docs/benchmarks.md#protocol; tokens, d_in, d_out): d = 4096 at N ∈ {2048, 8192, 16384}
@@ -156,13 +142,9 @@ def steps_plan(python: str) -> list[tuple[str, list[str], float]]:
     return plan
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="lrzoo-gpu-check", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", help="also write the summary (Markdown) to this file")
-    parser.add_argument("--repo", default=".", help="repository root holding tests/ (default: the current directory)")
-    parser.add_argument("--budget", type=int, default=450, help="seconds for all steps together (default 450)")
-    args = parser.parse_args(argv)
-
+def run_gpu_check(repo: str = ".", budget: int = 450, out: Optional[str] = None) -> int:
+    """Every step within ``budget`` seconds, from ``repo`` (the checkout holding tests/); print the summary and
+    write it to ``out`` when given; returns the exit status."""
     import torch
 
     if not torch.cuda.is_available():
@@ -175,8 +157,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     major, minor = torch.cuda.get_device_capability(0)
     versions = (f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}, "
                 f"{torch.cuda.device_count()} device(s), compute capability {major}.{minor}")
-    repo = Path(args.repo).resolve()
-    deadline = time.monotonic() + args.budget
+    repo = Path(repo).resolve()
+    deadline = time.monotonic() + budget
     plan = steps_plan(sys.executable)
     steps = []
     for index, (name, command, share) in enumerate(plan):
@@ -187,11 +169,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         steps.append(_run(name, command, timeout, repo))
     text = summary(device, versions, steps, capability=10 * major + minor)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
     return 0 if all(step["status"] == "passed" for step in steps) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,6 @@
-"""``lrzoo-sweep PLAN``: run a tuned comparison (learning rate chosen on held-out training rows, then seeds).
+"""The sweep driver of ``lrzoo-sweep`` (:mod:`lrzoo.cli.sweep`): it launches a plan's runs in order.
 
-    lrzoo-sweep recipes/sweeps/glue_tuned.yaml                      # everything, 2 runs at a time
-    lrzoo-sweep recipes/sweeps/glue_tuned.yaml --only lora,dora --tasks glue/mrpc --dry-run
-    lrzoo-sweep recipes/sweeps/glue_tuned.yaml --max-minutes 120    # launch nothing new after 2 hours
-
-For every cell (method × task of the plan, :mod:`lrzoo.cli.plan`): stage 1 trains the method at each
+For every cell (method × task of the plan, :mod:`lrzoo.lab.plan`): stage 1 trains the method at each
 learning rate of its grid with the first seed; once the whole grid has finished, the rate with the best
 held-out score (``selection_score``; ties: the smaller rate) is chosen; with the plan's ``head_grid``, the
 first seed then trains at that rate with each of its head learning rates, and the task head's rate is chosen
@@ -22,7 +18,7 @@ is not retried unless ``--retry-failed``. Any other failure is listed at the end
 retried by the next invocation; the other runs go on.
 
 Several sweeps of one plan share the work (a second lane started later or at the same moment, or machines
-sharing the runs folder): a run directory has one writer at a time (:mod:`lrzoo.train.run_dir`). A sweep
+sharing the runs folder): a run directory has one writer at a time (:mod:`lrzoo.runs.lock`). A sweep
 claims a run (takes its lock) before it launches it and hands the lock to the ``lrzoo-train`` it starts, so a
 run another sweep looked at in the same instant is launched once: the other sweep finds it taken and starts the
 next one. A sweep leaves every run that another live process holds to that process, goes on with the rest, and
@@ -34,7 +30,6 @@ A failed run's line in the summary is its own error: the exception line of the l
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -47,10 +42,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..io import atomic_file
-from ..train.run_dir import RunDirInUse, RunLock
-from .errors import entry_point
-from .plan import LOG_FILE, STATUS_FILE, CellState, Composer, Outcome, Plan, PlannedRun, PlanError, cell_state, \
-    format_lr, load_plan, outcome_in_dir
+from ..runs.files import LOG_FILE, STATUS_FILE
+from ..runs.lock import RunDirInUse, RunLock
+from .choice import CellState, Outcome, cell_state, outcome_in_dir
+from .plan import Composer, Plan, PlannedRun, format_lr
 
 #: what a diverged run prints (lrzoo.train.divergence): such a run is final, not a failure to retry
 DIVERGED_MARK = "Training diverged"
@@ -369,32 +364,3 @@ def _summary(sweep: Sweep, launched: int, seconds: float, timed_out: bool, out: 
             out(f"  {run_dir}: {why} (log: {run_dir / LOG_FILE})")
         return 1
     return 0
-
-
-@entry_point("lrzoo-sweep")  # a user error (lrzoo.errors.UserError...) is one line; --debug: the traceback
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point of ``lrzoo-sweep``."""
-    parser = argparse.ArgumentParser(prog="lrzoo-sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("plan", help="sweep plan (YAML), e.g. recipes/sweeps/glue_tuned.yaml")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2), one thread each")
-    parser.add_argument("--only", default=None, help="comma-separated methods of the plan to run")
-    parser.add_argument("--tasks", default=None, help="comma-separated tasks of the plan to run")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="start no run after this many minutes (the runs in flight finish)")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands that would start now")
-    parser.add_argument("--retry-failed", action="store_true", help="also re-run the runs recorded as diverged")
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (default 1)")
-    args = parser.parse_args(argv)
-    if args.jobs < 1 or args.threads < 1:
-        parser.error("--jobs and --threads must be at least 1")
-    try:
-        plan = load_plan(args.plan).filtered(args.only.split(",") if args.only else None,
-                                             args.tasks.split(",") if args.tasks else None)
-    except PlanError as err:
-        parser.error(str(err))
-    sys.exit(run_plan(plan, jobs=args.jobs, max_minutes=args.max_minutes, dry_run=args.dry_run,
-                      retry_failed=args.retry_failed, threads=args.threads))
-
-
-if __name__ == "__main__":
-    main()

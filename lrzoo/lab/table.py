@@ -1,6 +1,4 @@
-"""``lrzoo-report DIR``: aggregate the ``results.json`` of runs under DIR into tables and a plot.
-
-    lrzoo-report runs/ --out runs/report
+"""The plain report of ``lrzoo-report DIR`` (:mod:`lrzoo.cli.report`): the runs under a folder as a table.
 
 writes ``results.md`` (adapter × task, mean ± std over seeds of the primary metric ×100, the average
 over tasks, trainable parameters, peak memory and training time), ``results.csv`` (one row per
@@ -13,16 +11,10 @@ several configurations on a task (a sweep over ``trainer.lr``), each is a row of
 the keys that differ, e.g. ``lora (trainer.lr=0.01)``. Results written before ``config`` was recorded
 are grouped by model, adapter and task alone. A held-out training slice (eval set ``heldout/<task>``) is
 never a column.
-
-``lrzoo-report DIR --plan PLAN`` reports an ``lrzoo-sweep`` plan instead: the tuned comparison of
-:mod:`lrzoo.cli.tuned` (the chosen learning rate per cell, bootstrap intervals, ties with the best,
-missing cells).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import hashlib
 import json
 import statistics
@@ -31,10 +23,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..train.config import HELDOUT_PREFIX
-from ..train.run_dir import RESULTS_FILE, read_results
-from .errors import entry_point
+from ..runs.files import HELDOUT_PREFIX, RESULTS_FILE, read_results
 
+#: what a report writes in its output folder (the plain one and the tuned one alike)
+REPORT_MD, REPORT_CSV, REPORT_PNG = "results.md", "results.csv", "results.png"
 CSV_FIELDS = ("model", "adapter", "variant", "task", "metric", "n_seeds", "mean", "std", "trainable_params",
               "peak_memory_mb", "wall_time_s")
 #: differing keys named in a variant's label before it is cut short (with its digest)
@@ -223,94 +215,3 @@ def markdown(table: Sequence[dict[str, Any]]) -> str:
         note += (" An adapter run with several configurations of a task has a row per configuration, named by the "
                  "keys in which they differ; the seeds of one configuration are aggregated.")
     return "\n\n".join(parts + [note]) + "\n"
-
-
-def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
-    """Score vs trainable parameters (log x): one colour per task, each point labelled by adapter."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    tasks = sorted({row["task"] for row in table})
-    labelled = len(tasks) == 1  # with several tasks only the averages carry labels
-    for task in tasks:
-        rows = [row for row in table if row["task"] == task]
-        # bars: std over seeds, or a tuned report's bootstrap interval ("ci")
-        yerr = ([[r["mean"] - r["ci"][0] for r in rows], [r["ci"][1] - r["mean"] for r in rows]]
-                if all(r.get("ci") for r in rows) else [r["std"] for r in rows])
-        ax.errorbar([r["trainable_params"] for r in rows], [r["mean"] for r in rows],
-                    yerr=yerr, fmt="o", capsize=3, label=task,
-                    alpha=1.0 if labelled else 0.35, markersize=6 if labelled else 4)
-        for r in rows if labelled else ():
-            ax.annotate(display_name(r), (r["trainable_params"], r["mean"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-    if not labelled:
-        params = {(r["model"], display_name(r)): r["trainable_params"] for r in table}
-        for (model, adapter), value in averages(table).items():
-            ax.plot(params[(model, adapter)], value, "k*", markersize=10)
-            ax.annotate(adapter, (params[(model, adapter)], value), textcoords="offset points", xytext=(5, 3),
-                        fontsize=8)
-        ax.plot([], [], "k*", label="average over tasks")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("score (primary metric ×100)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-@entry_point("lrzoo-report")  # a user error (lrzoo.errors.UserError...) is one line; --debug: the traceback
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point of ``lrzoo-report``."""
-    parser = argparse.ArgumentParser(prog="lrzoo-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="directory searched recursively for results.json")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: ROOT)")
-    parser.add_argument("--select", choices=("final", "best"), default="final",
-                        help="score of each run: its final evaluation or its best one (GLUE protocol)")
-    parser.add_argument("--plan", type=Path, default=None,
-                        help="an lrzoo-sweep plan: report its tuned comparison (chosen lr, bootstrap intervals, "
-                             "ties with the best, missing cells) instead (lrzoo/cli/tuned.py)")
-    args = parser.parse_args(argv)
-    if not args.root.is_dir():
-        parser.error(f"{args.root} is not a directory")
-    if args.plan is not None:
-        from .plan import PlanError, load_plan
-        from .tuned import write_report
-
-        try:
-            plan = load_plan(args.plan)
-        except PlanError as err:
-            parser.error(str(err))
-        out = args.out or args.root
-        print(write_report(args.root, plan, out).text)
-        print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'} (plan {args.plan})")
-        return
-    rows = collect(args.root, args.select)
-    if not rows:
-        parser.error(f"no finished runs (results.json) under {args.root}; run lrzoo-train first")
-    out = args.out or args.root
-    out.mkdir(parents=True, exist_ok=True)
-    table = aggregate(rows)
-    listed = commands(rows)
-    text = markdown(table) + (("\n" + listed) if listed else "")
-    if any(row["tuned"] for row in rows):
-        text += ("\nThese runs have a held-out selection_score (an lrzoo-sweep plan): `lrzoo-report DIR --plan PLAN` "
-                 "reports the tuned comparison (chosen lr per cell, bootstrap intervals, missing cells).\n")
-    (out / "results.md").write_text(text)
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in CSV_FIELDS} for row in table)
-    plot(table, out / "results.png")
-    print(text)
-    n_runs = len({row["run"] for row in rows})
-    print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'} "
-          f"({n_runs} run{'s' if n_runs != 1 else ''}, {len(rows)} scores)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,10 @@
-"""``lrzoo-report DIR --plan PLAN``: the tuned comparison of a sweep plan (:mod:`lrzoo.cli.plan`).
+"""``lrzoo-report DIR --plan PLAN``: the tuned comparison of a sweep plan (:mod:`lrzoo.lab.plan`).
 
 Per (method, task) only the configuration at the learning rate chosen on the held-out training slice
 is shown: the mean over seeds of the dev primary metric, its 95% bootstrap interval over dev examples
-pooled over seeds (:mod:`lrzoo.cli.intervals`, from each run's ``predictions.json``), and whether it is
+pooled over seeds (:mod:`lrzoo.lab.intervals`, from each run's ``predictions.json``), and whether it is
 statistically tied with the best method of its column (paired bootstrap of the difference), and whether
-that verdict survives resampling the training seeds as well (:func:`lrzoo.cli.intervals.seeds_resampled`;
+that verdict survives resampling the training seeds as well (:func:`lrzoo.lab.intervals.seeds_resampled`;
 a ``†`` marks a verdict the seeds decide). Every planned cell appears: one whose grid or seeds have not all
 finished reads ``— (missing: ...)``.
 """
@@ -20,10 +20,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..runs.files import HELDOUT_PREFIX, PREDICTIONS_FILE, read_json
 from ..tasks.metrics import modal_share
-from ..train.config import HELDOUT_PREFIX
 from . import intervals
-from .plan import CellState, Composer, Plan, RunIndex, cell_state, format_lr, read_json
+from .choice import CellState, RunIndex, cell_state
+from .plan import Composer, Plan, format_lr
+from .plot import plot
+from .table import REPORT_CSV, REPORT_MD, REPORT_PNG
 
 CSV_FIELDS = ("model", "method", "task", "metric", "status", "chosen_lr", "chosen_head_lr", "n_seeds", "planned_seeds", "mean",
               "ci_low", "ci_high", "diff_to_best", "diff_low", "diff_high", "verdict", "seeds_diff_low",
@@ -164,7 +167,7 @@ def eval_columns(task: str, states: list[CellState]) -> list[str]:
     ``predictions.json`` (``commonsense/all`` is scored on 7 test sets), else the task itself."""
     for state in states:
         for outcome in state.outcomes():
-            sets = ((read_json(outcome.run_dir / "predictions.json") or {}).get("sets") or {}) if outcome.run_dir else {}
+            sets = ((read_json(outcome.run_dir / PREDICTIONS_FILE) or {}).get("sets") or {}) if outcome.run_dir else {}
             names = [name for name in sets if not name.startswith(HELDOUT_PREFIX)]
             if outcome.status == "done" and names:
                 return names
@@ -182,7 +185,7 @@ def _fill_cell(cell: Cell, plan: Plan) -> Cell:
         for seed in plan.seeds:
             outcome = state.seeds[seed]
             cell.trainable_params = outcome.result.get("trainable_params")
-            entry = dev_set(read_json(outcome.run_dir / "predictions.json") or {}, task) if outcome.run_dir else None
+            entry = dev_set(read_json(outcome.run_dir / PREDICTIONS_FILE) or {}, task) if outcome.run_dir else None
             if entry is not None:
                 if entry.get("kind") in DISCRETE_KINDS and entry.get("predictions"):
                     cell.modal_shares.append(modal_share(entry["predictions"]))
@@ -656,14 +659,12 @@ class Report:
 
 def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.REPLICATES) -> Report:
     """Write ``results.md``, ``results.csv`` and ``results.png`` for ``plan``'s runs under ``root``."""
-    from .report import plot
-
     cells = build_cells(root, plan, replicates)
     avg = averages(cells, plan)
     text = markdown(cells, plan, avg, replicates)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text)
-    with open(out / "results.csv", "w", newline="") as handle:
+    (out / REPORT_MD).write_text(text)
+    with open(out / REPORT_CSV, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(csv_rows(cells, plan, avg))
@@ -671,5 +672,5 @@ def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.
                "std": 0.0, "ci": (100 * c.interval[0], 100 * c.interval[1]) if math.isfinite(c.interval[0]) else None,
                "trainable_params": c.trainable_params or 1} for c in cells.values() if c.mean is not None]
     if points:
-        plot(points, out / "results.png")
+        plot(points, out / REPORT_PNG)
     return Report(plan, cells, avg, text)

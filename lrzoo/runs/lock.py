@@ -14,11 +14,6 @@
   lock before it starts ``lrzoo-train`` (whose imports take seconds), so a second sweep looking at the same
   moment sees the run taken and starts the next one; the child inherits the locked descriptor
   (:meth:`RunLock.handover_env`, ``pass_fds``) and :meth:`RunLock.acquire` adopts it instead of being refused.
-* :func:`check_shared` (several processes): every rank must see the one run directory rank 0 writes. On
-  several machines a relative or node-local ``output_root`` gives each node its own folder, and a resume would
-  then restart the other nodes from step 0 beside a resumed rank 0 (a hang, or weights that differ per rank).
-* :func:`read_results` reads ``results.json`` (:data:`RESULTS_FILE`, whose presence marks a run finished); a
-  damaged one is moved aside (``results.json.damaged-<time>``) with a note naming it, and the run is unfinished.
 
 Only rank 0 of a distributed job takes the lock: the other ranks are the same job.
 """
@@ -28,33 +23,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
 import socket
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
-LOCK_NAME = "run.lock"
-#: a finished run's scores and configuration, written last (``lrzoo.train.evaluation``): its presence marks the
-#: run finished for ``lrzoo-train`` (nothing to do), ``lrzoo-sweep`` and ``lrzoo-report``
-RESULTS_FILE = "results.json"
+from .files import LOCK_NAME
+
 #: the descriptor of a lock claimed for this process by the one that launched it (:meth:`RunLock.handover_env`)
 HANDOVER_ENV = "LRZOO_RUN_LOCK_FD"
-#: what a damaged results file is renamed to: ``results.json.damaged-<time>`` (kept for a look, read by nobody)
-DAMAGED_SUFFIX = ".damaged-"
 #: ``tempfile``'s names: a prefix, then 8 characters of ``[a-z0-9_]``.
 LEFTOVER_RE = re.compile(r"^\..+\.(tmp|old)-[a-z0-9_]{8}$")
 #: how long :meth:`RunLock.acquire` retries a lock it found taken before refusing: :func:`live_holder` takes it
 #: shared for microseconds, and a run must not be refused because a sweep looked at its directory then
 ACQUIRE_RETRY_S = 0.5
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-
-
-class RunDirNotShared(RuntimeError):
-    """The ranks of one distributed run do not see the same run directory."""
 
 
 class RunDirInUse(RuntimeError):
@@ -239,67 +225,3 @@ def remove_leftovers(run_dir: str) -> list[str]:
                     os.remove(path)
             removed.append(path)
     return removed
-
-
-def read_results(run_dir: str, move_damaged: bool = True) -> Optional[dict[str, Any]]:
-    """``run_dir``'s :data:`RESULTS_FILE` (a dict), or None when there is none or it is damaged.
-
-    A file that is not a JSON object (cut short, garbled, not UTF-8) would stop every later attempt at the run
-    with a bare ``JSONDecodeError``; instead, with ``move_damaged`` (the lock holder: rank 0 of the run), it is
-    renamed to ``results.json.damaged-<time>`` beside it, with a note on stderr naming both files, and the run
-    counts as unfinished (it resumes from its newest checkpoint, or starts over).
-    """
-    path = os.path.join(run_dir, RESULTS_FILE)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            results = json.load(handle)
-    except FileNotFoundError:
-        return None
-    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        reason = f"{type(err).__name__}: {err}"
-    else:
-        if isinstance(results, dict):
-            return results
-        reason = f"a JSON {type(results).__name__}, not an object"
-    if move_damaged:
-        aside = f"{path}{DAMAGED_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}"
-        while os.path.exists(aside):
-            aside += "x"
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(path, aside)
-            print(f"[lrzoo] {path} is damaged ({reason}): moved to {aside}; the run counts as unfinished and "
-                  "resumes from its newest checkpoint (or starts over)", file=sys.stderr)
-    return None
-
-
-def check_shared(run_dir: str, rank: int, world: int) -> None:
-    """Raise :class:`RunDirNotShared` on every rank unless all ``world`` ranks see the one ``run_dir``: rank 0
-    writes a token file there, each rank reads it back (a collective: every rank calls it, in a process group)."""
-    import secrets as _secrets
-
-    import torch.distributed as dist
-
-    probe = [f".ranks.tmp-{_secrets.token_hex(4)}", _secrets.token_hex(8)]   # a leftover if killed: cleared
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, probe[0]), "w") as handle:
-            handle.write(probe[1])
-    dist.broadcast_object_list(probe, src=0)  # rank 0's file name and token, after it has written them
-    try:  # in this rank's own run_dir: a relative output_root resolves per node
-        with open(os.path.join(run_dir, probe[0])) as handle:
-            seen = handle.read() == probe[1]
-    except OSError:
-        seen = False
-    views: list[Any] = [None] * world
-    dist.all_gather_object(views, (seen, socket.gethostname(), os.getcwd()))
-    if rank == 0:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(run_dir, probe[0]))
-    blind = [(r, host, cwd) for r, (ok, host, cwd) in enumerate(views) if not ok]
-    if blind:
-        shown = "; ".join(f"rank {r} on {host} (working directory {cwd})" for r, host, cwd in blind)
-        raise RunDirNotShared(
-            f"{os.path.abspath(run_dir)} is not one directory for all {world} ranks: {shown} cannot see what rank 0 "
-            f"on {views[0][1]} writes there. Every node of a run must write to the same folder: set output_root to "
-            "an absolute path on a filesystem all nodes mount (a relative one is resolved in each node's working "
-            "directory).")
