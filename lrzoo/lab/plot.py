@@ -16,13 +16,14 @@ from .table import averages, display_name
 LAB_EXTRA = "lrzoo[lab]"
 
 
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` with the file-only Agg backend, or a :class:`UserError` saying how to get it."""
+def pyplot(path: Path) -> Any:
+    """``matplotlib.pyplot`` with the file-only Agg backend, or a :class:`UserError` saying how to get it (the plot
+    is written last: the tables beside ``path`` are already there)."""
     try:
         import matplotlib
     except ImportError as err:
-        raise UserError(f"lrzoo-report's plot (results.png) needs matplotlib, which is not installed: "
-                        f"pip install '{LAB_EXTRA}' (or matplotlib)") from err
+        raise UserError(f"the plot {path} needs matplotlib, which is not installed: pip install '{LAB_EXTRA}' "
+                        f"(the tables beside it are written)") from err
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
@@ -31,7 +32,7 @@ def pyplot() -> Any:
 
 def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
     """Score vs trainable parameters (log x): one colour per task, each point labelled by adapter."""
-    plt = pyplot()
+    plt = pyplot(path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     tasks = sorted({row["task"] for row in table})
     labelled = len(tasks) == 1  # with several tasks only the averages carry labels
