@@ -76,7 +76,7 @@ results-cs-question: install
 	$(VENV)/bin/lrzoo-sweep recipes/sweeps/cs_question.yaml --jobs 2 $(SWEEP_ARGS); status=$$?; \
 	  $(VENV)/bin/lrzoo-report runs/cs-question --plan recipes/sweeps/cs_question.yaml; exit $$status
 
-# Rewrite docs/ from the tuned sweeps' runs (lrzoo/cli/results_docs.py): docs/results.md between its
+# Rewrite docs/ from the tuned sweeps' runs (lrzoo/lab/results_docs.py): docs/results.md between its
 # <!-- tuned-glue/cs-question:begin/end --> markers, the plots, and each method page's generated "Measured" bullets.
 # The prose around them is not touched; a sweep with no runs/ directory leaves its blocks as they are.
 results-docs: install

@@ -66,7 +66,7 @@ def train_env(threads: int = 1) -> dict[str, str]:
 
 def launch_train(run: PlannedRun, log, threads: int = 1, claim: Optional[RunLock] = None) -> subprocess.Popen:
     """``python -m lrzoo.cli.train <overrides>`` in a session of its own (stopped by :func:`run_plan`), given the
-    lock the sweep ``claim``-ed for it (it adopts it: :meth:`lrzoo.train.run_dir.RunLock.handover_env`)."""
+    lock the sweep ``claim``-ed for it (it adopts it: :meth:`lrzoo.runs.lock.RunLock.handover_env`)."""
     handover = claim.handover_env() if claim is not None else {}
     return subprocess.Popen([sys.executable, "-m", "lrzoo.cli.train", *run.overrides], stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**train_env(threads), **handover},

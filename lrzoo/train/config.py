@@ -85,7 +85,7 @@ EVAL_CHOICES = ("label", "text", "question")
 class EvalConfig:
     """How generation tasks are evaluated: the root ``eval`` node of ``lrzoo-train``'s config, passed to
     :class:`lrzoo.train.trainer.Trainer` as ``evaluation``. The defaults are the protocol runs had before
-    the node existed (``lrzoo.cli.train.hashed_config`` leaves them out of the config hash)."""
+    the node existed (``lrzoo.runs.identity.hashed_config`` leaves them out of the config hash)."""
 
     mode: str = "generate"
     choices: str = "label"

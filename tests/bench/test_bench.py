@@ -156,7 +156,7 @@ def _check(monkeypatch, capsys, rows, argv=()):
         calls.append((tuple(shapes), r, dtype, dropout, iters))
         return rows
 
-    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(layers, "run", fake_run)
     status = bench.main(["--check", "--device", "cpu", *argv])
     return status, capsys.readouterr().out.splitlines(), calls
 
@@ -253,3 +253,19 @@ def test_the_table_and_the_verdict_state_one_ratio(monkeypatch, capsys):
     assert "fwd+bwd 0.90× PEFT" in out[-2]
     table = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|") for line in out if line.startswith("| ")}
     assert table[("lora", "lrzoo")][8].strip() == f"{1 / 0.9:.2f}×"
+
+
+def test_stock_peft_on_a_model_with_an_lrzoo_head_is_still_stock_peft():
+    """``lrzoo-bench --model minilm``: MiniLM loads with lrzoo's pooled head (lrzoo.heads), which is part of the
+    base model, not a layer PEFT's wrapping brought in; the stock-PEFT rows used to be refused for it."""
+    from lrzoo.bench.model import block_linear_targets, build_member
+    from lrzoo.heads import PooledForSequenceClassification
+    from lrzoo.models import load_model
+
+    base, _ = load_model("tiny_bert", "classification", num_labels=2, pooling="mean")
+    assert isinstance(base, PooledForSequenceClassification)
+    targets = block_linear_targets(base)
+    for member in ("lora", "dora", "randlora"):
+        stock = build_member(base, member, "peft", 2, targets, 0.0, "classification")
+        adapted = [type(m).__module__ for m in stock.modules() if hasattr(m, "base_layer")]
+        assert adapted and all(module.startswith("peft.") for module in adapted), member
