@@ -6,7 +6,6 @@ and ``--check``'s verdicts on issue 5's torch-path targets.
 from __future__ import annotations
 
 import os
-import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 

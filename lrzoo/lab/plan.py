@@ -53,7 +53,7 @@ import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 from ..runs.identity import digest, hashed_config, plan_key
 PLAN_KEYS = {"experiment", "overrides", "tasks", "seeds", "grid", "head_grid", "recheck_lr", "methods", "floors"}

@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 from ..io import atomic_file
 from ..runs.files import LOG_FILE, STATUS_FILE

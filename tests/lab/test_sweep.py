@@ -359,7 +359,8 @@ def test_head_lr_trials_run_at_the_chosen_lr_before_the_seeds(tmp_path):
 
     from lrzoo.lab.tuned import _shown_lr
     assert _shown_lr(SimpleNamespace(state=state)).endswith("; head 2e-2 edge (2e-3: 100.0 / 2e-2: **110.0**)")
-    from lrzoo.lab.tuned import build_cells, csv_rows
+    from lrzoo.lab.cells import build_cells
+    from lrzoo.lab.tuned import csv_rows
     rows = {r["method"]: r for r in csv_rows(build_cells(tmp_path / "runs", plan, replicates=10), plan, {})}
     assert (rows["lora"]["chosen_head_lr"], rows["dora"]["chosen_head_lr"]) == (2e-2, 5e-3)
     dora = cell_state(plan, Composer(plan), plan.methods[1], "glue/sst2", index)
@@ -448,7 +449,8 @@ def test_the_lr_is_rechecked_at_a_changed_head_before_the_seeds(tmp_path):
     dora = cell_state(plan, Composer(plan), plan.methods[1], "glue/sst2", index)
     assert dora.complete(3) and dora.head is None and not dora.rechecks and dora.seed_lr == 1e-3
 
-    from lrzoo.lab.tuned import _shown_lr, build_cells, csv_rows
+    from lrzoo.lab.cells import build_cells
+    from lrzoo.lab.tuned import _shown_lr, csv_rows
     shown = _shown_lr(SimpleNamespace(state=state))
     assert shown.startswith("1e-3 (") and "; head 2e-2 (" in shown
     assert shown.endswith("; lr at the new head 3e-3 (3.3e-4: 61.9 / 1e-3: 110.0 / 3e-3: **157.7** / 9e-3: 114.6)")
@@ -478,7 +480,7 @@ def test_a_recheck_waits_for_its_runs_keeps_the_lr_on_a_tie_and_steps_past_a_gri
     assert list(state.rechecks) == [1e-3, 9e-3]       # the grid's neighbour below, one factor past the top
     assert state.recheck_why_not == "lr rechecks 0/2 done" and not state.seeds
     assert [(r.lr, r.head, r.seed) for r in Sweep(plan, composer).ready([state])] == [(1e-3, 2e-2, 0), (9e-3, 2e-2, 0)]
-    from lrzoo.lab.tuned import Cell
+    from lrzoo.lab.cells import Cell
     assert Cell("lora", "glue/sst2", state, 3).missing() == "lr rechecks 0/2 done"
     scores.update({(1e-3, 2e-2, 0): 0.7, (9e-3, 2e-2, 0): 0.65})   # a tie with the chosen lr keeps it
     state = cell_state(plan, composer, lora, "glue/sst2", lookup)

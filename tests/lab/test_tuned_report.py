@@ -338,7 +338,8 @@ def test_seeds_resampled_draws_whole_seeds_and_catches_a_verdict_one_failed_seed
     drawn with replacement per replicate, and turn 'worse' into 'tied' when one failed seed makes the gap."""
     from types import SimpleNamespace
 
-    from lrzoo.lab.tuned import _compare, _shown_cell, _shown_diff
+    from lrzoo.lab.cells import _compare
+    from lrzoo.lab.tuned import _shown_cell, _shown_diff
 
     per_seed = np.arange(3 * 5, dtype=float).reshape(3, 5)   # seed i, replicate r -> 5i + r
     resampled = intervals.seeds_resampled(per_seed, "glue/sst2")
