@@ -105,8 +105,8 @@ def compose_checked(overrides: list[str], what: str) -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .train.schema import check_keys
     from .runs.identity import plain_config
+    from .train.schema import check_keys
 
     register_adapter_configs()
     try:

@@ -19,6 +19,7 @@ from ..lab.plan import PlanError, load_plan
 from ..lab.report import write_plain_report
 from ..lab.table import REPORT_CSV, REPORT_MD, REPORT_PNG, collect
 from ..lab.tuned import write_report
+from ..runs.files import RESULTS_FILE
 from .errors import entry_point
 
 
@@ -26,7 +27,7 @@ from .errors import entry_point
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point of ``lrzoo-report``."""
     parser = argparse.ArgumentParser(prog="lrzoo-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="directory searched recursively for results.json")
+    parser.add_argument("root", type=Path, help=f"directory searched recursively for {RESULTS_FILE}")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: ROOT)")
     parser.add_argument("--select", choices=("final", "best"), default="final",
                         help="score of each run: its final evaluation or its best one (GLUE protocol)")
@@ -48,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     rows = collect(args.root, args.select)
     if not rows:
-        parser.error(f"no finished runs (results.json) under {args.root}; run lrzoo-train first")
+        parser.error(f"no finished runs ({RESULTS_FILE}) under {args.root}; run lrzoo-train first")
     print(write_plain_report(rows, out))
     n_runs = len({row["run"] for row in rows})
     print(f"wrote {written} ({n_runs} run{'s' if n_runs != 1 else ''}, {len(rows)} scores)")
