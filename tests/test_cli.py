@@ -13,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import lrzoo
-from lrzoo.cli.train import config_hash, run_hash, run_recipe
+from lrzoo.cli.train import run_recipe
+from lrzoo.runs.identity import config_hash, run_hash
 from lrzoo.configs import config_dir
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
@@ -160,7 +161,7 @@ def test_sweep_from_the_command_line_then_report(tmp_path):
 
 
 def test_train_tasks_interleave_a_union_and_eval_tasks_override(tmp_path):
-    from lrzoo.cli.train import _train_rows
+    from lrzoo.train.recipe import _train_rows
     from lrzoo.tasks import get_task
 
     data = write_sst2(tmp_path / "data", train=6)

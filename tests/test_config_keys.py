@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 import lrzoo
-from lrzoo.cli.overrides import check_overrides, config_groups
-from lrzoo.cli.train import plain_config, run_recipe
+from lrzoo.compose import check_overrides, config_groups
+from lrzoo.cli.train import run_recipe
+from lrzoo.runs.identity import plain_config
 from lrzoo.errors import UserError
 from lrzoo.train.schema import FIXED_NODES, adapter_keys, check_keys
 from test_cli import ADAPTER_FILES, EXPERIMENTS

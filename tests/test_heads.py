@@ -256,7 +256,7 @@ def test_head_only_on_a_bi_encoder_names_the_cross_encoder():
 
 
 def test_other_presets_keep_their_run_hash_and_minilm_pools_by_mean():
-    from lrzoo.cli.train import hashed_config, run_hash
+    from lrzoo.runs.identity import hashed_config, run_hash
 
     for model in ("roberta_base", "tiny_bert", "smollm2_135m", "tiny_llama"):
         cfg = compose([f"model={model}", "task=glue/rte"])

@@ -8,8 +8,9 @@ import pytest
 
 import lrzoo
 from conftest import tiny_llama
-from lrzoo.cli.plan import plan_key
-from lrzoo.cli.train import config_hash, hashed_config, run_hash, run_recipe
+from lrzoo.runs.identity import plan_key
+from lrzoo.cli.train import run_recipe
+from lrzoo.runs.identity import config_hash, hashed_config, run_hash
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

@@ -93,7 +93,7 @@ def test_tera_linear_matches_the_materialised_update_in_both_forms(modes, rank, 
 
 @pytest.mark.parametrize("n_modes,rank", [(4, 5), (6, 3)])
 def test_tera_core_scaling_is_autograds_chain_without_its_intermediates(n_modes, rank):
-    from lrzoo.cli.bench import saved_activation_bytes
+    from lrzoo.bench.timing import saved_activation_bytes
     from lrzoo.kernels.tera import ScaledCoreFunction
 
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def test_tera_core_scaling_is_autograds_chain_without_its_intermediates(n_modes,
 
 
 def test_tera_row_factor_product_is_autograds_without_keeping_the_kronecker_rows():
-    from lrzoo.cli.bench import saved_activation_bytes
+    from lrzoo.bench.timing import saved_activation_bytes
     from lrzoo.kernels.tera import KronRowsProductFunction, _kron_rows
 
     g = torch.Generator().manual_seed(0)
@@ -164,7 +164,7 @@ def test_tera_tucker_form_gradients_are_autograds_of_the_plain_formula(dropout, 
 def test_tera_tucker_form_matches_the_dense_lora_form_keeping_two_n_by_q_tensors(dropout):
     """Same values and gradients as ``lora_linear`` with ``A = Rcᵀ, B = T`` (float64: only the order of the
     products differs), saving only ``xa = drop(x)·Rc`` and ``z0 = xa·(G diag s_in)ᵀ`` (N×Q each) and the mask."""
-    from lrzoo.cli.bench import saved_activation_bytes
+    from lrzoo.bench.timing import saved_activation_bytes
     from lrzoo.kernels import lora, tera
 
     modes, rank, tokens = (8, 8, 8, 8), 2, 24

@@ -14,7 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import SHARED_DATA
-from lrzoo.cli.train import config_hash, hashed_config, run_hash, run_recipe
+from lrzoo.cli.train import run_recipe
+from lrzoo.runs.identity import config_hash, hashed_config, run_hash
 from lrzoo.tasks import get_task
 from lrzoo.tasks.commonsense import SPECS, CommonsenseTask, choice_labels, choice_question, choice_texts
 from lrzoo.tasks.prompts import alpaca_prompt
@@ -208,7 +209,7 @@ def test_question_format_reads_each_template():
 
 
 def test_question_training_format_is_checked_against_the_evaluation():
-    from lrzoo.cli.train import formatted_train_rows
+    from lrzoo.train.recipe import formatted_train_rows
 
     task, rows = get_task("commonsense/arc_e"), _rows()
     scored = EvalConfig(mode="loglik", choices="question")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import lrzoo
-from lrzoo.cli.train import config_hash, run_recipe
+from lrzoo.cli.train import run_recipe
+from lrzoo.runs.identity import config_hash
 from lrzoo.models import load_model
 from lrzoo.targets import quantization_of
 from lrzoo.train.trainer import Trainer

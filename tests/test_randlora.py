@@ -162,7 +162,7 @@ def test_merged_path_keeps_no_weight_sized_tensor_for_the_backward(d_in, d_out, 
     With d_in ≤ d_out that is no more than PEFT, which keeps x and the P×d factor; a wide-input layer
     still keeps x (N×d_in) where PEFT keeps x·Bf (N×P), the remaining excess (docs/benchmarks.md).
     """
-    from lrzoo.cli.bench import saved_activation_bytes
+    from lrzoo.bench.timing import saved_activation_bytes
 
     torch.manual_seed(0)
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)),

@@ -55,7 +55,7 @@ def test_results_json_states_the_truncated_share_of_each_set(tmp_path):
 
     import numpy as np
 
-    from lrzoo.cli.train import HELDOUT_SEED
+    from lrzoo.train.recipe import HELDOUT_SEED
 
     order = np.random.default_rng(HELDOUT_SEED).permutation(64)   # the held-out slice split_heldout takes
     truncated = results["truncated"]

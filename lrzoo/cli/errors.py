@@ -1,42 +1,21 @@
 """What the command-line entry points print for a mistake in their input: its message, one line, and a
 non-zero exit, never a traceback (``--debug`` or ``HYDRA_FULL_ERROR=1`` shows it).
 
-A user error is a :class:`lrzoo.errors.UserError`, or any ``ValueError``/``TypeError``/``OSError``/
-``ImportError`` raised while an entry point checks and loads what it was given (:func:`input_phase`: the
-config, the data, the model, the adapter's options, the checkpoint to resume): every check there raises one
-of those with a message naming the bad input. The exception keeps its type (library callers and tests
-still catch ``FileNotFoundError``...); it is only marked. Anything else, and anything raised once training
-has started, is a bug and keeps its traceback.
+What counts as a user error is :func:`lrzoo.errors.is_user_error` (a :class:`~lrzoo.errors.UserError`, or an
+input error marked by :func:`lrzoo.errors.input_phase` while a run checks and loads what it was given).
+Anything else, and anything raised once training has started, is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from ..errors import UserError
+from ..errors import is_user_error, message
 
-INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError)
-_MARK = "lrzoo_user_error"
 DEBUG_FLAG = "--debug"
-
-
-@contextlib.contextmanager
-def input_phase(*also: type[BaseException]) -> Iterator[None]:
-    """Mark errors of :data:`INPUT_ERRORS` (and ``also``) raised inside as the user's input errors."""
-    try:
-        yield
-    except (*INPUT_ERRORS, *also) as err:
-        with contextlib.suppress(AttributeError):
-            setattr(err, _MARK, True)
-        raise
-
-
-def is_user_error(err: BaseException) -> bool:
-    return isinstance(err, UserError) or getattr(err, _MARK, False)
 
 
 def debugging() -> bool:
@@ -50,14 +29,6 @@ def take_debug_flag(argv: list[str]) -> list[str]:
     if DEBUG_FLAG in argv:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     return [arg for arg in argv if arg != DEBUG_FLAG]
-
-
-def message(err: BaseException) -> str:
-    """The error's own words (its first lines; an empty message gives its type)."""
-    text = str(err).strip()
-    if isinstance(err, KeyError) and text.startswith(("'", '"')):
-        text = text[1:-1]
-    return text or type(err).__name__
 
 
 def entry_point(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -2,314 +2,57 @@
 
     lrzoo-report runs/ --out runs/report
 
-writes ``results.md`` (adapter × task, mean ± std over seeds of the primary metric ×100, the average
-over tasks, trainable parameters, peak memory and training time), ``results.csv`` (one row per
-adapter, model and task) and ``results.png`` (score against trainable parameters, log scale).
-A run scored on several eval sets (``commonsense/all``) gives one column per set.
-
-Runs are grouped by configuration, not by directory name: the seeds of one configuration (its
-``results.json`` ``config`` without ``seed``) are aggregated, and when an adapter was run with
-several configurations on a task (a sweep over ``trainer.lr``), each is a row of its own, labelled by
-the keys that differ, e.g. ``lora (trainer.lr=0.01)``. Results written before ``config`` was recorded
-are grouped by model, adapter and task alone. A held-out training slice (eval set ``heldout/<task>``) is
-never a column.
+The tables are :mod:`lrzoo.lab.table` and :mod:`lrzoo.lab.report` (what each column means).
 
 ``lrzoo-report DIR --plan PLAN`` reports an ``lrzoo-sweep`` plan instead: the tuned comparison of
-:mod:`lrzoo.cli.tuned` (the chosen learning rate per cell, bootstrap intervals, ties with the best,
+:mod:`lrzoo.lab.tuned` (the chosen learning rate per cell, bootstrap intervals, ties with the best,
 missing cells).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import json
-import statistics
-import sys
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from ..train.config import HELDOUT_PREFIX
-from ..train.run_dir import RESULTS_FILE, read_results
+from ..lab.plan import PlanError, load_plan
+from ..lab.report import write_plain_report
+from ..lab.table import REPORT_CSV, REPORT_MD, REPORT_PNG, collect
+from ..lab.tuned import write_report
+from ..runs.files import RESULTS_FILE
 from .errors import entry_point
-
-CSV_FIELDS = ("model", "adapter", "variant", "task", "metric", "n_seeds", "mean", "std", "trainable_params",
-              "peak_memory_mb", "wall_time_s")
-#: differing keys named in a variant's label before it is cut short (with its digest)
-LABEL_KEYS = 3
-
-
-def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
-    """One row per ``results.json`` under ``root`` and eval set; ``select="best"`` takes the best evaluation."""
-    rows = []
-    for path in sorted(root.rglob(RESULTS_FILE)):
-        result = read_results(str(path.parent), move_damaged=False)
-        if result is None:  # damaged: the run is unfinished until lrzoo-train moves the file aside and redoes it
-            print(f"[lrzoo-report] skipping {path}: not a JSON object (damaged); run the same lrzoo-train command "
-                  "again to finish that run", file=sys.stderr)
-            continue
-        chosen = result.get("best", {}) if select == "best" else {"score": result.get("score"),
-                                                                   "metrics": result.get("metrics", {})}
-        if chosen.get("score") is None:
-            continue
-        # "run": a run scored on several eval sets gives a row per set, so runs are counted by their folder
-        common = {"run": str(path.parent), "model": result.get("model", "?"), "adapter": result["adapter"],
-                  "seed": result.get("seed"),
-                  "command": _command(path.parent), "config": _flat_config(result.get("config")),
-                  "trainable_params": result["trainable_params"], "peak_memory_mb": result.get("peak_memory_mb"),
-                  "wall_time_s": result.get("wall_time_s"), "tuned": "selection_score" in result}
-        metric = result["primary_metric"]
-        # several eval sets: metrics are "<eval task>/<metric>"; report each set, not their mean (nor the
-        # held-out training slice a tuned sweep chooses its learning rate on)
-        per_set = {key[:-len(metric) - 1]: value for key, value in (chosen.get("metrics") or {}).items()
-                   if key.endswith("/" + metric) and not key.startswith(HELDOUT_PREFIX)}
-        for task, score in (per_set or {result["task"]: chosen["score"]}).items():
-            rows.append({**common, "task": task, "metric": metric, "score": 100 * score})
-    return rows
-
-
-def _flat_config(config: Optional[dict[str, Any]]) -> Optional[dict[str, str]]:
-    """``results.json``'s ``config`` as ``{"dotted.key": "json value"}`` without the seed (``None``: not recorded)."""
-    if not isinstance(config, dict):
-        return None
-    flat: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = json.dumps(node, sort_keys=True)
-
-    walk({k: v for k, v in config.items() if k != "seed"}, "")
-    return flat
-
-
-def label_variants(rows: Sequence[dict[str, Any]]) -> None:
-    """Set each row's ``variant``: the keys that tell an adapter's configurations apart (``trainer.lr=0.01``).
-
-    Only keys that differ between configurations run on the *same* task count, and the label is then
-    given to every configuration of that model and adapter, so a learning-rate sweep lines up across
-    tasks while per-task hyperparameters (one configuration per task, as in the papers' presets) keep
-    one unlabelled row. Results without a recorded ``config`` are labelled only when they share a task
-    with other configurations.
-    """
-    per_task: dict[tuple[str, str], dict[str, dict[Optional[str], Optional[dict[str, str]]]]] = defaultdict(
-        lambda: defaultdict(dict))
-    for row in rows:
-        config = row.get("config")
-        row["_variant_key"] = json.dumps(config, sort_keys=True) if config is not None else None
-        per_task[(row["model"], row["adapter"])][row["task"]][row["_variant_key"]] = config
-    labels: dict[tuple[str, str, str, Optional[str]], str] = {}
-    for (model, adapter), tasks in per_task.items():
-        differing: set[str] = set()
-        for configs in tasks.values():
-            recorded = [config for config in configs.values() if config is not None]
-            keys = {k for config in recorded for k in config}
-            differing |= {k for k in keys if len({config.get(k, "<unset>") for config in recorded}) > 1}
-        for task, configs in tasks.items():
-            for key, config in configs.items():
-                if config is None:
-                    label = "config not recorded" if len(configs) > 1 else ""
-                else:
-                    parts = [f"{k}={json.loads(config[k]) if k in config else '<unset>'}" for k in sorted(differing)]
-                    label = ", ".join(parts[:LABEL_KEYS])
-                    if len(parts) > LABEL_KEYS:
-                        label += f", +{len(parts) - LABEL_KEYS} more #{hashlib.sha256(key.encode()).hexdigest()[:6]}"
-                labels[(model, adapter, task, key)] = label
-    for row in rows:
-        row["variant"] = labels[(row["model"], row["adapter"], row["task"], row.pop("_variant_key"))]
-
-
-def display_name(row: dict[str, Any]) -> str:
-    """``adapter``, or ``adapter (variant)`` when it was run with several configurations."""
-    return f"{row['adapter']} ({row['variant']})" if row.get("variant") else row["adapter"]
-
-
-def _command(run_dir: Path) -> Optional[str]:
-    """The ``lrzoo-train`` overrides of a run (Hydra's ``.hydra/overrides.yaml``), minus seed and task."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return None
-    import yaml
-
-    kept = [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith(("seed=", "task="))]
-    return "lrzoo-train " + " ".join(kept)
-
-
-def commands(rows: Sequence[dict[str, Any]]) -> str:
-    """How each (model, adapter) was run: its command(s), with the seeds and tasks they covered."""
-    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row.get("command"):
-            runs[(row["model"], row["adapter"], row["command"])].append(row)
-    lines = []
-    for (model, adapter, command), mine in sorted(runs.items()):
-        seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
-        tasks = ",".join(sorted({r["task"] for r in mine}))
-        lines.append(f"- {model} / {adapter}: `{command} seed={seeds}` on {tasks}")
-    return ("Commands:\n\n" + "\n".join(lines) + "\n") if lines else ""
-
-
-def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample standard deviation over seeds per (model, adapter, configuration, task)."""
-    if any("variant" not in row for row in rows):
-        label_variants(rows)
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[(row["model"], row["adapter"], row["variant"], row["task"])].append(row)
-    table = []
-    for (model, adapter, variant, task), runs in sorted(groups.items()):
-        scores = [run["score"] for run in runs]
-        memory = [run["peak_memory_mb"] for run in runs if run.get("peak_memory_mb") is not None]
-        walls = [run["wall_time_s"] for run in runs if run.get("wall_time_s") is not None]
-        table.append({"model": model, "adapter": adapter, "variant": variant, "task": task, "metric": runs[0]["metric"],
-                      "n_seeds": len(scores), "mean": statistics.fmean(scores),
-                      "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                      "trainable_params": runs[0]["trainable_params"],
-                      "peak_memory_mb": max(memory) if memory else None,
-                      "wall_time_s": statistics.fmean(walls) if walls else None})
-    return table
-
-
-def averages(table: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
-    """Mean over tasks of the per-task means, for each (model, adapter or ``adapter (variant)``) scored on
-    every task of its model."""
-    tasks_of: dict[str, set[str]] = defaultdict(set)
-    means: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for row in table:
-        tasks_of[row["model"]].add(row["task"])
-        means[(row["model"], display_name(row))].append(row["mean"])
-    return {key: statistics.fmean(values) for key, values in means.items() if len(values) == len(tasks_of[key[0]])}
-
-
-def _params(count: int) -> str:
-    return f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count / 1e3:.1f}K"
-
-
-def markdown(table: Sequence[dict[str, Any]]) -> str:
-    """One table per model: rows = adapters, columns = tasks (cells = mean ± std (n seeds)), then the
-    average over tasks, trainable parameters (range over tasks: heads differ), peak memory and time."""
-    parts = []
-    avg = averages(table)
-    for model in sorted({row["model"] for row in table}):
-        rows = [row for row in table if row["model"] == model]
-        tasks = sorted({row["task"] for row in rows})
-        cells = {(display_name(row), row["task"]): row for row in rows}
-        metric_of = {row["task"]: row["metric"] for row in rows}
-        header = ["adapter", *(f"{t} ({metric_of[t]})" for t in tasks)]
-        header += ["average"] if len(tasks) > 1 else []
-        header += ["trainable params", "peak memory (MB)", "train time / run (s)"]
-        lines = [f"### {model}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for adapter in sorted({display_name(row) for row in rows}):
-            mine = [r for r in rows if display_name(r) == adapter]
-            values = [f"{c['mean']:.2f} ± {c['std']:.2f} ({c['n_seeds']})" if (c := cells.get((adapter, t))) else "–"
-                      for t in tasks]
-            if len(tasks) > 1:
-                values.append(f"{avg[(model, adapter)]:.2f}" if (model, adapter) in avg else "–")
-            params = sorted({r["trainable_params"] for r in mine})
-            memory = [r["peak_memory_mb"] for r in mine if r["peak_memory_mb"] is not None]
-            walls = [r["wall_time_s"] for r in mine if r["wall_time_s"] is not None]
-            values += ["–".join(dict.fromkeys(_params(p) for p in (params[0], params[-1]))),
-                       f"{max(memory):.0f}" if memory else "–", f"{statistics.fmean(walls):.0f}" if walls else "–"]
-            lines.append("| " + " | ".join([adapter.replace("|", "\\|"), *values]) + " |")
-        parts.append("\n".join(lines))
-    note = ("Scores ×100, mean ± sample std over seeds (number of seeds in brackets); average = mean over the "
-            "tasks of those means. Peak memory: the largest over the adapter's runs (CPU: process max RSS; "
-            "CUDA: max allocated). Train time: wall time of the training loop per run, averaged over seeds then tasks.")
-    if any(row.get("variant") for row in table):
-        note += (" An adapter run with several configurations of a task has a row per configuration, named by the "
-                 "keys in which they differ; the seeds of one configuration are aggregated.")
-    return "\n\n".join(parts + [note]) + "\n"
-
-
-def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
-    """Score vs trainable parameters (log x): one colour per task, each point labelled by adapter."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    tasks = sorted({row["task"] for row in table})
-    labelled = len(tasks) == 1  # with several tasks only the averages carry labels
-    for task in tasks:
-        rows = [row for row in table if row["task"] == task]
-        # bars: std over seeds, or a tuned report's bootstrap interval ("ci")
-        yerr = ([[r["mean"] - r["ci"][0] for r in rows], [r["ci"][1] - r["mean"] for r in rows]]
-                if all(r.get("ci") for r in rows) else [r["std"] for r in rows])
-        ax.errorbar([r["trainable_params"] for r in rows], [r["mean"] for r in rows],
-                    yerr=yerr, fmt="o", capsize=3, label=task,
-                    alpha=1.0 if labelled else 0.35, markersize=6 if labelled else 4)
-        for r in rows if labelled else ():
-            ax.annotate(display_name(r), (r["trainable_params"], r["mean"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-    if not labelled:
-        params = {(r["model"], display_name(r)): r["trainable_params"] for r in table}
-        for (model, adapter), value in averages(table).items():
-            ax.plot(params[(model, adapter)], value, "k*", markersize=10)
-            ax.annotate(adapter, (params[(model, adapter)], value), textcoords="offset points", xytext=(5, 3),
-                        fontsize=8)
-        ax.plot([], [], "k*", label="average over tasks")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("score (primary metric ×100)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @entry_point("lrzoo-report")  # a user error (lrzoo.errors.UserError...) is one line; --debug: the traceback
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point of ``lrzoo-report``."""
     parser = argparse.ArgumentParser(prog="lrzoo-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="directory searched recursively for results.json")
+    parser.add_argument("root", type=Path, help=f"directory searched recursively for {RESULTS_FILE}")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: ROOT)")
     parser.add_argument("--select", choices=("final", "best"), default="final",
                         help="score of each run: its final evaluation or its best one (GLUE protocol)")
     parser.add_argument("--plan", type=Path, default=None,
                         help="an lrzoo-sweep plan: report its tuned comparison (chosen lr, bootstrap intervals, "
-                             "ties with the best, missing cells) instead (lrzoo/cli/tuned.py)")
+                             "ties with the best, missing cells) instead (lrzoo/lab/tuned.py)")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         parser.error(f"{args.root} is not a directory")
+    out = args.out or args.root
+    written = f"{out / REPORT_MD}, {out / REPORT_CSV}, {out / REPORT_PNG}"
     if args.plan is not None:
-        from .plan import PlanError, load_plan
-        from .tuned import write_report
-
         try:
             plan = load_plan(args.plan)
         except PlanError as err:
             parser.error(str(err))
-        out = args.out or args.root
         print(write_report(args.root, plan, out).text)
-        print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'} (plan {args.plan})")
+        print(f"wrote {written} (plan {args.plan})")
         return
     rows = collect(args.root, args.select)
     if not rows:
-        parser.error(f"no finished runs (results.json) under {args.root}; run lrzoo-train first")
-    out = args.out or args.root
-    out.mkdir(parents=True, exist_ok=True)
-    table = aggregate(rows)
-    listed = commands(rows)
-    text = markdown(table) + (("\n" + listed) if listed else "")
-    if any(row["tuned"] for row in rows):
-        text += ("\nThese runs have a held-out selection_score (an lrzoo-sweep plan): `lrzoo-report DIR --plan PLAN` "
-                 "reports the tuned comparison (chosen lr per cell, bootstrap intervals, missing cells).\n")
-    (out / "results.md").write_text(text)
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in CSV_FIELDS} for row in table)
-    plot(table, out / "results.png")
-    print(text)
+        parser.error(f"no finished runs ({RESULTS_FILE}) under {args.root}; run lrzoo-train first")
+    print(write_plain_report(rows, out))
     n_runs = len({row["run"] for row in rows})
-    print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'} "
-          f"({n_runs} run{'s' if n_runs != 1 else ''}, {len(rows)} scores)")
+    print(f"wrote {written} ({n_runs} run{'s' if n_runs != 1 else ''}, {len(rows)} scores)")
 
 
 if __name__ == "__main__":

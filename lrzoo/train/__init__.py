@@ -5,8 +5,8 @@
 * :mod:`~lrzoo.train.trainer`: the loop (:class:`Trainer`), with :mod:`~lrzoo.train.divergence`
   (non-finite steps), :mod:`~lrzoo.train.precision` and :mod:`~lrzoo.train.sharding` (FSDP2);
 * :mod:`~lrzoo.train.checkpoint`: writing and loading checkpoints and the adapter;
-  :mod:`~lrzoo.train.resume` (the newest intact checkpoint), :mod:`~lrzoo.train.run_dir` (one writer
-  per run directory);
+  :mod:`~lrzoo.train.resume` (the newest intact checkpoint), :mod:`~lrzoo.train.run_dir` (every rank
+  sees one run directory; its files and lock are :mod:`lrzoo.runs`);
 * :mod:`~lrzoo.train.evaluation`: scores, decoding, ``results.json`` and ``predictions.json``;
   :mod:`~lrzoo.train.loglik` (multiple-choice options scored by likelihood, ``eval.mode=loglik``);
 * :mod:`~lrzoo.train.procedures`: the trainer's side of a method's procedure (built from the model's record, the
@@ -14,6 +14,8 @@
   methods (:mod:`lrzoo.procedure`); :mod:`~lrzoo.train.optim` (``lrzoo.make_optimizer``, which asks the procedure);
 * :mod:`~lrzoo.train.callbacks` (hooks, loggers), :mod:`~lrzoo.train.baselines` (full fine-tuning, head only,
   zero-shot).
+
+* :mod:`~lrzoo.train.recipe`: a composed config checked and run (:func:`~lrzoo.train.recipe.run_recipe`).
 
 The command line that runs a recipe is :mod:`lrzoo.cli.train` (``lrzoo-train``, ``python -m lrzoo.cli.train``).
 """

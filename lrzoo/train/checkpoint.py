@@ -6,7 +6,7 @@ scheduler and callback state (a training procedure's state travels in its callba
 state and the run's progress. It is written by rank 0 into a temporary directory renamed into place
 (:func:`lrzoo.io.atomic_directory`), so a killed run leaves the previous checkpoint intact; the newest
 ``keep_checkpoints`` are kept. Reading one (and skipping damaged ones) is :mod:`lrzoo.train.resume`;
-one writer per run directory is :mod:`lrzoo.train.run_dir`.
+one writer per run directory is :mod:`lrzoo.runs.lock`.
 """
 
 from __future__ import annotations

@@ -70,10 +70,6 @@ class TrainerConfig:
         return _from_dict(cls, values, "trainer")
 
 
-#: eval sets whose name starts with this are slices of the training split (``task.heldout_size``) for choosing
-#: hyperparameters: the trainer reports them as ``selection_score``, never as part of ``score``
-HELDOUT_PREFIX = "heldout/"
-
 #: ``eval.mode``: ``generate`` decodes and extracts the answer (the task's own protocol, LLM-Adapters for
 #: commonsense); ``loglik`` scores each option of a multiple-choice item by its likelihood (lm-eval's rule,
 #: :mod:`lrzoo.train.loglik`).
@@ -89,7 +85,7 @@ EVAL_CHOICES = ("label", "text", "question")
 class EvalConfig:
     """How generation tasks are evaluated: the root ``eval`` node of ``lrzoo-train``'s config, passed to
     :class:`lrzoo.train.trainer.Trainer` as ``evaluation``. The defaults are the protocol runs had before
-    the node existed (``lrzoo.cli.train.hashed_config`` leaves them out of the config hash)."""
+    the node existed (``lrzoo.runs.identity.hashed_config`` leaves them out of the config hash)."""
 
     mode: str = "generate"
     choices: str = "label"

@@ -30,14 +30,12 @@ from tqdm.auto import tqdm
 from ..heads import best_threshold, find_pooled_head, head_spec
 from ..io import atomic_file
 from ..optimizers import state_bytes
+from ..runs.files import HELDOUT_PREFIX, PREDICTIONS_FILE, RESULTS_FILE
 from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
 from . import loglik
-from .config import HELDOUT_PREFIX
 from .data import collate, encode_rows
-from .run_dir import RESULTS_FILE
 from .divergence import is_finite_number, json_safe
 from .sharding import gathered_root
-
 
 
 def peak_memory_mb() -> float:
@@ -165,7 +163,7 @@ class EvaluationMixin:
         ``results.json`` (whose presence marks the run finished)."""
         if not self.is_main:
             return
-        with atomic_file(os.path.join(self.run_dir, "predictions.json")) as handle:
+        with atomic_file(os.path.join(self.run_dir, PREDICTIONS_FILE)) as handle:
             json.dump(json_safe({"sets": self.last_predictions}), handle, allow_nan=False)
         with atomic_file(os.path.join(self.run_dir, RESULTS_FILE)) as handle:
             json.dump(results, handle, indent=2, allow_nan=False)  # strict JSON: NaN is null

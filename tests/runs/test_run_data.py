@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lrzoo.cli import run_data
-from lrzoo.cli.run_data import check_task_sets, data_plan
-from lrzoo.cli.train import config_hash, hashed_config, run_recipe
+from lrzoo.runs import data as run_data
+from lrzoo.runs.data import check_task_sets, data_plan
+from lrzoo.cli.train import run_recipe
+from lrzoo.runs.identity import config_hash, hashed_config
 from lrzoo.errors import UserError
 from lrzoo.tasks import get_task
 from lrzoo.tasks import data_identity

@@ -18,11 +18,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from lrzoo.cli.plan import (STATUS_FILE, Composer, Outcome, PlanError, RunIndex, beyond_edge, cell_state, choose_head,
-                            choose_lr, format_lr, load_plan, outcome_in_dir, plan_key)
-from lrzoo.cli.sweep import Sweep, run_plan
-from lrzoo.cli.train import config_hash, run_recipe, split_heldout
-from lrzoo.train.config import HELDOUT_PREFIX
+from lrzoo.lab.choice import Outcome, RunIndex, beyond_edge, cell_state, choose_head, choose_lr, outcome_in_dir
+from lrzoo.lab.plan import Composer, PlanError, format_lr, load_plan
+from lrzoo.runs.files import STATUS_FILE
+from lrzoo.runs.identity import plan_key
+from lrzoo.lab.sweep import Sweep, run_plan
+from lrzoo.cli.train import run_recipe
+from lrzoo.runs.identity import config_hash
+from lrzoo.train.recipe import split_heldout
+from lrzoo.runs.files import HELDOUT_PREFIX
 from lrzoo.configs import config_dir
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
@@ -251,7 +255,7 @@ def test_stages_order_skip_failures_and_divergence(tmp_path):
     import inspect
 
     import lrzoo.train.divergence
-    from lrzoo.cli.sweep import DIVERGED_MARK
+    from lrzoo.lab.sweep import DIVERGED_MARK
 
     assert inspect.getsource(lrzoo.train.divergence).count(f'"{DIVERGED_MARK}:') == 2   # what lrzoo-train prints
     diverged = composer.run(lora, "glue/sst2", 3e-3, 0)
@@ -291,7 +295,7 @@ def test_a_grid_grows_past_a_winning_end_before_seeds_run(tmp_path):
     state = cell_state(plan, Composer(plan), plan.methods[0], "glue/sst2", RunIndex(tmp_path / "runs"))
     assert list(state.grid) == [3.7e-5, 1.1e-4, 3.3e-4, 1e-3, 3e-3] and state.chosen == 1.1e-4
 
-    from lrzoo.cli.tuned import _shown_lr
+    from lrzoo.lab.tuned import _shown_lr
     shown = _shown_lr(SimpleNamespace(state=state), plan.grid(plan.methods[0]))
     assert shown.startswith("1.1e-4 (3.7e-5: ") and "1.1e-4: **" in shown and "edge" not in shown
     # the growth is capped: a peak far below stops after `extend` points and stays flagged as an edge
@@ -353,9 +357,10 @@ def test_head_lr_trials_run_at_the_chosen_lr_before_the_seeds(tmp_path):
     assert state.complete(3) and (state.chosen, state.head, state.head_lr, state.preset_head) == (1e-3, 2e-2, 2e-2, 2e-3)
     assert all(o.result["config"]["trainer"]["head_lr"] == 2e-2 for o in state.seeds.values())
 
-    from lrzoo.cli.tuned import _shown_lr
+    from lrzoo.lab.tuned import _shown_lr
     assert _shown_lr(SimpleNamespace(state=state)).endswith("; head 2e-2 edge (2e-3: 100.0 / 2e-2: **110.0**)")
-    from lrzoo.cli.tuned import build_cells, csv_rows
+    from lrzoo.lab.cells import build_cells
+    from lrzoo.lab.tuned import csv_rows
     rows = {r["method"]: r for r in csv_rows(build_cells(tmp_path / "runs", plan, replicates=10), plan, {})}
     assert (rows["lora"]["chosen_head_lr"], rows["dora"]["chosen_head_lr"]) == (2e-2, 5e-3)
     dora = cell_state(plan, Composer(plan), plan.methods[1], "glue/sst2", index)
@@ -388,7 +393,7 @@ def test_head_trials_grow_past_a_winning_end_and_not_past_the_preset(tmp_path):
     state = cell_state(plan, Composer(plan), plan.methods[0], "glue/sst2", RunIndex(tmp_path / "runs"))
     assert state.complete(3) and state.head == 6e-2 and state.head_trials == (2e-2, 6e-2, 1.8e-1)
 
-    from lrzoo.cli.tuned import _shown_lr
+    from lrzoo.lab.tuned import _shown_lr
     assert _shown_lr(SimpleNamespace(state=state)).endswith("; head 6e-2 (2e-3: 100.0 / 2e-2: 110.0 / 6e-2: **115.0** / "
                                                             "1.8e-1: 112.0)")
     # the preset wins: no trial below it
@@ -444,7 +449,8 @@ def test_the_lr_is_rechecked_at_a_changed_head_before_the_seeds(tmp_path):
     dora = cell_state(plan, Composer(plan), plan.methods[1], "glue/sst2", index)
     assert dora.complete(3) and dora.head is None and not dora.rechecks and dora.seed_lr == 1e-3
 
-    from lrzoo.cli.tuned import _shown_lr, build_cells, csv_rows
+    from lrzoo.lab.cells import build_cells
+    from lrzoo.lab.tuned import _shown_lr, csv_rows
     shown = _shown_lr(SimpleNamespace(state=state))
     assert shown.startswith("1e-3 (") and "; head 2e-2 (" in shown
     assert shown.endswith("; lr at the new head 3e-3 (3.3e-4: 61.9 / 1e-3: 110.0 / 3e-3: **157.7** / 9e-3: 114.6)")
@@ -474,7 +480,7 @@ def test_a_recheck_waits_for_its_runs_keeps_the_lr_on_a_tie_and_steps_past_a_gri
     assert list(state.rechecks) == [1e-3, 9e-3]       # the grid's neighbour below, one factor past the top
     assert state.recheck_why_not == "lr rechecks 0/2 done" and not state.seeds
     assert [(r.lr, r.head, r.seed) for r in Sweep(plan, composer).ready([state])] == [(1e-3, 2e-2, 0), (9e-3, 2e-2, 0)]
-    from lrzoo.cli.tuned import Cell
+    from lrzoo.lab.cells import Cell
     assert Cell("lora", "glue/sst2", state, 3).missing() == "lr rechecks 0/2 done"
     scores.update({(1e-3, 2e-2, 0): 0.7, (9e-3, 2e-2, 0): 0.65})   # a tie with the chosen lr keeps it
     state = cell_state(plan, composer, lora, "glue/sst2", lookup)
@@ -566,7 +572,7 @@ def test_an_interrupted_sweep_stops_its_runs_and_continues_when_run_again(tmp_pa
 # does, says so, finishes after a while and writes the results.
 HOLDER = """
 import json, pathlib, sys, time
-from lrzoo.train.run_dir import RunLock
+from lrzoo.runs.lock import RunLock
 run_dir, result, hold_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with RunLock(run_dir):
     print("holding", flush=True)
@@ -576,9 +582,9 @@ with RunLock(run_dir):
 
 
 def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path, monkeypatch):
-    import lrzoo.cli.sweep
+    import lrzoo.lab.sweep
 
-    monkeypatch.setattr(lrzoo.cli.sweep, "HELD_POLL_S", 0.2)
+    monkeypatch.setattr(lrzoo.lab.sweep, "HELD_POLL_S", 0.2)
     plan = _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), seeds=(0, 1))
     composer = Composer(plan)
     taken = composer.run(plan.methods[0], "glue/sst2", 1e-3, 0)   # the grid's best point (FakeRuns' score)
@@ -606,9 +612,9 @@ def test_a_run_another_process_holds_is_left_to_it_and_waited_for(tmp_path, monk
 def test_a_run_taken_between_look_and_launch_is_left_to_its_taker(tmp_path, monkeypatch):
     """The other sweep claims a run after this one looked at the plan: this one's claim fails, so the run is never
     launched here (not launched, refused and counted as a failure), and its result is waited for."""
-    import lrzoo.cli.sweep
+    import lrzoo.lab.sweep
 
-    monkeypatch.setattr(lrzoo.cli.sweep, "HELD_POLL_S", 0.2)
+    monkeypatch.setattr(lrzoo.lab.sweep, "HELD_POLL_S", 0.2)
     plan = _plan(tmp_path, tmp_path / "data", methods=("lora trainer.lr=1e-3",), seeds=(0,))
     composer = Composer(plan)
     taken = composer.run(plan.methods[0], "glue/sst2", 3.3e-4, 0)
@@ -669,7 +675,7 @@ def test_a_failed_runs_line_is_its_own_error_not_hydras_hint(tmp_path):
     status = json.loads(next((tmp_path / "runs").rglob(STATUS_FILE)).read_text())
     assert status["detail"] == "ValueError: the real reason, named"
 
-    from lrzoo.cli.sweep import failure_line
+    from lrzoo.lab.sweep import failure_line
     # no traceback: the last line that is not the hint; chained tracebacks: the last exception
     assert failure_line("[lrzoo] stopping: bad option\n\nSet the environment variable HYDRA_FULL_ERROR=1 for a "
                         "complete stack trace.\n") == "[lrzoo] stopping: bad option"
@@ -685,8 +691,8 @@ def test_a_failed_runs_line_is_its_own_error_not_hydras_hint(tmp_path):
 # every launch.
 LANE = """
 import json, math, os, subprocess, sys, time
-import lrzoo.cli.sweep as sweep
-from lrzoo.cli.plan import load_plan
+import lrzoo.lab.sweep as sweep
+from lrzoo.lab.plan import load_plan
 plan_path, record, go = sys.argv[1:4]
 sweep.HELD_POLL_S = 0.2
 

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from lrzoo.cli import intervals
-from lrzoo.cli.plan import Composer, PlanError, load_plan
+from lrzoo.lab import intervals
+from lrzoo.lab.plan import Composer, PlanError, load_plan
 from lrzoo.cli.report import main as report
 
 from test_tuned_report import _dev, _write

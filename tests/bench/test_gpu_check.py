@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from lrzoo.cli import gpu_check
+from lrzoo.bench import gpu_check
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: gpu-check would run")
@@ -35,7 +35,8 @@ def test_summary_names_the_device_each_step_and_the_failures():
 
 
 def _bench_rows():
-    from lrzoo.cli.bench import Row, Timing
+    from lrzoo.bench.layers import Row
+    from lrzoo.bench.timing import Timing
 
     shape = (8192, 4096, 4096)
     return [Row("frozen F.linear", "torch", shape, Timing(0.30, 0.01), Timing(0.60, 0.02), 0),
@@ -45,7 +46,7 @@ def _bench_rows():
 
 
 def test_the_benchmarks_table_is_read_by_its_header_names():
-    from lrzoo.cli.bench import format_table
+    from lrzoo.bench.layers import format_table
 
     measured = gpu_check.bench_measurements("# lrzoo-bench on X\n" + format_table(_bench_rows()) + "\nPASS lora\n")
     assert measured[("lora", "lrzoo", (8192, 4096, 4096))] == (0.72, 1.2)
@@ -55,7 +56,7 @@ def test_the_benchmarks_table_is_read_by_its_header_names():
 
 
 def test_predicted_and_measured_sit_side_by_side_for_every_method_and_shape():
-    from lrzoo.cli.bench import format_table
+    from lrzoo.bench.layers import format_table
     from lrzoo.kernels import roofline
 
     measured = gpu_check.bench_measurements(format_table(_bench_rows()))

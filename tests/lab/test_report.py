@@ -132,3 +132,20 @@ def test_runs_group_by_configuration_not_by_adapter(tmp_path):
     assert "| lora (trainer.lr=0.001) | 72.00 ± 2.83 (2) | 62.00 ± 2.83 (2) | 67.00 |" in text
     assert "| lora (trainer.lr=0.01) | 50.00 ± 0.00 (1) | – | – |" in text
     assert "| dora | 80.00 ± 0.00 (1) | 90.00 ± 0.00 (1) | 85.00 |" in text
+
+
+def test_a_plot_without_matplotlib_is_one_line_naming_the_lab_extra(runs, tmp_path, monkeypatch, capsys):
+    """matplotlib is the ``lab`` extra: a report on a machine without it says so in one line (exit 2), after
+    writing its tables, instead of an ImportError traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` raises ImportError, as if absent
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as exited:
+        main([str(runs), "--out", str(out)])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("lrzoo-report: error: the plot ")
+    assert "matplotlib, which is not installed: pip install 'lrzoo[lab]'" in error[0]
+    assert (out / "results.md").is_file() and (out / "results.csv").is_file() and not (out / "results.png").exists()

@@ -11,12 +11,12 @@ import warnings
 import numpy as np
 import pytest
 
-from lrzoo.cli import intervals
-from lrzoo.cli.plan import Composer, load_plan
-from lrzoo.cli.report import collect
+from lrzoo.lab import intervals
+from lrzoo.lab.plan import Composer, load_plan
+from lrzoo.lab.table import collect
 from lrzoo.cli.report import main as report
 from lrzoo.tasks.metrics import METRICS
-from lrzoo.train.run_dir import RunLock
+from lrzoo.runs.lock import RunLock
 
 
 @pytest.mark.parametrize("metric, kind", [("accuracy", "labels"), ("f1", "labels"), ("matthews_correlation", "labels"),
@@ -268,8 +268,8 @@ def test_a_one_point_plan_scored_on_several_sets_has_a_column_per_set(tmp_path):
 def test_a_grid_whose_points_all_score_the_same_is_flagged_flat():
     from types import SimpleNamespace
 
-    from lrzoo.cli.plan import CellState, Outcome
-    from lrzoo.cli.tuned import _shown_lr
+    from lrzoo.lab.choice import CellState, Outcome
+    from lrzoo.lab.tuned import _shown_lr
 
     def shown(scores):
         grid = {lr: Outcome("done") for lr in scores}
@@ -284,7 +284,7 @@ def test_results_docs_rewrites_only_the_generated_blocks_from_the_report(tree, t
     """``make results-docs``: docs/results.md's marked block becomes the report (headings demoted, no missing-cell
     list, the plot), each method page's bullets carry its cells' CSV values; prose, and the blocks of a comparison
     without runs, stay; a second run changes nothing."""
-    from lrzoo.cli.results_docs import PAGE_BEGIN, PAGE_END, Section, refresh
+    from lrzoo.lab.results_docs import PAGE_BEGIN, PAGE_END, Section, refresh
 
     plan, runs = tree
     docs = tmp_path / "docs"
@@ -338,7 +338,8 @@ def test_seeds_resampled_draws_whole_seeds_and_catches_a_verdict_one_failed_seed
     drawn with replacement per replicate, and turn 'worse' into 'tied' when one failed seed makes the gap."""
     from types import SimpleNamespace
 
-    from lrzoo.cli.tuned import _compare, _shown_cell, _shown_diff
+    from lrzoo.lab.cells import _compare
+    from lrzoo.lab.tuned import _shown_cell, _shown_diff
 
     per_seed = np.arange(3 * 5, dtype=float).reshape(3, 5)   # seed i, replicate r -> 5i + r
     resampled = intervals.seeds_resampled(per_seed, "glue/sst2")
@@ -366,7 +367,7 @@ def test_seeds_resampled_draws_whole_seeds_and_catches_a_verdict_one_failed_seed
     assert a.best and b.diff[3] == "worse" and b.diff[2] < 0        # the pooled bootstrap: really worse
     assert b.seeds_diff[2] == "tied" and b.seeds_diff[0] < b.diff[1] # seeds resampled: a far wider interval, tied
     assert " †" in _shown_cell(b) and "seeds resampled: [" in _shown_diff(b) and _shown_diff(b).endswith("tied †")
-    from lrzoo.cli.results_docs import _verdict
+    from lrzoo.lab.results_docs import _verdict
     assert _verdict(b, 2) == "really below the best (tied with the best once the training seeds are resampled too)"
     steady_too = cell([p.copy() for p in steady])
     steady_too.mean -= 1e-9

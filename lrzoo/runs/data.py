@@ -22,8 +22,7 @@ from typing import Any, Optional
 from ..errors import UserError
 from ..io import atomic_file
 from ..tasks.data_identity import fingerprint, hub_offline, local_data_dirs
-
-DATA_RECORD = "data.json"
+from .files import DATA_RECORD
 
 
 def check_task_sets(task_cfg: dict[str, Any]) -> None:

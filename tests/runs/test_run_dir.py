@@ -21,7 +21,8 @@ from conftest import REPO
 from lrzoo.cli.train import run_recipe
 from lrzoo.train.resume import STATE_KEYS, CheckpointFallbackWarning, UnreadableCheckpoint, UnsafeCheckpoint, \
     read_trainer_state
-from lrzoo.train.run_dir import LOCK_NAME, RunDirInUse, RunLock, live_holder, remove_leftovers
+from lrzoo.runs.files import LOCK_NAME
+from lrzoo.runs.lock import RunDirInUse, RunLock, live_holder, remove_leftovers
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -424,7 +425,7 @@ def test_a_resume_appends_to_metrics_csv_and_drops_a_row_cut_short(tmp_path):
 # A child handed its launcher's claim on a run directory: it takes the lock (adopts it), says so, waits for "go".
 ADOPTER = textwrap.dedent("""
     import os, sys
-    from lrzoo.train.run_dir import HANDOVER_ENV, RunLock
+    from lrzoo.runs.lock import HANDOVER_ENV, RunLock
     with RunLock(sys.argv[1]) as lock:
         print("adopted", HANDOVER_ENV in os.environ, flush=True)
         sys.stdin.readline()
@@ -457,7 +458,7 @@ def test_a_claimed_run_dir_is_handed_to_the_process_launched_for_it(tmp_path):
 
 
 def test_a_damaged_results_json_is_moved_aside_and_the_run_finished_again(tmp_path, capfd):
-    from lrzoo.cli.report import collect
+    from lrzoo.lab.table import collect
 
     data = write_sst2(tmp_path / "data")
     extra = ["trainer.save_every=4", "trainer.eval_every=100"]

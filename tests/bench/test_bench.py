@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from lrzoo import kernels
+from lrzoo.bench import layers, timing
 from lrzoo.cli import bench
 
 
 def test_saved_bytes_count_activations_once_and_skip_parameters():
     x = torch.randn(32, 16, requires_grad=True)
     weight = torch.randn(24, 16)
-    assert bench.saved_activation_bytes(lambda: F.linear(x, weight), [weight]) == 0  # frozen W keeps only W
+    assert timing.saved_activation_bytes(lambda: F.linear(x, weight), [weight]) == 0  # frozen W keeps only W
     A = torch.randn(4, 16, requires_grad=True)
     B = torch.randn(24, 4, requires_grad=True)
-    saved = bench.saved_activation_bytes(lambda: kernels.lora.lora_linear(x, weight, None, A, B, 2.0), [weight, A, B])
+    saved = timing.saved_activation_bytes(lambda: kernels.lora.lora_linear(x, weight, None, A, B, 2.0), [weight, A, B])
     assert saved == x.nelement() * 4 + 32 * 4 * 4  # x and the N×r tensor xa, nothing N×d_out
 
 
@@ -55,10 +56,10 @@ class _SavesTwice(torch.autograd.Function):
 
 def test_saved_bytes_count_a_storage_saved_twice_once():
     x = torch.randn(8, 16, requires_grad=True)
-    assert bench.saved_activation_bytes(lambda: _SavesTwice.apply(x), []) == x.nelement() * 4
+    assert timing.saved_activation_bytes(lambda: _SavesTwice.apply(x), []) == x.nelement() * 4
     y = x * 1.0  # another activation: x * y saves x and y, y * y saves y twice more, the sum saves nothing
-    assert bench.saved_activation_bytes(lambda: x * y + y * y, []) == 2 * x.nelement() * 4
-    assert bench.saved_activation_bytes(lambda: _SavesTwice.apply(x), [x]) == 0  # excluded (a parameter, say)
+    assert timing.saved_activation_bytes(lambda: x * y + y * y, []) == 2 * x.nelement() * 4
+    assert timing.saved_activation_bytes(lambda: _SavesTwice.apply(x), [x]) == 0  # excluded (a parameter, say)
 
 
 def test_saved_bytes_leave_no_graph_behind():
@@ -72,7 +73,7 @@ def test_saved_bytes_leave_no_graph_behind():
         outputs.append(weakref.ref(y))
         return y.sum()
 
-    assert bench.saved_activation_bytes(forward, []) == 64 * 4
+    assert timing.saved_activation_bytes(forward, []) == 64 * 4
     gc.collect()
     assert outputs[0]() is None
 
@@ -101,7 +102,7 @@ def test_whole_model_mode_has_a_row_per_member_and_the_peft_ratios(capsys):
 
 
 def test_block_targets_are_every_attention_and_mlp_projection():
-    from lrzoo.cli.bench_model import block_linear_targets
+    from lrzoo.bench.model import block_linear_targets
     from lrzoo.models import load_model
 
     llama, _ = load_model("tiny_llama", "generation")
@@ -116,7 +117,7 @@ def test_randlora_factored_path_saves_no_more_than_peft():
     """Few tokens take the two thin GEMMs through autograd; Af's λ·A_k intermediate is not kept (issue 16 item 4)."""
     assert not kernels.common.materialize_wins(8, 32, 64, 32, True)
     for shape in [(8, 32, 64), (8, 64, 32)]:
-        rows = bench.run(["randlora"], [shape], 4, torch.device("cpu"), torch.float32, 0.0, 0, 1)
+        rows = layers.run(["randlora"], [shape], 4, torch.device("cpu"), torch.float32, 0.0, 0, 1)
         saved = {row.impl: row.saved_bytes for row in rows if row.method == "randlora"}
         assert 0 < saved["lrzoo"] <= saved["peft"], (shape, saved)
 
@@ -133,16 +134,16 @@ def test_quick_mode_prints_timings_and_no_verdict(capsys):
 
 
 def _timing(samples):
-    return bench._quantiles(list(samples))
+    return timing.quantiles(list(samples))
 
 
 def _rows(lrzoo_fwd_bwd, peft_fwd_bwd, lrzoo_bytes=100, peft_bytes=100, method="lora"):
-    """Rows as ``bench.run`` returns them, with injected per-round fwd+bwd times (the forwards take a third)."""
-    shape = bench.TARGET_SHAPE
+    """Rows as ``layers.run`` returns them, with injected per-round fwd+bwd times (the forwards take a third)."""
+    shape = layers.TARGET_SHAPE
     frozen = [t / 2 for t in peft_fwd_bwd]
 
     def row(m, impl, fwd_bwd, saved):
-        return bench.Row(m, impl, shape, _timing([t / 3 for t in fwd_bwd]), _timing(fwd_bwd), saved)
+        return layers.Row(m, impl, shape, _timing([t / 3 for t in fwd_bwd]), _timing(fwd_bwd), saved)
 
     return [row("frozen F.linear", "torch", frozen, 0), row(method, "lrzoo", lrzoo_fwd_bwd, lrzoo_bytes),
             row(method, "peft", peft_fwd_bwd, peft_bytes)]
@@ -155,7 +156,7 @@ def _check(monkeypatch, capsys, rows, argv=()):
         calls.append((tuple(shapes), r, dtype, dropout, iters))
         return rows
 
-    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(layers, "run", fake_run)
     status = bench.main(["--check", "--device", "cpu", *argv])
     return status, capsys.readouterr().out.splitlines(), calls
 
@@ -165,16 +166,16 @@ PEFT = [100.0 + (i % 5) for i in range(30)]
 
 def test_check_exits_non_zero_on_a_fail(monkeypatch, capsys):
     status, out, calls = _check(monkeypatch, capsys, _rows([1.2 * t for t in PEFT], PEFT))
-    assert status == bench.EXIT_FAIL
+    assert status == layers.EXIT_FAIL
     assert [line for line in out if line.startswith("FAIL lora")]
     assert out[-1].startswith("verdict: FAIL")
     # it measured the configuration the targets were set for, with enough rounds
-    assert calls == [((bench.TARGET_SHAPE,), bench.TARGET_R, torch.float32, 0.0, bench.CHECK_CPU_ITERS)]
+    assert calls == [((layers.TARGET_SHAPE,), layers.TARGET_R, torch.float32, 0.0, layers.CHECK_CPU_ITERS)]
 
 
 def test_check_fails_on_saved_bytes_whatever_the_time(monkeypatch, capsys):
     status, out, _ = _check(monkeypatch, capsys, _rows([0.9 * t for t in PEFT], PEFT, lrzoo_bytes=101))
-    assert status == bench.EXIT_FAIL and out[-2].startswith("FAIL lora")
+    assert status == layers.EXIT_FAIL and out[-2].startswith("FAIL lora")
 
 
 def test_check_passes_only_when_the_whole_interval_is_within_the_bound(monkeypatch, capsys):
@@ -183,7 +184,7 @@ def test_check_passes_only_when_the_whole_interval_is_within_the_bound(monkeypat
     # a median of 0.98 but rounds on both sides of 1.0: the 95% interval straddles the bound
     straddling = [t * (0.9 if i % 3 else 1.1) for i, t in enumerate(PEFT)]
     status, out, _ = _check(monkeypatch, capsys, _rows(straddling, PEFT))
-    assert status == bench.EXIT_UNDECIDED and out[-2].startswith("UNDECIDED lora") and "straddles 1.00" in out[-2]
+    assert status == layers.EXIT_UNDECIDED and out[-2].startswith("UNDECIDED lora") and "straddles 1.00" in out[-2]
 
 
 def test_check_pairs_rounds_so_load_drift_does_not_hide_a_difference(monkeypatch, capsys):
@@ -191,25 +192,25 @@ def test_check_pairs_rounds_so_load_drift_does_not_hide_a_difference(monkeypatch
     entirely, but every lrzoo round is 5% slower than the PEFT round next to it: a FAIL, decided."""
     peft = [100.0 * 2 ** (i / 10) for i in range(30)]
     lrzoo = [1.05 * t for t in peft]
-    assert bench.median_interval(lrzoo)[0] < bench.median_interval(peft)[1]  # unpaired: no verdict possible
+    assert timing.median_interval(lrzoo)[0] < timing.median_interval(peft)[1]  # unpaired: no verdict possible
     status, out, _ = _check(monkeypatch, capsys, _rows(lrzoo, peft))
-    assert status == bench.EXIT_FAIL and "fwd+bwd 1.05× PEFT (95% interval 1.05–1.05, 30 rounds)" in out[-2]
+    assert status == layers.EXIT_FAIL and "fwd+bwd 1.05× PEFT (95% interval 1.05–1.05, 30 rounds)" in out[-2]
 
 
 def test_check_is_undecided_when_a_forward_outlasts_its_forward_and_backward(monkeypatch, capsys):
     rows = _rows([0.9 * t for t in PEFT], PEFT)
-    rows[0] = bench.Row(rows[0].method, "torch", rows[0].shape, _timing([500.0] * 30), rows[0].fwd_bwd, 0)
+    rows[0] = layers.Row(rows[0].method, "torch", rows[0].shape, _timing([500.0] * 30), rows[0].fwd_bwd, 0)
     status, out, _ = _check(monkeypatch, capsys, rows)
-    assert status == bench.EXIT_UNDECIDED
+    assert status == layers.EXIT_UNDECIDED
     assert any(line.startswith("note: frozen F.linear (torch)") for line in out)
     assert "forward timed longer than forward + backward for frozen F.linear (torch)" in out[-2]
 
 
 def test_median_interval_is_the_binomial_order_statistics():
     samples = [float(x) for x in range(30, 0, -1)]
-    assert bench.median_interval(samples) == (10.0, 21.0)  # the 10th and 21st smallest of 30
-    assert bench.median_interval(samples[:20]) == (16.0, 25.0)  # 6th and 15th of 11..30
-    assert bench.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 5 rounds: no 95% interval
+    assert timing.median_interval(samples) == (10.0, 21.0)  # the 10th and 21st smallest of 30
+    assert timing.median_interval(samples[:20]) == (16.0, 25.0)  # 6th and 15th of 11..30
+    assert timing.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 5 rounds: no 95% interval
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -236,7 +237,7 @@ def test_check_refuses_the_triton_path(monkeypatch, capsys):
 def test_rounds_alternate_their_order_and_time_every_candidate_once_per_round():
     calls = []
     fns = [lambda name=name: calls.append(name) for name in "abc"]
-    timings = bench.time_round_robin(fns, torch.device("cpu"), warmup=1, iters=3)
+    timings = timing.time_round_robin(fns, torch.device("cpu"), warmup=1, iters=3)
     assert calls == list("abc") + list("abc") + list("cba") + list("abc")
     assert [len(t.samples) for t in timings] == [3, 3, 3]
 
@@ -252,3 +253,19 @@ def test_the_table_and_the_verdict_state_one_ratio(monkeypatch, capsys):
     assert "fwd+bwd 0.90× PEFT" in out[-2]
     table = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|") for line in out if line.startswith("| ")}
     assert table[("lora", "lrzoo")][8].strip() == f"{1 / 0.9:.2f}×"
+
+
+def test_stock_peft_on_a_model_with_an_lrzoo_head_is_still_stock_peft():
+    """``lrzoo-bench --model minilm``: MiniLM loads with lrzoo's pooled head (lrzoo.heads), which is part of the
+    base model, not a layer PEFT's wrapping brought in; the stock-PEFT rows used to be refused for it."""
+    from lrzoo.bench.model import block_linear_targets, build_member
+    from lrzoo.heads import PooledForSequenceClassification
+    from lrzoo.models import load_model
+
+    base, _ = load_model("tiny_bert", "classification", num_labels=2, pooling="mean")
+    assert isinstance(base, PooledForSequenceClassification)
+    targets = block_linear_targets(base)
+    for member in ("lora", "dora", "randlora"):
+        stock = build_member(base, member, "peft", 2, targets, 0.0, "classification")
+        adapted = [type(m).__module__ for m in stock.modules() if hasattr(m, "base_layer")]
+        assert adapted and all(module.startswith("peft.") for module in adapted), member

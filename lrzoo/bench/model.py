@@ -6,9 +6,9 @@ reference row and stock PEFT (``peft.get_peft_model`` with a ``LoraConfig``/``Ra
 lrzoo layer in it) for the methods PEFT has. One step is forward, loss and backward on a fixed random
 batch (``--batch`` × ``--seq-len`` tokens), gradients dropped after each; no optimizer step (the same
 for every member of a family, and not what the kernels change). All candidates are timed round-robin
-in one run (:func:`lrzoo.cli.bench.time_round_robin`), so their ratios hold on a loaded machine.
+in one run (:func:`lrzoo.bench.timing.time_round_robin`), so their ratios hold on a loaded machine.
 
-Saved-activation bytes are counted with the per-layer counter (:func:`lrzoo.cli.bench.saved_activation_bytes`):
+Saved-activation bytes are counted with the per-layer counter (:func:`lrzoo.bench.timing.saved_activation_bytes`):
 every tensor autograd saves during the forward and loss, one count per storage (a tensor saved by
 several ops, or viewed by several, is stored once), the model's parameters and buffers excluded.
 """
@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+import os
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from .bench import Timing, saved_activation_bytes, time_round_robin
+from .timing import Timing, saved_activation_bytes, time_round_robin
 
 #: the full fine-tuning reference row's member name.
 FULL = "full"
@@ -109,8 +110,12 @@ def build_member(base: nn.Module, member: str, impl: str, r: int, targets: list[
         else:
             config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
                                 use_dora=member == "dora", init_lora_weights=False, task_type=_peft_task_type(task_kind))
+        # lrzoo classes the base already has (a pooled head, lrzoo.heads) are the model, not PEFT's doing: only an
+        # lrzoo class that wrapping brought in would make the row something other than stock PEFT
+        own = {type(m) for m in model.modules()}
         wrapped = get_peft_model(model, config)
-        foreign = [name for name, m in wrapped.named_modules() if type(m).__module__.startswith("lrzoo")]
+        foreign = [name for name, m in wrapped.named_modules()
+                   if type(m).__module__.startswith("lrzoo") and type(m) not in own]
         if foreign:
             raise RuntimeError(f"stock PEFT {member} holds lrzoo layers ({foreign[0]}, ...): not a stock baseline.")
         return wrapped.train()
@@ -207,3 +212,31 @@ def format_model_table(rows: list[ModelRow]) -> str:
             f"| {vs_full} | {f'{t_ratio:.2f}×' if t_ratio else '–'} | {row.saved_bytes / 2**20:.1f} "
             f"| {f'{b_ratio:.2f}×' if b_ratio else '–'} |")
     return "\n".join(lines)
+
+
+def bench_model(args: Any, device: torch.device, dtype: torch.dtype) -> int:
+    """``lrzoo-bench --model`` (``args``: its parsed options): the step-time and saved-bytes table, then one
+    lrzoo/PEFT line per PEFT method; returns the exit status."""
+    import lrzoo
+
+    from ..kernels import requested_backend
+
+    known = [FULL, *lrzoo.list_adapters()]
+    members = args.methods or known
+    unknown = set(members) - set(known)
+    if unknown:
+        raise SystemExit(f"lrzoo-bench --model: unknown member(s) {sorted(unknown)}; choose from {', '.join(known)}.")
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    iters = args.iters if args.iters is not None else (50 if cuda else 5)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+    print(f"# lrzoo-bench --model {args.model} on {name}; {dtype}; batch {args.batch}×{args.seq_len} tokens; r={args.r} "
+          f"on every attention/MLP projection; dropout={args.dropout}; LRZOO_BACKEND={requested_backend()}; one step = "
+          f"forward + loss + backward (no optimizer step); warm-up {warmup}, timed {iters}, round-robin; median (IQR) ms"
+          f"{'; L2 flushed' if cuda else ''}")
+    rows = run_model(args.model, members, args.r, args.batch, args.seq_len, device, dtype, args.dropout, warmup,
+                     iters, task_kind=args.task, log=print)
+    print(format_model_table(rows))
+    for member, (t_ratio, b_ratio) in peft_ratios(rows).items():
+        print(f"{member}: lrzoo/PEFT step time {t_ratio:.2f}×, saved bytes {b_ratio:.2f}×")
+    return 0

@@ -1,4 +1,9 @@
-"""``lrzoo-train``'s command-line overrides checked before Hydra composes them, and the groups they select.
+"""A run's config from ``lrzoo-train``'s command line: the packaged recipes, the overrides checked before Hydra
+composes them, the groups they select, and the composed config checked as ``lrzoo-train`` checks it.
+
+Used by ``lrzoo-train`` (:mod:`lrzoo.cli.train`) and by the lab, which composes each run of a sweep plan exactly
+as the command line would (:func:`compose_checked`); the schema of the keys is the trainer's
+(:mod:`lrzoo.train.schema`), the one way from the lab into ``train/``.
 
 Hydra's own answers to a mistyped override are several lines and sometimes the wrong advice: for
 ``trainer.lrr=1`` it says "To append to your config use +trainer.lrr=1", which the check of the composed
@@ -17,12 +22,21 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ..configs import config_dir
-from ..errors import UserError, did_you_mean
+from .configs import config_dir
+from .errors import UserError, did_you_mean
 
 #: folders of recipes/ that are not config groups of lrzoo-train
 NOT_GROUPS = ("sweeps",)
 _SPELLING = "Fix the spelling (docs/recipes.md lists every key)."
+
+
+def register_adapter_configs() -> None:
+    """Store every ``adapters/*.yaml`` in Hydra's ConfigStore as option ``adapter=<stem>``."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for path in sorted(config_dir("adapters").glob("*.yaml")):
+        store.store(group="adapter", name=path.stem, node=OmegaConf.load(path))
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -54,7 +68,7 @@ def group_options() -> dict[str, list[str]]:
 def check_overrides(overrides: list[str]) -> None:
     """Refuse an override naming a key no node declares, or a group option that does not exist: a
     :class:`~lrzoo.errors.UserError` with the closest known name."""
-    from ..train.schema import FIXED_NODES, ROOT_KEYS, unknown_key
+    from .train.schema import FIXED_NODES, ROOT_KEYS, unknown_key
 
     groups = group_options()
     for override in overrides:
@@ -91,8 +105,8 @@ def compose_checked(overrides: list[str], what: str) -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ..train.schema import check_keys
-    from .train import plain_config, register_adapter_configs
+    from .runs.identity import plain_config
+    from .train.schema import check_keys
 
     register_adapter_configs()
     try:
