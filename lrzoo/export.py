@@ -32,7 +32,7 @@ from .io import refuse_foreign_files, remove_stale_siblings, replace_files_in
 from .kernels.common import DORA_EPS
 from .kernels.randlora import randlora_factors
 from .layer import AdapterLayer
-from .methods.pissa import initial_factors
+from .methods.base_moving_init import initial_factors
 from .peft_bridge import PEFT_MODEL_PREFIX, LoraLayer, dequantized_weight, is_modules_to_save, transpose
 from .registry import adapter_specs, record_of
 from .targets import is_quantized, weight_shape

@@ -191,14 +191,7 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 #: import circles being removed by another item, each naming it (an entry whose circle is gone is stale: delete it)
-ALLOWED_CYCLES = [
-    # issue 27 item 4 (a method owns its procedure; the other half of the issue): methods/lora.py imports
-    # pissa.record_initial_factors inside a function while pissa builds on lora; one method folder ends it
-    ["lrzoo.methods.lora", "lrzoo.methods.pissa"],
-    # issue 27 item 4: the re-export shim between the callback hooks and ReLoRA's resets (gone once ReLoRA's
-    # procedure lives in its method folder)
-    ["lrzoo.train.callbacks", "lrzoo.train.relora"],
-]
+ALLOWED_CYCLES: list[list[str]] = []
 
 
 def test_no_import_cycles_even_inside_functions():
@@ -216,7 +209,7 @@ def test_the_cycle_finder_sees_a_circle_closed_inside_a_function(tmp_path):
     assert any(isinstance(n, ast.ImportFrom) and n.module == "lrzoo.lab" for n in ast.walk(tree))
 
 
-#: ``from <lrzoo module> import _name`` in files of another engineer's item (issue 27 item 4), being removed there
+#: ``from <lrzoo module> import _name`` allowed for now (none: a name another module needs is public)
 PRIVATE_IMPORT_ALLOWED: set[tuple[str, str]] = set()
 
 
@@ -340,8 +333,8 @@ def test_every_adapter_has_a_docs_page(name):
 
 
 #: a run's files and the held-out prefix are named in lrzoo/runs/files.py; a spelling elsewhere that is the whole
-#: name (not a message that mentions it) is a second definition. Allowed: files of issue 27 item 4 (the other half).
-SPELLED_ELSEWHERE_ALLOWED = {("lrzoo/train/callbacks.py", "metrics.csv")}
+#: name (not a message that mentions it) is a second definition. Allowed: none.
+SPELLED_ELSEWHERE_ALLOWED: set[tuple[str, str]] = set()
 
 
 def test_run_file_names_and_the_heldout_prefix_are_spelled_once():

@@ -35,6 +35,7 @@ from ..peft_bridge import (DoraLinearLayer, DoraLinearVariant, PeftLoraLinear, s
 from ..procedure import Procedure, checked_head, register_procedure
 from ..registry import register_adapter
 from ..targets import is_quantized, quantization_of
+from .base_moving_init import record_initial_factors
 
 
 class StableDoraLinearLayer(DoraLinearLayer):
@@ -170,9 +171,7 @@ LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 def _base_moving_init(peft_model: Any, adapter_name: str) -> None:
     """``init_lora_weights="pissa"``/``"olora"`` given to any LoRA-family method moves the base weight: save the
-    update against the original weight, as ``adapter=pissa`` does (:mod:`lrzoo.methods.pissa`)."""
-    from .pissa import record_initial_factors  # pissa builds on this module
-
+    update against the original weight, as ``adapter=pissa`` does (:mod:`lrzoo.methods.base_moving_init`)."""
     record_initial_factors(peft_model, adapter_name)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from ..io import atomic_file
 from ..registry_table import Table
+from ..runs.files import METRICS_FILE
 
 
 class Callback:
@@ -48,7 +49,7 @@ class CSVLogger(Callback):
     FIELDS = ("step", "name", "value")
 
     def __init__(self, run_dir: str, is_main: bool = True):
-        self.path = os.path.join(run_dir, "metrics.csv")
+        self.path = os.path.join(run_dir, METRICS_FILE)
         self.is_main = is_main
 
     def on_train_begin(self, trainer: Any) -> None:
