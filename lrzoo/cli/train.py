@@ -260,6 +260,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
     from lrzoo.train.budget import check_limits, check_splits
     from lrzoo.train.callbacks import make_logger
     from lrzoo.train.config import HELDOUT_PREFIX, EvalConfig
+    from lrzoo.train.parameterisations import PARAMETERISATIONS, prepare_parameterisation
     from lrzoo.train.procedures import LowRankOptimizerProcedure, procedure_for
     from lrzoo.train.resume import resume_latest
     from lrzoo.train.run_dir import read_results
@@ -320,7 +321,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
     model, tokenizer = load_model(model_cfg["source"], task.kind, task.num_labels, dtype=model_cfg.get("dtype"),
                                   config_overrides=model_cfg.get("config_overrides"),
                                   quantization=model_cfg.get("quantization"), compute_dtype=config.precision,
-                                  **head_options(model_cfg, task))
+                                  tokenizer_corpus=model_cfg.get("tokenizer_corpus"), **head_options(model_cfg, task))
     method = adapter.pop("name")
     procedure = None
     if method in BASELINES or method in lrzoo.list_optimizers():
@@ -333,6 +334,9 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
             print(f"[lrzoo] {method} is {kind}: ignoring {ignored}{rank}")
     if method in BASELINES:
         peft_model = prepare_baseline(model, method)
+    elif method in PARAMETERISATIONS:  # SLTrain: the model's layers re-parameterised, trained from scratch
+        peft_model = prepare_parameterisation(model, method, adapter, seed=plain["seed"],
+                                              default_targets=model_cfg.get("adapter_targets"))
     elif method in lrzoo.list_optimizers():  # GaLore, Fira: every weight trained through a low-rank optimizer
         peft_model = prepare_baseline(model, "full_finetune")
         procedure = LowRankOptimizerProcedure({"method": method, **adapter}, config)

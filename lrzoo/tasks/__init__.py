@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import commonsense, glue, math
+from . import commonsense, glue, math, pretrain
 from .base import Task
 
-_FACTORIES: dict[str, Callable[[], Task]] = {**glue.TASKS, **commonsense.TASKS, **math.TASKS}
+_FACTORIES: dict[str, Callable[[], Task]] = {**glue.TASKS, **commonsense.TASKS, **math.TASKS, **pretrain.TASKS}
 
 
 def list_tasks() -> list[str]:
-    """Every task name, in family order (GLUE, commonsense, math)."""
+    """Every task name, in family order (GLUE, commonsense, math, pre-training)."""
     return list(_FACTORIES)
 
 
