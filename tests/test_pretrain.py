@@ -176,3 +176,11 @@ def test_the_real_corpus_and_model_sizes(tmp_path, monkeypatch):
     assert sum(p.numel() for p in model.parameters()) == 2_901_120
     rows = get_task("pretrain/wikitext2").load_split("train", SHARED_DATA)
     assert len(rows) == 1880 and len(lm_blocks(list(rows), tokenizer, 256)) > 1000
+
+
+def test_the_sweep_plan_covers_every_row_with_two_seeds():
+    from lrzoo.cli.plan import load_plan
+
+    plan = load_plan(config_dir("recipes") / "sweeps" / "pretrain_cpu.yaml")
+    assert plan.experiment == "pretrain_cpu" and len(plan.seeds) >= 2 and plan.points >= 3
+    assert {m.name for m in plan.methods} == set(ROWS)
