@@ -175,7 +175,7 @@ def test_the_real_corpus_and_model_sizes(tmp_path, monkeypatch):
     assert len(tokenizer) == 8192
     assert sum(p.numel() for p in model.parameters()) == 2_901_120
     rows = get_task("pretrain/wikitext2").load_split("train", SHARED_DATA)
-    assert len(rows) == 1880 and len(lm_blocks(list(rows), tokenizer, 256)) > 1000
+    assert len(rows) == 2461 and len(lm_blocks(list(rows), tokenizer, 256)) > 1000
 
 
 def test_the_sweep_plan_covers_every_row_with_two_seeds():

@@ -3,7 +3,7 @@
 The CPU-scale analogue of the low-rank pre-training papers' C4 protocol (GaLore, SLTrain, APOLLO,
 Q-GaLore: a LLaMA trained from random init, validation perplexity; docs/recipes.md#pretrain_cpu):
 
-* ``train``: the non-empty lines of ``wikitext-2/valid.txt`` (paragraphs and `` = Heading = `` lines, 1,880
+* ``train``: the non-empty lines of ``wikitext-2/valid.txt`` (paragraphs and `` = Heading = `` lines, 2,461
   rows, about 268k BPE tokens), one row each, in file order. A recipe holds some out with
   ``task.heldout_size`` for choosing the learning rate, as the GLUE protocol does.
 * ``test``: the non-empty lines of ``wikitext-2/test.txt``, the perplexity set (never trained on).
