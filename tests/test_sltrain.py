@@ -140,3 +140,14 @@ def test_export_to_a_stock_model_in_a_fresh_process(tmp_path, fresh_python):
     """, cwd=tmp_path)
     assert out.split() == ["LlamaForCausalLM", "Linear"]
     assert (tmp_path / "out" / "sltrain_factors.safetensors").is_file()
+
+
+def test_bf16_autocast_trains():
+    model = apply_sltrain(tiny_llama(), r=4, alpha=8, density=0.05)
+    ids = tiny_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    layer = sltrain_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.lora_B.grad.dtype == torch.float32 and torch.isfinite(layer.sparse_values.grad).all()
+    assert layer.lora_B.grad.abs().sum() > 0

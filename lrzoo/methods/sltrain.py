@@ -93,14 +93,18 @@ class _SparseLowRankLinear(torch.autograd.Function):
         x, lora_B, scaled_A, values, support = ctx.saved_tensors
         weight = dense_weight(lora_B, scaled_A, values, support)
         need_x, need_B, need_A, need_v = ctx.needs_input_grad[:4]
-        grad_x = grad_out @ weight if need_x else None
+        # under autocast the forward ran in a lower precision than the saved tensors: compute in grad_out's dtype,
+        # return each gradient in its input's
+        grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x.dtype) if need_x else None
         grad_W = None
-        if need_B or need_A or need_v:
-            grad_W = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # G = g_yᵀ x, m×n
+        if need_B or need_A or need_v:  # G = g_yᵀ x, m×n
+            grad_W = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
+                      ).to(lora_B.dtype)
         grad_B = grad_W @ scaled_A.t() if need_B else None
         grad_A = lora_B.t() @ grad_W if need_A else None
         grad_v = grad_W.reshape(-1)[support].to(values.dtype) if need_v else None
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
+        grad_bias = (grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(lora_B.dtype)
+                     if ctx.has_bias and ctx.needs_input_grad[5] else None)
         return grad_x, grad_B, grad_A, grad_v, None, grad_bias
 
 
