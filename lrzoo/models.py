@@ -174,7 +174,7 @@ def scratch_llama_config(vocab_size: int, **overrides: Any):
     """A LLaMA config for pre-training from scratch: d 128, 4 layers of 4 heads, SwiGLU width 352 (≈ 8/3·d, a
     multiple of 16), untied output layer, RoPE, RMSNorm ε 1e-6, context 256: 2.9M parameters at an 8,192
     vocabulary (0.8M in the attention/MLP projections). ``overrides`` change any field (``hidden_size=256,
-    intermediate_size=688`` is the 7.4M model of docs/recipes.md#pretrain_cpu)."""
+    intermediate_size=688`` is the papers' ``llama_20m.json`` shape, 7.4M: docs/recipes.md, "Pre-training")."""
     from transformers import LlamaConfig
 
     fields = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
@@ -194,8 +194,8 @@ def corpus_tokenizer(corpus: Optional[str], vocab_size: int = SCRATCH_VOCAB) -> 
     the vocabulary fits the corpus (WikiText-2's valid split: 8,192 merges give 268k tokens for 1.1M characters,
     against SmolLM2's 274k at a 49,152 vocabulary, whose embeddings would be 89% of a 28M model)."""
     if not corpus:
-        raise ValueError(f"model.source={SCRATCH_LLAMA} trains its tokenizer on a text file: set model.tokenizer_corpus "
-                         "(experiment=pretrain_cpu sets it to the training text, wikitext-2/valid.txt).")
+        raise ValueError(f"model.source={SCRATCH_LLAMA} trains its tokenizer on a text file: set "
+                         "model.tokenizer_corpus (experiment=pretrain_cpu sets it to the training text).")
     path = Path(corpus).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.tokenizer_corpus={corpus!r} is not a file: give the text file the tokenizer is "

@@ -73,7 +73,8 @@ def draw_support(out_features: int, in_features: int, density: float, generator:
     return torch.randperm(total, generator=generator)[:count].sort().values
 
 
-def dense_weight(lora_B: torch.Tensor, scaled_A: torch.Tensor, values: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+def dense_weight(lora_B: torch.Tensor, scaled_A: torch.Tensor, values: torch.Tensor,
+                 support: torch.Tensor) -> torch.Tensor:
     """W = B (sA) + S as a dense m×n tensor (S scattered from ``values`` at the flat ``support``)."""
     weight = lora_B @ scaled_A
     return weight.view(-1).index_add(0, support, values.to(weight.dtype)).view_as(weight)

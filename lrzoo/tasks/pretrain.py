@@ -1,7 +1,7 @@
 """Language-model pre-training on WikiText-2 (Merity et al. 2016), scored by perplexity.
 
 The CPU-scale analogue of the low-rank pre-training papers' C4 protocol (GaLore, SLTrain, APOLLO,
-Q-GaLore: a LLaMA trained from random init, validation perplexity; docs/recipes.md#pretrain_cpu):
+Q-GaLore: a LLaMA trained from random init, validation perplexity; docs/recipes.md, "Pre-training from scratch"):
 
 * ``train``: the non-empty lines of ``wikitext-2/valid.txt`` (paragraphs and `` = Heading = `` lines, 2,461
   rows, about 268k BPE tokens), one row each, in file order. A recipe holds some out with
