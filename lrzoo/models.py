@@ -9,6 +9,10 @@ Built-in names (no network needed):
   ``$LRZOO_CACHE`` (default ``~/.cache/lrzoo``), so later loads take a second.
 * ``tiny_bert`` / ``tiny_llama``: random models a few thousand parameters big, built from a config
   with a character-level tokenizer made in memory. For tests and smoke runs only.
+* ``scratch_llama``: a randomly initialised LLaMA built from a config (:func:`scratch_llama_config`, the shape
+  of the low-rank papers' ``llama_20m.json`` cut down; ``config_overrides`` change any field) for pre-training
+  from scratch, with a byte-level BPE tokenizer trained on ``tokenizer_corpus`` (a text file; cached under
+  ``$LRZOO_CACHE/tokenizers`` by the file's SHA-256 and the vocabulary size, :func:`corpus_tokenizer`).
 
 The head follows the task: sequence classification with ``num_labels`` outputs (1 for regression)
 for GLUE-style tasks, a causal LM for generation tasks.
@@ -49,7 +53,7 @@ from .io import atomic_directory
 from .registry_table import Table
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TASK_KINDS = ("classification", "regression", "generation")
+TASK_KINDS = ("classification", "regression", "generation", "language_modeling")
 #: ``model.quantization`` values: bitsandbytes 4-bit NormalFloat / 4-bit float / LLM.int8, or none.
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 QUANT_INSTALL_HINT = "pip install 'lrzoo[quant]'"
@@ -158,6 +162,74 @@ def _tiny_config(family: str, tokenizer: PreTrainedTokenizerBase, **overrides: A
 
 
 # --------------------------------------------------------------------------------------------
+# From-scratch LLaMA (pre-training recipes)
+# --------------------------------------------------------------------------------------------
+
+SCRATCH_LLAMA = "scratch_llama"
+#: the end-of-text token of :func:`corpus_tokenizer`: document separator, end of sequence and padding
+END_OF_TEXT = "<|endoftext|>"
+SCRATCH_VOCAB = 8192
+
+
+def scratch_llama_config(vocab_size: int, **overrides: Any):
+    """A LLaMA config for pre-training from scratch: d 128, 4 layers of 4 heads, SwiGLU width 352 (≈ 8/3·d, a
+    multiple of 16), untied output layer, RoPE, RMSNorm ε 1e-6, context 256: 2.9M parameters at an 8,192
+    vocabulary (0.8M in the attention/MLP projections). ``overrides`` change any field (``hidden_size=256,
+    intermediate_size=688`` is the papers' ``llama_20m.json`` shape, 7.4M: docs/recipes.md, "Pre-training")."""
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, initializer_range=0.02, hidden_act="silu")
+    fields.update(overrides)
+    if "num_attention_heads" in overrides and "num_key_value_heads" not in overrides:
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    return LlamaConfig(**fields)
+
+
+def corpus_tokenizer(corpus: Optional[str], vocab_size: int = SCRATCH_VOCAB) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (``tokenizers``, min frequency 2, ``<|endoftext|>`` as its only special token)
+    trained on the text file ``corpus``, cached by the file's SHA-256 and ``vocab_size`` (written atomically).
+
+    Byte-level: every string encodes, nothing maps to an unknown token; the file is the pre-training text, so
+    the vocabulary fits the corpus (WikiText-2's valid split: 8,192 merges give 268k tokens for 1.1M characters,
+    against SmolLM2's 274k at a 49,152 vocabulary, whose embeddings would be 89% of a 28M model)."""
+    if not corpus:
+        raise ValueError(f"model.source={SCRATCH_LLAMA} trains its tokenizer on a text file: set "
+                         "model.tokenizer_corpus (experiment=pretrain_cpu sets it to the training text).")
+    path = Path(corpus).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.tokenizer_corpus={corpus!r} is not a file: give the text file the tokenizer is "
+                                "trained on (e.g. <data_dir>/wikitext-2/valid.txt).")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"vocab_size={vocab_size!r}: a byte-level BPE needs more than 256 entries.")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / "tokenizers" / f"bpe-{vocab_size}-{digest}"
+    if not (target / "tokenizer.json").is_file():
+        from tokenizers import ByteLevelBPETokenizer
+
+        trainer = ByteLevelBPETokenizer()
+        trainer.train([str(path)], vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT],
+                      show_progress=False)
+        with atomic_directory(str(target)) as tmp:
+            trainer.save(os.path.join(tmp, "tokenizer.json"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(target / "tokenizer.json"), eos_token=END_OF_TEXT,
+                                        bos_token=END_OF_TEXT, pad_token=END_OF_TEXT, unk_token=END_OF_TEXT)
+    return tokenizer
+
+
+def _scratch_llama(overrides: dict[str, Any], torch_dtype: Optional[torch.dtype],
+                   tokenizer_corpus: Optional[str]) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A randomly initialised ``LlamaForCausalLM`` (the global RNG: the run's seed) and its corpus tokenizer."""
+    overrides = dict(overrides)
+    tokenizer = corpus_tokenizer(tokenizer_corpus, overrides.pop("vocab_size", SCRATCH_VOCAB))
+    end = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    config = scratch_llama_config(len(tokenizer), bos_token_id=end, eos_token_id=end, pad_token_id=end, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    return (model.to(torch_dtype) if torch_dtype is not None else model), tokenizer
+
+
+# --------------------------------------------------------------------------------------------
 # Quantized bases (bitsandbytes)
 # --------------------------------------------------------------------------------------------
 
@@ -262,6 +334,7 @@ BUILTIN_MODELS: Table[tuple[Optional[Callable[[], Path]], str]] = Table("built-i
     "smollm2_135m": (smollm2_dir, "decoder"),
     "tiny_bert": (None, "encoder"),
     "tiny_llama": (None, "decoder"),
+    SCRATCH_LLAMA: (None, "decoder"),
 })
 
 
@@ -277,12 +350,14 @@ def load_model(
     pooling: Optional[str] = None,
     pair_form: Optional[str] = None,
     label_range: Optional[tuple[float, float]] = None,
+    tokenizer_corpus: Optional[str] = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model with the head ``task_kind`` needs, and its tokenizer.
 
     Args:
         source: a built-in name (see :data:`BUILTIN_MODELS`), a local directory or a hub id.
-        task_kind: ``"classification"``, ``"regression"`` or ``"generation"`` (the task's ``kind``).
+        task_kind: ``"classification"``, ``"regression"``, ``"generation"`` or ``"language_modeling"`` (the task's
+            ``kind``; a causal LM, as for generation).
         num_labels: classes of a classification task (ignored otherwise).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None`` (the checkpoint's); for a
             quantized base, the dtype of what stays unquantized (embeddings, norms, head).
@@ -297,6 +372,8 @@ def load_model(
         pair_form: ``"cross_encoder"`` (default) or ``"bi_encoder"`` (each sentence alone, the cosine of their
             pooled embeddings; for a similarity task, see :func:`lrzoo.heads.pair_form_for`).
         label_range: ``(low, high)`` of a regression label, onto which a bi-encoder maps its cosine.
+        tokenizer_corpus: the text file ``scratch_llama``'s tokenizer is trained on (:func:`corpus_tokenizer`);
+            refused for any other source.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer always has a pad token and the model's config knows it.
@@ -306,6 +383,16 @@ def load_model(
     """
     if task_kind not in TASK_KINDS:
         raise ValueError(f"task_kind must be one of {TASK_KINDS}, got {task_kind!r}.")
+    if source == SCRATCH_LLAMA or tokenizer_corpus is not None:
+        if source != SCRATCH_LLAMA:
+            raise ValueError(f"model.tokenizer_corpus is the text {SCRATCH_LLAMA}'s tokenizer is trained on; "
+                             f"{source!r} brings its own tokenizer: set model.tokenizer_corpus=null.")
+        if task_kind not in ("generation", "language_modeling") or check_quantization(quantization) != "none":
+            raise ValueError(f"model.source={SCRATCH_LLAMA} is a causal LM trained from scratch in full precision: use "
+                             "it for a generation or pre-training task with model.quantization=none.")
+        return _scratch_llama(dict(config_overrides or {}), getattr(torch, dtype) if dtype else None, tokenizer_corpus)
+    if task_kind == "language_modeling":  # pre-training text: the causal LM head, as for generation
+        task_kind = "generation"
     quantization = check_quantization(quantization)
     compute_dtype_of(compute_dtype)  # a bad value fails before anything loads
     if quantization != "none":
@@ -354,7 +441,7 @@ def load_model(
 def head_options(model_cfg: dict[str, Any], task: Any) -> dict[str, Any]:
     """:func:`load_model`'s head keywords for a recipe's ``model`` node and task: ``model.pooling``, the pair form
     ``model.similarity_head`` gives this task (:func:`lrzoo.heads.pair_form_for`), the task's label range."""
-    if task.kind == "generation":
+    if task.kind in ("generation", "language_modeling"):
         return {"pooling": model_cfg.get("pooling")}  # refused by load_model when set
     return {"pooling": model_cfg.get("pooling"), "label_range": getattr(task, "label_range", None),
             "pair_form": heads.pair_form_for(model_cfg.get("similarity_head"), task)}

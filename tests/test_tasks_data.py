@@ -35,7 +35,7 @@ def cs_item(answer, instruction="Pick one.", output=None):
 def test_every_contract_name_is_registered():
     glue = [f"glue/{t}" for t in ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")]
     cs = [f"commonsense/{t}" for t in ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa", "all")]
-    assert list_tasks() == glue + cs + ["math/gsm8k", "math/math500"]
+    assert list_tasks() == glue + cs + ["math/gsm8k", "math/math500", "pretrain/wikitext2"]
 
 
 def test_unknown_task_lists_the_known_ones():

@@ -9,15 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..registry_table import Table
-from . import commonsense, glue, math
+from . import commonsense, glue, math, pretrain
 from .base import Task
 
 _FACTORIES: Table[Callable[[], Task]] = Table("task", entries=[*glue.TASKS.items(), *commonsense.TASKS.items(),
-                                                                *math.TASKS.items()])
+                                                                *math.TASKS.items(), *pretrain.TASKS.items()])
 
 
 def list_tasks() -> list[str]:
-    """Every task name, in family order (GLUE, commonsense, math)."""
+    """Every task name, in family order (GLUE, commonsense, math, pre-training)."""
     return _FACTORIES.names()
 
 

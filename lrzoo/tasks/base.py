@@ -28,6 +28,8 @@ COLUMNS = {
         {"text_a": datasets.Value("string"), "text_b": datasets.Value("string"), "label": datasets.Value("float32")}),
     "generation": datasets.Features(
         {"prompt": datasets.Value("string"), "target": datasets.Value("string"), "answer": datasets.Value("string")}),
+    # pre-training text (lrzoo.tasks.pretrain): the trainer joins the rows and cuts token blocks
+    "language_modeling": datasets.Features({"text": datasets.Value("string")}),
 }
 
 
@@ -35,7 +37,7 @@ class Task:
     """One benchmark task: ``name`` is the public id (``"glue/sst2"``), the rest is its protocol.
 
     Attributes:
-        kind: ``"classification"`` | ``"regression"`` | ``"generation"``.
+        kind: ``"classification"`` | ``"regression"`` | ``"generation"`` | ``"language_modeling"``.
         num_labels: classes (classification), 1 (regression), 0 (generation).
         metric_names: keys of :meth:`compute_metrics`' result (evaluate-compatible names).
         primary_metric: the metric runs are reported and selected on.

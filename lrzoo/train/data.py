@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..heads import PAIR_PREFIX
 from .config import TrainerConfig
+from .lm import lm_blocks
 
 IGNORE_INDEX = -100  # label of positions that do not count in the loss (prompt tokens, padding)
 
@@ -38,6 +39,8 @@ def encode_rows(rows: Sequence[dict], kind: str, tokenizer: PreTrainedTokenizerB
     """
     if pairs not in PAIR_ENCODINGS:
         raise ValueError(f"pairs={pairs!r}: choose one of {PAIR_ENCODINGS}.")
+    if kind == "language_modeling":  # pre-training text: packed blocks, not one feature per row (lrzoo.train.lm)
+        return lm_blocks(rows, tokenizer, max_length)
     if kind in ("classification", "regression"):
         text_a = [row["text_a"] for row in rows]
         text_b = [row["text_b"] for row in rows]
@@ -76,7 +79,7 @@ def truncated_share(rows: Sequence[dict], kind: str, tokenizer: PreTrainedTokeni
     set's prompts are cut, not prompt + target). Rows are tokenised without truncation, as encode_rows
     sees them before it cuts: a pair counts as cut when the joint sequence (or, encoded separately, either
     sentence) is longer than ``max_length``."""
-    if not rows or scoring == "loglik":
+    if not rows or scoring == "loglik" or kind == "language_modeling":  # packed text: blocks, nothing is cut
         return None
     if kind in ("classification", "regression"):
         text_a = [row["text_a"] for row in rows]

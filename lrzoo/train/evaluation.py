@@ -32,7 +32,7 @@ from ..io import atomic_file
 from ..optimizers import state_bytes
 from ..runs.files import HELDOUT_PREFIX, PREDICTIONS_FILE, RESULTS_FILE
 from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
-from . import loglik
+from . import lm, loglik
 from .data import collate, encode_rows
 from .divergence import is_finite_number, json_safe
 from .sharding import gathered_root
@@ -181,7 +181,12 @@ class EvaluationMixin:
         self.nonfinite_metrics, self.last_predictions = {}, {}
         for name, (task, features, rows) in self.eval_sets.items():
             kind, extra = self.eval_kinds[name], {}
-            if kind == "loglik":
+            if kind == "language_modeling":  # pre-training: each block's NLL sum and token count (lrzoo.train.lm)
+                scored = self._predict_nll(task, features)
+                predictions = [None if s is None else s[0] for s in scored]
+                references = [None if s is None else s[1] for s in scored]
+                metric_names, primary = task.metric_names, task.primary_metric
+            elif kind == "loglik":
                 chosen = self._predict_loglik(task, features)
                 predictions = [None if c is None else c[0] for c in chosen]
                 extra["predictions_norm"] = [None if c is None else c[1] for c in chosen]
@@ -246,6 +251,23 @@ class EvaluationMixin:
                 finite = torch.isfinite(logits).flatten(1).all(-1).tolist()
                 predictions = [p if ok else None for p, ok in zip(predictions, finite)]
             out.extend(zip(index, predictions))
+        return self._gathered(out)
+
+    def _predict_nll(self, task: Any, features: list[dict]) -> list[Optional[tuple[float, int]]]:
+        """``(summed NLL, predicted tokens)`` of each language-model block (None: non-finite), in order; blocks
+        are sharded over ranks and gathered (FSDP: every rank runs as many batches as rank 0)."""
+        mine = list(range(self.rank, len(features), self.world))
+        rows = -(-len(features) // self.world) if self.sharded else len(mine)
+        model = self.accelerator.unwrap_model(self.model)
+        size = self.config.eval_batch_size
+        out: list[tuple[int, Any]] = []
+        for start in tqdm(range(0, rows, size), desc=f"eval {task.name} (perplexity)", leave=False,
+                          disable=not (self.config.progress and self.is_main)):
+            index = mine[start:start + size]
+            batch = collate([features[i] for i in index] or features[:1], self.tokenizer.pad_token_id)
+            with self.accelerator.autocast():
+                sums, counts = lm.block_nll(model, {k: v.to(self.accelerator.device) for k, v in batch.items()})
+            out.extend((i, (s, c) if math.isfinite(s) else None) for i, s, c in zip(index, sums, counts))
         return self._gathered(out)
 
     def _predict_loglik(self, task: Any, features: list[dict]) -> list[Optional[tuple[int, int]]]:

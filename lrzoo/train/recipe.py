@@ -120,6 +120,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
     from .budget import check_limits, check_splits
     from .callbacks import make_logger
     from .config import EvalConfig
+    from .parameterisations import PARAMETERISATIONS, prepare_parameterisation
     from .procedures import LowRankOptimizerProcedure, procedure_for
     from .resume import resume_latest
     from .schema import ADAPTER_ONLY_KEYS
@@ -179,7 +180,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
     model, tokenizer = load_model(model_cfg["source"], task.kind, task.num_labels, dtype=model_cfg.get("dtype"),
                                   config_overrides=model_cfg.get("config_overrides"),
                                   quantization=model_cfg.get("quantization"), compute_dtype=config.precision,
-                                  **head_options(model_cfg, task))
+                                  tokenizer_corpus=model_cfg.get("tokenizer_corpus"), **head_options(model_cfg, task))
     method = adapter.pop("name")
     procedure = None
     if method in BASELINES or method in lrzoo.list_optimizers():
@@ -192,6 +193,9 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
             print(f"[lrzoo] {method} is {kind}: ignoring {ignored}{rank}")
     if method in BASELINES:
         peft_model = prepare_baseline(model, method)
+    elif method in PARAMETERISATIONS:  # SLTrain: the model's layers re-parameterised, trained from scratch
+        peft_model = prepare_parameterisation(model, method, adapter, seed=plain["seed"],
+                                              default_targets=model_cfg.get("adapter_targets"))
     elif method in lrzoo.list_optimizers():  # GaLore, Fira: every weight trained through a low-rank optimizer
         peft_model = prepare_baseline(model, "full_finetune")
         procedure = LowRankOptimizerProcedure({"method": method, **adapter}, config)

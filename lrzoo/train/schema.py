@@ -72,6 +72,8 @@ class ModelConfig:
     pooling: Optional[str] = None
     #: how a sentence-pair similarity task (STS-B, MRPC, QQP) is scored: cross_encoder | bi_encoder (lrzoo.heads)
     similarity_head: Optional[str] = None
+    #: the text file a from-scratch model's tokenizer is trained on (model.source=scratch_llama; lrzoo.models)
+    tokenizer_corpus: Optional[str] = None
 
 
 @dataclass
@@ -118,6 +120,10 @@ def adapter_keys(name: str) -> Optional[frozenset[str]]:
 
     if name in BASELINES:
         return frozenset({"name", *ADAPTER_ONLY_KEYS})
+    from .parameterisations import PARAMETERISATIONS
+
+    if name in PARAMETERISATIONS:  # SLTrain: options of the parameterisation (lrzoo.train.parameterisations)
+        return frozenset({"name", *PARAMETERISATIONS[name].keys})
     if name in list_optimizers():
         spec = get_optimizer(name)
         accepted = [p for p in _keywords(spec.optimizer_cls) if p not in ("params", "lr", "weight_decay")]
