@@ -404,15 +404,15 @@ def split_heldout(rows: Any, size: Any, task_name: str, batch_size: int, train_l
     The slice is the first ``size`` of a permutation seeded by :data:`HELDOUT_SEED` alone, so every
     learning rate and every seed of a sweep holds out the same rows, and it is taken from the whole split
     before ``train_limit`` keeps the first N of the rest. Both parts keep the split's order (a
-    ``datasets.Dataset`` stays one). ``size=None``: no slice, the rows unchanged."""
+    ``datasets.Dataset`` stays one). With ``train_tasks`` the rows are the union of their training splits
+    and the slice is taken from it. ``size=None``: no slice, the rows unchanged."""
     if size is None:
         return rows, None
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"task.heldout_size={size!r}: must be a positive integer (training rows held out to choose "
                          "hyperparameters on, scored as eval set heldout/<task>) or null (off).")
-    if train_tasks:
-        raise ValueError(f"task.heldout_size={size} with task.train_tasks: a held-out slice is taken from one task's "
-                         "training split; train on the task alone, or set task.heldout_size=null.")
+    # with task.train_tasks the rows are their interleaved union (commonsense/all): the slice mixes the tasks in
+    # proportion to their training splits, and the union task scores it (``heldout/commonsense/all``)
     import numpy as np
 
     total = len(rows)

@@ -525,7 +525,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
              "| " + " | ".join(header) + " |", rule]
     floors = ["### Difference to the no-training floor (paired bootstrap)", "",
               "| " + " | ".join(header) + " |", rule]
-    tuned = plan.points > 1
+    tuned = plan.tunes
     # a one-point grid chooses nothing: its table is the one rate per method, without per-task columns
     lrs = (["### Learning rate chosen on the held-out training slice", "",
             "| method | lr grid | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)] if tuned else
@@ -545,7 +545,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     missing = [c for c in cells.values() if not c.complete]
     complete = len(cells) - len(missing)
     chosen = ("the learning rate chosen per method and task on the held-out slice of the training set (never on dev)"
-              if plan.points > 1 else "each method's one learning rate (a one-point grid: nothing chosen)")
+              if plan.tunes else "each method's one learning rate (a one-point grid: nothing chosen)")
     several = len(plan.seeds) > 1
     note = (("Dev scores ×100: mean over " + (f"{len(plan.seeds)} seeds" if several else "one seed") + f" at {chosen}, "
              "with a 95% bootstrap interval over dev examples" + (" pooled over seeds" if several else "") +
