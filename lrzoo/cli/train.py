@@ -47,7 +47,7 @@ _HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_a
 #: of the hash (and of results.json's ``config``) when they have it, so the runs that predate an option keep
 #: their hash (and are still skipped as done), while any other value hashes differently. A node emptied by
 #: this is dropped too.
-_HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label",
+_HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label", "eval.forgetting": None,
                   # the encoder head (lrzoo.heads): null = the checkpoint's pooling, which for every preset but
                   # minilm (which sets mean) is transformers' own head, what runs computed before the keys existed
                   "model.pooling": None, "model.similarity_head": "cross_encoder"}
@@ -321,6 +321,8 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
                                   config_overrides=model_cfg.get("config_overrides"),
                                   quantization=model_cfg.get("quantization"), compute_dtype=config.precision,
                                   **head_options(model_cfg, task))
+    # the checkpoint's own loss on general text, before anything wraps or rewrites its weights (lrzoo.train.forgetting)
+    forgetting = base_forgetting(evaluation, data_dir, model, tokenizer, config.max_length)
     method = adapter.pop("name")
     procedure = None
     if method in BASELINES or method in lrzoo.list_optimizers():
@@ -356,6 +358,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
     trainer = Trainer(peft_model, tokenizer, task, train_rows, eval_sets, config, run_dir,
                       callbacks=[logger] if logger is not None else [], run_info=run_info, procedure=procedure,
                       evaluation=evaluation)
+    trainer.forgetting = forgetting
     if is_main:
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in peft_model.parameters())
@@ -375,6 +378,23 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
         if is_main:
             print(f"[lrzoo] resumed from {checkpoint} at step {trainer.start_step}")
     return trainer
+
+
+def base_forgetting(evaluation: Any, data_dir: Optional[str], model: Any, tokenizer: Any, window: int) -> Any:
+    """``eval.forgetting``'s measurement with the base model's loss taken now (None when the option is off)."""
+    from lrzoo.train.forgetting import Forgetting, ForgettingSpec
+
+    spec = ForgettingSpec.parse(evaluation.forgetting)
+    if spec is None:
+        return None
+    import torch
+
+    if data_dir is None:
+        raise UserError("eval.forgetting reads its text from task.data_dir (../shared/data layout); set task.data_dir")
+    forgetting = Forgetting(spec, data_dir, tokenizer, window)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    forgetting.measure_base(model, f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    return forgetting
 
 
 def _has_checkpoint(run_dir: str) -> bool:
