@@ -591,7 +591,9 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             "(the same resampled dev examples and seeds as above): `above` / `below` when the whole interval is above "
             "/ below 0, `tied` when it contains 0, so a `tied` or `below` row has not shown that training beats the "
             "untrained checkpoint on this dev set. The average's floor is the mean of the columns' floors.")]
-    parts = ["\n".join(main), note, "\n".join(diffs), *floor_parts, "\n".join(lrs), *([lr_note] if tuned else []),
+    from .comparison import comparison_table   # PEFT method_comparison's shape: score, floor, costs, forgetting
+
+    parts = ["\n".join(main), note, comparison_table(cells, plan), "\n".join(diffs), *floor_parts, "\n".join(lrs), *([lr_note] if tuned else []),
              *([diversity] if diversity else []), cost_table(cells, plan), truncation_table(cells, plan)]
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
