@@ -541,7 +541,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
         floors.append("| " + " | ".join([method.name, *(_shown_floor(c) for c in row)] +
                                          ([_shown_floor(a)] if with_avg else [])) + " |")
         lrs.append("| " + " | ".join([method.name, ", ".join(format_lr(x) for x in plan.grid(method)),
-                                      *(_shown_lr(c, plan.grid(method)) for c in row if tuned)]) + " |")
+                                      *((_shown_lr(c, plan.grid(method)) if len(plan.grid(method)) > 1 else
+                                         f"{format_lr(method.centre)} (one point: not tuned)") for c in row if tuned)]) + " |")
     missing = [c for c in cells.values() if not c.complete]
     complete = len(cells) - len(missing)
     chosen = ("the learning rate chosen per method and task on the held-out slice of the training set (never on dev)"
