@@ -3,6 +3,7 @@ checked against values computed here from the hand-written run files."""
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 
@@ -69,7 +70,9 @@ def tree(tmp_path_factory):
     table = text.split("### Method comparison")[1].split("###")[0]
     rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ")]
     header, body = rows[0], rows[2:] if rows[1][0].startswith("---") else rows[1:]
-    return {(r[1], r[2]): dict(zip(header, r)) for r in body}, [r[1] for r in body], costs, table
+    with open(out / "comparison.csv", newline="") as handle:
+        numbers = {(r["method"], r["task"]): r for r in csv.DictReader(handle)}
+    return {(r[1], r[2]): dict(zip(header, r)) for r in body}, [r[1] for r in body], costs, table, numbers
 
 
 def _seed_scores(task, quality):
@@ -81,7 +84,7 @@ def _seed_scores(task, quality):
 
 
 def test_each_column_is_what_the_run_files_say(tree):
-    rows, order, costs, _ = tree
+    rows, order, costs, _, numbers = tree
     quality = {"lora": "good", "dora": "good", "lora_xs": "bad"}
     for (method, task), row in rows.items():
         mean = statistics.fmean(_seed_scores(task, quality[method]))
@@ -100,6 +103,11 @@ def test_each_column_is_what_the_run_files_say(tree):
         assert row["mean memory MB"] == f"{statistics.median(c[1] for c in seeds):.0f}"
         assert row["peak memory MB"] == f"{statistics.median(c[2] for c in seeds):.0f}"
         assert row["forgetting ΔNLL"] == f"{statistics.fmean(c[3] for c in seeds):+.3f}"
+        number = numbers[(method, task)]   # comparison.csv: the same figures unrounded
+        assert float(number["mean"]) == pytest.approx(100 * mean) and int(number["adapter_bytes"]) == FILE_BYTES[method]
+        assert float(number["trained_share"]) == pytest.approx(share)
+        assert float(number["forgetting_delta_nll"]) == pytest.approx(statistics.fmean(c[3] for c in seeds))
+        assert number["edge"] == ("lr edge" if (method, task) == ("lora", "glue/sst2") else "")
         # grouped by the share trained, not by name: dora (75% here) sits with the methods that train most weights
         assert row["group"] == ("no-training floor" if method == "lora_xs" else
                                 "most weights" if share > 0.5 else "adapter")
@@ -107,7 +115,7 @@ def test_each_column_is_what_the_run_files_say(tree):
 
 
 def test_the_interval_is_the_bootstrap_of_the_seed_mean(tree):
-    rows, *_ = tree
+    rows = tree[0]
     references = np.array(_dev("glue/sst2", "good", 0)[0])
     predictions = [np.array(_dev("glue/sst2", "good", s)[1]) for s in (0, 1, 2)]
     indices = intervals.replicate_indices(len(references), "glue/sst2")
@@ -117,7 +125,7 @@ def test_the_interval_is_the_bootstrap_of_the_seed_mean(tree):
 
 
 def test_a_rate_chosen_at_an_exhausted_edge_is_flagged_and_counted(tree):
-    rows, _, _, table = tree
+    rows, _, _, table, _ = tree
     assert rows[("lora", "glue/sst2")]["score [95% CI]"].endswith("**lr edge**")
     assert sum("edge**" in row["score [95% CI]"] for row in rows.values()) == 1
     assert "**edge**: 1 of 6 rows" in table and "(lora × glue/sst2)" in table

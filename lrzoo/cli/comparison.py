@@ -225,3 +225,29 @@ def comparison_table(cells: dict[tuple[str, str], Any], plan: Plan) -> str:
               "neighbour, with the grid's growth (grid.extend) used up: the best rate may lie beyond, so the row may "
               "be under-tuned" + (f" ({', '.join(f'{r.method} × {r.task}' for r in edged)})" if edged else "") + ".")
     return "\n".join(lines) + "\n\n" + note
+
+
+CSV_FIELDS = ("group", "method", "task", "mean", "ci_low", "ci_high", "floor_method", "diff_to_floor", "floor_low",
+              "floor_high", "floor_verdict", "trainable_params", "trained_share", "adapter_bytes", "peak_memory_mb",
+              "mean_memory_mb", "train_s_per_step", "forgetting_delta_nll", "edge")
+
+
+def csv_rows(cells: dict[tuple[str, str], Any], plan: Plan) -> list[dict[str, Any]]:
+    """``comparison.csv``: the table's rows as numbers (scores ×100; empty where there is none)."""
+
+    def shown(value: Optional[float], scale: float = 1.0) -> Any:
+        return "" if value is None or not math.isfinite(value) else round(scale * value, 6)
+
+    out = []
+    for row in rows_of(cells, plan):
+        floor = row.floor or ("", math.nan, math.nan, math.nan, "")
+        out.append({"group": row.group, "method": row.method, "task": row.task, "mean": shown(row.mean, 100),
+                    "ci_low": shown(row.interval[0], 100), "ci_high": shown(row.interval[1], 100),
+                    "floor_method": floor[0], "diff_to_floor": shown(floor[1], 100), "floor_low": shown(floor[2], 100),
+                    "floor_high": shown(floor[3], 100), "floor_verdict": floor[4],
+                    "trainable_params": "" if row.trainable is None else int(row.trainable),
+                    "trained_share": shown(row.share), "adapter_bytes": "" if row.file_bytes is None else int(row.file_bytes),
+                    "peak_memory_mb": shown(row.peak_mb), "mean_memory_mb": shown(row.mean_mb),
+                    "train_s_per_step": shown(row.step_s), "forgetting_delta_nll": shown(row.forgetting),
+                    "edge": " ".join(row.edges)})
+    return out

@@ -658,7 +658,8 @@ class Report:
 
 
 def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.REPLICATES) -> Report:
-    """Write ``results.md``, ``results.csv`` and ``results.png`` for ``plan``'s runs under ``root``."""
+    """Write ``results.md``, ``results.csv``, ``comparison.csv`` and ``results.png`` for ``plan``'s runs under
+    ``root``."""
     from .report import plot
 
     cells = build_cells(root, plan, replicates)
@@ -670,6 +671,13 @@ def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(csv_rows(cells, plan, avg))
+    from ..io import atomic_file
+    from . import comparison   # the method comparison's rows as numbers
+
+    with atomic_file(str(out / "comparison.csv")) as handle:
+        writer = csv.DictWriter(handle, fieldnames=comparison.CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(comparison.csv_rows(cells, plan))
     points = [{"model": c.model or "?", "adapter": c.method, "variant": "", "task": c.task, "mean": 100 * c.mean,
                "std": 0.0, "ci": (100 * c.interval[0], 100 * c.interval[1]) if math.isfinite(c.interval[0]) else None,
                "trainable_params": c.trainable_params or 1} for c in cells.values() if c.mean is not None]
