@@ -129,3 +129,50 @@ def test_a_rate_chosen_at_an_exhausted_edge_is_flagged_and_counted(tree):
     assert rows[("lora", "glue/sst2")]["score [95% CI]"].endswith("**lr edge**")
     assert sum("edge**" in row["score [95% CI]"] for row in rows.values()) == 1
     assert "**edge**: 1 of 6 rows" in table and "(lora × glue/sst2)" in table
+
+
+def test_a_task_scored_on_several_sets_shows_their_mean_and_its_paired_floor_difference(tmp_path):
+    """commonsense/all: one run per method scored on several sets; the row is the mean over the sets, its
+    difference to the floor the paired bootstrap of the set-averaged replicates."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(json.dumps({
+        "overrides": ["model=tiny_llama", "task.data_dir=/nowhere", f"output_root={tmp_path / 'runs'}"],
+        "tasks": ["commonsense/all"], "seeds": [0], "grid": {"factor": 3, "points": 1}, "floors": ["dora"],
+        "methods": ["lora trainer.lr=1e-3", "dora trainer.lr=1e-3"]}))
+    plan = load_plan(path)
+    composer = Composer(plan)
+    rng = np.random.default_rng(0)
+    gold = {"commonsense/piqa": rng.integers(0, 2, 150), "commonsense/arc_e": rng.integers(0, 4, 150)}
+    chosen = {}
+    for method, flip in (("lora", 0.1), ("dora", 0.5)):
+        run = composer.run(next(m for m in plan.methods if m.name == method), "commonsense/all", 1e-3, 0)
+        sets = {}
+        for name, references in gold.items():
+            noise = np.random.default_rng(len(name) + int(10 * flip)).random(150)
+            chosen[(method, name)] = np.where(noise < flip, (references + 1) % 2, references)
+            sets[name] = {"task": name, "kind": "loglik", "primary_metric": "accuracy",
+                          "references": references.tolist(), "predictions": chosen[(method, name)].tolist()}
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "predictions.json").write_text(json.dumps({"sets": sets}))
+        (run.run_dir / "results.json").write_text(json.dumps({
+            "config_hash": run.config_hash, "config": run.config, "seed": 0, "adapter": method, "model": "tiny_llama",
+            "task": "commonsense/all", "primary_metric": "accuracy", "score": 0.5, "metrics": {},
+            "trainable_params": 10, "total_params": 1000, "steps": 4, "wall_time_s": 2.0}))
+    out = tmp_path / "report"
+    report([str(tmp_path / "runs"), "--plan", plan.path, "--out", str(out)])
+    with open(out / "comparison.csv", newline="") as handle:
+        numbers = {r["method"]: r for r in csv.DictReader(handle)}
+    accuracy = {m: np.mean([(chosen[(m, n)] == gold[n]).mean() for n in gold]) for m in ("lora", "dora")}
+    lora = numbers["lora"]
+    assert lora["task"] == "commonsense/all" and float(lora["mean"]) == pytest.approx(100 * accuracy["lora"])
+    assert float(lora["diff_to_floor"]) == pytest.approx(100 * (accuracy["lora"] - accuracy["dora"]))
+    diffs = np.zeros(intervals.REPLICATES)
+    for name, references in gold.items():
+        for i, index in enumerate(intervals.replicate_indices(len(references), name)):
+            diffs[i] += ((chosen[("lora", name)][index] == references[index]).mean()
+                         - (chosen[("dora", name)][index] == references[index]).mean()) / len(gold)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    assert float(lora["floor_low"]) == pytest.approx(100 * low, abs=1e-3)
+    assert float(lora["floor_high"]) == pytest.approx(100 * high, abs=1e-3)
+    assert lora["floor_verdict"] == "above" and numbers["dora"]["floor_verdict"] == "floor"
+    assert float(lora["train_s_per_step"]) == 0.5 and lora["forgetting_delta_nll"] == "" and lora["edge"] == ""
