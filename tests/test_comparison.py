@@ -176,3 +176,28 @@ def test_a_task_scored_on_several_sets_shows_their_mean_and_its_paired_floor_dif
     assert float(lora["floor_high"]) == pytest.approx(100 * high, abs=1e-3)
     assert lora["floor_verdict"] == "above" and numbers["dora"]["floor_verdict"] == "floor"
     assert float(lora["train_s_per_step"]) == 0.5 and lora["forgetting_delta_nll"] == "" and lora["edge"] == ""
+
+
+def test_an_unfinished_cell_is_placed_by_its_finished_grid_runs(tmp_path):
+    """The share trained does not depend on the rate: a cell whose seeds have not run is grouped by its grid runs,
+    and one with no finished run at all is not passed off as an adapter."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(json.dumps({
+        "overrides": ["model=tiny_bert", "task.data_dir=/nowhere", f"output_root={tmp_path / 'runs'}",
+                      "+task.heldout_size=16"],
+        "tasks": ["glue/sst2"], "seeds": [0, 1], "grid": {"factor": 3, "points": 3},
+        "methods": ["lora trainer.lr=1e-3", "dora trainer.lr=1e-3"]}))
+    plan = load_plan(path)
+    composer = Composer(plan)
+    dora = plan.methods[1]
+    for lr in plan.grid(dora):
+        run = composer.run(dora, "glue/sst2", lr, 0)
+        _write(run, "good", 0.5)
+        data = json.loads((run.run_dir / "results.json").read_text())
+        data.update(trainable_params=1500, total_params=TOTAL)
+        (run.run_dir / "results.json").write_text(json.dumps(data))
+    out = tmp_path / "report"
+    report([str(tmp_path / "runs"), "--plan", plan.path, "--out", str(out)])
+    with open(out / "comparison.csv", newline="") as handle:
+        groups = {r["method"]: (r["group"], r["mean"]) for r in csv.DictReader(handle)}
+    assert groups == {"lora": ("no finished run yet", ""), "dora": ("most weights", "")}

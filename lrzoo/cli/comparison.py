@@ -25,7 +25,7 @@ from .plan import Plan, beyond_edge
 
 #: a run that trains more than this share of the model's parameters is grouped with full fine-tuning
 MOST_WEIGHTS = 0.5
-GROUPS = ("no-training floor", "adapter", "most weights")
+GROUPS = ("no-training floor", "adapter", "most weights", "no finished run yet")
 #: files of a saved adapter (or, for a method that trains the model's own weights, the saved model)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -85,9 +85,12 @@ def _floor_of(column: Sequence[Any], floors: Sequence[str]) -> Optional[Any]:
 
 
 def group_of(method: str, share: Optional[float], floors: Sequence[str]) -> str:
+    """The row's group; a row none of whose runs has finished cannot be placed (its share is unknown)."""
     if method in floors:
         return GROUPS[0]
-    return GROUPS[2] if share is not None and share > MOST_WEIGHTS else GROUPS[1]
+    if share is None:
+        return GROUPS[3]
+    return GROUPS[2] if share > MOST_WEIGHTS else GROUPS[1]
 
 
 class Row:
@@ -99,7 +102,9 @@ class Row:
         results = [r for _, r in runs]
         self.complete = all(c.complete for c in cells)
         self.trainable = _median([r.get("trainable_params") for r in results])
-        self.share = trained_share(results)
+        # the share trained does not depend on the rate: any finished run of the cell (a grid point) places it
+        self.share = trained_share([o.result for c in cells[:1] for o in c.state.outcomes()
+                                    if o.status == "done" and o.result])
         self.group = group_of(method, self.share, plan.floors)
         self.file_bytes = _median([adapter_bytes(d) for d, _ in runs])
         self.peak_mb = _median([r.get("peak_memory_mb") for r in results])
