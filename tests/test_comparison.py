@@ -72,7 +72,7 @@ def tree(tmp_path_factory):
     header, body = rows[0], rows[2:] if rows[1][0].startswith("---") else rows[1:]
     with open(out / "comparison.csv", newline="") as handle:
         numbers = {(r["method"], r["task"]): r for r in csv.DictReader(handle)}
-    return {(r[1], r[2]): dict(zip(header, r)) for r in body}, [r[1] for r in body], costs, table, numbers
+    return {(r[1], r[2]): dict(zip(header, r)) for r in body}, [r[1] for r in body], costs, table, numbers, text
 
 
 def _seed_scores(task, quality):
@@ -84,7 +84,7 @@ def _seed_scores(task, quality):
 
 
 def test_each_column_is_what_the_run_files_say(tree):
-    rows, order, costs, _, numbers = tree
+    rows, order, costs, _, numbers, _ = tree
     quality = {"lora": "good", "dora": "good", "lora_xs": "bad"}
     for (method, task), row in rows.items():
         mean = statistics.fmean(_seed_scores(task, quality[method]))
@@ -125,10 +125,16 @@ def test_the_interval_is_the_bootstrap_of_the_seed_mean(tree):
 
 
 def test_a_rate_chosen_at_an_exhausted_edge_is_flagged_and_counted(tree):
-    rows, _, _, table, _ = tree
+    rows, _, _, table, _, _ = tree
     assert rows[("lora", "glue/sst2")]["score [95% CI]"].endswith("**lr edge**")
     assert sum("edge**" in row["score [95% CI]"] for row in rows.values()) == 1
     assert "**edge**: 1 of 6 rows" in table and "(lora × glue/sst2)" in table
+    # the tuned table that heads the report carries the flag too, and counts it
+    text = tree[5]
+    main = text.split("### Tuned comparison")[1].split("###")[0]
+    lora = next(line for line in main.splitlines() if line.startswith("| lora |")).split(" | ")
+    assert lora[1].endswith("*lr edge*") and not lora[2].endswith("edge*")
+    assert "*lr edge* / *head edge*: 1 cell(s)" in main
 
 
 def test_a_task_scored_on_several_sets_shows_their_mean_and_its_paired_floor_difference(tmp_path):

@@ -316,6 +316,21 @@ def _shown_cell(cell: Cell) -> str:
     return shown + (" †" if seeds_disagree(cell) else "")
 
 
+def _edge_mark(cell: Cell, plan: Plan) -> str:
+    """`` *lr edge*`` (and/or ``*head edge*``) after a scored cell whose rate won at an end of the rates tried
+    with the plan's growth used up (:func:`lrzoo.cli.comparison.edge_flags`)."""
+    from .comparison import edge_flags
+
+    return "".join(f" *{flag}*" for flag in edge_flags(cell.state, plan.factor)) if cell.mean is not None else ""
+
+
+def _edge_note(cells: dict[tuple[str, str], Cell], plan: Plan) -> str:
+    edged = sum(bool(_edge_mark(c, plan)) for c in cells.values())
+    return (f" *lr edge* / *head edge*: {edged} cell(s) chose a rate at an end of the rates tried that beat its "
+            "neighbour, the grid's growth (grid.extend) used up: the best rate may lie beyond (under-tuned)."
+            if edged else "")
+
+
 def _shown_diff(item: Any) -> str:
     if item is None:
         return "—"
@@ -533,7 +548,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     for method in plan.methods:
         row = [cells[(method.name, t)] for t in tasks]
         a = avg.get(method.name)
-        main.append("| " + " | ".join([method.name, *(_shown_cell(c) for c in row)] +
+        main.append("| " + " | ".join([method.name, *(_shown_cell(c) + _edge_mark(c, plan) for c in row)] +
                                        ([_value(a.mean, a.interval, _tied(a)) + (" †" if seeds_disagree(a) else "")
                                          if a else "—"] if with_avg else [])) + " |")
         diffs.append("| " + " | ".join([method.name, *(_shown_diff(c) if c.mean is not None else "—" for c in row)] +
@@ -563,7 +578,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                "decide the verdict, another draw of seeds might not, so read it as uncertain. " if several else "")
             + "The average is the mean over tasks "
             "(shown only for methods complete on every task; its interval averages the tasks' replicates). "
-            f"{complete}/{len(cells)} cells complete; a missing cell says what is missing.")
+            f"{complete}/{len(cells)} cells complete; a missing cell says what is missing."
+            + _edge_note(cells, plan))
     lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "
                "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished)" + (
                    f"; a point shown as `lr: score` is one the grid grew to (up to {plan.extend} per cell) because "
