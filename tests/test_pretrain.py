@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import lrzoo
 from conftest import SHARED_DATA, tiny_llama
-from lrzoo.cli.train import run_recipe
+from lrzoo.train.recipe import run_recipe
 from lrzoo.configs import config_dir
 from lrzoo.tasks import get_task
 from lrzoo.train.lm import block_nll, lm_blocks

@@ -13,6 +13,10 @@ learning-rate grid rule and the methods, one line each as in ``recipes/sweeps/gl
       - lora trainer.lr=1e-3
       - loldu trainer.lr=2e-2 adapter.alpha=1.0
 
+A method line may carry its own grid size, ``grid.points=N`` (odd): a plan option, not an ``lrzoo-train``
+override, so it never enters a run's configuration or hash (``cs_question`` tunes its four smallest adapters on
+a held-out slice this way while every other method keeps the plan's one point).
+
 A *cell* is one (method, task). Its learning rate is chosen on the held-out slice of the training set
 (``task.heldout_size``; ``results.json``'s ``selection_score``) from the grid runs at the first seed:
 the best score wins, ties go to the smaller learning rate, a run that diverged counts as the worst and
@@ -58,6 +62,8 @@ from typing import Any, Iterable, Optional
 from ..runs.identity import digest, hashed_config, plan_key
 PLAN_KEYS = {"experiment", "overrides", "tasks", "seeds", "grid", "head_grid", "recheck_lr", "methods", "floors"}
 HEAD_LR = "trainer.head_lr="
+#: a method line's plan options start with this (``grid.points=3``: that method's own grid size)
+METHOD_GRID = "grid."
 
 
 class PlanError(ValueError):
@@ -72,6 +78,7 @@ class Method:
     adapter: str
     centre: float
     overrides: tuple[str, ...]
+    points: Optional[int] = None   # its own grid.points (a ``grid.points=N`` token of its line); None: the plan's
 
     @property
     def fixes_head(self) -> bool:
@@ -99,9 +106,18 @@ class Plan:
         return () if method.fixes_head else self.head_grid
 
     def grid(self, method: Method) -> list[float]:
-        """``centre × factor^k`` for ``k = -(points // 2) .. points // 2``, rounded to 2 significant digits."""
-        half = self.points // 2
+        """``centre × factor^k`` for ``k = -(points // 2) .. points // 2``, rounded to 2 significant digits
+        (``points``: the method's own ``grid.points=N`` where its line sets one, else the plan's)."""
+        half = self.points_of(method) // 2
         return [self.rounded(method.centre * self.factor ** k) for k in range(-half, half + 1)]
+
+    def points_of(self, method: Method) -> int:
+        return method.points if method.points is not None else self.points
+
+    @property
+    def tunes(self) -> bool:
+        """Whether any method's grid has more than one point (a rate is chosen on the held-out slice)."""
+        return any(self.points_of(m) > 1 for m in self.methods)
 
     @staticmethod
     def rounded(lr: float) -> float:
@@ -182,6 +198,17 @@ def load_plan(path: str | Path) -> Plan:
     methods = []
     for line in data.get("methods") or []:
         tokens = shlex.split(str(line))
+        # plan options of the line (``grid.points=N``): not lrzoo-train overrides, so never part of a run's hash
+        plan_options = [t for t in tokens[1:] if t.startswith(METHOD_GRID)]
+        tokens = [t for t in tokens if t not in plan_options]
+        method_points = None
+        for option in plan_options:
+            key, _, value = option.partition("=")
+            if key != "grid.points" or not value.isdigit() or int(value) < 1 or int(value) % 2 == 0:
+                errors.append(f"methods: {line!r}: {option} must be grid.points=<odd positive integer> (the only "
+                              "grid option a method line takes: its own number of grid points)")
+            else:
+                method_points = int(value)
         lrs = [t for t in tokens[1:] if t.startswith("trainer.lr=")]
         if not tokens or "=" in tokens[0] or len(lrs) != 1:
             errors.append(f"methods: {line!r} must be '<adapter> trainer.lr=<centre> [overrides...]'")
@@ -191,7 +218,7 @@ def load_plan(path: str | Path) -> Plan:
         except ValueError:
             errors.append(f"methods: {line!r}: {lrs[0]} is not a number")
             continue
-        methods.append(Method(tokens[0], tokens[0], centre, tuple(t for t in tokens[1:] if t not in lrs)))
+        methods.append(Method(tokens[0], tokens[0], centre, tuple(t for t in tokens[1:] if t not in lrs), method_points))
     if not methods:
         errors.append("methods: list at least one '<adapter> trainer.lr=<centre> [overrides...]'")
     names = [m.name for m in methods]

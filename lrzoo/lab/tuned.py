@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..io import atomic_file
 from ..runs.files import HELDOUT_PREFIX
 from ..tasks.metrics import modal_share
-from . import intervals
+from . import comparison, intervals
 from .cells import AVERAGE, Average, Cell, averages, build_cells, columns_of
 from .choice import CellState
 from .plan import Plan, format_lr
@@ -58,6 +59,19 @@ def _shown_cell(cell: Cell) -> str:
     if len(cell.scores) > 1:  # the training-seed spread, which the interval over dev examples does not contain
         shown += f" ±{100 * statistics.stdev(cell.scores):.1f}"
     return shown + (" †" if seeds_disagree(cell) else "")
+
+
+def _edge_mark(cell: Cell, plan: Plan) -> str:
+    """`` *lr edge*`` (and/or ``*head edge*``) after a scored cell whose rate won at an end of the rates tried
+    with the plan's growth used up (:func:`lrzoo.lab.comparison.edge_flags`)."""
+    return "".join(f" *{flag}*" for flag in comparison.edge_flags(cell.state, plan.factor)) if cell.mean is not None else ""
+
+
+def _edge_note(cells: dict[tuple[str, str], Cell], plan: Plan) -> str:
+    edged = sum(bool(_edge_mark(c, plan)) for c in cells.values())
+    return (f" *lr edge* / *head edge*: {edged} cell(s) chose a rate at an end of the rates tried that beat its "
+            "neighbour, the grid's growth (grid.extend) used up: the best rate may lie beyond (under-tuned)."
+            if edged else "")
 
 
 def _shown_diff(item: Any) -> str:
@@ -269,7 +283,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
              "| " + " | ".join(header) + " |", rule]
     floors = ["### Difference to the no-training floor (paired bootstrap)", "",
               "| " + " | ".join(header) + " |", rule]
-    tuned = plan.points > 1
+    tuned = plan.tunes
     # a one-point grid chooses nothing: its table is the one rate per method, without per-task columns
     lrs = (["### Learning rate chosen on the held-out training slice", "",
             "| method | lr grid | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)] if tuned else
@@ -277,7 +291,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     for method in plan.methods:
         row = [cells[(method.name, t)] for t in tasks]
         a = avg.get(method.name)
-        main.append("| " + " | ".join([method.name, *(_shown_cell(c) for c in row)] +
+        main.append("| " + " | ".join([method.name, *(_shown_cell(c) + _edge_mark(c, plan) for c in row)] +
                                        ([_value(a.mean, a.interval, _tied(a)) + (" †" if seeds_disagree(a) else "")
                                          if a else "—"] if with_avg else [])) + " |")
         diffs.append("| " + " | ".join([method.name, *(_shown_diff(c) if c.mean is not None else "—" for c in row)] +
@@ -285,11 +299,12 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
         floors.append("| " + " | ".join([method.name, *(_shown_floor(c) for c in row)] +
                                          ([_shown_floor(a)] if with_avg else [])) + " |")
         lrs.append("| " + " | ".join([method.name, ", ".join(format_lr(x) for x in plan.grid(method)),
-                                      *(_shown_lr(c, plan.grid(method)) for c in row if tuned)]) + " |")
+                                      *((_shown_lr(c, plan.grid(method)) if len(plan.grid(method)) > 1 else
+                                         f"{format_lr(method.centre)} (one point: not tuned)") for c in row if tuned)]) + " |")
     missing = [c for c in cells.values() if not c.complete]
     complete = len(cells) - len(missing)
     chosen = ("the learning rate chosen per method and task on the held-out slice of the training set (never on dev)"
-              if plan.points > 1 else "each method's one learning rate (a one-point grid: nothing chosen)")
+              if plan.tunes else "each method's one learning rate (a one-point grid: nothing chosen)")
     several = len(plan.seeds) > 1
     note = (("Dev scores ×100: mean over " + (f"{len(plan.seeds)} seeds" if several else "one seed") + f" at {chosen}, "
              "with a 95% bootstrap interval over dev examples" + (" pooled over seeds" if several else "") +
@@ -306,7 +321,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                "decide the verdict, another draw of seeds might not, so read it as uncertain. " if several else "")
             + "The average is the mean over tasks "
             "(shown only for methods complete on every task; its interval averages the tasks' replicates). "
-            f"{complete}/{len(cells)} cells complete; a missing cell says what is missing.")
+            f"{complete}/{len(cells)} cells complete; a missing cell says what is missing."
+            + _edge_note(cells, plan))
     lr_note = ("Chosen lr, then the held-out score ×100 at each grid point (the chosen one in bold; ties go to the "
                "smaller lr; `diverged`: training stopped on a NaN/inf, `—`: not finished)" + (
                    f"; a point shown as `lr: score` is one the grid grew to (up to {plan.extend} per cell) because "
@@ -335,7 +351,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             "(the same resampled dev examples and seeds as above): `above` / `below` when the whole interval is above "
             "/ below 0, `tied` when it contains 0, so a `tied` or `below` row has not shown that training beats the "
             "untrained checkpoint on this dev set. The average's floor is the mean of the columns' floors.")]
-    parts = ["\n".join(main), note, "\n".join(diffs), *floor_parts, "\n".join(lrs), *([lr_note] if tuned else []),
+    parts = ["\n".join(main), note, comparison.comparison_table(cells, plan), "\n".join(diffs), *floor_parts, "\n".join(lrs),
+             *([lr_note] if tuned else []),
              *([diversity] if diversity else []), cost_table(cells, plan), truncation_table(cells, plan)]
     if missing:
         parts.append("Missing cells:\n\n" + "\n".join(f"- {c.method} × {c.task}: {c.missing()}" for c in missing))
@@ -399,7 +416,8 @@ class Report:
 
 
 def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.REPLICATES) -> Report:
-    """Write ``results.md``, ``results.csv`` and ``results.png`` for ``plan``'s runs under ``root``."""
+    """Write ``results.md``, ``results.csv``, ``comparison.csv`` and ``results.png`` for ``plan``'s runs under
+    ``root``."""
     cells = build_cells(root, plan, replicates)
     avg = averages(cells, plan)
     text = markdown(cells, plan, avg, replicates)
@@ -409,6 +427,10 @@ def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(csv_rows(cells, plan, avg))
+    with atomic_file(str(out / comparison.COMPARISON_CSV)) as handle:
+        writer = csv.DictWriter(handle, fieldnames=comparison.CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(comparison.csv_rows(cells, plan))
     points = [{"model": c.model or "?", "adapter": c.method, "variant": "", "task": c.task, "mean": 100 * c.mean,
                "std": 0.0, "ci": (100 * c.interval[0], 100 * c.interval[1]) if math.isfinite(c.interval[0]) else None,
                "trainable_params": c.trainable_params or 1} for c in cells.values() if c.mean is not None]

@@ -33,7 +33,7 @@ HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_af
 #: of the hash (and of results.json's ``config``) when they have it, so the runs that predate an option keep
 #: their hash (and are still skipped as done), while any other value hashes differently. A node emptied by
 #: this is dropped too.
-HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label",
+HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label", "eval.forgetting": None,
                   # the encoder head (lrzoo.heads): null = the checkpoint's pooling, which for every preset but
                   # minilm (which sets mean) is transformers' own head, what runs computed before the keys existed
                   "model.pooling": None, "model.similarity_head": "cross_encoder"}

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from ..errors import UserError, did_you_mean
 from .budget import validate_trainer_config
+from .forgetting import ForgettingSpec
 
 
 @dataclass
@@ -89,11 +90,17 @@ class EvalConfig:
 
     mode: str = "generate"
     choices: str = "label"
+    #: {data: wikitext-2, tokens: N}: the change of the loss on text the task never trains on (lrzoo.train.forgetting)
+    forgetting: Optional[dict] = None
 
     def __post_init__(self) -> None:
         errors = [f"eval.{key}={getattr(self, key)!r}: must be one of {list(allowed)}"
                   for key, allowed in (("mode", EVAL_MODES), ("choices", EVAL_CHOICES))
                   if getattr(self, key) not in allowed]
+        try:
+            ForgettingSpec.parse(self.forgetting)
+        except ValueError as err:
+            errors.append(str(err))
         if errors:
             raise ValueError("Invalid eval option(s):\n  " + "\n  ".join(errors))
 

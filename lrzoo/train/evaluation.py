@@ -156,6 +156,10 @@ class EvaluationMixin:
             "max_length": self.config.max_length,
             "truncated": self.truncated,  # per set, the share of rows max_length cut (null: not measured)
             **({"selection_score": self.last_eval["selection_score"]} if "selection_score" in self.last_eval else {}),
+            # the mean of per-step memory samples beside the peak (lrzoo.train.memory_trace)
+            **(self.memory_trace.results() if getattr(self, "memory_trace", None) is not None else {}),
+            # the change of the loss on general text (eval.forgetting, lrzoo.train.forgetting)
+            **(self.forgetting.results(model) if getattr(self, "forgetting", None) is not None else {}),
         })
 
     def _write_results(self, results: dict[str, Any]) -> None:

@@ -181,6 +181,8 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
                                   config_overrides=model_cfg.get("config_overrides"),
                                   quantization=model_cfg.get("quantization"), compute_dtype=config.precision,
                                   tokenizer_corpus=model_cfg.get("tokenizer_corpus"), **head_options(model_cfg, task))
+    # the checkpoint's own loss on general text, before anything wraps or rewrites its weights (lrzoo.train.forgetting)
+    forgetting = base_forgetting(evaluation, data_dir, model, tokenizer, config.max_length)
     method = adapter.pop("name")
     procedure = None
     if method in BASELINES or method in lrzoo.list_optimizers():
@@ -219,6 +221,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
     trainer = Trainer(peft_model, tokenizer, task, train_rows, eval_sets, config, run_dir,
                       callbacks=[logger] if logger is not None else [], run_info=run_info, procedure=procedure,
                       evaluation=evaluation)
+    trainer.forgetting = forgetting
     if is_main:
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in peft_model.parameters())
@@ -238,6 +241,23 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
         if is_main:
             print(f"[lrzoo] resumed from {checkpoint} at step {trainer.start_step}")
     return trainer
+
+
+def base_forgetting(evaluation: Any, data_dir: Optional[str], model: Any, tokenizer: Any, window: int) -> Any:
+    """``eval.forgetting``'s measurement with the base model's loss taken now (None when the option is off)."""
+    from .forgetting import Forgetting, ForgettingSpec
+
+    spec = ForgettingSpec.parse(evaluation.forgetting)
+    if spec is None:
+        return None
+    import torch
+
+    if data_dir is None:
+        raise UserError("eval.forgetting reads its text from task.data_dir (../shared/data layout); set task.data_dir")
+    forgetting = Forgetting(spec, data_dir, tokenizer, window)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    forgetting.measure_base(model, f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    return forgetting
 
 
 def _has_checkpoint(run_dir: str) -> bool:
@@ -267,15 +287,15 @@ def split_heldout(rows: Any, size: Any, task_name: str, batch_size: int, train_l
     The slice is the first ``size`` of a permutation seeded by :data:`HELDOUT_SEED` alone, so every
     learning rate and every seed of a sweep holds out the same rows, and it is taken from the whole split
     before ``train_limit`` keeps the first N of the rest. Both parts keep the split's order (a
-    ``datasets.Dataset`` stays one). ``size=None``: no slice, the rows unchanged."""
+    ``datasets.Dataset`` stays one). With ``train_tasks`` the rows are the union of their training splits
+    and the slice is taken from it. ``size=None``: no slice, the rows unchanged."""
     if size is None:
         return rows, None
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"task.heldout_size={size!r}: must be a positive integer (training rows held out to choose "
                          "hyperparameters on, scored as eval set heldout/<task>) or null (off).")
-    if train_tasks:
-        raise ValueError(f"task.heldout_size={size} with task.train_tasks: a held-out slice is taken from one task's "
-                         "training split; train on the task alone, or set task.heldout_size=null.")
+    # with task.train_tasks the rows are their interleaved union (commonsense/all): the slice mixes the tasks in
+    # proportion to their training splits, and the union task scores it (``heldout/commonsense/all``)
     import numpy as np
 
     total = len(rows)

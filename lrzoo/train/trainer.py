@@ -36,6 +36,7 @@ from ..heads import pair_encoding
 from .data import (IGNORE_INDEX, batch_layout, collate, encode_rows, epoch_order, planned_steps, step_rows,
                    truncated_share)
 from .divergence import NonfiniteGuard, total_grad_norm
+from .memory_trace import MemoryTrace
 from .evaluation import EvaluationMixin, peak_memory_mb
 from .precision import autocast_dtype, check_autocast, use_precision
 from ..procedure import Procedure
@@ -149,6 +150,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         quoted = {k: getattr(config, k) for k in ("lr", "max_grad_norm", "warmup_ratio", "precision")}
         self.guard = NonfiniteGuard(config.on_nonfinite, self.total_steps, lambda: latest_checkpoint(run_dir), quoted)
         self.callbacks.append(self.guard)
+        # after the others: a checkpoint written before it existed still resumes (callback states go by position)
+        self.memory_trace = MemoryTrace()   # results.json's memory: the mean of per-step samples
+        self.callbacks.append(self.memory_trace)
+        self.forgetting = None   # lrzoo.train.forgetting.Forgetting, set by lrzoo-train for eval.forgetting
 
     # ---- training ---------------------------------------------------------------------------
 

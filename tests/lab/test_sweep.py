@@ -93,8 +93,9 @@ def test_split_heldout_keeps_order_applies_train_limit_to_the_rest_and_refuses_b
             split_heldout(rows, bad, "glue/sst2", 8)
     with pytest.raises(ValueError, match="leaves 5 of the 50 training rows of glue/sst2.*fewer than one batch"):
         split_heldout(rows, 45, "glue/sst2", 8)
-    with pytest.raises(ValueError, match="train_tasks"):
-        split_heldout(rows, 10, "glue/sst2", 8, train_tasks=["glue/sst2", "glue/cola"])
+    # with train_tasks (commonsense/all) the slice is taken from their union: the same rows either way
+    assert split_heldout(rows, 10, "commonsense/all", 8, train_tasks=["commonsense/boolq", "commonsense/arc_e"]) == \
+        (train, held)
 
 
 def test_a_bad_heldout_size_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
