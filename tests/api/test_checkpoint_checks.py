@@ -19,8 +19,6 @@ from lrzoo.peft_bridge import UnverifiedBaseWeightsWarning
 from adapter_cases import CASES
 from conftest import TINY_MODELS
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
 #: lrzoo-native methods and the PEFT-native ones lrzoo saves (LORA, LORA+DoRA, RANDLORA).
 METHODS = ["lora_xs", "loldu", "tera", "flora", "lora", "dora", "randlora"]
 CASE = {case.method: case for case in reversed(CASES)}  # the first (non-conv) row of each method

@@ -19,8 +19,6 @@ import lrzoo
 from adapter_cases import CASES, CASES_BY_METHOD
 from conftest import REPO, TINY_MODELS, run_fresh_python, tiny_inputs
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 #: how a fresh process re-creates each tiny model from its save_pretrained folder: "module:Class".
 MODEL_CLASSES = {"llama": "transformers:AutoModelForCausalLM", "bert": "transformers:AutoModelForSequenceClassification",
                  "conv": "conftest:TinyConvNet"}

@@ -13,8 +13,6 @@ from lrzoo.registry import training_options
 from conftest import tiny_llama
 from recipe_helpers import compose
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 def wide_llama():
     """Wide enough for every method's default rank (ReLoRA r=128) on q/v; one layer keeps it cheap."""

@@ -24,8 +24,6 @@ import lrzoo
 from adapter_cases import CASES
 from conftest import tiny_bert, tiny_inputs, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 LINEAR_CASES = [case for case in CASES if case.model != "conv"]
 
 

@@ -15,8 +15,6 @@ import torch
 import lrzoo
 from lrzoo import fingerprint
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
 
 def wide_llama(seed: int = 0):
     """One layer whose q/v projections are 512×512: more entries than the old rule sampled."""

@@ -19,8 +19,6 @@ from lrzoo.train.data import collate, encode_rows
 
 from recipe_helpers import compose, run_dir_of
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 WORDS = ["cat", "dog", "sun", "car", "tree", "red", "blue", "run", "sit", "big"]
 
 

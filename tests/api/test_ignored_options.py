@@ -13,8 +13,6 @@ from lrzoo.cli.train import run_recipe
 from lrzoo.runs.identity import config_hash, hashed_config, run_hash
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 NO_SCALE = ["salt", "svfit"]
 
 

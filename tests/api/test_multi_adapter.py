@@ -15,8 +15,6 @@ import lrzoo
 from adapter_cases import CASES
 from conftest import TINY_MODELS, tiny_inputs, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 METHODS = ["lora", "dora", "randlora", "lora_xs", "lora_sb", "loldu", "svfit", "salt", "flora", "tera"]
 CASE = {case.method: case for case in reversed(CASES)}  # the first (non-conv) row of each method
 SEEDS = {"default": 10, "second": 11}

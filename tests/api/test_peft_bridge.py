@@ -16,8 +16,6 @@ import lrzoo
 from lrzoo import registry
 from conftest import REPO, tiny_bert, tiny_inputs, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 def trained_xs(seed: int = 0, **kwargs):
     model = lrzoo.wrap(tiny_llama(seed), "lora_xs", r=4, init_weights=False, **kwargs)

@@ -20,10 +20,8 @@ from lrzoo.peft_bridge import keep_quantized_layout
 from adapter_cases import CASES
 
 bnb = pytest.importorskip("bitsandbytes")
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 QUANTIZATIONS = ("nf4", "fp4", "int8")
-# PiSSA is refused on a quantized base (its residual would need re-quantizing; tests/test_pissa.py)
+# PiSSA is refused on a quantized base (its residual would need re-quantizing; tests/methods/test_pissa.py)
 METHODS = [case for case in CASES if case.model != "conv" and case.method not in ("relora", "pissa")]
 #: the layer's output against dequantize(W) + ΔW, relative to its size: bnb's 4-bit CPU path dequantizes
 #: and multiplies in the compute dtype (fp32); LLM.int8 also quantizes the activations, row by row.

@@ -19,8 +19,6 @@ import lrzoo
 from lrzoo.wrap import task_head_modules
 from conftest import tiny_inputs
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 _SPEECH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40, conv_dim=(8, 8),
                conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                classifier_proj_size=16, num_labels=3)

@@ -16,8 +16,6 @@ import lrzoo
 from adapter_cases import CASES
 from conftest import TINY_MODELS
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 #: every adapter that saves an adapter file (ReLoRA saves the whole merged model: transformers loads it).
 SAVED = [case for case in CASES if not case.saves_full_model]
 LOADERS = {

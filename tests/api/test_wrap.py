@@ -11,8 +11,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import lrzoo
 from conftest import tiny_bert, tiny_inputs, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 def adapted_names(model):
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)})

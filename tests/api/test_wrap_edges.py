@@ -13,15 +13,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import lrzoo
 from conftest import tiny_bert, tiny_inputs, tiny_llama
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 #: every method adapts q/v at r=2 (LoRA-SB needs no data to be wrapped: its init is a separate step).
 SMALL = {"r": 2, "target_modules": ["q_proj", "v_proj"]}
 
 
 @pytest.mark.parametrize("alpha", [0, 0.0, -1.0])
-# SALT and SVFit have no scale and refuse any alpha (tests/test_ignored_options.py)
+# SALT and SVFit have no scale and refuse any alpha (tests/api/test_ignored_options.py)
 @pytest.mark.parametrize("method", [m for m in lrzoo.list_adapters() if "alpha" not in lrzoo.registry.ignored_options(m)])
 def test_alpha_that_is_not_positive_is_refused_with_the_reason(method, alpha):
     with pytest.raises(ValueError, match=r"alpha must be > 0, got .*nothing would train"):

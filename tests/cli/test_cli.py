@@ -16,13 +16,7 @@ import lrzoo
 from lrzoo.cli.train import run_recipe
 from lrzoo.runs.identity import config_hash, run_hash
 from lrzoo.configs import config_dir
-from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-ADAPTER_FILES = sorted(p.stem for p in config_dir("adapters").glob("*.yaml"))
-EXPERIMENTS = sorted(str(p.relative_to(config_dir("recipes") / "experiment").with_suffix(""))
-                     for p in (config_dir("recipes") / "experiment").rglob("*.yaml"))
+from recipe_helpers import ADAPTER_FILES, EXPERIMENTS, compose, run_dir_of, tiny_run_overrides, write_sst2
 
 
 @pytest.mark.parametrize("name", ADAPTER_FILES)

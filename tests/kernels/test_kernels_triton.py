@@ -3,7 +3,7 @@
 On CPU the kernels run under ``TRITON_INTERPRET=1``, which only works if it is set before triton is
 imported. Importing lrzoo, transformers or peft imports triton, so when another test module got
 there first this module re-runs itself in a fresh process (one test) and skips its in-process
-copies; run alone (``pytest tests/test_kernels_triton.py``) it runs in-process. On CUDA everything
+copies; run alone (``pytest tests/kernels/test_kernels_triton.py``) it runs in-process. On CUDA everything
 runs on the GPU, plus the bf16 checks marked ``gpu``.
 """
 

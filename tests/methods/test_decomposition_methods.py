@@ -22,8 +22,6 @@ from lrzoo.registry import training_options
 from adapter_cases import CASES_BY_METHOD
 from conftest import tiny_bert, tiny_inputs
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 FROZEN_FROM_W = ("lora_xs", "loldu", "svfit")  # frozen factors derived from W alone
 RESIDUAL = ("loldu", "svfit")  # the papers' residual base; lrzoo keeps W and adds ΔW beside it
 

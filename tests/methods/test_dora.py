@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import lrzoo
 from lrzoo.kernels.lora import dora_weight_norm
 from conftest import tiny_inputs, tiny_llama
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 def test_norm_without_forming_ba_matches_the_dense_norm():

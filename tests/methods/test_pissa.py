@@ -14,8 +14,6 @@ from peft.tuners.lora import LoraLayer
 import lrzoo
 from conftest import REPO, run_fresh_python, tiny_bert, tiny_inputs
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
 
 def _layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]

@@ -16,8 +16,6 @@ from lrzoo.procedure import PROCEDURES, Procedure, register_procedure
 from lrzoo.registry import RECORD_ATTRIBUTE, record_of, unregister_adapter
 from lrzoo.train.procedures import procedure_for
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 @pytest.mark.parametrize("name", lrzoo.list_adapters())
 def test_every_adapter_names_a_known_procedure(name):

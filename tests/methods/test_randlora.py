@@ -14,8 +14,6 @@ from lrzoo.kernels.common import materialize_wins
 from lrzoo.kernels.randlora import RandLoraLinearFunction
 from lrzoo.methods.randlora import FastRandLoraLinear
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # square, wide (32→16) and tall (48→32) layers
 
 

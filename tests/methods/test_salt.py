@@ -14,8 +14,6 @@ import lrzoo
 from conftest import tiny_inputs, tiny_llama
 from lrzoo.methods.salt import SALTLayer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 class TwoLinears(nn.Module):
     """A tall and a wide layer, so both sides of k = min(d_out, d_in) are exercised."""

@@ -12,8 +12,6 @@ import lrzoo
 from conftest import REPO, tiny_inputs, tiny_llama
 from lrzoo.methods.tera import mode_sizes
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 LOAD = """
 import torch, transformers, lrzoo
 from peft import PeftModel

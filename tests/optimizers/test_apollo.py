@@ -22,8 +22,6 @@ from conftest import tiny_bert, tiny_llama
 from lrzoo.optimizers import projection_targets, state_bytes
 from lrzoo.optimizers.apollo import ApolloAdamW, next_seed, random_projection
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 MODELS = {"llama": tiny_llama, "bert": tiny_bert}
 METHODS = {"apollo": {"rank": 4}, "apollo_mini": {}}
 LR, WEIGHT_DECAY, GAP, STEPS, SPIKE = 1e-2, 0.1, 10, 35, 12

@@ -23,8 +23,6 @@ from lrzoo.registry import TrainingRecord, set_record
 from lrzoo.optimizers.fira import FiraAdamW
 from lrzoo.optimizers.galore import GaLoreAdamW
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 MODELS = {"llama": tiny_llama, "bert": tiny_bert}
 OURS = {"galore": GaLoreAdamW, "fira": FiraAdamW}
 #: method -> (official package, class, the group key it calls α)

@@ -29,8 +29,6 @@ from lrzoo.optimizers.group_quant import dequantize, quantize
 from lrzoo.optimizers.int8_linear import Int8Linear
 from lrzoo.optimizers.q_galore import QGaLoreAdamW, optimizer_state_bytes, weight_bytes
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 LR, WEIGHT_DECAY, GROUP = 1e-2, 0.1, 32
 #: T = 2 from step 0; group 32 divides every tiny-LLaMA weight (32×32, 16×32, 48×32, 32×48) and projector (4×32)
 OPTIONS = {"rank": 4, "update_proj_gap": 2, "scale": 0.5, "proj_group_size": GROUP, "weight_group_size": GROUP}
@@ -381,7 +379,6 @@ def test_int8_weights_on_float_parameters_are_refused_with_the_fix():
 
 def test_list_optimizers_names_q_galore():
     assert "q_galore" in lrzoo.list_optimizers()
-
 
 
 def test_the_ported_adam_is_bitsandbytes_own_32bit_update():

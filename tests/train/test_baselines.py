@@ -16,8 +16,6 @@ from lrzoo.train.optim import make_optimizer
 from conftest import tiny_bert, tiny_llama
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 def _initial_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """The weights the recipe starts from (run_recipe seeds, then builds the random tiny model)."""

@@ -9,8 +9,6 @@ from lrzoo.cli.train import run_recipe
 from lrzoo.train.trainer import TrainerConfig, planned_steps
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 @pytest.fixture
 def no_model(monkeypatch):

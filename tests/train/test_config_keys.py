@@ -11,7 +11,7 @@ from lrzoo.cli.train import run_recipe
 from lrzoo.runs.identity import plain_config
 from lrzoo.errors import UserError
 from lrzoo.train.schema import FIXED_NODES, adapter_keys, check_keys
-from test_cli import ADAPTER_FILES, EXPERIMENTS
+from recipe_helpers import ADAPTER_FILES, EXPERIMENTS
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from lrzoo.cli.train import run_recipe
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
+pytestmark = pytest.mark.slow
 
 # Dropout off: each rank draws its own masks, so only a dropout-free run can match bit for bit.
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",

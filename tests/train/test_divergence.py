@@ -21,8 +21,6 @@ from lrzoo.train import trainer as trainer_module
 from lrzoo.train.divergence import MAX_CONSECUTIVE_SKIPS, DivergenceError, NonfiniteGuard, json_safe
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 @pytest.fixture
 def sst2_dir(tmp_path):

@@ -18,7 +18,7 @@ from lrzoo.cli.train import run_recipe
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_gsm8k, write_sst2
 from test_distributed import LAUNCHERS, NO_DROPOUT
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
+pytestmark = pytest.mark.slow
 
 # precision "no": the recipe's bf16 autocast rounds differently when the batch is split over ranks
 # (test_fsdp_bf16_runs_on_cpu covers it separately).
@@ -221,7 +221,8 @@ def test_shard_model_shards_the_frozen_base_and_replicates_the_adapter(tmp_path,
     script = tmp_path / "layout.py"
     script.write_text(SHARDED_LAYOUT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*LAUNCHERS["torchrun"], str(script), str(Path(__file__).parent), adapter],
+    tests = Path(__file__).resolve().parents[1]  # tests/, where conftest.py is
+    done = subprocess.run([*LAUNCHERS["torchrun"], str(script), str(tests), adapter],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("sharded"))

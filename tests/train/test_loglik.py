@@ -24,8 +24,6 @@ from lrzoo.train.config import EvalConfig
 from lrzoo.train.evaluation import EvaluationMixin
 from recipe_helpers import compose, run_dir_of
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 # Short ARC-style items with 3, 4 and 5 options (the real files have 3-5 for ARC).
 ITEMS = [
     ("Which is hot?", ["ice", "fire", "snow"], 2),

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from peft.optimizers import create_loraplus_optimizer
 
 import lrzoo
 from lrzoo.registry import training_options
 from conftest import tiny_bert, tiny_inputs
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 def groups_by_lr(optimizer):

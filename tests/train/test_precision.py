@@ -15,8 +15,6 @@ from lrzoo.train import trainer as trainer_module
 from lrzoo.train.precision import check_precision
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAMILIES = {
     "lora": [], "dora": [], "lora_xs": [], "randlora": [], "tera": [], "loldu": [], "flora": [],

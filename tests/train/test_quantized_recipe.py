@@ -23,8 +23,6 @@ from lrzoo.train.trainer import Trainer
 from recipe_helpers import compose, run_dir_of, write_gsm8k, write_sst2
 
 bnb = pytest.importorskip("bitsandbytes")
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 WIDE = {"hidden_size": 128, "intermediate_size": 256}
 WIDE_OVERRIDES = ("+model.config_overrides.hidden_size=128", "+model.config_overrides.intermediate_size=256")
 

@@ -14,8 +14,6 @@ from lrzoo.cli.train import run_recipe
 from lrzoo.train.trainer import IGNORE_INDEX, collate, encode_rows
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_gsm8k, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 @pytest.fixture
 def sst2_dir(tmp_path):
