@@ -187,11 +187,19 @@ def test_load_hooks_are_installed_by_import_lrzoo_once(monkeypatch):
     monkeypatch.setattr(PeftModel, "load_adapter", originals[0])
     monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(originals[1]))
     monkeypatch.setattr(PeftConfigMixin, "from_json_file", classmethod(originals[2]))
-    importlib.reload(load_checks)
-    assert not peft_bridge.load_hooks_installed()
-    assert load_checks.install_load_hooks() is True
-    assert load_checks.install_load_hooks() is False  # a second call wraps nothing
-    assert [f.__wrapped__ for f in _peft_load_functions()] == originals
+    # reload re-runs the module in its own namespace: put back the objects other modules imported from it
+    # (tuners.py's LOADING context variable, the warning class), or every later load in this process sees two of
+    # each and its unplaced-tensor check never fires (tests/api/test_unplaced_tensors.py after this file)
+    namespace = dict(vars(load_checks))
+    try:
+        importlib.reload(load_checks)
+        assert not peft_bridge.load_hooks_installed()
+        assert load_checks.install_load_hooks() is True
+        assert load_checks.install_load_hooks() is False  # a second call wraps nothing
+        assert [f.__wrapped__ for f in _peft_load_functions()] == originals
+    finally:
+        vars(load_checks).clear()
+        vars(load_checks).update(namespace)
 
 
 def test_partly_installed_load_hooks_are_refused(monkeypatch):
