@@ -13,6 +13,10 @@ from lrzoo.configs import config_dir
 
 POSITIVE = ["good", "great", "fine", "nice", "superb", "lovely"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "nasty", "weak"]
+#: the packaged adapter files and experiment presets (the CLI, config-key and run-data tests parametrize on them)
+ADAPTER_FILES = sorted(p.stem for p in config_dir("adapters").glob("*.yaml"))
+EXPERIMENTS = sorted(str(p.relative_to(config_dir("recipes") / "experiment").with_suffix(""))
+                     for p in (config_dir("recipes") / "experiment").rglob("*.yaml"))
 
 
 def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:

@@ -350,3 +350,21 @@ def test_run_file_names_and_the_heldout_prefix_are_spelled_once():
                      if isinstance(node, ast.Constant) and node.value in names
                      and (where, node.value) not in SPELLED_ELSEWHERE_ALLOWED]
     assert not problems, "spell these through lrzoo.runs.files:\n" + "\n".join(problems)
+
+
+#: the test files that check the checkout as a whole, not one package area (tests/README.md)
+CROSS_CUTTING_TESTS = {"test_architecture.py", "test_docs.py", "test_readme.py", "test_packaging.py", "test_learning.py",
+                       "test_lm_eval.py"}
+
+
+def test_the_tests_mirror_the_package():
+    """tests/<area>/ for each package area (api/: the top-level modules); only the cross-cutting files at the top;
+    a file name used once (the folders are not packages, so pytest imports each file by its name)."""
+    tests = REPO / "tests"
+    top = {p.name for p in tests.glob("test_*.py")}
+    assert top <= CROSS_CUTTING_TESTS, f"move {sorted(top - CROSS_CUTTING_TESTS)} into the folder of the area they test"
+    areas = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} | {"api"}
+    folders = {p.parent.relative_to(tests).parts[0] for p in tests.rglob("test_*.py") if p.parent != tests}
+    assert folders <= areas, f"tests/{sorted(folders - areas)} names no package area (lrzoo/<area>/ or api/)"
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})

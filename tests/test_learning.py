@@ -19,8 +19,7 @@ import torch
 import lrzoo
 from conftest import SHARED_DATA
 
-pytestmark = [pytest.mark.slow, pytest.mark.shared_data,
-              pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
 TRAIN_EXAMPLES, EVAL_EXAMPLES, STEPS, BATCH, MAX_LENGTH = 640, 200, 40, 16, 32
 #: per-method learning rate for this budget (adapter lr; the head uses HEAD_LR).

@@ -133,7 +133,7 @@ def steps_plan(python: str) -> list[tuple[str, list[str], float]]:
     lrzoo has them (``lrzoo.kernels.verify``)."""
     plan = [
         ("gpu-marked tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"], 0.25),
-        ("triton vs torch", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_triton.py"], 0.15),
+        ("triton vs torch", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_kernels_triton.py"], 0.15),
         ("bench", [python, "-m", "lrzoo.cli.bench", "--r", str(BENCH_RANK), "--methods", *BENCH_METHODS,
                    *[arg for shape in H100_SHAPES for arg in ("--shape", *map(str, shape))]], 0.5),
     ]

@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .reference import bench_options, has_peft_reference, peft_reference_config
 from .timing import CONFIDENCE, Timing, median_interval, paired_ratio, paired_ratios, saved_activation_bytes, \
     time_round_robin
 
-#: method -> wrap keywords (lrzoo) for the benchmarked layer; the rank comes from --r.
+#: the methods the per-layer table can time (and times by default). Each is built with its spec's
+#: ``bench_options``; one whose spec has a ``peft_reference`` also gets a stock-PEFT row.
 METHODS = ("lora", "dora", "lora_xs", "lora_sb", "loldu", "svfit", "flora", "randlora", "tera")
-#: methods PEFT implements, with the config that builds its eager layer.
-PEFT_METHODS = ("lora", "dora", "randlora")
 #: targets of issue 5 item 5 for the torch path (CPU shape tokens=2048, d=1024, r=16), as bounds on
 #: lrzoo/PEFT ratios. DoRA's bound is on memory only: its torch path recomputes x·Wᵀ in the backward
 #: (one extra GEMM) so that it keeps x instead of two N×d_out tensors (docs/kernels.md).
@@ -59,21 +59,14 @@ def _base_linear(d_in: int, d_out: int, device, dtype, seed: int = 0) -> nn.Sequ
 def build_layer(method: str, impl: str, d_in: int, d_out: int, r: int, device, dtype, dropout: float) -> nn.Module:
     """One adapted linear: ``impl`` is ``"lrzoo"`` (lrzoo.wrap) or ``"peft"`` (stock get_peft_model)."""
     import lrzoo
-    from peft import LoraConfig, RandLoraConfig, get_peft_model
+    from peft import get_peft_model
 
     model = _base_linear(d_in, d_out, device, dtype)
     if impl == "peft":
-        if method == "randlora":
-            config = RandLoraConfig(r=r, target_modules=["0"], randlora_dropout=dropout)
-        else:
-            config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=dropout,
-                                use_dora=method == "dora", init_lora_weights=False)
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, peft_reference_config(method, r=r, target_modules=["0"], dropout=dropout))
     else:
-        kwargs = {"r": r, "target_modules": ["0"], "dropout": dropout}
-        if method in ("lora", "dora"):
-            kwargs["init_lora_weights"] = False  # non-zero B: the same work as a trained adapter
-        peft_model = lrzoo.wrap(model, method, **kwargs)
+        # bench_options: an untrained layer doing a trained one's work (LoRA's B ≠ 0)
+        peft_model = lrzoo.wrap(model, method, r=r, target_modules=["0"], dropout=dropout, **bench_options(method))
     layer = peft_model.base_model.model[0]
     layer.to(device=device, dtype=dtype)
     layer.train()
@@ -108,7 +101,7 @@ def run(methods, shapes, r, device, dtype, dropout, warmup, iters) -> list[Row]:
         labels = [("frozen F.linear", "torch")]
         layers: list[Optional[nn.Module]] = [None]
         for method in (m for m in methods if m in available):
-            for impl in ("lrzoo", "peft") if method in PEFT_METHODS else ("lrzoo",):
+            for impl in ("lrzoo", "peft") if has_peft_reference(method) else ("lrzoo",):
                 labels.append((method, impl))
                 layers.append(build_layer(method, impl, d_in, d_out, r, device, dtype, dropout))
         fwds, fwd_bwds, saved = zip(*(candidate(layer, weight, bias, x, grad) for layer in layers))

@@ -2,8 +2,8 @@
 
 Each member is the model wrapped by :func:`lrzoo.wrap` (every registered adapter, rank ``--r``, on every
 linear layer of the repeated blocks: the attention and MLP projections), plus full fine-tuning as a
-reference row and stock PEFT (``peft.get_peft_model`` with a ``LoraConfig``/``RandLoraConfig``, no
-lrzoo layer in it) for the methods PEFT has. One step is forward, loss and backward on a fixed random
+reference row and stock PEFT (``peft.get_peft_model`` with the config of the method's ``AdapterSpec.peft_reference``,
+no lrzoo layer in it) for the methods PEFT has. One step is forward, loss and backward on a fixed random
 batch (``--batch`` × ``--seq-len`` tokens), gradients dropped after each; no optimizer step (the same
 for every member of a family, and not what the kernels change). All candidates are timed round-robin
 in one run (:func:`lrzoo.bench.timing.time_round_robin`), so their ratios hold on a loaded machine.
@@ -24,14 +24,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from .reference import bench_options, has_peft_reference, peft_reference_config
 from .timing import Timing, saved_activation_bytes, time_round_robin
 
 #: the full fine-tuning reference row's member name.
 FULL = "full"
-#: methods stock PEFT implements (the stock model is built for these).
-PEFT_MEMBERS = ("lora", "dora", "randlora")
-#: LoRA-layer members: built with ``init_lora_weights=False`` (B ≠ 0, the work of a trained adapter), as per layer.
-LORA_LAYER_MEMBERS = ("lora", "dora", "loraplus", "lora_pro", "relora")
 _BLOCK_CHILD = re.compile(r"\.\d+\.(.+)$")
 
 
@@ -101,15 +98,11 @@ def build_member(base: nn.Module, member: str, impl: str, r: int, targets: list[
             parameter.requires_grad_(True)
         return model.train()
     if impl == "peft":
-        from peft import LoraConfig, RandLoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        alpha = lrzoo.adapter_defaults(member).get("alpha")
-        if member == "randlora":
-            config = RandLoraConfig(r=r, randlora_alpha=alpha, target_modules=targets, randlora_dropout=dropout,
-                                    task_type=_peft_task_type(task_kind))
-        else:
-            config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
-                                use_dora=member == "dora", init_lora_weights=False, task_type=_peft_task_type(task_kind))
+        # lrzoo's α for the method (adapters/<name>.yaml), so both rows train the same function
+        config = peft_reference_config(member, r=r, alpha=lrzoo.adapter_defaults(member).get("alpha"),
+                                       target_modules=targets, dropout=dropout, task_type=_peft_task_type(task_kind))
         # lrzoo classes the base already has (a pooled head, lrzoo.heads) are the model, not PEFT's doing: only an
         # lrzoo class that wrapping brought in would make the row something other than stock PEFT
         own = {type(m) for m in model.modules()}
@@ -119,10 +112,8 @@ def build_member(base: nn.Module, member: str, impl: str, r: int, targets: list[
         if foreign:
             raise RuntimeError(f"stock PEFT {member} holds lrzoo layers ({foreign[0]}, ...): not a stock baseline.")
         return wrapped.train()
-    kwargs = {"r": r, "target_modules": targets, "dropout": dropout}
-    if member in LORA_LAYER_MEMBERS:
-        kwargs["init_lora_weights"] = False
-    return lrzoo.wrap(model, member, **kwargs).train()
+    # bench_options: an untrained adapter doing a trained one's work (LoRA's B ≠ 0), as per layer
+    return lrzoo.wrap(model, member, r=r, target_modules=targets, dropout=dropout, **bench_options(member)).train()
 
 
 def model_batch(model: nn.Module, task_kind: str, batch: int, seq_len: int, device, seed: int = 0) -> dict:
@@ -155,7 +146,8 @@ def run_model(source: str, members: list[str], r: int, batch: int, seq_len: int,
               config_overrides: Optional[dict] = None, log: Callable[[str], None] = lambda _: None) -> list[ModelRow]:
     """Build every member on ``source`` and time one training step of each, round-robin.
 
-    ``members``: registered adapter names and/or ``FULL``; lora, dora and randlora also get a stock PEFT row.
+    ``members``: registered adapter names and/or ``FULL``; a method whose spec has a ``peft_reference`` (stock
+    PEFT has it: lora, dora, randlora) also gets a stock PEFT row.
     """
     from ..models import load_model
 
@@ -170,7 +162,7 @@ def run_model(source: str, members: list[str], r: int, batch: int, seq_len: int,
     labels, models = [], []
     sums = weight_sums(base)
     for member in members:
-        impls = ("torch",) if member == FULL else ("lrzoo", "peft") if member in PEFT_MEMBERS else ("lrzoo",)
+        impls = ("torch",) if member == FULL else ("lrzoo", "peft") if has_peft_reference(member) else ("lrzoo",)
         for impl in impls:
             labels.append((member, impl))
             models.append(build_member(base, member, impl, r, targets, dropout, task_kind))

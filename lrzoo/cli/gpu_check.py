@@ -3,7 +3,7 @@
 1. the kernels' check on this device (``lrzoo.kernels.verify.verify_kernels``, refreshed), when the installed
    lrzoo has it: the verdicts ``LRZOO_BACKEND=auto`` trusts;
 2. the GPU-marked tests (``pytest -m gpu``: bf16/fp16 error against torch's own, autocast on CUDA...);
-3. the Triton-vs-torch kernel comparisons, on the GPU (``tests/test_kernels_triton.py``, fp32/fp16/bf16);
+3. the Triton-vs-torch kernel comparisons, on the GPU (``tests/kernels/test_kernels_triton.py``, fp32/fp16/bf16);
 4. ``lrzoo-bench`` at the protocol's shapes (docs/benchmarks.md#protocol; bf16, r=16) on the kernel methods,
    then the predicted-vs-measured table: each shape's lrzoo and eager (PEFT) time as a multiple of the frozen
    linear and lrzoo's speed-up over PEFT, predicted by :mod:`lrzoo.kernels.roofline` for this GPU's

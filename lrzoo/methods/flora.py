@@ -47,7 +47,7 @@ class FLoRAConfig(AdapterConfig):
     """FLoRA: ΔW = s·G ×₁ F_out ×₂ F_in ×₃ F_k… (Tucker), core and all factors trained; linear and Conv1d/2d/3d."""
 
     # The defaults of adapters/flora.yaml (the official example.py), so that a hand-built config and
-    # lrzoo.wrap(model, "flora") agree (tests/test_defaults.py checks every method).
+    # lrzoo.wrap(model, "flora") agree (tests/api/test_defaults.py checks every method).
     r: int = field(default=16, metadata={"help": "Tucker rank of the d_out and d_in modes."})
     alpha: float = field(default=64.0, metadata={"help": "s = alpha/r (official scale 4.0 at r = 16)."})
     dropout: float = field(default=0.01, metadata={"help": "Dropout on the adapter branch's input (official drop_rate)."})

@@ -57,7 +57,7 @@ class SALTConfig(AdapterConfig):
     """SALT: scale and shift (a ⊙ σ + b) of the top-r singular values plus a LoRA on the residual spectrum."""
 
     # The defaults of adapters/salt.yaml, so that a hand-built config and lrzoo.wrap(model, "salt")
-    # agree (tests/test_defaults.py checks every method).
+    # agree (tests/api/test_defaults.py checks every method).
     r: int = field(default=8, metadata={
         "help": "Number of top singular values that are scaled and shifted (official: max(1, ⌊0.1·min(d_out, d_in)⌋) "
                 "per layer; lrzoo takes one integer). Must be below min(d_out, d_in)."})

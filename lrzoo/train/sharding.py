@@ -17,7 +17,7 @@ What is sharded and what is not:
 This is torch's FSDP2 called directly rather than accelerate's ``FullyShardedDataParallelPlugin``:
 accelerate only enables FSDP on accelerators (on a CPU it silently falls back to DDP), so the
 plugin could not be tested here, and FSDP2 handles a frozen base next to trainable adapters per
-parameter. It runs on CPUs (gloo) and GPUs (NCCL) alike; ``tests/test_distributed.py`` trains on 2
+parameter. It runs on CPUs (gloo) and GPUs (NCCL) alike; ``tests/train/test_distributed.py`` trains on 2
 CPU ranks. Mixed precision is accelerate's autocast, as without FSDP (``trainer.precision``).
 
 Full fine-tuning (every parameter trainable) is therefore replicated, not sharded: FSDP buys nothing

@@ -13,10 +13,8 @@ from conftest import REPO, tiny_bert, tiny_llama
 from lrzoo.train.config import TrainerConfig
 from lrzoo.methods.relora import ReLoRA, ReLoRAHook
 from lrzoo.procedure import PROCEDURES, Procedure, register_procedure
-from lrzoo.registry import RECORD_ATTRIBUTE, record_of
+from lrzoo.registry import RECORD_ATTRIBUTE, record_of, unregister_adapter
 from lrzoo.train.procedures import procedure_for
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 @pytest.mark.parametrize("name", lrzoo.list_adapters())
@@ -84,19 +82,66 @@ def test_a_new_procedure_is_one_table_entry():
         del PROCEDURES["recording_test"]
 
 
-def test_the_trainer_its_command_and_the_adapter_api_never_test_a_method_name():
+def _name_lists(tree: ast.Module, names: set[str]) -> set[str]:
+    """Module-level constants that are tuples/lists/sets of adapter names (``PEFT_METHODS = ("lora", ...)``):
+    ``method in PEFT_METHODS`` is a name comparison too. Dicts keyed by name (per-method data) are not."""
+    found = set()
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, (ast.Tuple, ast.List, ast.Set)):
+            if any(isinstance(e, ast.Constant) and e.value in names for e in node.value.elts):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                found |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return found
+
+
+def test_the_trainer_its_command_the_adapter_api_and_the_benchmarks_never_test_a_method_name():
     """`method == "relora"`-style branches belong in the method's procedure or its spec's hooks, not in the loop,
-    nor in wrap/load/export (the benchmarks, which compare lrzoo with stock PEFT, have AdapterSpec.peft_reference)."""
+    nor in wrap/load/export, nor in the benchmarks (which ask AdapterSpec.peft_reference and bench_options for
+    their stock-PEFT rows and wrap keywords). A list of names may stay as data: what to time by default."""
     names = set(lrzoo.list_adapters())
-    files = (sorted((REPO / "lrzoo" / "train").glob("*.py")) + [REPO / "lrzoo" / "cli" / "train.py"]
+    files = (sorted((REPO / "lrzoo" / "train").glob("*.py")) + sorted((REPO / "lrzoo" / "bench").glob("*.py"))
+             + [REPO / "lrzoo" / "cli" / f"{name}.py" for name in ("train", "bench")]
              + [REPO / "lrzoo" / f"{name}.py" for name in ("wrap", "load", "export", "registry", "procedure")])
     found = []
     for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        lists = _name_lists(tree, names)
+        for node in ast.walk(tree):
             if isinstance(node, ast.Compare):
                 constants = [c for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in names]
                 found += [f"{path.relative_to(REPO)}:{c.lineno}: compares with {c.value!r}" for c in constants]
+                found += [f"{path.relative_to(REPO)}:{n.lineno}: compares with the name list {n.id}"
+                          for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in lists]
     assert not found, "\n".join(found)
+
+
+def test_the_benchmarks_build_from_the_spec_hooks():
+    """A method registered with a peft_reference gets a stock-PEFT row and its bench_options, whatever its name."""
+    from peft import LoraConfig
+
+    from lrzoo.bench import layers
+    from lrzoo.bench.model import build_member
+
+    calls = []
+
+    def reference(**options):
+        calls.append(options)
+        return LoraConfig(r=options["r"], lora_alpha=options.get("alpha") or 1, target_modules=options["target_modules"],
+                          lora_dropout=options["dropout"], task_type=options.get("task_type"))
+
+    spec = lrzoo.get_adapter("lora")
+    lrzoo.register_adapter("bench_hook_test", build_config=spec.build_config, aliases=spec.aliases,
+                           peft_reference=reference, bench_options={"init_lora_weights": False})
+    try:
+        rows = layers.run(["bench_hook_test"], [(4, 8, 8)], 2, torch.device("cpu"), torch.float32, 0.0, 0, 1)
+        assert [(row.method, row.impl) for row in rows] == [("frozen F.linear", "torch"), ("bench_hook_test", "lrzoo"),
+                                                             ("bench_hook_test", "peft")]
+        assert calls == [{"r": 2, "target_modules": ["0"], "dropout": 0.0}]
+        adapted = build_member(tiny_llama(0), "bench_hook_test", "lrzoo", 2, ["q_proj"], 0.0, "generation")
+        b_factors = [b for n, b in adapted.named_parameters() if "lora_B" in n]
+        assert b_factors and all(b.abs().sum() > 0 for b in b_factors)  # B ≠ 0: the bench_options were passed
+    finally:
+        unregister_adapter("bench_hook_test")
 
 
 def test_load_and_export_ask_the_spec_hooks(tmp_path):

@@ -16,8 +16,6 @@ from lrzoo.methods.relora import lora_layers, merge_and_reinit
 from lrzoo.registry import training_options
 from lrzoo.methods.relora import ReLoRA, ReLoRACallback, jagged_cosine_factor, make_relora_scheduler
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 
 def relora_model(**kwargs):
     return lrzoo.wrap(tiny_llama(0), "relora", r=4, alpha=8, **kwargs)

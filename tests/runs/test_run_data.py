@@ -18,10 +18,8 @@ from lrzoo.errors import UserError
 from lrzoo.tasks import get_task
 from lrzoo.tasks import data_identity
 from conftest import REPO
-from test_cli import EXPERIMENTS
+from recipe_helpers import EXPERIMENTS
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 @pytest.fixture(autouse=True)

@@ -25,8 +25,6 @@ from lrzoo.runs.files import LOCK_NAME
 from lrzoo.runs.lock import RunDirInUse, RunLock, live_holder, remove_leftovers
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
 # A run that writes its checkpoint at step 4, says so, and then hangs (a slow step): it holds the run dir.
 HOLDER = textwrap.dedent("""
     import json, sys, time
