@@ -9,7 +9,6 @@ import torch
 
 from lrzoo.models import char_tokenizer, load_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 def test_char_tokenizer_round_trips_text_with_newlines():

@@ -13,7 +13,6 @@ from lrzoo.lab.plan import Composer, PlanError, load_plan
 from lrzoo.configs import config_dir
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 SWEEPS = config_dir("recipes") / "sweeps"
 SMALLEST = ("tera", "lora_xs", "loldu", "svfit")
 

@@ -30,7 +30,6 @@ from lrzoo.runs.files import HELDOUT_PREFIX
 from lrzoo.configs import config_dir
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 SWEEPS = config_dir("recipes") / "sweeps"
 
 

@@ -11,7 +11,6 @@ import torch
 from lrzoo.cli.train import run_recipe
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 def _run(tmp_path, method, *extra, stop_after=None):

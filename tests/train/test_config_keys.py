@@ -14,7 +14,6 @@ from lrzoo.train.schema import FIXED_NODES, adapter_keys, check_keys
 from recipe_helpers import ADAPTER_FILES, EXPERIMENTS
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_sst2
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 @pytest.mark.parametrize("override, where, guess", [

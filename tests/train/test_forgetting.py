@@ -16,7 +16,6 @@ from lrzoo.models import load_model
 from lrzoo.train.memory_trace import MemoryTrace
 from recipe_helpers import compose, run_dir_of, write_gsm8k
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 TEXT = " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . " * 40
 
 

@@ -21,7 +21,6 @@ from lrzoo.train.lm import block_nll, lm_blocks
 from lrzoo.train.schema import check_keys
 from recipe_helpers import compose, run_dir_of
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 WORDS = "the a of lobster sea shell claw river north south king queen war city built old new".split()
 
