@@ -349,7 +349,7 @@ def test_two_ranks_choose_what_one_process_chooses(tmp_path, strategy):
 
 def test_the_default_eval_node_keeps_the_old_hash():
     default = compose([])
-    assert OmegaConf.to_container(default.eval) == {"mode": "generate", "choices": "label"}
+    assert OmegaConf.to_container(default.eval) == {"mode": "generate", "choices": "label", "forgetting": None}
     before = OmegaConf.to_container(default, resolve=False)
     before.pop("eval")  # the config as it was before the node existed
     before = OmegaConf.create(before)
