@@ -19,27 +19,14 @@ import torch
 
 import lrzoo
 from conftest import tiny_bert, tiny_llama
+from optimizer_steps import SPIKE, batch, train
 from lrzoo.optimizers import projection_targets, state_bytes
 from lrzoo.optimizers.apollo import ApolloAdamW, next_seed, random_projection
 
 MODELS = {"llama": tiny_llama, "bert": tiny_bert}
 METHODS = {"apollo": {"rank": 4}, "apollo_mini": {}}
-LR, WEIGHT_DECAY, GAP, STEPS, SPIKE = 1e-2, 0.1, 10, 35, 12
+LR, WEIGHT_DECAY, GAP, STEPS = 1e-2, 0.1, 10, 35
 GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "proj", "scale_type")
-
-
-def batch(step: int) -> torch.Tensor:
-    return torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(1000 + step))
-
-
-def train(model, optimizer, steps) -> None:
-    for step in steps:
-        x = batch(step)
-        labels = x if model.config.model_type == "llama" else x[:, 0] % 3
-        loss = model(input_ids=x, labels=labels).loss * (20.0 if step == SPIKE else 1.0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
 
 def make(model, method: str, **options):

@@ -18,6 +18,7 @@ import torch
 
 import lrzoo
 from conftest import REPO, tiny_bert, tiny_llama
+from optimizer_steps import SPIKE, batch, train
 from lrzoo.optimizers import projection_targets, state_bytes
 from lrzoo.registry import TrainingRecord, set_record
 from lrzoo.optimizers.fira import FiraAdamW
@@ -30,27 +31,13 @@ OFFICIAL = {"galore": ("galore_torch", "GaLoreAdamW", "scale"), "fira": ("fira",
 #: T = 5: refreshes at t = 1, 6, 11, 16 within 20 steps.
 OPTIONS = {"rank": 4, "update_proj_gap": 5, "scale": 0.5}
 LR, WEIGHT_DECAY = 1e-2, 0.1
-#: The loss is ×20 at this step (t = 13, inside a period), so Fira's residual grows more than 1.01×.
-SPIKE = 12
+#: optimizer_steps.SPIKE: the loss is ×20 at that step (t = 13, inside a period), so Fira's residual grows
+#: more than 1.01×.
 
 
 def official(method: str):
     package, cls, scale_key = OFFICIAL[method]
     return getattr(pytest.importorskip(package), cls), scale_key
-
-
-def batch(step: int) -> torch.Tensor:
-    return torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(1000 + step))
-
-
-def train(model, optimizer, steps) -> None:
-    for step in steps:
-        x = batch(step)
-        labels = x if model.config.model_type == "llama" else x[:, 0] % 3
-        loss = model(input_ids=x, labels=labels).loss * (20.0 if step == SPIKE else 1.0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
 
 def make(model, method: str, **options):
