@@ -19,7 +19,7 @@ import os
 import resource
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -231,16 +231,9 @@ class EvaluationMixin:
     def _predict(self, task: Any, features: list[dict], output: str = "logits") -> list:
         """Predictions for ``features`` in order; rows are sharded over ranks and gathered. ``output="similarity"``:
         a bi-encoder's cosine of each pair instead (:class:`lrzoo.heads.PairSimilarityOutput`)."""
-        mine = list(range(self.rank, len(features), self.world))
-        # FSDP: each forward gathers weights from every rank, so all ranks run as many batches as rank 0.
-        rows = -(-len(features) // self.world) if self.sharded else len(mine)
         model = self.accelerator.unwrap_model(self.model)
-        size = self.config.eval_batch_size
         out: list[tuple[int, Any]] = []
-        for start in tqdm(range(0, rows, size), desc=f"eval {task.name}", leave=False,
-                          disable=not (self.config.progress and self.is_main)):
-            index = mine[start:start + size]
-            chunk = [features[i] for i in index] or features[:1]  # out of rows (FSDP): a discarded batch
+        for index, chunk in self._shards(features, f"eval {task.name}"):
             if task.kind == "generation":
                 predictions = self._generate(model, task, chunk)
             else:
@@ -257,18 +250,25 @@ class EvaluationMixin:
             out.extend(zip(index, predictions))
         return self._gathered(out)
 
+    def _shards(self, features: list[dict], desc: str) -> Iterator[tuple[list[int], list[dict]]]:
+        """This rank's rows of ``features`` in eval batches: ``(row indices, rows)``. FSDP: each forward gathers
+        weights from every rank, so all ranks run as many batches as rank 0; a rank out of rows gets ``[]`` and the
+        first row as a discarded batch."""
+        mine = list(range(self.rank, len(features), self.world))
+        rows = -(-len(features) // self.world) if self.sharded else len(mine)
+        size = self.config.eval_batch_size
+        for start in tqdm(range(0, rows, size), desc=desc, leave=False,
+                          disable=not (self.config.progress and self.is_main)):
+            index = mine[start:start + size]
+            yield index, [features[i] for i in index] or features[:1]
+
     def _predict_nll(self, task: Any, features: list[dict]) -> list[Optional[tuple[float, int]]]:
         """``(summed NLL, predicted tokens)`` of each language-model block (None: non-finite), in order; blocks
         are sharded over ranks and gathered (FSDP: every rank runs as many batches as rank 0)."""
-        mine = list(range(self.rank, len(features), self.world))
-        rows = -(-len(features) // self.world) if self.sharded else len(mine)
         model = self.accelerator.unwrap_model(self.model)
-        size = self.config.eval_batch_size
         out: list[tuple[int, Any]] = []
-        for start in tqdm(range(0, rows, size), desc=f"eval {task.name} (perplexity)", leave=False,
-                          disable=not (self.config.progress and self.is_main)):
-            index = mine[start:start + size]
-            batch = collate([features[i] for i in index] or features[:1], self.tokenizer.pad_token_id)
+        for index, chunk in self._shards(features, f"eval {task.name} (perplexity)"):
+            batch = collate(chunk, self.tokenizer.pad_token_id)
             with self.accelerator.autocast():
                 sums, counts = lm.block_nll(model, {k: v.to(self.accelerator.device) for k, v in batch.items()})
             out.extend((i, (s, c) if math.isfinite(s) else None) for i, s, c in zip(index, sums, counts))
