@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..heads import best_threshold, find_pooled_head, head_spec
 from ..io import atomic_file
-from ..optimizers import state_bytes
+from ..optimizers import state_bytes, weight_bytes
 from ..runs.files import HELDOUT_PREFIX, PREDICTIONS_FILE, RESULTS_FILE
 from ..tasks.metrics import UndefinedMetricWarning, nonfinite_reason
 from . import lm, loglik
@@ -146,6 +146,9 @@ class EvaluationMixin:
             # what the optimizer keeps (moments, projectors): GaLore/Fira's saving, LoRA-Pro's full-size cost
             "optimizer_state_mb": round(state_bytes(getattr(self.optimizer, "optimizer", self.optimizer)) / 2**20, 3)
             if self.optimizer is not None else 0.0,
+            # the weights as stored (INT8 codes for Q-GaLore, B, A and the sparse values and indices for SLTrain):
+            # with optimizer_state_mb, the pre-training papers' memory column; a sharded run's storage is per rank
+            "weights_mb": None if self.sharded else round(weight_bytes(model) / 2**20, 3),
             "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
             "precision": self.accelerator.mixed_precision,
             "autocast_dtype": self.autocast_dtype,

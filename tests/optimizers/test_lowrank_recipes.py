@@ -53,3 +53,12 @@ def test_an_experiment_presets_adapter_rank_is_not_passed_to_the_optimizer(tmp_p
     """glue_cpu sets adapter.r/alpha for every adapter; GaLore takes adapter.rank and ignores those."""
     results, _ = _run(tmp_path, "galore", "+adapter.r=8", "+adapter.alpha=16")
     assert results["steps"] == 8
+
+
+def test_results_record_the_weights_as_stored_so_int8_weights_show_their_saving(tmp_path):
+    """weights_mb beside optimizer_state_mb is the pre-training papers' memory column: Q-GaLore's INT8 weights
+    must show up in it, not only in its optimizer."""
+    galore, _ = _run(tmp_path / "galore", "galore")
+    q_galore, _ = _run(tmp_path / "q_galore", "q_galore", *EXTRA["q_galore"])
+    assert galore["weights_mb"] * 2**20 >= 4 * galore["total_params"]  # fp32 weights, plus buffers
+    assert q_galore["weights_mb"] < 0.8 * galore["weights_mb"]
