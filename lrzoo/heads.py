@@ -353,9 +353,15 @@ def pair_encoding(model: nn.Module) -> str:
     return "separate" if head is not None and head.pair_form == "bi_encoder" else "joint"
 
 
-def head_spec(model: nn.Module) -> dict[str, Any]:
-    """How ``model`` pools and reads pairs (written to ``results.json`` and :data:`HEAD_FILE`): its
-    :meth:`PooledForSequenceClassification.spec`, or ``{"pooling": "pooler", "pair_form": "cross_encoder"}`` for
-    transformers' own head."""
+def head_spec(model: nn.Module) -> Optional[dict[str, Any]]:
+    """How ``model`` pools and reads pairs (written to ``results.json``): its
+    :meth:`PooledForSequenceClassification.spec`, ``{"pooling": "pooler", "pair_form": "cross_encoder"}`` for
+    transformers' own sequence-classification head, or None for a model with no such head (a causal LM), so that
+    a language model's record does not claim an encoder head it never had."""
     head = find_pooled_head(model)
-    return head.spec() if head is not None else {"pooling": "pooler", "pair_form": "cross_encoder"}
+    if head is not None:
+        return head.spec()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(base).__name__.endswith("ForSequenceClassification"):
+        return {"pooling": "pooler", "pair_form": "cross_encoder"}
+    return None

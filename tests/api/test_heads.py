@@ -12,11 +12,13 @@ import torch
 from transformers import AutoModel, BertForSequenceClassification
 
 import lrzoo
-from lrzoo.heads import HEAD_FILE, PooledForSequenceClassification, best_threshold, checkpoint_pooling, pair_form_for
+from lrzoo.heads import (HEAD_FILE, PooledForSequenceClassification, best_threshold, checkpoint_pooling, head_spec,
+                         pair_form_for)
 from lrzoo.models import load_model
 from lrzoo.tasks import get_task
 from lrzoo.train.data import collate, encode_rows
 
+from conftest import tiny_bert, tiny_llama
 from recipe_helpers import compose, run_dir_of
 
 WORDS = ["cat", "dog", "sun", "car", "tree", "red", "blue", "run", "sit", "big"]
@@ -273,3 +275,10 @@ def open_dict(cfg):
     from omegaconf import open_dict as _open_dict
 
     return _open_dict(cfg)
+
+
+def test_the_record_names_an_encoder_head_only_where_the_model_has_one():
+    """results.json's "head" said "pooler / cross_encoder" for a causal LM (a pre-training run) that has neither."""
+    assert head_spec(tiny_llama()) is None
+    assert head_spec(lrzoo.wrap(tiny_llama(), "lora", r=2, target_modules=["q_proj"])) is None
+    assert head_spec(tiny_bert()) == {"pooling": "pooler", "pair_form": "cross_encoder"}
