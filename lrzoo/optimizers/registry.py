@@ -17,6 +17,11 @@ import torch.nn as nn
 
 from ..registry_table import Table
 from ..targets import LINEAR_TYPES, TargetSpec, leaf_names, resolve_targets
+from .int8_linear import Int8Linear
+
+#: the layers a low-rank optimizer projects: a model's linear layers, and those an earlier Q-GaLore optimizer
+#: already stored in INT8 (so a second optimizer over the same model finds the same weights)
+PROJECTABLE_TYPES: tuple[type, ...] = (*LINEAR_TYPES, Int8Linear)
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def projection_targets(model: nn.Module, target_modules: TargetSpec = None) -> l
                 f"is no default to project. Pass target_modules=[...]; its linear layers are named: "
                 f"{', '.join(leaf_names(model, LINEAR_TYPES)) or '(none)'}.")
     else:
-        modules = resolve_targets(model, target_modules)
+        modules = resolve_targets(model, target_modules, PROJECTABLE_TYPES)
     weights = [m.weight for m in modules.values() if m.weight.requires_grad]
     if not weights:
         raise ValueError(
@@ -141,7 +146,7 @@ def block_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         name: module for name, module in model.named_modules()
-        if isinstance(module, LINEAR_TYPES) and module is not output
+        if isinstance(module, PROJECTABLE_TYPES) and module is not output
         and any(name.startswith(prefix + ".") for prefix in lists)
     }
 

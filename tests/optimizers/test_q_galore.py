@@ -406,3 +406,16 @@ def test_int8_state_loaded_into_float_weights_is_refused():
     float_optimizer = make(tiny_llama(), int8_weights=False)
     with pytest.raises(ValueError, match=r"holds INT8 codes for parameter \d+, which is no INT8 layer's weight"):
         float_optimizer.load_state_dict(optimizer.state_dict())
+
+
+def test_a_second_optimizer_over_an_int8_model_projects_the_same_weights():
+    """Building the optimizer again (a new run phase, a notebook cell run twice) found no linear layer to project:
+    the first one had already stored them as Int8Linear."""
+    model = tiny_llama()
+    first = make(model)
+    layers = int8_layers(model)
+    second = make(model)
+    projected = lambda optimizer: {id(p) for g in optimizer.param_groups if "rank" in g for p in g["params"]}  # noqa: E731
+    assert projected(second) == projected(first) == {id(layer.weight) for layer in layers.values()}
+    assert int8_layers(model).keys() == layers.keys()  # nothing converted twice
+    train(model, second, range(2))  # and it trains
