@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
-from .table import averages, display_name
+from .table import PERPLEXITY, averages, display_name
 
 #: what to install for plots
 LAB_EXTRA = "lrzoo[lab]"
@@ -57,7 +57,9 @@ def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
         ax.plot([], [], "k*", label="average over tasks")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("score (primary metric ×100)")
+    perplexity = {row.get("metric") == PERPLEXITY for row in table}
+    ax.set_ylabel("test perplexity (lower is better)" if perplexity == {True} else
+                  "score (primary metric ×100; perplexity as is)" if True in perplexity else "score (primary metric ×100)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

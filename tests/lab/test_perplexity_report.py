@@ -87,11 +87,17 @@ def _table(text):
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory):
+def tree(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("pretrain")
-    plan, composer = _tree(tmp_path)
-    out = tmp_path / "report"
-    report([str(tmp_path / "runs"), "--plan", plan.path, "--out", str(out)])
+    plan, _ = _tree(tmp_path)
+    return plan, tmp_path / "runs"
+
+
+@pytest.fixture(scope="module")
+def reported(tree):
+    plan, runs = tree
+    out = runs.parent / "report"
+    report([str(runs), "--plan", plan.path, "--out", str(out)])
     text = (out / "results.md").read_text()
     with open(out / "results.csv", newline="") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
@@ -236,3 +242,20 @@ def test_a_plan_mixing_language_modelling_with_scored_tasks_is_refused(tmp_path,
     with pytest.raises(SystemExit):
         report([str(tmp_path / "runs"), "--plan", str(path), "--out", str(tmp_path / "report")])
     assert "mixes language-modelling tasks (pretrain/wikitext2) with scored ones (glue/sst2)" in capsys.readouterr().err
+
+
+def test_the_plain_report_shows_a_pretraining_runs_perplexity_not_neg_loss_times_100(tree, tmp_path):
+    _, runs = tree
+    out = tmp_path / "plain"
+    report([str(runs), "--out", str(out)])
+    with open(out / "results.csv", newline="") as handle:
+        table = [r for r in csv.DictReader(handle)]
+    for method in LOSS:   # a row per lr; the chosen lr's has both seeds
+        perplexities = [math.exp(sum(_blocks(method, seed)[1]) / sum(_blocks(method, seed)[0])) for seed in (0, 1)]
+        row = next(r for r in table if r["adapter"] == method and r["n_seeds"] == "2")
+        assert row["metric"] == "perplexity"
+        assert float(row["mean"]) == pytest.approx(np.mean(perplexities))
+        assert float(row["std"]) == pytest.approx(np.std(perplexities, ddof=1))
+    text = (out / "results.md").read_text()
+    assert "pretrain/wikitext2 (perplexity)" in text and "neg_loss" not in text.split("\n\n")[1]
+    assert "(not ×100; lower is better)" in text
