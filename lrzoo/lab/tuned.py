@@ -6,7 +6,8 @@ pooled over seeds (:mod:`lrzoo.lab.intervals`, from each run's ``predictions.jso
 statistically tied with the best method of its column (paired bootstrap of the difference), and whether
 that verdict survives resampling the training seeds as well (:func:`lrzoo.lab.intervals.seeds_resampled`;
 a ``†`` marks a verdict the seeds decide). Every planned cell appears: one whose grid or seeds have not all
-finished reads ``— (missing: ...)``.
+finished reads ``— (missing: ...)``. A pre-training plan (language-modelling tasks) gets the perplexity table of
+:mod:`lrzoo.lab.perplexity` instead.
 """
 
 from __future__ import annotations
