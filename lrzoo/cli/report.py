@@ -6,7 +6,7 @@ The tables are :mod:`lrzoo.lab.table` and :mod:`lrzoo.lab.report` (what each col
 
 ``lrzoo-report DIR --plan PLAN`` reports an ``lrzoo-sweep`` plan instead: the tuned comparison of
 :mod:`lrzoo.lab.tuned` (the chosen learning rate per cell, bootstrap intervals, ties with the best,
-missing cells).
+missing cells); for a pre-training plan, the perplexity table of :mod:`lrzoo.lab.perplexity`.
 """
 
 from __future__ import annotations

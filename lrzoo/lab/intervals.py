@@ -9,6 +9,10 @@ percentiles of those means are the cell's 95% interval (:func:`percentile_interv
 of a task see the same resamples, the difference of their replicates is a *paired* bootstrap of their
 difference (:func:`paired_difference`): an interval that excludes 0 is a real difference at the 95%
 level; one that contains 0 is a tie, given these dev sets and these seeds.
+
+A language-modelling set (pre-training's WikiText-2 test text) is resampled by its test blocks: each replicate's
+``neg_loss`` is minus the summed NLL of the drawn blocks over their summed tokens (:func:`_neg_loss`); its
+perplexity is exp(-neg_loss), so the percentiles carry over to perplexity (:mod:`lrzoo.lab.perplexity`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def replicate_indices(n: int, task: str, replicates: int = REPLICATES, seed: int
 
 
 def metric_replicates(metric: str, predictions: Sequence, references: Sequence, indices: np.ndarray) -> np.ndarray:
-    """``metric`` (an :data:`lrzoo.tasks.metrics.METRICS` name) of every resample ``predictions[idx]`` against
+    """``metric`` (an :data:`lrzoo.tasks.metrics.METRICS` name, or a language-modelling set's ``neg_loss``:
+    :func:`_neg_loss`) of every resample ``predictions[idx]`` against
     ``references[idx]`` for each row ``idx`` of ``indices``: shape ``(replicates,)``. Undefined values (the
     correlation of a constant resample) are NaN, as in :mod:`lrzoo.tasks.metrics`."""
     p, r = np.asarray(predictions), np.asarray(references)
@@ -53,11 +58,22 @@ def metric_replicates(metric: str, predictions: Sequence, references: Sequence, 
         return _pearson(p.astype(np.float64)[indices], r.astype(np.float64)[indices])
     if metric == "spearmanr":
         return _pearson(rankdata(p.astype(np.float64)[indices], axis=1), rankdata(r.astype(np.float64)[indices], axis=1))
+    if metric == "neg_loss":
+        return _neg_loss(p.astype(np.float64), r.astype(np.float64), indices)
     from ..tasks.metrics import METRICS
 
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
     return np.array([METRICS[metric](p[idx], r[idx]) for idx in indices], dtype=np.float64)
+
+
+def _neg_loss(nll: np.ndarray, tokens: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """A language-modelling set's ``neg_loss`` per row: predictions are each test block's summed token NLL, references
+    its number of predicted tokens, so a resample of blocks scores minus its summed NLL over its summed tokens (a
+    ratio estimator: blocks of unequal length weigh by their tokens, as the whole set's per-token loss does, not
+    the mean of per-block losses). No token at all is undefined (NaN)."""
+    total = tokens[indices].sum(1)
+    return np.divide(-nll[indices].sum(1), total, out=np.full(len(indices), np.nan), where=total > 0)
 
 
 def _matthews(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:

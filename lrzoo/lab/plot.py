@@ -1,4 +1,5 @@
-"""``results.png``: score against trainable parameters (log scale), for the plain and the tuned report.
+"""``results.png``: score against trainable parameters (log scale), for the plain and the tuned report; a
+pre-training plan's perplexity against memory (:func:`plot_perplexity`).
 
 matplotlib is the ``lab`` extra (``pip install lrzoo[lab]``; ``make install`` has it): without it, asking for a
 plot is one line naming the fix (:class:`lrzoo.errors.UserError`), not an ``ImportError``.
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
-from .table import averages, display_name
+from .table import PERPLEXITY, averages, display_name
 
 #: what to install for plots
 LAB_EXTRA = "lrzoo[lab]"
@@ -56,7 +57,35 @@ def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
         ax.plot([], [], "k*", label="average over tasks")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("score (primary metric ×100)")
+    perplexity = {row.get("metric") == PERPLEXITY for row in table}
+    ax.set_ylabel("test perplexity (lower is better)" if perplexity == {True} else
+                  "score (primary metric ×100; perplexity as is)" if True in perplexity else "score (primary metric ×100)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_perplexity(points: Sequence[dict[str, Any]], path: Path) -> None:
+    """A pre-training plan's ``results.png``: test perplexity (with its 95% interval) against the memory a method
+    holds (weights + optimizer state MB, the papers' trade-off; the optimizer state alone when a row lacks the
+    weights), one point per method labelled by name; lower and further left is better."""
+    plt = pyplot(path)
+    key, label = (("weights_plus_state_mb", "weights + optimizer state (MB)")
+                  if all(p["weights_plus_state_mb"] is not None for p in points) else
+                  ("optimizer_state_mb", "optimizer state (MB)"))
+    points = [p for p in points if p[key] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for task in sorted({p["task"] for p in points}):
+        mine = [p for p in points if p["task"] == task]
+        yerr = ([[p["perplexity"] - p["ci"][0] for p in mine], [p["ci"][1] - p["perplexity"] for p in mine]]
+                if all(p["ci"] for p in mine) else None)
+        ax.errorbar([p[key] for p in mine], [p["perplexity"] for p in mine], yerr=yerr, fmt="o", capsize=3, label=task)
+        for p in mine:
+            ax.annotate(p["method"], (p[key], p["perplexity"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(label)
+    ax.set_ylabel("test perplexity (lower is better)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,7 +1,8 @@
 """The plain report of ``lrzoo-report DIR`` (:mod:`lrzoo.cli.report`): the runs under a folder as a table.
 
-writes ``results.md`` (adapter × task, mean ± std over seeds of the primary metric ×100, the average
-over tasks, trainable parameters, peak memory and training time), ``results.csv`` (one row per
+writes ``results.md`` (adapter × task, mean ± std over seeds of the primary metric ×100, or of the
+test perplexity of a pre-training run, whose primary metric is ``neg_loss``; the average over tasks,
+trainable parameters, peak memory and training time), ``results.csv`` (one row per
 adapter, model and task) and ``results.png`` (score against trainable parameters, log scale).
 A run scored on several eval sets (``commonsense/all``) gives one column per set.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -31,6 +33,9 @@ CSV_FIELDS = ("model", "adapter", "variant", "task", "metric", "n_seeds", "mean"
               "peak_memory_mb", "wall_time_s")
 #: differing keys named in a variant's label before it is cut short (with its digest)
 LABEL_KEYS = 3
+#: a pre-training run's primary metric (minus the loss per token, higher better, as every lrzoo score) and what the
+#: table shows for it instead: perplexity, exp(loss), as is (not ×100; lower is better)
+NEG_LOSS, PERPLEXITY = "neg_loss", "perplexity"
 
 
 def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
@@ -53,12 +58,15 @@ def collect(root: Path, select: str = "final") -> list[dict[str, Any]]:
                   "trainable_params": result["trainable_params"], "peak_memory_mb": result.get("peak_memory_mb"),
                   "wall_time_s": result.get("wall_time_s"), "tuned": "selection_score" in result}
         metric = result["primary_metric"]
+        shown, whole = (PERPLEXITY, math.exp(-chosen["score"]) if -chosen["score"] < 700 else math.inf) \
+            if metric == NEG_LOSS else (metric, 100 * chosen["score"])
         # several eval sets: metrics are "<eval task>/<metric>"; report each set, not their mean (nor the
         # held-out training slice a tuned sweep chooses its learning rate on)
-        per_set = {key[:-len(metric) - 1]: value for key, value in (chosen.get("metrics") or {}).items()
-                   if key.endswith("/" + metric) and not key.startswith(HELDOUT_PREFIX)}
-        for task, score in (per_set or {result["task"]: chosen["score"]}).items():
-            rows.append({**common, "task": task, "metric": metric, "score": 100 * score})
+        per_set = {key[:-len(shown) - 1]: value if shown == PERPLEXITY else 100 * value
+                   for key, value in (chosen.get("metrics") or {}).items()
+                   if key.endswith("/" + shown) and not key.startswith(HELDOUT_PREFIX)}
+        for task, score in (per_set or {result["task"]: whole}).items():
+            rows.append({**common, "task": task, "metric": shown, "score": score})
     return rows
 
 
@@ -211,6 +219,9 @@ def markdown(table: Sequence[dict[str, Any]]) -> str:
     note = ("Scores ×100, mean ± sample std over seeds (number of seeds in brackets); average = mean over the "
             "tasks of those means. Peak memory: the largest over the adapter's runs (CPU: process max RSS; "
             "CUDA: max allocated). Train time: wall time of the training loop per run, averaged over seeds then tasks.")
+    if any(row["metric"] == PERPLEXITY for row in table):
+        note += (" A pre-training run (primary metric neg_loss) shows its test perplexity instead, exp of its mean "
+                 "loss per token, as is (not ×100; lower is better): mean ± std of the runs' perplexities.")
     if any(row.get("variant") for row in table):
         note += (" An adapter run with several configurations of a task has a row per configuration, named by the "
                  "keys in which they differ; the seeds of one configuration are aggregated.")

@@ -6,7 +6,8 @@ pooled over seeds (:mod:`lrzoo.lab.intervals`, from each run's ``predictions.jso
 statistically tied with the best method of its column (paired bootstrap of the difference), and whether
 that verdict survives resampling the training seeds as well (:func:`lrzoo.lab.intervals.seeds_resampled`;
 a ``†`` marks a verdict the seeds decide). Every planned cell appears: one whose grid or seeds have not all
-finished reads ``— (missing: ...)``.
+finished reads ``— (missing: ...)``. A pre-training plan (language-modelling tasks) gets the perplexity table of
+:mod:`lrzoo.lab.perplexity` instead.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any, Optional, Sequence
 from ..io import atomic_file
 from ..runs.files import HELDOUT_PREFIX
 from ..tasks.metrics import modal_share
-from . import comparison, intervals
+from . import comparison, intervals, perplexity
 from .cells import AVERAGE, Average, Cell, averages, build_cells, columns_of
 from .choice import CellState
 from .plan import Plan, format_lr
-from .plot import plot
+from .plot import plot, plot_perplexity
 from .table import REPORT_CSV, REPORT_MD, REPORT_PNG
 
 CSV_FIELDS = ("model", "method", "task", "metric", "status", "chosen_lr", "chosen_head_lr", "n_seeds", "planned_seeds", "mean",
@@ -419,6 +420,8 @@ def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.
     """Write ``results.md``, ``results.csv``, ``comparison.csv`` and ``results.png`` for ``plan``'s runs under
     ``root``."""
     cells = build_cells(root, plan, replicates)
+    if perplexity.is_language_modelling(plan):   # pre-training: perplexity and memory, not scores ×100
+        return _write_perplexity_report(cells, plan, out, replicates)
     avg = averages(cells, plan)
     text = markdown(cells, plan, avg, replicates)
     out.mkdir(parents=True, exist_ok=True)
@@ -437,3 +440,21 @@ def write_report(root: Path, plan: Plan, out: Path, replicates: int = intervals.
     if points:
         plot(points, out / REPORT_PNG)
     return Report(plan, cells, avg, text)
+
+
+def _write_perplexity_report(cells: dict[tuple[str, str], Cell], plan: Plan, out: Path, replicates: int) -> Report:
+    """A language-modelling plan's ``results.md``, ``results.csv`` and ``results.png`` (:mod:`lrzoo.lab.perplexity`:
+    its one table is the method comparison, so no ``comparison.csv``)."""
+    rows = perplexity.rows_of(cells, plan)   # before any file is written: runs that disagree stop it here
+    text = perplexity.markdown(rows, cells, plan, replicates)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(str(out / REPORT_MD)) as handle:
+        handle.write(text)
+    with atomic_file(str(out / REPORT_CSV)) as handle:
+        writer = csv.DictWriter(handle, fieldnames=perplexity.CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(perplexity.csv_rows(rows))
+    points = perplexity.plot_points(rows)
+    if points:
+        plot_perplexity(points, out / REPORT_PNG)
+    return Report(plan, cells, {}, text)
