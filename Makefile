@@ -77,7 +77,7 @@ results-cs-question: install
 	  $(VENV)/bin/lrzoo-report runs/cs-question --plan recipes/sweeps/cs_question.yaml; exit $$status
 
 # Rewrite docs/ from the tuned sweeps' runs (lrzoo/lab/results_docs.py): docs/results.md between its
-# <!-- tuned-glue/cs-question:begin/end --> markers, the plots, and each method page's generated "Measured" bullets.
+# <!-- tuned-glue/cs-question/pretrain-cpu:begin/end --> markers, the plots, and each method page's generated "Measured" bullets.
 # The prose around them is not touched; a sweep with no runs/ directory leaves its blocks as they are.
 results-docs: install
 	OMP_NUM_THREADS=1 $(PY) -m lrzoo.cli.results_docs
