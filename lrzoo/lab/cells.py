@@ -120,8 +120,8 @@ def build_cells(root: Path, plan: Plan, replicates: int = intervals.REPLICATES) 
     cells: dict[tuple[str, str], Cell] = {}
     for state in states:
         for column in columns[state.task]:
-            cells[(state.method.name, column)] = _fill_cell(Cell(state.method.name, column, state, len(plan.seeds)),
-                                                            plan)
+            cell = Cell(state.method.name, column, state, len(plan.seeds_of(state.method)))
+            cells[(state.method.name, column)] = _fill_cell(cell, plan)
     for column in (c for task in plan.tasks for c in columns[task]):
         scored = [c for c in cells.values() if c.task == column and c.mean is not None]
         _bootstrap_task(scored, column, replicates)
@@ -171,7 +171,7 @@ def _fill_cell(cell: Cell, plan: Plan) -> Cell:
             cell.model = cell.model or outcome.result.get("model")
             cell.metric = cell.metric or outcome.result.get("primary_metric")
     if cell.complete:
-        for seed in plan.seeds:
+        for seed in plan.seeds_of(state.method):   # one run for a method that trains nothing
             outcome = state.seeds[seed]
             cell.trainable_params = outcome.result.get("trainable_params")
             entry = dev_set(read_json(outcome.run_dir / PREDICTIONS_FILE) or {}, task) if outcome.run_dir else None
@@ -205,6 +205,10 @@ def _bootstrap_task(column: list[Cell], task: str, replicates: int) -> None:
                 cell.interval = intervals.percentile_interval(cell.replicates)
                 if len(per_seed) > 1:
                     cell.seeds_replicates = intervals.seeds_resampled(per_seed, task)
+                elif cell.state.method.trains_nothing:
+                    # no training, so no seed to resample: every draw of seeds gives these replicates, and a
+                    # 3-seed cell's resampled-seeds difference to it (the table's †) stays defined
+                    cell.seeds_replicates = cell.replicates
     _compare(column)
 
 

@@ -113,6 +113,8 @@ class CellState:
         return [*self.grid.values(), *self.heads.values(), *self.rechecks.values(), *self.seeds.values()]
 
     def complete(self, n_seeds: int) -> bool:
+        """Both rates final and ``n_seeds`` seeds done (``len(plan.seeds_of(method))``: one for a method that
+        trains nothing)."""
         return self.settled and self.seeds_done == n_seeds
 
 
@@ -181,7 +183,8 @@ def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup
     the plan's, grown past a winning end up to ``plan.extend`` points (:func:`beyond_edge`) once it has
     finished; the choice waits for each added point. Then the head rates of ``plan.head_grid`` are tried at
     the chosen lr (:func:`choose_head`), growing past a trial that wins at their end as the lr grid does, and
-    the seeds wait for that choice."""
+    the seeds wait for that choice. A method that trains nothing has one grid point and one seed
+    (:meth:`~lrzoo.lab.plan.Plan.seeds_of`): its cell is that one run."""
     grid = {lr: lookup(composer.run(method, task, lr, plan.seeds[0])) for lr in plan.grid(method)}
     state = CellState(method, task, grid)
     state.chosen, state.why_not, state.scores = choose_lr(task, grid)
@@ -214,7 +217,8 @@ def cell_state(plan: Plan, composer: Composer, method: Method, task: str, lookup
         first = (state.rechecks[state.moved] if state.moved is not None else
                  state.heads[state.head] if state.head is not None else grid[state.chosen])
         state.seeds = {seed: first if seed == plan.seeds[0] else
-                       lookup(composer.run(method, task, state.seed_lr, seed, state.head)) for seed in plan.seeds}
+                       lookup(composer.run(method, task, state.seed_lr, seed, state.head))
+                       for seed in plan.seeds_of(method)}
     return state
 
 

@@ -35,6 +35,11 @@ head rate); a trial that wins at the end of the rates tried grows them past it (
 ``trainer.head_lr`` itself (head-only: null, its head is what ``trainer.lr`` sweeps) keeps it and gets no
 head trials.
 
+A method that trains nothing (:data:`TRAINS_NOTHING`: ``zero_shot``, the checkpoint evaluated as it is) runs
+once per task: the first seed at its line's ``trainer.lr`` (the run a grid would have at its centre, so the same
+directory and hash), no grid, no head trials, no other seeds. Its lr and seed change nothing it computes, so more
+runs would repeat one evaluation and show a "flat" lr choice and a ``±0.0`` over seeds that are not measurements.
+
 The body's rate was chosen with the preset's head, and a faster head can move its optimum (DoRA on STS-B: 59.8
 held out at the chosen 3.3e-4, 77.1 at 1e-3, both with the head at 2e-2). With ``recheck_lr: true`` a cell whose
 head rate changed tries the body's rate once more at the new head: the first seed runs at the chosen lr's two
@@ -64,6 +69,10 @@ PLAN_KEYS = {"experiment", "overrides", "tasks", "seeds", "grid", "head_grid", "
 HEAD_LR = "trainer.head_lr="
 #: a method line's plan options start with this (``grid.points=3``: that method's own grid size)
 METHOD_GRID = "grid."
+#: ``adapter=`` options whose run trains nothing: the trainer evaluates the checkpoint once (lrzoo.train.baselines
+#: records ``evaluate_only`` for exactly these; the lab may not import train/, and tests/lab/test_floor_once.py
+#: checks that the two agree). Their learning rate and seed change nothing the run computes.
+TRAINS_NOTHING = frozenset({"zero_shot"})
 
 
 class PlanError(ValueError):
@@ -85,6 +94,11 @@ class Method:
         """Its line sets ``trainer.head_lr``: the plan's ``head_grid`` leaves its head alone."""
         return any(o.lstrip("+").startswith(HEAD_LR) for o in self.overrides)  # also +key= and ++key=
 
+    @property
+    def trains_nothing(self) -> bool:
+        """Its run evaluates the checkpoint untrained (:data:`TRAINS_NOTHING`): one run per task, at its centre."""
+        return self.adapter in TRAINS_NOTHING
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -102,16 +116,24 @@ class Plan:
     floors: tuple[str, ...] = ()        # methods that train no encoder weight: the report's no-training floor
 
     def head_lrs(self, method: Method) -> tuple[float, ...]:
-        """The head learning rates ``method`` is tried at besides the preset's (none if its line fixes one)."""
-        return () if method.fixes_head else self.head_grid
+        """The head learning rates ``method`` is tried at besides the preset's (none if its line fixes one, or if
+        it trains nothing)."""
+        return () if method.fixes_head or method.trains_nothing else self.head_grid
+
+    def seeds_of(self, method: Method) -> tuple[int, ...]:
+        """The seeds ``method`` runs at: the plan's, or the first alone for a method that trains nothing."""
+        return self.seeds[:1] if method.trains_nothing else self.seeds
 
     def grid(self, method: Method) -> list[float]:
         """``centre × factor^k`` for ``k = -(points // 2) .. points // 2``, rounded to 2 significant digits
-        (``points``: the method's own ``grid.points=N`` where its line sets one, else the plan's)."""
+        (``points``: the method's own ``grid.points=N`` where its line sets one, else the plan's; one, the centre,
+        for a method that trains nothing)."""
         half = self.points_of(method) // 2
         return [self.rounded(method.centre * self.factor ** k) for k in range(-half, half + 1)]
 
     def points_of(self, method: Method) -> int:
+        if method.trains_nothing:
+            return 1
         return method.points if method.points is not None else self.points
 
     @property
@@ -207,6 +229,9 @@ def load_plan(path: str | Path) -> Plan:
             if key != "grid.points" or not value.isdigit() or int(value) < 1 or int(value) % 2 == 0:
                 errors.append(f"methods: {line!r}: {option} must be grid.points=<odd positive integer> (the only "
                               "grid option a method line takes: its own number of grid points)")
+            elif tokens and tokens[0] in TRAINS_NOTHING:
+                errors.append(f"methods: {line!r}: {option}: {tokens[0]} trains nothing and runs once per task at "
+                              "its trainer.lr, so it has no grid; drop the option")
             else:
                 method_points = int(value)
         lrs = [t for t in tokens[1:] if t.startswith("trainer.lr=")]

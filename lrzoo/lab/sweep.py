@@ -207,13 +207,17 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
     grows += (f"; head lr {', '.join(map(format_lr, plan.head_grid))} tried at each chosen lr" if plan.head_grid
               else "")
     grows += "; the lr rechecked where the head's changed" if plan.recheck_lr else ""
+    once = [m.name for m in plan.methods if m.trains_nothing]
+    grows += (f"; {', '.join(once)} train(s) nothing: one run per task, seed {plan.seeds[0]} at the line's lr"
+              if once and (plan.tunes or len(plan.seeds) > 1) else "")
     out(f"[lrzoo-sweep] {plan.path}: {len(plan.methods)} methods × {len(plan.tasks)} tasks, "
         f"{total} runs planned ({done} finished or diverged{grows})")
     if dry_run:
         for run in sweep.ready(states):
             out(shown_command(run))
-        waiting = [s for s in states if not s.settled]
-        if waiting and len(plan.seeds) > 1:   # a one-seed plan has nothing to run after the choice
+        # a one-seed plan, or a method that trains nothing, has nothing to run after the choice
+        waiting = [s for s in states if not s.settled and len(plan.seeds_of(s.method)) > 1]
+        if waiting:
             heads = " (and head lr)" if any(s.head_trials for s in waiting) else ""
             out(f"# then, for {len(waiting)} cell(s) whose lr{heads} is not chosen yet: seeds "
                 f"{','.join(map(str, plan.seeds[1:]))} at the chosen lr{heads}")
@@ -310,8 +314,8 @@ def _held_elsewhere(sweep: Sweep, states: list[CellState]) -> dict[Path, str]:
 
 def _planned_runs(plan: Plan, states: list[CellState]) -> int:
     """Runs the plan needs as far as the cells' states tell: every grid point, grown ones included, the head-lr
-    trials, the lr rechecks, and the seeds past the first."""
-    return sum(len(s.grid) + len(s.head_trials) + len(s.rechecks) + len(plan.seeds) - 1 for s in states)
+    trials, the lr rechecks, and the seeds past the first (none for a method that trains nothing)."""
+    return sum(len(s.grid) + len(s.head_trials) + len(s.rechecks) + len(plan.seeds_of(s.method)) - 1 for s in states)
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM (kill) and SIGINT (Ctrl-C) stop the sweep
@@ -345,11 +349,12 @@ def _stop(items) -> int:
 
 def _summary(sweep: Sweep, launched: int, seconds: float, timed_out: bool, out: Callable[[str], None]) -> int:
     states = sweep.states()
-    n_seeds = len(sweep.plan.seeds)
-    complete = sum(s.complete(n_seeds) for s in states)
+    plan = sweep.plan
+    complete = sum(s.complete(len(plan.seeds_of(s.method))) for s in states)
     left = len(sweep.ready(states))
     out(f"[lrzoo-sweep] {launched} run(s) in {seconds / 60:.1f} min; {complete}/{len(states)} cells complete")
     for state in states:
+        n_seeds = len(plan.seeds_of(state.method))
         if state.chosen is not None and state.complete(n_seeds):
             continue
         head = f" head_lr={format_lr(state.head)}" if state.head is not None else ""

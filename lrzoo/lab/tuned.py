@@ -62,6 +62,12 @@ def _shown_cell(cell: Cell) -> str:
     return shown + (" †" if seeds_disagree(cell) else "")
 
 
+#: after the score of a method that trains nothing, in a plan whose other cells have several seeds
+ONE_RUN = " (one run)"
+#: its learning-rate cells: it has no grid, and its rate changes nothing
+TRAINS_NOTHING = "— (trains nothing)"
+
+
 def _edge_mark(cell: Cell, plan: Plan) -> str:
     """`` *lr edge*`` (and/or ``*head edge*``) after a scored cell whose rate won at an end of the rates tried
     with the plan's growth used up (:func:`lrzoo.lab.comparison.edge_flags`)."""
@@ -292,13 +298,18 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     for method in plan.methods:
         row = [cells[(method.name, t)] for t in tasks]
         a = avg.get(method.name)
-        main.append("| " + " | ".join([method.name, *(_shown_cell(c) + _edge_mark(c, plan) for c in row)] +
+        once = ONE_RUN if method.trains_nothing and len(plan.seeds) > 1 else ""
+        main.append("| " + " | ".join([method.name, *(_shown_cell(c) + (once if c.mean is not None else "") +
+                                                      _edge_mark(c, plan) for c in row)] +
                                        ([_value(a.mean, a.interval, _tied(a)) + (" †" if seeds_disagree(a) else "")
                                          if a else "—"] if with_avg else [])) + " |")
         diffs.append("| " + " | ".join([method.name, *(_shown_diff(c) if c.mean is not None else "—" for c in row)] +
                                         ([_shown_diff(a)] if with_avg else [])) + " |")
         floors.append("| " + " | ".join([method.name, *(_shown_floor(c) for c in row)] +
                                          ([_shown_floor(a)] if with_avg else [])) + " |")
+        if method.trains_nothing:   # one run at its line's lr, which changes nothing: no grid, nothing chosen
+            lrs.append("| " + " | ".join([method.name, TRAINS_NOTHING, *(TRAINS_NOTHING for _ in row if tuned)]) + " |")
+            continue
         lrs.append("| " + " | ".join([method.name, ", ".join(format_lr(x) for x in plan.grid(method)),
                                       *((_shown_lr(c, plan.grid(method)) if len(plan.grid(method)) > 1 else
                                          f"{format_lr(method.centre)} (one point: not tuned)") for c in row if tuned)]) + " |")
@@ -307,6 +318,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     chosen = ("the learning rate chosen per method and task on the held-out slice of the training set (never on dev)"
               if plan.tunes else "each method's one learning rate (a one-point grid: nothing chosen)")
     several = len(plan.seeds) > 1
+    once = [m.name for m in plan.methods if m.trains_nothing]
     note = (("Dev scores ×100: mean over " + (f"{len(plan.seeds)} seeds" if several else "one seed") + f" at {chosen}, "
              "with a 95% bootstrap interval over dev examples" + (" pooled over seeds" if several else "") +
              f" ({replicates} replicates of the dev set, fixed RNG; the same resampled examples for "
@@ -320,6 +332,10 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             + ("†: the verdict changes when the training seeds are resampled as well (a two-level bootstrap: seeds "
                "drawn with replacement, then dev examples; the difference table gives its interval): these seeds "
                "decide the verdict, another draw of seeds might not, so read it as uncertain. " if several else "")
+            + (f"{ONE_RUN.strip()}: {', '.join(once)} train(s) nothing (the checkpoint as it is), so a seed or a "
+               "rate changes nothing in it: it is one run per task (the first seed, at its line's rate), and its cell "
+               "is that run's score and interval, with no ± (more seeds would repeat one evaluation, not measure "
+               "anything); resampling the training seeds leaves it as it is. " if several and once else "")
             + "The average is the mean over tasks "
             "(shown only for methods complete on every task; its interval averages the tasks' replicates). "
             f"{complete}/{len(cells)} cells complete; a missing cell says what is missing."
@@ -396,13 +412,14 @@ def csv_rows(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
                      "diff_high": number(c.diff[2]) if c.diff else "", "verdict": verdict,
                      **_seeds_fields(c), **_floor_fields(c),
                      "trainable_params": c.trainable_params if c.trainable_params is not None else ""})
+    seeds_of = {m.name: plan.seeds_of(m) for m in plan.methods}
     for a in avg.values():
         rows.append({**{k: "" for k in CSV_FIELDS}, "method": a.method, "task": AVERAGE, "status": "complete",
                      "mean": number(a.mean), "ci_low": number(a.interval[0]), "ci_high": number(a.interval[1]),
                      "diff_to_best": number(a.diff[0]) if a.diff else "", "diff_low": number(a.diff[1]) if a.diff else "",
                      "diff_high": number(a.diff[2]) if a.diff else "", "verdict": "best" if a.best else
-                     (a.diff[3] if a.diff else ""), **_seeds_fields(a), **_floor_fields(a), "n_seeds": len(plan.seeds),
-                     "planned_seeds": len(plan.seeds)})
+                     (a.diff[3] if a.diff else ""), **_seeds_fields(a), **_floor_fields(a),
+                     "n_seeds": len(seeds_of[a.method]), "planned_seeds": len(seeds_of[a.method])})
     return rows
 
 
