@@ -208,7 +208,8 @@ def run_plan(plan: Plan, jobs: int = 2, max_minutes: Optional[float] = None, dry
               else "")
     grows += "; the lr rechecked where the head's changed" if plan.recheck_lr else ""
     once = [m.name for m in plan.methods if m.trains_nothing]
-    grows += (f"; {', '.join(once)} train(s) nothing: one run per task, seed {plan.seeds[0]} at the line's lr"
+    grows += (f"; {', '.join(once)} {'trains' if len(once) == 1 else 'train'} nothing: one run per task, seed "
+              f"{plan.seeds[0]} at the line's lr"
               if once and (plan.tunes or len(plan.seeds) > 1) else "")
     out(f"[lrzoo-sweep] {plan.path}: {len(plan.methods)} methods × {len(plan.tasks)} tasks, "
         f"{total} runs planned ({done} finished or diverged{grows})")

@@ -65,7 +65,7 @@ def _shown_cell(cell: Cell) -> str:
 #: after the score of a method that trains nothing, in a plan whose other cells have several seeds
 ONE_RUN = " (one run)"
 #: its learning-rate cells: it has no grid, and its rate changes nothing
-TRAINS_NOTHING = "— (trains nothing)"
+NOTHING_TO_TUNE = "— (trains nothing)"
 
 
 def _edge_mark(cell: Cell, plan: Plan) -> str:
@@ -298,8 +298,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
     for method in plan.methods:
         row = [cells[(method.name, t)] for t in tasks]
         a = avg.get(method.name)
-        once = ONE_RUN if method.trains_nothing and len(plan.seeds) > 1 else ""
-        main.append("| " + " | ".join([method.name, *(_shown_cell(c) + (once if c.mean is not None else "") +
+        one_run = ONE_RUN if method.trains_nothing and len(plan.seeds) > 1 else ""
+        main.append("| " + " | ".join([method.name, *(_shown_cell(c) + (one_run if c.mean is not None else "") +
                                                       _edge_mark(c, plan) for c in row)] +
                                        ([_value(a.mean, a.interval, _tied(a)) + (" †" if seeds_disagree(a) else "")
                                          if a else "—"] if with_avg else [])) + " |")
@@ -308,7 +308,7 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
         floors.append("| " + " | ".join([method.name, *(_shown_floor(c) for c in row)] +
                                          ([_shown_floor(a)] if with_avg else [])) + " |")
         if method.trains_nothing:   # one run at its line's lr, which changes nothing: no grid, nothing chosen
-            lrs.append("| " + " | ".join([method.name, TRAINS_NOTHING, *(TRAINS_NOTHING for _ in row if tuned)]) + " |")
+            lrs.append("| " + " | ".join([method.name, NOTHING_TO_TUNE, *(NOTHING_TO_TUNE for _ in row if tuned)]) + " |")
             continue
         lrs.append("| " + " | ".join([method.name, ", ".join(format_lr(x) for x in plan.grid(method)),
                                       *((_shown_lr(c, plan.grid(method)) if len(plan.grid(method)) > 1 else
@@ -332,8 +332,8 @@ def markdown(cells: dict[tuple[str, str], Cell], plan: Plan, avg: dict[str, Aver
             + ("†: the verdict changes when the training seeds are resampled as well (a two-level bootstrap: seeds "
                "drawn with replacement, then dev examples; the difference table gives its interval): these seeds "
                "decide the verdict, another draw of seeds might not, so read it as uncertain. " if several else "")
-            + (f"{ONE_RUN.strip()}: {', '.join(once)} train(s) nothing (the checkpoint as it is), so a seed or a "
-               "rate changes nothing in it: it is one run per task (the first seed, at its line's rate), and its cell "
+            + (f"{ONE_RUN.strip()}: {', '.join(once)} {'trains' if len(once) == 1 else 'train'} nothing (the "
+               "checkpoint as it is), so a seed or a rate changes nothing in it: it is one run per task (the first seed, at its line's rate), and its cell "
                "is that run's score and interval, with no ± (more seeds would repeat one evaluation, not measure "
                "anything); resampling the training seeds leaves it as it is. " if several and once else "")
             + "The average is the mean over tasks "

@@ -58,7 +58,7 @@ def test_a_method_that_trains_nothing_runs_once_per_task_at_its_lines_lr(tmp_pat
     assert run_plan(plan, composer=Composer(plan), dry_run=True, out=lines.append) == 0
     shown = [line for line in lines if "adapter=zero_shot" in line]
     assert len(shown) == 2 and all(line.endswith("trainer.lr=0.001 seed=0") for line in shown)
-    assert "zero_shot train(s) nothing: one run per task" in lines[0]
+    assert "zero_shot trains nothing: one run per task" in lines[0]
 
     fake = FakeRuns(score=lambda run: 0.5 if run.method == "zero_shot" else 1 - abs(run.lr - 1e-3))
     assert run_plan(plan, jobs=2, composer=Composer(plan), launch=fake, out=lines.append) == 0

@@ -122,6 +122,9 @@ def test_glue_tuned_plan_is_glue_cpu_with_a_grid_around_each_lr():
         assert method.centre == lr
         assert list(method.overrides) == [t for t in tokens[1:] if not t.startswith("trainer.lr=")] + swept_head
         grid = plan.grid(method)
+        if method.adapter == "zero_shot":   # trains nothing: one run per task, at the line's lr
+            assert grid == [lr] and plan.seeds_of(method) == (0,)
+            continue
         assert len(grid) == 3 and grid[1] == lr
         assert all(2.9 < b / a < 3.1 for a, b in zip(grid, grid[1:]))       # log-spaced, x3
     assert plan.tasks == ("glue/sst2", "glue/stsb", "glue/mrpc") and plan.seeds == (0, 1, 2)
@@ -131,7 +134,8 @@ def test_glue_tuned_plan_is_glue_cpu_with_a_grid_around_each_lr():
     cfg = compose(["experiment=glue_tuned"])
     assert cfg.task.heldout_size == 400 and cfg.output_root == "runs/glue-tuned"
     assert (cfg.adapter.r, cfg.model.name) == (8, "minilm")
-    assert plan.grid(plan.methods[0]) == [3.3e-4, 1e-3, 3e-3] and format_lr(3.3e-4) == "3.3e-4"
+    lora = next(m for m in plan.methods if m.adapter == "lora")
+    assert plan.grid(lora) == [3.3e-4, 1e-3, 3e-3] and format_lr(3.3e-4) == "3.3e-4"
 
 
 def test_composed_runs_are_what_the_command_line_gives(tmp_path):
