@@ -283,3 +283,16 @@ def averages(cells: dict[tuple[str, str], Cell], plan: Plan) -> dict[str, Averag
                 a.floor = (names, a.mean - floor_mean, low, high, {"better": "above", "worse": "below"}.get(verdict,
                                                                                                          verdict))
     return out
+
+
+def shown_difference(diff: tuple, seeds_diff: Optional[tuple] = None, scale: float = 1.0) -> str:
+    """A paired difference ``(point, low, high, verdict)`` as the reports print it, ×``scale``; where resampling the
+    training seeds too (``seeds_diff``: low, high, verdict) changes the verdict, that interval follows with a †."""
+    point, low, high, verdict = diff
+    if verdict == "n/a":
+        return f"{scale * point:+.2f} (no interval)"
+    shown = f"{scale * point:+.2f} [{scale * low:+.1f}, {scale * high:+.1f}] {verdict}"
+    if seeds_diff is not None and seeds_diff[2] != verdict:
+        low, high, seeds_verdict = seeds_diff
+        shown += f"; seeds resampled: [{scale * low:+.1f}, {scale * high:+.1f}] {seeds_verdict} †"
+    return shown

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import UserError
 from . import comparison, intervals
-from .cells import Cell, columns_of
+from .cells import Cell, columns_of, shown_difference
 from .plan import Plan, format_lr
 
 #: the task kind this report is for (:mod:`lrzoo.tasks.pretrain`)
@@ -224,14 +224,7 @@ def _diff_text(row: Row) -> str:
         return "reference" if row.ppl is not None else "—"
     if row.diff is None:
         return "—"
-    point, low, high, verdict = row.diff
-    if verdict == "n/a":
-        return f"{point:+.2f} (no interval)"
-    shown = f"{point:+.2f} [{low:+.1f}, {high:+.1f}] {verdict}"
-    if row.seeds_diff is not None and row.seeds_diff[2] != verdict:
-        low, high, seeds = row.seeds_diff
-        shown += f"; seeds resampled: [{low:+.1f}, {high:+.1f}] {seeds} †"
-    return shown
+    return shown_difference(row.diff, row.seeds_diff)
 
 
 def _lr_text(row: Row) -> str:

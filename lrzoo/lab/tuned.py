@@ -23,7 +23,7 @@ from ..io import atomic_file
 from ..runs.files import HELDOUT_PREFIX
 from ..tasks.metrics import modal_share
 from . import comparison, intervals, perplexity
-from .cells import AVERAGE, Average, Cell, averages, build_cells, columns_of
+from .cells import AVERAGE, Average, Cell, averages, build_cells, columns_of, shown_difference
 from .choice import CellState
 from .plan import Plan, format_lr
 from .plot import plot, plot_perplexity
@@ -88,14 +88,7 @@ def _shown_diff(item: Any) -> str:
         return "best"
     if item.diff is None:
         return "—"
-    point, low, high, verdict = item.diff
-    if verdict == "n/a":
-        return f"{100 * point:+.2f} (no interval)"
-    shown = f"{100 * point:+.2f} [{100 * low:+.1f}, {100 * high:+.1f}] {verdict}"
-    if seeds_disagree(item):
-        low, high, verdict = item.seeds_diff
-        shown += f"; seeds resampled: [{100 * low:+.1f}, {100 * high:+.1f}] {verdict} †"
-    return shown
+    return shown_difference(item.diff, item.seeds_diff, scale=100)
 
 
 def _shown_floor(item: Any) -> str:
