@@ -127,6 +127,7 @@ class EvaluationMixin:
         model = self.accelerator.unwrap_model(self.model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
+        head = head_spec(model)
         return json_safe({
             **self.run_info,
             "task": self.task.name,
@@ -155,8 +156,8 @@ class EvaluationMixin:
             "on_nonfinite": self.config.on_nonfinite,
             "nonfinite_steps_skipped": self.guard.skipped,
             # how the encoder was read (lrzoo.heads) and, for a bi-encoder's threshold, on which rows it was chosen
-            "head": None if head_spec(model) is None else
-            {**head_spec(model), **({"threshold_rows": self.calibration["source"]} if self.calibration else {})},
+            "head": None if head is None else
+            {**head, **({"threshold_rows": self.calibration["source"]} if self.calibration else {})},
             "max_length": self.config.max_length,
             "truncated": self.truncated,  # per set, the share of rows max_length cut (null: not measured)
             **({"selection_score": self.last_eval["selection_score"]} if "selection_score" in self.last_eval else {}),
