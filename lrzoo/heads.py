@@ -13,8 +13,9 @@ never trained starts far below what the checkpoint already knows.
 * **Pair form** (``model.similarity_head``, for tasks that compare two sentences: STS-B, MRPC, QQP):
   ``cross_encoder`` = the two sentences in one sequence, a trained linear head on its pooled vector;
   ``bi_encoder`` = each sentence encoded alone, their pooled embeddings compared by cosine, trained with
-  sentence-transformers' ``CosineSimilarityLoss`` (the MSE between the cosine and the label scaled to
-  [0, 1]). Regression predicts the cosine mapped back onto the label's range; a binary task predicts
+  sentence-transformers' ``CosineSimilarityLoss`` (``model.pair_loss=cosine``: the MSE between the cosine and
+  the label scaled to [0, 1]) or its ``CoSENTLoss`` (``model.pair_loss=cosent``: a ranking loss on the cosines
+  of the pairs in a batch, :func:`cosent_loss`). Regression predicts the cosine mapped back onto the label's range; a binary task predicts
   "positive" where the cosine exceeds a threshold chosen to maximise accuracy on held-out training rows
   (:func:`best_threshold`, fitted by the trainer before each evaluation).
 
@@ -42,6 +43,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 POOLINGS = ("cls", "mean", "pooler")
 PAIR_FORMS = ("cross_encoder", "bi_encoder")
+#: how a bi-encoder's cosine is trained: ``cosine`` = CosineSimilarityLoss (MSE to the label), ``cosent`` = CoSENT
+PAIR_LOSSES = ("cosine", "cosent")
+#: CoSENT's scale on the cosine differences (Su 2022; sentence-transformers' CoSENTLoss default)
+COSENT_SCALE = 20.0
 #: the file beside a saved adapter that says which head it was trained with (:func:`head_spec`)
 HEAD_FILE = "lrzoo_head.json"
 #: the keys of the second sentence's encoding under the bi-encoder (the first keeps the usual names)
@@ -66,6 +71,30 @@ def check_pair_form(value: Any) -> str:
         return value
     raise ValueError(f"model.similarity_head={value!r}: choose cross_encoder (both sentences in one sequence, a "
                      "trained head) or bi_encoder (each sentence alone, the cosine of their pooled embeddings).")
+
+
+def check_pair_loss(value: Any) -> str:
+    """``value`` (``None``: ``cosine``) if it is a bi-encoder loss; a one-line ValueError otherwise."""
+    if value is None:
+        return "cosine"
+    if value in PAIR_LOSSES:
+        return value
+    raise ValueError(f"model.pair_loss={value!r}: choose cosine (the MSE between the cosine and the label) or cosent "
+                     "(a ranking loss: every pair with the higher label should have the higher cosine).")
+
+
+def cosent_loss(cosine: torch.Tensor, target: torch.Tensor, scale: float = COSENT_SCALE) -> torch.Tensor:
+    """CoSENT (Su 2022; sentence-transformers' ``CoSENTLoss``): ``log(1 + sum exp(scale * (cos_j - cos_i)))`` over
+    the pairs of the batch with ``target_i > target_j``. It asks only that a more similar pair score the higher
+    cosine, not that a cosine equal its label: a binary task's negatives (MRPC's are near-paraphrases) need not
+    be pushed to a cosine of 0, which the MSE of CosineSimilarityLoss demands. A batch with one label value has
+    no such pair and a loss of 0 (with a gradient of 0)."""
+    cosine, target = cosine.float().reshape(-1), target.float().reshape(-1)
+    differences = scale * (cosine[None, :] - cosine[:, None])  # [i, j] = scale * (cos_j - cos_i)
+    ordered = target[:, None] > target[None, :]  # pairs (i, j) where i should score above j
+    differences = differences.masked_fill(~ordered, float("-inf"))
+    # the leading 0 is the "1 +" of the log: logsumexp over [0, every ordered difference]
+    return torch.logsumexp(torch.cat([differences.new_zeros(1), differences.reshape(-1)]), dim=0)
 
 
 def checkpoint_pooling(path: Any) -> Optional[str]:
@@ -198,6 +227,7 @@ class PooledForSequenceClassification(PreTrainedModel):
         pooling: ``cls``, ``mean`` or ``pooler`` (the backbone's ``pooler_output``).
         pair_form: ``cross_encoder`` or ``bi_encoder`` (binary classification or regression only).
         label_range: ``(low, high)`` of a regression label (the bi-encoder maps the cosine onto it).
+        pair_loss: how the bi-encoder's cosine is trained, ``cosine`` (CosineSimilarityLoss) or ``cosent``.
     """
 
     config_class = PretrainedConfig
@@ -207,17 +237,20 @@ class PooledForSequenceClassification(PreTrainedModel):
     _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
 
     def __init__(self, backbone: PreTrainedModel, num_labels: int, pooling: str, pair_form: str = "cross_encoder",
-                 label_range: Optional[tuple[float, float]] = None) -> None:
+                 label_range: Optional[tuple[float, float]] = None, pair_loss: Optional[str] = None) -> None:
         # a copy: PreTrainedModel's init adjusts its config (attention implementation), which must not reach the
         # backbone's; the copy also carries num_labels and lrzoo_head into a full save's config.json
         config = copy.deepcopy(backbone.config)
         super().__init__(config)
-        pooling, pair_form = check_pooling(pooling), check_pair_form(pair_form)
+        pooling, pair_form, pair_loss = check_pooling(pooling), check_pair_form(pair_form), check_pair_loss(pair_loss)
         if pooling is None:
             raise ValueError("PooledForSequenceClassification needs a pooling (cls, mean or pooler).")
         if pair_form == "bi_encoder" and num_labels > 2:
             raise ValueError(f"model.similarity_head=bi_encoder scores a pair by one cosine: it fits a similarity "
                              f"score or a binary label, not {num_labels} classes; use cross_encoder.")
+        if pair_form != "bi_encoder" and pair_loss != "cosine":
+            raise ValueError(f"model.pair_loss={pair_loss} trains a bi-encoder's cosine; this head is a {pair_form} "
+                             "(a classifier, trained by cross-entropy or MSE): leave model.pair_loss=cosine.")
         if pooling == "pooler" and getattr(backbone, "pooler", None) is None:
             raise ValueError(f"model.pooling=pooler: {type(backbone).__name__} has no pooler layer; use cls or mean.")
         if pooling != "pooler" and getattr(backbone, "pooler", None) is not None:
@@ -226,7 +259,7 @@ class PooledForSequenceClassification(PreTrainedModel):
         self.base_model_prefix = backbone.base_model_prefix  # the stock class's name: adapter keys line up
         setattr(self, self.base_model_prefix, backbone)
         self._no_split_modules = getattr(backbone, "_no_split_modules", None)
-        self.pooling, self.pair_form = pooling, pair_form
+        self.pooling, self.pair_form, self.pair_loss = pooling, pair_form, pair_loss
         self.num_labels = config.num_labels = num_labels
         self.label_range = tuple(label_range) if label_range is not None else (0.0, 1.0)
         if pair_form == "cross_encoder":
@@ -320,9 +353,9 @@ class PooledForSequenceClassification(PreTrainedModel):
         cosine = F.cosine_similarity(u, v, dim=-1)
         low, high = self.label_range
         loss = None
-        if labels is not None:  # CosineSimilarityLoss: MSE between the cosine and the label scaled to [0, 1]
+        if labels is not None:  # the label scaled to [0, 1]; CosineSimilarityLoss is the MSE to it
             target = labels.float() if self.num_labels == 2 else (labels.float() - low) / (high - low)
-            loss = F.mse_loss(cosine, target)
+            loss = cosent_loss(cosine, target) if self.pair_loss == "cosent" else F.mse_loss(cosine, target)
         if self.num_labels == 2:
             margin = cosine - self.threshold.float()
             logits = torch.stack([-margin, margin], dim=-1)

@@ -350,6 +350,7 @@ def load_model(
     pooling: Optional[str] = None,
     pair_form: Optional[str] = None,
     label_range: Optional[tuple[float, float]] = None,
+    pair_loss: Optional[str] = None,
     tokenizer_corpus: Optional[str] = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model with the head ``task_kind`` needs, and its tokenizer.
@@ -372,6 +373,8 @@ def load_model(
         pair_form: ``"cross_encoder"`` (default) or ``"bi_encoder"`` (each sentence alone, the cosine of their
             pooled embeddings; for a similarity task, see :func:`lrzoo.heads.pair_form_for`).
         label_range: ``(low, high)`` of a regression label, onto which a bi-encoder maps its cosine.
+        pair_loss: how a bi-encoder's cosine is trained: ``"cosine"`` (``None``; CosineSimilarityLoss) or
+            ``"cosent"`` (:func:`lrzoo.heads.cosent_loss`); refused for any other head.
         tokenizer_corpus: the text file ``scratch_llama``'s tokenizer is trained on (:func:`corpus_tokenizer`);
             refused for any other source.
 
@@ -383,6 +386,10 @@ def load_model(
     """
     if task_kind not in TASK_KINDS:
         raise ValueError(f"task_kind must be one of {TASK_KINDS}, got {task_kind!r}.")
+    pair_loss = heads.check_pair_loss(pair_loss)
+    if pair_loss != "cosine" and pair_form != "bi_encoder":
+        raise ValueError(f"model.pair_loss={pair_loss} trains a bi-encoder's cosine (model.similarity_head=bi_encoder "
+                         "on a similarity task); this model has no bi-encoder head: leave model.pair_loss=cosine.")
     if source == SCRATCH_LLAMA or tokenizer_corpus is not None:
         if source != SCRATCH_LLAMA:
             raise ValueError(f"model.tokenizer_corpus is the text {SCRATCH_LLAMA}'s tokenizer is trained on; "
@@ -425,7 +432,8 @@ def load_model(
             head, auto_cls = (chosen, pair_form), AutoModel  # the backbone alone; the head is added below
     model, tokenizer = _load(source, auto_cls, task_kind, overrides, torch_dtype, quantization, compute_dtype)
     if head is not None:
-        model = heads.PooledForSequenceClassification(model, overrides["num_labels"], *head, label_range=label_range)
+        model = heads.PooledForSequenceClassification(model, overrides["num_labels"], *head, label_range=label_range,
+                                                      pair_loss=pair_loss)
         if saved is not None:
             heads.load_head_weights(model, location)
         else:  # said once, in the words lrzoo-train uses for transformers' own heads (lrzoo.cli.console)
@@ -442,9 +450,14 @@ def head_options(model_cfg: dict[str, Any], task: Any) -> dict[str, Any]:
     """:func:`load_model`'s head keywords for a recipe's ``model`` node and task: ``model.pooling``, the pair form
     ``model.similarity_head`` gives this task (:func:`lrzoo.heads.pair_form_for`), the task's label range."""
     if task.kind in ("generation", "language_modeling"):
-        return {"pooling": model_cfg.get("pooling")}  # refused by load_model when set
+        # refused by load_model when set (a pair loss other than the default too)
+        return {"pooling": model_cfg.get("pooling"), "pair_loss": model_cfg.get("pair_loss")}
+    pair_form = heads.pair_form_for(model_cfg.get("similarity_head"), task)
+    # a preset's pair_loss is for its similarity tasks: the tasks it reads with a cross-encoder keep their loss
+    pair_loss = heads.check_pair_loss(model_cfg.get("pair_loss"))  # a typo fails on every task, not only these
+    pair_loss = pair_loss if pair_form == "bi_encoder" else None
     return {"pooling": model_cfg.get("pooling"), "label_range": getattr(task, "label_range", None),
-            "pair_form": heads.pair_form_for(model_cfg.get("similarity_head"), task)}
+            "pair_form": pair_form, "pair_loss": pair_loss}
 
 
 def _checkpoint_location(source: str) -> Optional[str]:

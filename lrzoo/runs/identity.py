@@ -36,7 +36,9 @@ HASH_EXCLUDED = ("resume", "logger", "output_root", "run_name", "trainer.stop_af
 HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label", "eval.forgetting": None,
                   # the encoder head (lrzoo.heads): null = the checkpoint's pooling, which for every preset but
                   # minilm (which sets mean) is transformers' own head, what runs computed before the keys existed
-                  "model.pooling": None, "model.similarity_head": "cross_encoder"}
+                  "model.pooling": None, "model.similarity_head": "cross_encoder",
+                  # the bi-encoder's loss: CosineSimilarityLoss is what every bi-encoder run computed before
+                  "model.pair_loss": "cosine"}
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:

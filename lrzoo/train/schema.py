@@ -72,6 +72,8 @@ class ModelConfig:
     pooling: Optional[str] = None
     #: how a sentence-pair similarity task (STS-B, MRPC, QQP) is scored: cross_encoder | bi_encoder (lrzoo.heads)
     similarity_head: Optional[str] = None
+    #: how a bi-encoder's cosine is trained: cosine (CosineSimilarityLoss, MSE) | cosent (a ranking loss; lrzoo.heads)
+    pair_loss: Optional[str] = None
     #: the text file a from-scratch model's tokenizer is trained on (model.source=scratch_llama; lrzoo.models)
     tokenizer_corpus: Optional[str] = None
 

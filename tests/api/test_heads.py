@@ -282,3 +282,78 @@ def test_the_record_names_an_encoder_head_only_where_the_model_has_one():
     assert head_spec(tiny_llama()) is None
     assert head_spec(lrzoo.wrap(tiny_llama(), "lora", r=2, target_modules=["q_proj"])) is None
     assert head_spec(tiny_bert()) == {"pooling": "pooler", "pair_form": "cross_encoder"}
+
+
+def reference_cosent(cosine: list[float], labels: list[float], scale: float = 20.0) -> float:
+    """CoSENT written out pair by pair: log(1 + sum over label_i > label_j of exp(scale * (cos_j - cos_i)))."""
+    import math
+
+    total = 1.0
+    for i, (cos_i, label_i) in enumerate(zip(cosine, labels)):
+        for j, (cos_j, label_j) in enumerate(zip(cosine, labels)):
+            if label_i > label_j:
+                total += math.exp(scale * (cos_j - cos_i))
+    return math.log(total)
+
+
+def test_cosent_loss_is_the_ranking_loss_over_every_ordered_pair():
+    from lrzoo.heads import cosent_loss
+
+    cosine, labels = [0.9, 0.7, 0.75, 0.2, 0.6], [1.0, 0.0, 1.0, 0.0, 0.4]
+    loss = cosent_loss(torch.tensor(cosine), torch.tensor(labels))
+    assert float(loss) == pytest.approx(reference_cosent(cosine, labels), rel=1e-6)
+    # only the order counts: relabelling with the same order gives the same loss, an MSE would not
+    assert float(cosent_loss(torch.tensor(cosine), torch.tensor([5.0, 0.0, 5.0, 0.0, 2.0]))) == pytest.approx(float(loss))
+    # one label value: no ordered pair, a loss of 0 and no gradient (not NaN)
+    flat = torch.tensor([0.3, 0.8], requires_grad=True)
+    out = cosent_loss(flat, torch.tensor([1.0, 1.0]))
+    out.backward()
+    assert float(out) == 0.0 and torch.equal(flat.grad, torch.zeros(2))
+    # the gradient raises the cosine of the positive scored below a negative, lowers the negative's
+    wrong = torch.tensor([0.2, 0.8], requires_grad=True)
+    cosent_loss(wrong, torch.tensor([1.0, 0.0])).backward()
+    assert wrong.grad[0] < 0 < wrong.grad[1]
+
+
+def test_a_bi_encoder_trained_with_cosent_uses_it_and_other_heads_refuse_it():
+    model, tokenizer = load_model("tiny_bert", "classification", 2, pooling="mean", pair_form="bi_encoder",
+                                  pair_loss="cosent")
+    model.eval()
+    rows = [{"text_a": "a cat sat", "text_b": "the cat", "label": 1}, {"text_a": "x y", "text_b": "long here", "label": 0},
+            {"text_a": "dogs run", "text_b": "a dog runs", "label": 1}]
+    batch = collate(encode_rows(rows, "classification", tokenizer, 64, pairs="separate"), tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model(**batch)
+    expected = reference_cosent(out.similarity.tolist(), [1.0, 0.0, 1.0])
+    assert float(out.loss) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="pair_loss"):
+        load_model("tiny_bert", "classification", 2, pooling="mean", pair_form="cross_encoder", pair_loss="cosent")
+    with pytest.raises(ValueError, match="pair_loss"):
+        load_model("tiny_bert", "classification", 2, pair_loss="cosent")  # transformers' own head
+    with pytest.raises(ValueError, match="choose cosine"):
+        load_model("tiny_bert", "classification", 2, pooling="mean", pair_form="bi_encoder", pair_loss="contrastive")
+
+
+def test_the_pair_loss_reaches_the_similarity_tasks_and_a_typo_fails_on_any_task():
+    from lrzoo.models import head_options
+
+    assert head_options({"similarity_head": "bi_encoder", "pair_loss": "cosent"}, get_task("glue/mrpc"))["pair_loss"] \
+        == "cosent"
+    # minilm reads SST-2 with a cross-encoder: its preset's pair loss is not for that task
+    assert head_options({"similarity_head": "bi_encoder", "pair_loss": "cosent"}, get_task("glue/sst2"))["pair_loss"] \
+        is None
+    with pytest.raises(ValueError, match="model.pair_loss='cosnet'"):
+        head_options({"similarity_head": "bi_encoder", "pair_loss": "cosnet"}, get_task("glue/sst2"))
+
+
+def test_the_default_pair_loss_keeps_every_run_hash():
+    from lrzoo.runs.identity import hashed_config, run_hash
+
+    minilm = compose(["model=minilm", "task=glue/mrpc"])
+    assert minilm.model.pair_loss == "cosine"
+    before = compose(["model=minilm", "task=glue/mrpc"])
+    with open_dict(before):
+        del before.model["pair_loss"]  # the preset before the key existed
+    assert run_hash(minilm) == run_hash(before)
+    cosent = compose(["model=minilm", "task=glue/mrpc", "model.pair_loss=cosent"])
+    assert run_hash(cosent) != run_hash(minilm) and hashed_config(cosent)["model"]["pair_loss"] == "cosent"
