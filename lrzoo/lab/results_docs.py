@@ -63,6 +63,11 @@ SECTIONS = (
             "bi-encoder (the cosine, no head to tune), r = 8 on query/value, 200 steps, lr chosen on 400 held-out "
             "training rows, 3 seeds, dev ×100 with 95% bootstrap intervals and the verdict against the column's best; "
             "[results.md](../results.md#the-method-comparison-glue-on-minilm-l6-issue-28)", True),
+    Section("mrpc-cosent", "runs/mrpc-cosent", "recipes/sweeps/probes/mrpc_cosent.yaml", "results_mrpc_cosent.png",
+            "MRPC, CoSENT loss",
+            "`lrzoo-sweep recipes/sweeps/probes/mrpc_cosent.yaml`: the tuned GLUE protocol on MRPC with the bi-encoder "
+            "trained by CoSENT (`model.pair_loss=cosent`) instead of CosineSimilarityLoss; "
+            "[results.md](../results.md#mrpc-with-a-ranking-loss-cosent)", True),
     # the label-format commonsense table (cs_loglik, <!-- cs-loglik --> in results.md) measured the label prior;
     # its block stays as it was last written, and the method pages show this one
     Section("cs-question", "runs/cs-question", "recipes/sweeps/cs_question.yaml", "results_cs_question.png",
