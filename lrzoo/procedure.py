@@ -65,18 +65,20 @@ class Procedure:
         wrapped and before the optimizer exists (the same rows on every rank)."""
 
     def build_optimizer(self, model: nn.Module, lr: float, *, weight_decay: float = 0.0,
-                        head_lr: Optional[float] = None,
+                        head_lr: Optional[float] = None, embedding_lr: Optional[float] = None,
                         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
                         **optimizer_kwargs: Any) -> torch.optim.Optimizer:
         """The optimizer over ``model``'s trainable parameters: what :func:`lrzoo.make_optimizer` returns for a
-        model wrapped with this procedure's method. Plain: the head at ``head_lr``, weight decay on ≥2-D tensors."""
-        head = checked_head(model, lr, head_lr)
-        return optimizer_cls(plain_groups(model, lr, weight_decay, head_lr, head), lr=lr, **optimizer_kwargs)
+        model wrapped with this procedure's method. Plain: the head at ``head_lr``, the input embeddings at
+        ``embedding_lr``, weight decay on ≥2-D tensors."""
+        rates = checked_rates(model, lr, head_lr, embedding_lr)
+        return optimizer_cls(plain_groups(model, lr, weight_decay, rates), lr=lr, **optimizer_kwargs)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The run's optimizer (the plain model, not a DDP wrapper), from the run's config."""
         c = self.config
-        return self.build_optimizer(model, c.lr, weight_decay=c.weight_decay, head_lr=c.head_lr)
+        return self.build_optimizer(model, c.lr, weight_decay=c.weight_decay, head_lr=c.head_lr,
+                                    embedding_lr=c.embedding_lr)
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
         """The LR schedule, stepped once per optimizer step: the configured one."""
@@ -124,56 +126,133 @@ def procedure_of(model: nn.Module, config: Any = None) -> Procedure:
 
 
 # ----------------------------------------------------------------------------------------------
-# What every procedure's optimizer shares: the head, the plain groups
+# What every procedure's optimizer shares: the head, the input embeddings, the plain groups
 # ----------------------------------------------------------------------------------------------
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """The task head's module names: the ``modules_to_save`` copies, or the modules a baseline
+    (:mod:`lrzoo.train.baselines`) records as :attr:`TrainingRecord.head_modules`."""
+    from .peft_bridge import is_modules_to_save
+
+    return {name for name, module in model.named_modules() if is_modules_to_save(module)} \
+        or set(record_of(model).head_modules)
 
 
 def head_parameter_ids(model: nn.Module) -> set[int]:
     """The ids of the trainable parameters of the task head: the ``modules_to_save`` copies, or the
-    modules a baseline (:mod:`lrzoo.train.baselines`) records as :attr:`TrainingRecord.head_modules`."""
-    from .peft_bridge import is_modules_to_save
+    modules a baseline (:mod:`lrzoo.train.baselines`) records as :attr:`TrainingRecord.head_modules`.
 
-    head_names = {name for name, module in model.named_modules() if is_modules_to_save(module)} \
-        or set(record_of(model).head_modules)
+    A parameter counts under its first name only (``named_parameters`` drops repeats): an output layer tied to the
+    input embedding is not the head here, so ``head_lr`` does not reach the tied weight (what runs always did)."""
+    head_names = _head_names(model)
     return {
         id(param) for name, param in model.named_parameters()
         if param.requires_grad and any(name.startswith(head + ".") for head in head_names)
     }
 
 
-def checked_head(model: nn.Module, lr: float, head_lr: Optional[float]) -> set[int]:
-    """The head's parameter ids, refusing an ``lr`` that would train nothing: every trainable tensor is the
-    head, which trains at ``head_lr``.
+def input_embedding_parameter_ids(model: nn.Module) -> Optional[set[int]]:
+    """The ids of the trainable parameters of the input embeddings, ``get_input_embeddings()`` of the base model
+    under any PEFT wrapper: the token embedding matrix (not position embeddings or a norm), its ``modules_to_save``
+    copy, the tensors an adapter put on it. ``None``: the model has no ``get_input_embeddings``."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    try:
+        embeddings = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(embeddings, nn.Module):
+        return None
+    return {id(param) for param in embeddings.parameters() if param.requires_grad}
 
-    A head-only run swept over ``lr`` with ``head_lr`` set would otherwise repeat one run under several names
-    (a learning-rate grid of identical points, reported as tuned).
+
+@dataclass(frozen=True)
+class OwnRates:
+    """The trainable parameters that train at a rate of their own (ids): the task head at ``head_lr``, the input
+    embeddings at ``embedding_lr``; a rate of ``None`` is ``lr``. Built by :func:`checked_rates`."""
+
+    head: frozenset[int] = frozenset()
+    head_lr: Optional[float] = None
+    embeddings: frozenset[int] = frozenset()
+    embedding_lr: Optional[float] = None
+
+    def own_lr(self, param: torch.Tensor) -> Optional[float]:
+        """``param``'s rate of its own, ``None`` for one that trains at the run's ``lr``.
+
+        A parameter both embedding and head (a ``modules_to_save`` copy of the embeddings; a tied output layer)
+        gets here only with one rate set, or the two equal (:func:`checked_rates` refuses two different ones):
+        the one that is set applies, ``embedding_lr`` when it is."""
+        if self.embedding_lr is not None and id(param) in self.embeddings:
+            return self.embedding_lr
+        if self.head_lr is not None and id(param) in self.head:
+            return self.head_lr
+        return None
+
+    def lr_of(self, param: torch.Tensor, lr: float) -> float:
+        """``param``'s learning rate in a run at ``lr``."""
+        own = self.own_lr(param)
+        return lr if own is None else own
+
+    def __bool__(self) -> bool:
+        """Whether any parameter has a rate of its own (even one equal to ``lr``: it may get a group of its own)."""
+        return bool((self.head_lr is not None and self.head) or (self.embedding_lr is not None and self.embeddings))
+
+
+def checked_rates(model: nn.Module, lr: float, head_lr: Optional[float] = None,
+                  embedding_lr: Optional[float] = None) -> OwnRates:
+    """The parameters with a rate of their own (:class:`OwnRates`), refusing rates that cannot apply as given.
+
+    Refused: an ``embedding_lr`` for a model whose input embeddings do not train (it would change the run's
+    name, not what it computes); ``head_lr`` and ``embedding_lr`` that differ on one tensor (an embedding that
+    is also the head); an ``lr`` that trains nothing because every trainable tensor has a rate of its own (a
+    head-only run swept over ``lr`` with ``head_lr`` set would repeat one run under several names: a
+    learning-rate grid of identical points, reported as tuned).
     """
     head = head_parameter_ids(model)
-    if head_lr is None or head_lr == lr:
-        return head
+    embeddings: set[int] = set()
+    if embedding_lr is not None:
+        found = input_embedding_parameter_ids(model)
+        if not found:
+            raise ValueError(f"embedding_lr={embedding_lr:g} trains nothing: {type(model).__name__} has "
+                             f"{'no get_input_embeddings()' if found is None else 'its input embeddings frozen'}. "
+                             "Set embedding_lr=None (trainer.embedding_lr=null), or train the embeddings "
+                             "(adapter=full_finetune, or the adapter's modules_to_save).")
+        embeddings = found
+        if head_lr is not None and head_lr != embedding_lr:
+            # a tied output layer is the embedding under a second name: compare every name of the head's tensors
+            head_names = _head_names(model)
+            shared = [name for name, param in model.named_parameters(remove_duplicate=False)
+                      if id(param) in embeddings and any(name.startswith(h + ".") for h in head_names)]
+            if shared:
+                raise ValueError(f"head_lr={head_lr:g} and embedding_lr={embedding_lr:g} both apply to {shared[0]}, "
+                                 "an input embedding that is also the task head (tied to the output layer, or a "
+                                 "modules_to_save copy): set one of them to None (trainer.head_lr=null or "
+                                 "trainer.embedding_lr=null) or make the two equal.")
+    rates = OwnRates(frozenset(head), head_lr, frozenset(embeddings), embedding_lr)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if trainable and all(id(p) in head for p in trainable):
-        raise ValueError(f"lr={lr:g} trains nothing: every trainable parameter is the task head, which trains at "
-                         f"head_lr={head_lr:g}. Set head_lr=None (trainer.head_lr=null: the head trains at lr) "
-                         "or make the two equal.")
-    return head
+    if trainable and all(rates.own_lr(p) not in (None, lr) for p in trainable):
+        own = [f"the task head, which trains at head_lr={head_lr:g}" if head_lr is not None and head else "",
+               f"the input embeddings, which train at embedding_lr={embedding_lr:g}" if embeddings else ""]
+        fixes = [f"{key}=None (trainer.{key}=null: {what} at lr)" for key, what, used in (
+            ("head_lr", "the head trains", own[0]), ("embedding_lr", "the embeddings train", own[1])) if used]
+        raise ValueError(f"lr={lr:g} trains nothing: every trainable parameter is {' or '.join(o for o in own if o)}. "
+                         f"Set {' or '.join(fixes)} or make them equal.")
+    return rates
 
 
-def plain_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: Optional[float],
-                 head: set[int]) -> list[dict]:
-    """Param groups of the trainable parameters: the head (``head``: its parameter ids) at ``head_lr``,
-    weight decay on ≥2-D tensors."""
+def plain_groups(model: nn.Module, lr: float, weight_decay: float, rates: OwnRates = OwnRates()) -> list[dict]:
+    """Param groups of the trainable parameters: each at its rate (``rates``: the head at ``head_lr``, the input
+    embeddings at ``embedding_lr``, the rest at ``lr``), weight decay on ≥2-D tensors."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        group_lr = head_lr if (id(param) in head and head_lr is not None) else lr
         decay = weight_decay if param.dim() >= 2 else 0.0
-        groups.setdefault((group_lr, decay), []).append(param)
+        groups.setdefault((rates.lr_of(param, lr), decay), []).append(param)
     if not groups:
         raise ValueError("The model has no trainable parameters; wrap it with lrzoo.wrap first.")
     return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
 
 
-__all__ = ["LoopData", "PROCEDURES", "Procedure", "checked_head", "head_parameter_ids", "plain_groups",
-           "procedure_class", "procedure_of", "register_procedure"]
+__all__ = ["LoopData", "OwnRates", "PROCEDURES", "Procedure", "checked_rates", "head_parameter_ids",
+           "input_embedding_parameter_ids", "plain_groups", "procedure_class", "procedure_of", "register_procedure"]

@@ -32,7 +32,7 @@ from ..kernels.common import DORA_EPS
 from ..layer import dropout_probability
 from ..peft_bridge import (DoraLinearLayer, DoraLinearVariant, PeftLoraLinear, stash, swap_layer_class, transpose,
                            unstash, use_layer_classes)
-from ..procedure import Procedure, checked_head, register_procedure
+from ..procedure import Procedure, checked_rates, register_procedure
 from ..registry import register_adapter
 from ..targets import is_quantized, quantization_of
 from .base_moving_init import record_initial_factors
@@ -196,32 +196,42 @@ class LoraPlusProcedure(Procedure):
     name = "loraplus"
 
     def build_optimizer(self, model: nn.Module, lr: float, *, weight_decay: float = 0.0,
-                        head_lr: Optional[float] = None,
+                        head_lr: Optional[float] = None, embedding_lr: Optional[float] = None,
                         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
                         loraplus_lr_ratio: Optional[float] = None, loraplus_lr_embedding: Optional[float] = None,
                         **optimizer_kwargs: Any) -> torch.optim.Optimizer:
         """LoRA+'s groups; λ and the embedding lr not given come from the options ``wrap`` recorded (16, 1e-6)."""
-        head = checked_head(model, lr, head_lr)
+        rates = checked_rates(model, lr, head_lr, embedding_lr)
+        if embedding_lr is not None:
+            lora_on_embeddings = [name for name, p in model.named_parameters()
+                                  if id(p) in rates.embeddings and "lora_embedding_" in name]
+            if lora_on_embeddings:  # (lrzoo.wrap puts no LoRA on an embedding; a stock PEFT model may)
+                raise ValueError(f"embedding_lr={embedding_lr:g} and LoRA+'s loraplus_lr_embedding both apply to "
+                                 f"{lora_on_embeddings[0]}, a LoRA factor on the input embeddings: set embedding_lr="
+                                 "None (trainer.embedding_lr=null) and give loraplus_lr_embedding.")
         ratio = self.options.get("loraplus_lr_ratio", 16.0) if loraplus_lr_ratio is None else loraplus_lr_ratio
-        embedding_lr = (self.options.get("loraplus_lr_embedding", 1e-6) if loraplus_lr_embedding is None
-                        else loraplus_lr_embedding)
+        lora_embedding_lr = (self.options.get("loraplus_lr_embedding", 1e-6) if loraplus_lr_embedding is None
+                             else loraplus_lr_embedding)
         # PEFT's implementation is the reference one (it matches the paper's code): lora_B and
         # every 1-D parameter get lr·λ, LoRA embeddings get loraplus_lr_embedding.
         optimizer = create_loraplus_optimizer(
             model, optimizer_cls, lr=lr, loraplus_lr_ratio=ratio,
-            loraplus_weight_decay=weight_decay, loraplus_lr_embedding=embedding_lr, **optimizer_kwargs,
+            loraplus_weight_decay=weight_decay, loraplus_lr_embedding=lora_embedding_lr, **optimizer_kwargs,
         )
-        if head_lr is None or not head:
+        if not rates:
             return optimizer
-        # The head is no adapter tensor: it gets head_lr (with the weight decay PEFT gave it), the
-        # adapter keeps PEFT's groups. Rebuilt from PEFT's groups so they stay the reference ones.
+        # The head and the input embeddings (modules_to_save copies) are no adapter tensors: they get head_lr and
+        # embedding_lr (with the weight decay PEFT gave them), the adapter keeps PEFT's groups. Rebuilt from PEFT's
+        # groups so they stay the reference ones.
         param_groups = []
         for group in optimizer.param_groups:
             options = {"lr": group["lr"], "weight_decay": group["weight_decay"]}
-            for in_head in (False, True):
-                params = [p for p in group["params"] if (id(p) in head) == in_head]
+            by_lr: dict[Optional[float], list] = {None: []}  # None: PEFT's rate for the group; then each own rate
+            for p in group["params"]:
+                by_lr.setdefault(rates.own_lr(p), []).append(p)
+            for own_lr, params in by_lr.items():
                 if params:
-                    param_groups.append({**options, "params": params, **({"lr": head_lr} if in_head else {})})
+                    param_groups.append({**options, "params": params, **({} if own_lr is None else {"lr": own_lr})})
         return optimizer_cls(param_groups, lr=lr, **optimizer_kwargs)
 
 

@@ -73,6 +73,8 @@ def create_optimizer(
     target_modules: TargetSpec = None,
     head_lr: Optional[float] = None,
     head_params: Iterable[int] = (),
+    embedding_lr: Optional[float] = None,
+    embedding_params: Optional[Iterable[int]] = None,
     **options: Any,
 ) -> torch.optim.Optimizer:
     """Optimizer method ``name`` over the trainable parameters of a plain (unwrapped) ``model``.
@@ -90,6 +92,9 @@ def create_optimizer(
             the model's repeated blocks (attention and MLP projections; not the embeddings, the
             LM head, a pooler or a classifier), else names or a regex as for ``lrzoo.wrap``.
         head_lr, head_params: learning rate of the parameters whose ids are in ``head_params``.
+        embedding_lr, embedding_params: learning rate of the parameters whose ids are in ``embedding_params``
+            (``None``: the trainable parameters of ``model.get_input_embeddings()``); never projected. A parameter
+            in both sets takes ``embedding_lr``; the two may differ only where the sets do not meet.
         options: the method's group options (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``;
             defaults in the registry) and the optimizer's (``betas``, ``eps``, ...).
     """
@@ -102,11 +107,11 @@ def create_optimizer(
     if spec.prepare_model is not None:
         targets = spec.prepare_model(model, targets, {**group_options, **options})
     projected = {id(p) for p in targets}
-    head = set(head_params) if head_lr is not None else set()
+    own_lr = own_rates(model, head_lr, head_params, embedding_lr, embedding_params)
     groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
-            group_lr = head_lr if id(param) in head else lr
+            group_lr = own_lr.get(id(param), lr)
             decay = weight_decay if param.dim() >= 2 else 0.0
             groups.setdefault((group_lr, decay, id(param) in projected), []).append(param)
     param_groups = [{"params": params, "lr": group_lr, "weight_decay": decay, **(group_options if is_projected else {})}
@@ -114,6 +119,30 @@ def create_optimizer(
     # names only for messages (a rank ≥ min(m, n) warning names the weights); not stored in the groups
     names = {id(param): name for name, param in model.named_parameters() if id(param) in projected}
     return spec.optimizer_cls(param_groups, lr=lr, weight_names=names, **options)
+
+
+def own_rates(model: nn.Module, head_lr: Optional[float], head_params: Iterable[int], embedding_lr: Optional[float],
+              embedding_params: Optional[Iterable[int]]) -> dict[int, float]:
+    """``id(param)`` -> its rate, for the parameters with one of their own (:func:`create_optimizer`'s head and
+    input embeddings); refuses an ``embedding_lr`` that reaches no trainable parameter, or one that differs from
+    ``head_lr`` on a parameter in both sets."""
+    own: dict[int, float] = {}
+    if head_lr is not None:
+        own.update(dict.fromkeys(head_params, head_lr))
+    if embedding_lr is not None:
+        if embedding_params is None:
+            embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            embedding_params = [id(p) for p in embeddings.parameters() if p.requires_grad] if embeddings else []
+        embedding_params = set(embedding_params)
+        if not embedding_params:
+            raise ValueError(f"embedding_lr={embedding_lr:g} trains nothing: no trainable input embedding was found "
+                             "(model.get_input_embeddings()). Drop embedding_lr or pass embedding_params.")
+        clash = [i for i in embedding_params if own.get(i, embedding_lr) != embedding_lr]
+        if clash:
+            raise ValueError(f"head_lr={head_lr:g} and embedding_lr={embedding_lr:g} both apply to {len(clash)} "
+                             "parameter(s) in head_params and embedding_params: drop one of them or make them equal.")
+        own.update(dict.fromkeys(embedding_params, embedding_lr))
+    return own
 
 
 def projection_targets(model: nn.Module, target_modules: TargetSpec = None) -> list[nn.Parameter]:

@@ -38,7 +38,9 @@ HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label", "eval.forgett
                   # minilm (which sets mean) is transformers' own head, what runs computed before the keys existed
                   "model.pooling": None, "model.similarity_head": "cross_encoder",
                   # the bi-encoder's loss: CosineSimilarityLoss is what every bi-encoder run computed before
-                  "model.pair_loss": "cosine"}
+                  "model.pair_loss": "cosine",
+                  # null: the input embeddings train at trainer.lr, as every run did before the key existed
+                  "trainer.embedding_lr": None}
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:

@@ -44,12 +44,12 @@ def validate_trainer_config(config: Any) -> None:
             what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             bad(key, f"must be {what}{' or null' if optional else ''}{meaning}")
 
-    for key in ("lr", "head_lr"):
+    for key in ("lr", "head_lr", "embedding_lr"):
         value = getattr(c, key)
-        if key == "head_lr" and value is None:
+        if key != "lr" and value is None:
             continue
         if not _is_number(value) or value <= 0:
-            bad(key, "must be a positive finite number (e.g. 5e-4)" + (" or null (= lr)" if key == "head_lr" else ""))
+            bad(key, "must be a positive finite number (e.g. 5e-4)" + (" or null (= lr)" if key != "lr" else ""))
     if not _is_number(c.weight_decay) or c.weight_decay < 0:
         bad("weight_decay", "must be a finite number >= 0")
     positive_int("batch_size", meaning=" (the global batch)")

@@ -23,6 +23,8 @@ class TrainerConfig:
     lr: float = 5e-4
     #: learning rate of the fully trained task head; ``None``: ``lr``.
     head_lr: Optional[float] = None
+    #: learning rate of the input embeddings (``get_input_embeddings()`` of the base model); ``None``: ``lr``.
+    embedding_lr: Optional[float] = None
     weight_decay: float = 0.0
     #: global batch: all ranks and accumulation steps together.
     batch_size: int = 16

@@ -3,8 +3,8 @@
 Works with the HF ``Trainer`` (``Trainer(..., optimizers=(make_optimizer(model, lr=...), None))``)
 and with plain loops. It builds nothing itself: the method's training procedure does
 (:meth:`lrzoo.procedure.Procedure.build_optimizer`: LoRA+'s groups, LoRA-Pro's optimizer, plain AdamW with the
-head at ``head_lr``), from the options ``wrap`` recorded on the model (:func:`lrzoo.registry.record_of`);
-everything :func:`make_optimizer` is given wins. lrzoo's trainer asks the same procedure.
+head at ``head_lr`` and the input embeddings at ``embedding_lr``), from the options ``wrap`` recorded on the model
+(:func:`lrzoo.registry.record_of`); everything :func:`make_optimizer` is given wins. lrzoo's trainer asks the same procedure.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def make_optimizer(
     *,
     weight_decay: float = 0.0,
     head_lr: Optional[float] = None,
+    embedding_lr: Optional[float] = None,
     loraplus_lr_ratio: Optional[float] = None,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
     method: Optional[str] = None,
@@ -43,6 +44,10 @@ def make_optimizer(
             (for LoRA+: PEFT's grouping, head matrices at ``lr``, head biases at ``lr``·λ).
             LoRA-XS/LoRA-SB tune it separately. Given with LoRA+, every head parameter gets it and
             the adapter keeps LoRA+'s groups (lora_B at ``lr``·λ, lora_A at ``lr``).
+        embedding_lr: learning rate of the input embeddings (the trainable parameters of the base model's
+            ``get_input_embeddings()``: the token embeddings in full training, their ``modules_to_save`` copy);
+            default ``lr``. Refused for a model whose input embeddings do not train, and where the embedding is
+            also the head (tied, or a ``modules_to_save`` copy) with a ``head_lr`` that differs.
         loraplus_lr_ratio: λ = η_B/η_A. Defaults to the value given to ``wrap(..., "loraplus")``
             (16); for a method trained plainly, LoRA+ groups are built only when it is given. Likewise the
             ``loraplus_lr_embedding`` keyword (default: ``wrap``'s, else 1e-6).
@@ -67,5 +72,5 @@ def make_optimizer(
         optimizer_kwargs["loraplus_lr_ratio"] = loraplus_lr_ratio
         if type(procedure).build_optimizer is Procedure.build_optimizer:  # LoRA+ groups asked of a plain method
             procedure = PROCEDURES.lookup("loraplus")(dict(record.options))
-    return procedure.build_optimizer(model, lr, weight_decay=weight_decay, head_lr=head_lr,
+    return procedure.build_optimizer(model, lr, weight_decay=weight_decay, head_lr=head_lr, embedding_lr=embedding_lr,
                                      optimizer_cls=optimizer_cls, **optimizer_kwargs)

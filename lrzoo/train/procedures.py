@@ -13,8 +13,8 @@ and what every procedure's optimizer shares are :mod:`lrzoo.procedure`. Here is 
 ============  =======================  ==========================================================
 procedure     hooks it fills           where
 ============  =======================  ==========================================================
-``default``   (all, plainly)           :class:`lrzoo.procedure.Procedure`: AdamW (head at ``head_lr``),
-                                       the configured LR schedule, no callback
+``default``   (all, plainly)           :class:`lrzoo.procedure.Procedure`: AdamW (head at ``head_lr``,
+                                       input embeddings at ``embedding_lr``), the configured LR schedule, no callback
 ``loraplus``  ``build_optimizer``      :class:`lrzoo.methods.lora.LoraPlusProcedure`
 ``relora``    ``callbacks``,           :class:`lrzoo.methods.relora.procedure.ReLoRAProcedure`
               ``make_scheduler``
@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ..heads import pair_encoding
 from ..optimizers import create_optimizer
-from ..procedure import LoopData, Procedure, checked_head, procedure_of, register_procedure
+from ..procedure import LoopData, Procedure, checked_rates, procedure_of, register_procedure
 from .config import TrainerConfig
 from .data import collate, encode_rows, planned_steps
 
@@ -55,16 +55,17 @@ class LowRankOptimizerProcedure(Procedure):
                              "across ranks: use trainer=ddp (or a single process) for it.")
 
     def build_optimizer(self, model: nn.Module, lr: float, *, weight_decay: float = 0.0,
-                        head_lr: Optional[float] = None,
+                        head_lr: Optional[float] = None, embedding_lr: Optional[float] = None,
                         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
                         **optimizer_kwargs: Any) -> torch.optim.Optimizer:
         options = {key: value for key, value in {**self.options, **optimizer_kwargs}.items() if value is not None}
         method = options.pop("method")
         if options.get("loraplus_lr_ratio") is not None or optimizer_cls is not torch.optim.AdamW:
             raise ValueError(f"method={method!r} is an optimizer of its own: drop loraplus_lr_ratio and optimizer_cls.")
-        head = checked_head(model, lr, head_lr)
-        return create_optimizer(model, method, lr, weight_decay=weight_decay, head_lr=head_lr, head_params=head,
-                                **options)
+        # the input embeddings are never projected (projection_targets: linear layers only): a plain AdamW group
+        rates = checked_rates(model, lr, head_lr, embedding_lr)
+        return create_optimizer(model, method, lr, weight_decay=weight_decay, head_lr=head_lr, head_params=rates.head,
+                                embedding_lr=embedding_lr, embedding_params=rates.embeddings, **options)
 
 
 def procedure_for(model: nn.Module, config: TrainerConfig) -> Procedure:

@@ -33,6 +33,8 @@ BAD_BUDGETS = [
     (["trainer.lr=inf"], "trainer.lr=inf"),
     (["trainer.head_lr=0"], "trainer.head_lr=0"),
     (["trainer.head_lr=high"], "trainer.head_lr='high'"),
+    (["trainer.embedding_lr=0"], "trainer.embedding_lr=0"),
+    (["trainer.embedding_lr=inf"], "trainer.embedding_lr=inf"),
     (["trainer.eval_every=-1"], "trainer.eval_every=-1"),
     (["trainer.save_every=-1"], "trainer.save_every=-1"),
     (["trainer.log_every=-1"], "trainer.log_every=-1"),

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ...procedure import Procedure, checked_head, plain_groups, register_procedure
+from ...procedure import Procedure, checked_rates, plain_groups, register_procedure
 from .optimizer import LoraProAdamW, lora_pairs
 
 
@@ -24,7 +24,7 @@ class LoraProProcedure(Procedure):
                              "LoRA-Pro's optimizer; for LoRA layers trained with AdamW wrap the model with 'lora'.")
 
     def build_optimizer(self, model: nn.Module, lr: float, *, weight_decay: float = 0.0,
-                        head_lr: Optional[float] = None,
+                        head_lr: Optional[float] = None, embedding_lr: Optional[float] = None,
                         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
                         **optimizer_kwargs: Any) -> torch.optim.Optimizer:
         """:class:`~.optimizer.LoraProAdamW` (``optimizer_cls`` does not apply: LoRA-Pro is its own AdamW). The pairs
@@ -34,6 +34,7 @@ class LoraProProcedure(Procedure):
             raise ValueError("loraplus_lr_ratio does not apply to LoRA-Pro, whose optimizer sets the steps of A and B "
                              "itself; drop it (or wrap the model with 'loraplus').")
         optimizer_kwargs.setdefault("bias_correction_offset", self.options.get("bias_correction_offset", 0))
-        head = checked_head(model, lr, head_lr)
-        return LoraProAdamW(plain_groups(model, lr, weight_decay, head_lr, head), lora_pairs(model), lr=lr,
+        # the head and the input embeddings (a modules_to_save copy) are plain AdamW groups at their own rates
+        rates = checked_rates(model, lr, head_lr, embedding_lr)
+        return LoraProAdamW(plain_groups(model, lr, weight_decay, rates), lora_pairs(model), lr=lr,
                             **optimizer_kwargs)
