@@ -85,20 +85,32 @@ def test_a_modules_to_save_copy_of_the_embeddings_trains_at_embedding_lr():
     assert rates(lrzoo.make_optimizer(model, lr=3e-3, head_lr=2e-2), model)[copy] == 2e-2   # as runs always had
 
 
-def test_low_rank_optimizers_train_the_embeddings_as_a_plain_group_at_embedding_lr():
+@pytest.mark.parametrize("method", lrzoo.list_optimizers())
+def test_low_rank_optimizers_train_the_embeddings_as_a_plain_group_at_embedding_lr(method):
     model = prepare_baseline(tiny_llama(), "full_finetune")
-    for optimizer in (LowRankOptimizerProcedure({"method": "galore", "rank": 4}, config(embedding_lr=1e-2))
-                      .make_optimizer(model),
-                      create_optimizer(model, "galore", 3e-3, embedding_lr=1e-2, rank=4),   # found by itself
-                      lrzoo.make_optimizer(model, lr=3e-3, method="fira", embedding_lr=1e-2, rank=4)):
-        embedding = model.get_input_embeddings().weight
-        (group,) = [g for g in optimizer.param_groups if any(p is embedding for p in g["params"])]
-        assert group["lr"] == 1e-2 and "rank" not in group and len(group["params"]) == 1
-        assert all(g["lr"] == 3e-3 for g in optimizer.param_groups if g is not group)
-        assert any("rank" in g for g in optimizer.param_groups)   # the block weights are still projected
+    options = {"rank": 4, **({"proj_group_size": 64} if method == "q_galore" else {})}
+    # adapter=<method>'s procedure, built from the run's config
+    optimizer = LowRankOptimizerProcedure({"method": method, **options}, config(embedding_lr=1e-2)).make_optimizer(model)
+    embedding = model.get_input_embeddings().weight
+    (group,) = [g for g in optimizer.param_groups if any(p is embedding for p in g["params"])]
+    assert group["lr"] == 1e-2 and "rank" not in group and len(group["params"]) == 1
+    assert all(g["lr"] == 3e-3 for g in optimizer.param_groups if g is not group)
+    assert any("rank" in g for g in optimizer.param_groups)   # the block weights are still projected
+    before = embedding.detach().clone()
+    x = tiny_inputs()
+    model(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    # Adam's first step moves an entry by about its rate: 1e-2, not trainer.lr's 3e-3
+    assert float((embedding.detach() - before).abs().max()) == pytest.approx(1e-2, rel=1e-2)
+
+
+def test_create_optimizer_finds_the_embeddings_itself_and_refuses_two_rates_on_one_tensor():
+    model = prepare_baseline(tiny_llama(), "full_finetune")
+    embedding = model.get_input_embeddings().weight
+    optimizer = create_optimizer(model, "galore", 3e-3, embedding_lr=1e-2, rank=4)
+    assert [g["lr"] for g in optimizer.param_groups if any(p is embedding for p in g["params"])] == [1e-2]
     with pytest.raises(ValueError, match="head_lr=0.02 and embedding_lr=0.01 both apply"):
-        create_optimizer(model, "galore", 3e-3, head_lr=2e-2, head_params={id(model.get_input_embeddings().weight)},
-                         embedding_lr=1e-2, rank=4)
+        create_optimizer(model, "galore", 3e-3, head_lr=2e-2, head_params={id(embedding)}, embedding_lr=1e-2, rank=4)
 
 
 def test_relora_keeps_the_embeddings_rate_through_its_resets_schedule():
