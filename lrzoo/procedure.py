@@ -26,6 +26,7 @@ from transformers import get_scheduler
 
 from .registry import TrainingRecord, record_of
 from .registry_table import Table
+from .targets import input_embedding_parameter_ids
 
 
 @dataclass(frozen=True)
@@ -150,20 +151,6 @@ def head_parameter_ids(model: nn.Module) -> set[int]:
         id(param) for name, param in model.named_parameters()
         if param.requires_grad and any(name.startswith(head + ".") for head in head_names)
     }
-
-
-def input_embedding_parameter_ids(model: nn.Module) -> Optional[set[int]]:
-    """The ids of the trainable parameters of the input embeddings, ``get_input_embeddings()`` of the base model
-    under any PEFT wrapper: the token embedding matrix (not position embeddings or a norm), its ``modules_to_save``
-    copy, the tensors an adapter put on it. ``None``: the model has no ``get_input_embeddings``."""
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    try:
-        embeddings = base.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if not isinstance(embeddings, nn.Module):
-        return None
-    return {id(param) for param in embeddings.parameters() if param.requires_grad}
 
 
 @dataclass(frozen=True)

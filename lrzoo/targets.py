@@ -73,6 +73,20 @@ def default_targets(model: nn.Module) -> list[str]:
     return list(targets)
 
 
+def input_embedding_parameter_ids(model: nn.Module) -> Optional[set[int]]:
+    """The ids of the trainable parameters of the input embeddings, ``get_input_embeddings()`` of the base model
+    under any PEFT wrapper: the token embedding matrix (not position embeddings or a norm), its ``modules_to_save``
+    copy, the tensors an adapter put on it. ``None``: the model has no ``get_input_embeddings``."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    try:
+        embeddings = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(embeddings, nn.Module):
+        return None
+    return {id(param) for param in embeddings.parameters() if param.requires_grad}
+
+
 def leaf_names(model: nn.Module, types: tuple[type, ...]) -> list[str]:
     """Distinct last name components of the modules of the given types (``query``, ``dense``...)."""
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, types)})

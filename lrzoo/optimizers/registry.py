@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..registry_table import Table
-from ..targets import LINEAR_TYPES, TargetSpec, leaf_names, resolve_targets
+from ..targets import LINEAR_TYPES, TargetSpec, input_embedding_parameter_ids, leaf_names, resolve_targets
 from .int8_linear import Int8Linear
 
 #: the layers a low-rank optimizer projects: a model's linear layers, and those an earlier Q-GaLore optimizer
@@ -131,9 +131,8 @@ def own_rates(model: nn.Module, head_lr: Optional[float], head_params: Iterable[
         own.update(dict.fromkeys(head_params, head_lr))
     if embedding_lr is not None:
         if embedding_params is None:
-            embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-            embedding_params = [id(p) for p in embeddings.parameters() if p.requires_grad] if embeddings else []
-        embedding_params = set(embedding_params)
+            embedding_params = input_embedding_parameter_ids(model)
+        embedding_params = set(embedding_params or ())
         if not embedding_params:
             raise ValueError(f"embedding_lr={embedding_lr:g} trains nothing: no trainable input embedding was found "
                              "(model.get_input_embeddings()). Drop embedding_lr or pass embedding_params.")
