@@ -32,6 +32,7 @@ from ..errors import UserError
 from ..runs import identity  # noqa: F401  (registers ${lrzoo.run_hash:}, which run_name interpolates)
 from ..runs.files import RESULTS_FILE
 from ..train.recipe import rank, run_recipe
+from ..train.teardown import exit_rank, in_process_group, leave_process_group
 from .errors import debugging, is_user_error, message, take_debug_flag
 
 
@@ -103,20 +104,16 @@ def main() -> None:
     app = hydra.main(config_path=str(config_dir("recipes")), config_name="config", version_base="1.3")(_hydra_task)
     try:
         app()
-    finally:
-        _leave_process_group()
-    if _failures:
-        sys.exit(max(_failures))
-
-
-def _leave_process_group() -> None:
-    """Destroy the process group (if torchrun/accelerate made one) while the interpreter is whole. Left to
-    interpreter shutdown, gloo's worker threads can die holding Python tensors and the rank aborts with
-    "terminate called without an active exception" (SIGABRT) after a run that succeeded (pytorch#190489)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    except SystemExit as stop:  # Hydra exits 1 after printing a bug's traceback
+        code = stop.code
+    except BaseException:
+        leave_process_group()
+        raise
+    else:
+        code = max(_failures, default=0)
+    if in_process_group():
+        exit_rank(code)  # not an ordinary exit: see lrzoo.train.teardown
+    sys.exit(code)
 
 
 if __name__ == "__main__":

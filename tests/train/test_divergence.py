@@ -189,6 +189,7 @@ def test_nonfinite_model_outputs_are_not_scored(sst2_dir, tmp_path):
 GUARD_ON_TWO_RANKS = """
 import torch, torch.distributed as dist
 from lrzoo.train.divergence import NonfiniteGuard, DivergenceError
+from lrzoo.train.teardown import exit_rank
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 loss = torch.tensor(float("nan") if rank == 1 else 0.5)  # only rank 1 sees the NaN
@@ -201,7 +202,7 @@ try:
 except DivergenceError as err:
     assert err.step == 3 and err.quantity == "loss", err
     print(f"rank {rank}: {err}")
-dist.destroy_process_group()
+exit_rank(0)  # as lrzoo-train ends a rank (lrzoo.train.teardown)
 """
 
 

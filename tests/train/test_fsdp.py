@@ -185,6 +185,7 @@ sys.path.insert(0, sys.argv[1])
 from conftest import tiny_bert
 import lrzoo
 from lrzoo.train.sharding import shard_model
+from lrzoo.train.teardown import exit_rank
 
 dist.init_process_group("gloo")
 base = tiny_bert()  # the same random base on both ranks (seeded)
@@ -212,7 +213,7 @@ for name, p in model.named_parameters():
 if dist.get_rank() == 0:
     print("sharded", sharded, "replicated", replicated, flush=True)
 dist.barrier()
-dist.destroy_process_group()  # a gloo group torn down at interpreter exit can abort the process
+exit_rank(0)  # as lrzoo-train ends a rank: a gloo group left to interpreter finalization can abort it
 """
 
 
