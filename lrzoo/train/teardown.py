@@ -2,10 +2,11 @@
 
 A gloo rank that exits the ordinary way can abort *after* a run that succeeded: "terminate called without an
 active exception" (SIGABRT), the launcher kills the other ranks, and the job exits non-zero. Destroying the
-process group first is not enough, since FSDP2's device mesh and any pending ``Work`` keep the C++ process group
-(and its worker threads) alive until the interpreter tears down module globals and static objects, and a thread
-still joinable then calls ``std::terminate`` (pytorch#179291 and #190489 describe the race; no fix in torch
-2.13). It is rare and timing-dependent (lrzoo's CI saw it twice in ~1,900 tests; 60 local repeats did not).
+process group first was not enough: objects that still reference the C++ process group (a device mesh, a
+pending ``Work``) can keep it and its worker threads alive into the interpreter's teardown of module globals and
+static objects, where a thread still joinable calls ``std::terminate`` (pytorch#179291 describes the race; torch
+2.13 has no fix). It is rare and timing-dependent: lrzoo's CI saw it in two FSDP tests of one run, after
+``destroy_process_group``; 44 repeats of one of them on the 2-core VM, 3 at a time, did not.
 
 So a rank that held a process group runs what an ordinary exit runs while the interpreter is whole (the
 ``atexit`` handlers, the logging handlers, the stdio buffers) and then leaves with :func:`os._exit`, which skips
