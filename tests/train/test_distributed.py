@@ -35,6 +35,12 @@ LAUNCHERS = {
 }
 
 
+def launch_log(done: subprocess.CompletedProcess) -> str:
+    """What a failed launch shows: the launcher's own traceback fills the end of stderr, so keep more of it, and
+    stdout, which tells how far each rank got (a rank that printed its result and then aborted died at exit)."""
+    return f"--- stdout ---\n{done.stdout[-2000:]}\n--- stderr ---\n{done.stderr[-10000:]}"
+
+
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path, launcher):
     data = write_sst2(tmp_path / "data")
@@ -44,7 +50,7 @@ def test_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path, la
         [*LAUNCHERS[launcher], "-m", "lrzoo.cli.train", *overrides],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert launched.returncode == 0, launch_log(launched)
 
     cfg_one = compose(tiny_run_overrides(data, tmp_path / "one", *NO_DROPOUT, "trainer.max_steps=6"))
     single = run_recipe(cfg_one, run_dir_of(cfg_one))
@@ -147,7 +153,7 @@ def test_two_nodes_of_one_rank_match_one_node_of_two(tmp_path, strategy):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launched = subprocess.run([*LAUNCHERS["torchrun"], "-m", "lrzoo.cli.train", *one_node], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=400)
-    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert launched.returncode == 0, launch_log(launched)
     _two_nodes(two_nodes, tmp_path)
 
     runs = {}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lrzoo.cli.train import run_recipe
 from recipe_helpers import compose, run_dir_of, tiny_run_overrides, write_gsm8k, write_sst2
-from test_distributed import LAUNCHERS, NO_DROPOUT
+from test_distributed import LAUNCHERS, NO_DROPOUT, launch_log
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def _launch(launcher: str, overrides: list[str], cwd: Path) -> subprocess.Comple
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*LAUNCHERS[launcher], "-m", "lrzoo.cli.train", *overrides],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, launch_log(done)
     return done
 
 
@@ -213,6 +213,7 @@ for name, p in model.named_parameters():
 if dist.get_rank() == 0:
     print("sharded", sharded, "replicated", replicated, flush=True)
 dist.barrier()
+print("rank", dist.get_rank(), "finished", flush=True)
 exit_rank(0)  # as lrzoo-train ends a rank: a gloo group left to interpreter finalization can abort it
 """
 
@@ -225,7 +226,7 @@ def test_shard_model_shards_the_frozen_base_and_replicates_the_adapter(tmp_path,
     tests = Path(__file__).resolve().parents[1]  # tests/, where conftest.py is
     done = subprocess.run([*LAUNCHERS["torchrun"], str(script), str(tests), adapter],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, launch_log(done)
     line = next(line for line in done.stdout.splitlines() if line.startswith("sharded"))
     _, sharded, _, replicated = line.split()
     assert int(sharded) > 0 and int(replicated) > 0, done.stdout
