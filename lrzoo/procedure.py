@@ -145,7 +145,7 @@ def head_parameter_ids(model: nn.Module) -> set[int]:
     modules a baseline (:mod:`lrzoo.train.baselines`) records as :attr:`TrainingRecord.head_modules`.
 
     A parameter counts under its first name only (``named_parameters`` drops repeats): an output layer tied to the
-    input embedding is not the head here, so ``head_lr`` does not reach the tied weight (what runs always did)."""
+    input embedding is not the head here: a ``head_lr`` that reaches it only so is refused (:func:`checked_rates`)."""
     head_names = _head_names(model)
     return {
         id(param) for name, param in model.named_parameters()
@@ -189,9 +189,10 @@ def checked_rates(model: nn.Module, lr: float, head_lr: Optional[float] = None,
                   embedding_lr: Optional[float] = None) -> OwnRates:
     """The parameters with a rate of their own (:class:`OwnRates`), refusing rates that cannot apply as given.
 
-    Refused: an ``embedding_lr`` for a model whose input embeddings do not train (it would change the run's
-    name, not what it computes); ``head_lr`` and ``embedding_lr`` that differ on one tensor (an embedding that
-    is also the head); an ``lr`` that trains nothing because every trainable tensor has a rate of its own (a
+    Refused: an ``embedding_lr`` for a model whose input embeddings do not train, and a ``head_lr`` for one
+    without a head tensor of its own that trains (tied to the input embeddings, frozen, or none:
+    :func:`refuse_unreached_head`), since either would change the run's name, not what it computes; ``head_lr``
+    and ``embedding_lr`` that differ on one tensor (an embedding that is also the head); an ``lr`` that trains nothing because every trainable tensor has a rate of its own (a
     head-only run swept over ``lr`` with ``head_lr`` set would repeat one run under several names: a
     learning-rate grid of identical points, reported as tuned).
     """
@@ -288,4 +289,5 @@ def plain_groups(model: nn.Module, lr: float, weight_decay: float, rates: OwnRat
 
 
 __all__ = ["LoopData", "OwnRates", "PROCEDURES", "Procedure", "checked_rates", "head_parameter_ids",
-           "input_embedding_parameter_ids", "plain_groups", "procedure_class", "procedure_of", "register_procedure"]
+           "input_embedding_parameter_ids", "plain_groups", "procedure_class", "procedure_of", "refuse_unreached_head",
+           "register_procedure"]
