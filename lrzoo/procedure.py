@@ -145,7 +145,7 @@ def head_parameter_ids(model: nn.Module) -> set[int]:
     modules a baseline (:mod:`lrzoo.train.baselines`) records as :attr:`TrainingRecord.head_modules`.
 
     A parameter counts under its first name only (``named_parameters`` drops repeats): an output layer tied to the
-    input embedding is not the head here, so ``head_lr`` does not reach the tied weight (what runs always did)."""
+    input embedding is not the head here: a ``head_lr`` that reaches it only so is refused (:func:`checked_rates`)."""
     head_names = _head_names(model)
     return {
         id(param) for name, param in model.named_parameters()
@@ -189,9 +189,10 @@ def checked_rates(model: nn.Module, lr: float, head_lr: Optional[float] = None,
                   embedding_lr: Optional[float] = None) -> OwnRates:
     """The parameters with a rate of their own (:class:`OwnRates`), refusing rates that cannot apply as given.
 
-    Refused: an ``embedding_lr`` for a model whose input embeddings do not train (it would change the run's
-    name, not what it computes); ``head_lr`` and ``embedding_lr`` that differ on one tensor (an embedding that
-    is also the head); an ``lr`` that trains nothing because every trainable tensor has a rate of its own (a
+    Refused: an ``embedding_lr`` for a model whose input embeddings do not train, and a ``head_lr`` for one
+    without a head tensor of its own that trains (tied to the input embeddings, frozen, or none:
+    :func:`refuse_unreached_head`), since either would change the run's name, not what it computes; ``head_lr``
+    and ``embedding_lr`` that differ on one tensor (an embedding that is also the head); an ``lr`` that trains nothing because every trainable tensor has a rate of its own (a
     head-only run swept over ``lr`` with ``head_lr`` set would repeat one run under several names: a
     learning-rate grid of identical points, reported as tuned).
     """
@@ -215,6 +216,8 @@ def checked_rates(model: nn.Module, lr: float, head_lr: Optional[float] = None,
                                  "an input embedding that is also the task head (tied to the output layer, or a "
                                  "modules_to_save copy): set one of them to None (trainer.head_lr=null or "
                                  "trainer.embedding_lr=null) or make the two equal.")
+    if head_lr is not None and not head:
+        refuse_unreached_head(model, head_lr, embedding_lr, embeddings)
     rates = OwnRates(frozenset(head), head_lr, frozenset(embeddings), embedding_lr)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if trainable and all(rates.own_lr(p) not in (None, lr) for p in trainable):
@@ -225,6 +228,50 @@ def checked_rates(model: nn.Module, lr: float, head_lr: Optional[float] = None,
         raise ValueError(f"lr={lr:g} trains nothing: every trainable parameter is {' or '.join(o for o in own if o)}. "
                          f"Set {' or '.join(fixes)} or make them equal.")
     return rates
+
+
+def refuse_unreached_head(model: nn.Module, head_lr: float, embedding_lr: Optional[float],
+                          embeddings: set[int]) -> None:
+    """Refuse a ``head_lr`` that reaches no tensor of its own (:func:`head_parameter_ids` found none): it would
+    change the run's name, not what it computes, while the user believes the head trains at it.
+
+    Accepted only where the head's tensors are all the input embeddings (tied) and ``embedding_lr`` equals
+    ``head_lr``: the shared matrix then trains at the rate asked for."""
+    head_names = _head_names(model)
+    tensors = [(name, param) for name, param in model.named_parameters(remove_duplicate=False)
+               if any(name.startswith(h + ".") for h in head_names)]
+    trained = [(name, param) for name, param in tensors if param.requires_grad]
+    drop = "or set head_lr=None (trainer.head_lr=null)."
+    if trained and all(id(param) in embeddings for _, param in trained) and embedding_lr == head_lr:
+        return
+    if trained:  # trainable, yet under another module's name first: the weights are the input embeddings'
+        raise ValueError(f"head_lr={head_lr:g} trains nothing: {type(model).__name__}'s output layer "
+                         f"({trained[0][0]}) is tied to its input embeddings (tie_word_embeddings), so it has no "
+                         "weights of its own. Set embedding_lr (trainer.embedding_lr) to train the shared matrix at "
+                         f"another rate, {drop}")
+    # a recorded head with every tensor frozen, or (an adapter's model) a head it left out of modules_to_save
+    frozen = [name for name, _ in tensors] if tensors else _frozen_head_modules(model)
+    if frozen:
+        raise ValueError(f"head_lr={head_lr:g} trains nothing: {type(model).__name__}'s task head/output layer "
+                         f"({frozen[0]}) is frozen. Train it (the adapter's modules_to_save, e.g. "
+                         f"adapter.modules_to_save=[{frozen[0].split('.')[0]}]), {drop}")
+    raise ValueError(f"head_lr={head_lr:g} trains nothing: {type(model).__name__} has no task head/output layer "
+                     f"(no module outside its backbone; a bi-encoder scores by a cosine). Set head_lr=None "
+                     "(trainer.head_lr=null).")
+
+
+def _frozen_head_modules(model: nn.Module) -> list[str]:
+    """The base model's children outside its backbone that hold parameters, none of them trainable: a task head
+    or output layer an adapter left frozen (not in ``modules_to_save``). Names as in the base model."""
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if not isinstance(base, PreTrainedModel):   # a module of the user's own: which child is its head is unknown
+        return []
+    backbone = getattr(base, base.base_model_prefix or "", None)
+    return [name for name, child in base.named_children()
+            if child is not backbone and not isinstance(child, PreTrainedModel)
+            and any(True for _ in child.parameters()) and not any(p.requires_grad for p in child.parameters())]
 
 
 def plain_groups(model: nn.Module, lr: float, weight_decay: float, rates: OwnRates = OwnRates()) -> list[dict]:
@@ -242,4 +289,5 @@ def plain_groups(model: nn.Module, lr: float, weight_decay: float, rates: OwnRat
 
 
 __all__ = ["LoopData", "OwnRates", "PROCEDURES", "Procedure", "checked_rates", "head_parameter_ids",
-           "input_embedding_parameter_ids", "plain_groups", "procedure_class", "procedure_of", "register_procedure"]
+           "input_embedding_parameter_ids", "plain_groups", "procedure_class", "procedure_of", "refuse_unreached_head",
+           "register_procedure"]

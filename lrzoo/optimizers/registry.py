@@ -124,10 +124,14 @@ def create_optimizer(
 def own_rates(model: nn.Module, head_lr: Optional[float], head_params: Iterable[int], embedding_lr: Optional[float],
               embedding_params: Optional[Iterable[int]]) -> dict[int, float]:
     """``id(param)`` -> its rate, for the parameters with one of their own (:func:`create_optimizer`'s head and
-    input embeddings); refuses an ``embedding_lr`` that reaches no trainable parameter, or one that differs from
-    ``head_lr`` on a parameter in both sets."""
+    input embeddings); refuses a ``head_lr`` or an ``embedding_lr`` that reaches no trainable parameter, or two
+    that differ on a parameter in both sets."""
     own: dict[int, float] = {}
     if head_lr is not None:
+        head_params = set(head_params)
+        if not head_params:   # a rate the caller believes applies, reaching nothing
+            raise ValueError(f"head_lr={head_lr:g} trains nothing: head_params is empty. Pass the ids of the head's "
+                             "parameters, or drop head_lr.")
         own.update(dict.fromkeys(head_params, head_lr))
     if embedding_lr is not None:
         if embedding_params is None:

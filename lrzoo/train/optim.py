@@ -43,7 +43,9 @@ def make_optimizer(
         head_lr: learning rate of the fully trained task head (``modules_to_save``); default ``lr``
             (for LoRA+: PEFT's grouping, head matrices at ``lr``, head biases at ``lr``·λ).
             LoRA-XS/LoRA-SB tune it separately. Given with LoRA+, every head parameter gets it and
-            the adapter keeps LoRA+'s groups (lora_B at ``lr``·λ, lora_A at ``lr``).
+            the adapter keeps LoRA+'s groups (lora_B at ``lr``·λ, lora_A at ``lr``). Refused where it reaches
+            no tensor of its own: an output layer tied to the input embeddings (unless ``embedding_lr`` equals it),
+            a frozen head, no head (docs/recipes.md#the-heads-rate-trainerhead_lr).
         embedding_lr: learning rate of the input embeddings (the trainable parameters of the base model's
             ``get_input_embeddings()``: the token embeddings in full training, their ``modules_to_save`` copy);
             default ``lr``. Refused for a model whose input embeddings do not train, and where the embedding is

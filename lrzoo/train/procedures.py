@@ -64,7 +64,9 @@ class LowRankOptimizerProcedure(Procedure):
             raise ValueError(f"method={method!r} is an optimizer of its own: drop loraplus_lr_ratio and optimizer_cls.")
         # the input embeddings are never projected (projection_targets: linear layers only): a plain AdamW group
         rates = checked_rates(model, lr, head_lr, embedding_lr)
-        return create_optimizer(model, method, lr, weight_decay=weight_decay, head_lr=head_lr, head_params=rates.head,
+        # a tied output layer at head_lr == embedding_lr has no tensor of its own: its rate arrives as embedding_lr
+        return create_optimizer(model, method, lr, weight_decay=weight_decay,
+                                head_lr=head_lr if rates.head else None, head_params=rates.head,
                                 embedding_lr=embedding_lr, embedding_params=rates.embeddings, **options)
 
 

@@ -184,6 +184,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
     # the checkpoint's own loss on general text, before anything wraps or rewrites its weights (lrzoo.train.forgetting)
     forgetting = base_forgetting(evaluation, data_dir, model, tokenizer, config.max_length)
     method = adapter.pop("name")
+    config = bi_encoder_head_lr(config, model, is_main)
     procedure = None
     if method in BASELINES or method in lrzoo.list_optimizers():
         # experiment presets set adapter.r/alpha/dropout for every adapter; they mean nothing to a baseline or an
@@ -241,6 +242,26 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
         if is_main:
             print(f"[lrzoo] resumed from {checkpoint} at step {trainer.start_step}")
     return trainer
+
+
+def bi_encoder_head_lr(config: Any, model: Any, is_main: bool) -> Any:
+    """``config`` without a ``head_lr`` for a bi-encoder, which has no head (it scores a pair by the cosine of two
+    embeddings), said in one line; anywhere else ``checked_rates`` refuses a head rate that reaches nothing.
+
+    The GLUE presets set ``trainer.head_lr`` for every task, and their STS-B and MRPC cells are bi-encoders:
+    refusing it there would stop every such run (the tuned plan gives them no head trials, ``trains_head``), and
+    dropping it from the presets would change their run hashes. The key stays in the run's config and hash."""
+    import dataclasses
+
+    from ..heads import find_pooled_head
+
+    head = find_pooled_head(model)
+    if config.head_lr is None or head is None or head.pair_form != "bi_encoder":
+        return config
+    if is_main:
+        print(f"[lrzoo] a bi-encoder (model.similarity_head=bi_encoder) has no task head: trainer.head_lr="
+              f"{config.head_lr:g} trains nothing and is ignored")
+    return dataclasses.replace(config, head_lr=None)
 
 
 def base_forgetting(evaluation: Any, data_dir: Optional[str], model: Any, tokenizer: Any, window: int) -> Any:
