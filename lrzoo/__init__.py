@@ -18,6 +18,7 @@ from .train.optim import make_optimizer
 from .wrap import wrap
 
 peft_bridge.install_load_hooks()  # lrzoo's checks on PEFT's load path, explicitly and once (docs/architecture.md)
+peft_bridge.install_save_hooks()  # adapter_config.json in one order, whatever PYTHONHASHSEED
 
 __version__ = "0.1.0"
 

@@ -31,7 +31,7 @@ ALLOWED = {
     "configs": set(), "decompositions": set(), "errors": set(), "fingerprint": set(), "io": set(),
     "offline_notices": set(), "registry_table": {"errors"},
     "targets": set(),
-    "peft_bridge": {"fingerprint", "targets"},
+    "peft_bridge": {"fingerprint", "io", "targets"},  # io: the sorted adapter_config.json is rewritten atomically
     "layer": {"peft_bridge", "targets"},
     "core_layers": {"layer", "kernels"},
     "registry": {"peft_bridge", "configs", "errors", "registry_table"},  # errors is a leaf (docs/architecture.md)

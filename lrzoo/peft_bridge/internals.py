@@ -61,6 +61,7 @@ PEFT_SYMBOLS: dict[str, Optional[tuple[str, ...]]] = {
     "peft.peft_model:PeftModel.load_adapter": ("self", "model_id", "adapter_name"),
     "peft.peft_model:PeftModel.from_pretrained": ("model", "model_id"),
     "peft.config:PeftConfigMixin.from_json_file": ("path_json_file",),
+    "peft.config:PeftConfigMixin.save_pretrained": ("self", "save_directory"),
     "peft.utils.integrations:dequantize_module_weight": ("module",),
 }
 

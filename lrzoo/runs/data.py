@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ..errors import UserError
 from ..io import atomic_file
@@ -103,11 +103,46 @@ def data_plan(task_cfg: dict[str, Any]) -> DataPlan:
     return DataPlan(None, searched=searched, relative_files=relative)
 
 
-def data_record(plan: DataPlan) -> dict[str, Any]:
-    """``{path relative to the data folder: {"bytes", "sha256"}}`` of the plan's files that exist ({} for the Hub)."""
-    if plan.data_dir is None:
-        return {}
-    return fingerprint(plan.files, Path(os.path.expanduser(plan.data_dir)))
+#: the data folder as the presets spell it (``${oc.env:LRZOO_DATA_DIR,../shared/data}``): a file of the data folder
+#: other than the task's own is named in a run's identity by its place in the layout under this spelling
+#: (:func:`file_identity`), which is how every pre-training run spelled its tokenizer corpus before the path was
+#: normalised, so those runs keep their hash
+LAYOUT_ROOT = "../shared/data"
+
+
+def model_data_files(model_cfg: Any) -> list[str]:
+    """The local files the ``model`` node makes a run read besides the task's: ``model.tokenizer_corpus``."""
+    corpus = model_cfg.get("tokenizer_corpus") if isinstance(model_cfg, dict) else None
+    return [corpus] if isinstance(corpus, str) and corpus else []
+
+
+def file_identity(path: str, data_dir: Optional[str]) -> tuple[str, str]:
+    """``(record key, spelling)`` of a local file a run reads: a file inside the data folder ``data_dir`` is its
+    path relative to that folder, spelled ``LAYOUT_ROOT/<that path>``; any other file is its real path. Whatever
+    the spelling (relative, absolute, through a symbolic link, a trailing ``./``), one file gets one identity."""
+    here = os.path.abspath(os.path.expanduser(path))
+    real = os.path.realpath(here)
+    if data_dir is not None:
+        root = os.path.abspath(os.path.expanduser(data_dir))
+        # the spelling first (a link inside the folder stays inside it), then the folder a link leads to
+        for file, folder in ((here, root), (real, os.path.realpath(root))):
+            if os.path.commonpath([file, folder]) == folder and file != folder:
+                key = Path(os.path.relpath(file, folder)).as_posix()
+                return key, f"{LAYOUT_ROOT}/{key}"
+    return real, real
+
+
+def data_record(plan: DataPlan, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """``{path relative to the data folder: {"bytes", "sha256"}}`` of the plan's files that exist ({} for the Hub),
+    and of the ``extra`` files the run reads (:func:`model_data_files`) under their :func:`file_identity` key, so
+    an edited tokenizer corpus is another run too."""
+    record = {} if plan.data_dir is None else fingerprint(plan.files, Path(os.path.expanduser(plan.data_dir)))
+    for path in extra:
+        key, _ = file_identity(path, plan.data_dir)
+        if key not in record:  # the task's own file (the pre-training text) is recorded once, as before
+            file = Path(os.path.abspath(os.path.expanduser(path)))
+            record.update({key: entry for entry in fingerprint([file], file.parent).values()})
+    return record
 
 
 def check_recorded_data(run_dir: str, data: dict[str, Any], resuming: bool) -> None:

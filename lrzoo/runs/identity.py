@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .data import data_plan, data_record
+from .data import DataPlan, data_plan, data_record, file_identity, model_data_files
 
 #: keys that do not change what a run computes: excluded from the config hash, so a resumed
 #: run (which differs in them) still matches its checkpoint.
@@ -56,20 +56,31 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
 def hashed_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without the ``hydra`` node, :data:`HASH_EXCLUDED` and the options of
     :data:`HASH_DEFAULTS` at their default, plus ``data``: the size and SHA-256 of every local data file the
-    run reads (:mod:`lrzoo.runs.data`), so an edited file makes another run. What the run computes from
+    run reads (:mod:`lrzoo.runs.data`: the task's files and ``model.tokenizer_corpus``), so an edited file makes
+    another run. Paths are the files, not their spelling: ``task.data_dir`` its real path, the corpus
+    :func:`lrzoo.runs.data.file_identity` (``../shared/data/<its place in the layout>`` inside the data folder,
+    the spelling the runs made before it was normalised have). What the run computes from
     (also saved in ``results.json`` as ``config``, which ``lrzoo-report`` groups runs by)."""
     data = plain_config(cfg)
-    task = data.get("task")
+    task, model = data.get("task"), data.get("model")
+    extra = model_data_files(model)
+    plan = _data_plan_or_none(task) if isinstance(task, dict) else None
+    data_dir = plan.data_dir if plan is not None else None
     if isinstance(task, dict):
-        plan = _data_plan_or_none(task)
-        if plan is not None and plan.data_dir is not None:
+        if data_dir is not None:
             # the folder, not its spelling: ``../shared/data`` and LRZOO_DATA_DIR=/abs/shared/data are the same
             # data, and a sweep resumed under the other spelling must still find its finished runs; a null
             # data_dir read offline from a local copy is that copy
-            task["data_dir"] = os.path.realpath(os.path.expanduser(plan.data_dir))
-            data["data"] = data_record(plan)
+            task["data_dir"] = os.path.realpath(os.path.expanduser(data_dir))
+            data["data"] = data_record(plan, extra)
         elif isinstance(task.get("data_dir"), str):
             task["data_dir"] = os.path.realpath(os.path.expanduser(task["data_dir"]))
+    if extra:
+        # the file, not its spelling (the corpus of experiment=pretrain_cpu interpolates task.data_dir), and its
+        # bytes: an edited corpus trains another tokenizer, so it is another run
+        model["tokenizer_corpus"] = file_identity(extra[0], data_dir)[1]
+        if data_dir is None and (record := data_record(DataPlan(None), extra)):
+            data["data"] = record
     for dotted in HASH_EXCLUDED:
         pop_dotted(data, dotted)
     for dotted, default in HASH_DEFAULTS.items():

@@ -19,7 +19,8 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError, input_phase, message
-from ..runs.data import check_checkpoint_data, check_recorded_data, check_task_sets, data_plan, data_record
+from ..runs.data import (check_checkpoint_data, check_recorded_data, check_task_sets, data_plan, data_record,
+                         model_data_files)
 from ..runs.files import DATA_RECORD, HELDOUT_PREFIX, LOCK_NAME
 from ..runs.identity import config_hash, drop_ignored_adapter_options, hashed_config, plain_config
 
@@ -146,7 +147,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
             if is_main:
                 print(f"[lrzoo] {run_dir} already finished with this configuration; resume=never re-runs it")
             return previous
-    fingerprint = data_record(plan)
+    fingerprint = data_record(plan, model_data_files(model_cfg))  # the tokenizer corpus is data the run reads too
     if is_main:  # the data this run started on: resuming on edited files is refused with the file that changed
         check_recorded_data(run_dir, fingerprint, resuming=resume == "auto" and _has_checkpoint(run_dir))
     if resume not in ("auto", "never"):

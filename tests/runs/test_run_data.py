@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from lrzoo.runs import data as run_data
-from lrzoo.runs.data import check_task_sets, data_plan
+from lrzoo.runs.data import check_task_sets, data_plan, data_record
 from lrzoo.cli.train import run_recipe
-from lrzoo.runs.identity import config_hash, hashed_config
+from lrzoo.runs.identity import config_hash, digest, hashed_config, run_hash
 from lrzoo.errors import UserError
 from lrzoo.tasks import get_task
 from lrzoo.tasks import data_identity
@@ -113,6 +113,83 @@ def test_file_hashes_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     data_identity._memo.clear()
     monkeypatch.setattr(data_identity, "_sha256", lambda path: pytest.fail("hashed again"))
     assert data_identity.fingerprint([train], data) == first
+
+
+# ---- the tokenizer corpus is the file, not its spelling, and its bytes (model.tokenizer_corpus) ----
+
+def write_wikitext(root: Path) -> Path:
+    (root / "wikitext-2").mkdir(parents=True)
+    for name in ("valid.txt", "test.txt"):
+        (root / "wikitext-2" / name).write_text(f" = {name} =\n the old city by the river\n")
+    return root
+
+
+def pretrain(*extra: str) -> list[str]:
+    return ["experiment=pretrain_cpu", "adapter=full_finetune", *extra]
+
+
+def test_one_tokenizer_corpus_spelled_several_ways_is_one_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LRZOO_DATA_DIR", raising=False)
+    data = write_wikitext(tmp_path / "data")
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    corpus = data / "wikitext-2" / "valid.txt"
+    # the preset's corpus interpolates task.data_dir: each spelling of the folder was another run
+    spellings = [pretrain("task.data_dir=data"), pretrain(f"task.data_dir={data}/"), pretrain("task.data_dir=link"),
+                 pretrain("task.data_dir=./data/../data"),
+                 pretrain(f"task.data_dir={data}", f"model.tokenizer_corpus={corpus}"),
+                 pretrain("task.data_dir=data", "model.tokenizer_corpus=link/wikitext-2/./valid.txt")]
+    monkeypatch.setenv("LRZOO_DATA_DIR", str(data))
+    spellings.append(pretrain())  # ${oc.env:LRZOO_DATA_DIR,../shared/data}
+    configs = [compose(overrides) for overrides in spellings]
+    assert len({c.model.tokenizer_corpus for c in configs}) > 1
+    assert len({run_hash(c) for c in configs}) == 1 and len({config_hash(c) for c in configs}) == 1
+    assert hashed_config(configs[0])["model"]["tokenizer_corpus"] == "../shared/data/wikitext-2/valid.txt"
+    # a corpus outside the data folder: its real path, however it is spelled
+    (tmp_path / "corpus.txt").write_text("some other text\n")
+    (tmp_path / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    outside = [compose(pretrain("task.data_dir=data", f"model.tokenizer_corpus={spelt}"))
+               for spelt in ("corpus.txt", tmp_path / "corpus.txt", "elsewhere/./corpus.txt")]
+    assert len({run_hash(c) for c in outside}) == 1 and run_hash(outside[0]) != run_hash(configs[0])
+    assert hashed_config(outside[0])["model"]["tokenizer_corpus"] == os.path.realpath(tmp_path / "corpus.txt")
+
+
+@pytest.mark.parametrize("where", ["data/wikitext-2/other.txt", "corpus.txt"])
+def test_an_edited_tokenizer_corpus_is_a_new_run(tmp_path, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    data = write_wikitext(tmp_path / "data")
+    corpus = tmp_path / where
+    corpus.write_text("the old city by the river\n")
+    overrides = pretrain(f"task.data_dir={data}", f"model.tokenizer_corpus={where}")
+    before, first = hashed_config(compose(overrides)), run_hash(compose(overrides))
+    corpus.write_text("the new city by the sea\n")
+    after = hashed_config(compose(overrides))
+    assert run_hash(compose(overrides)) != first  # not "already finished" with the old tokenizer
+    key = "wikitext-2/other.txt" if where.startswith("data/") else os.path.realpath(corpus)
+    assert after["data"][key] == {"bytes": corpus.stat().st_size, "sha256": data_identity._sha256(str(corpus))}
+    assert after["data"][key]["sha256"] != before["data"][key]["sha256"]
+    # the record a run directory keeps (data.json: resuming on other data is refused) holds it too
+    assert data_record(data_plan(compose(overrides).task), [where]) == after["data"]
+
+
+def test_the_presets_corpus_hashes_as_the_runs_made_before_its_normalisation(tmp_path, monkeypatch):
+    # the finished pre-training runs were started from a checkout beside shared/data, LRZOO_DATA_DIR unset
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    write_wikitext(tmp_path / "shared" / "data")
+    monkeypatch.chdir(checkout)
+    monkeypatch.delenv("LRZOO_DATA_DIR", raising=False)
+    cfg = compose(pretrain())
+    assert cfg.model.tokenizer_corpus == "../shared/data/wikitext-2/valid.txt"
+    # what they hashed: the corpus as the preset resolves it, and no data file but the task's two (the corpus is
+    # the task's training text)
+    unnormalised = compose(pretrain("model.tokenizer_corpus=null"))
+    expected = hashed_config(unnormalised)
+    assert sorted(expected["data"]) == ["wikitext-2/test.txt", "wikitext-2/valid.txt"]
+    expected["model"]["tokenizer_corpus"] = cfg.model.tokenizer_corpus
+    assert hashed_config(cfg) == expected
+    expected.pop("seed")
+    assert run_hash(cfg) == digest(expected)[:8]
 
 
 # ---- a null data_dir offline reads the local copy, or says where it looked (issue 26 item 2) ----
