@@ -48,7 +48,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from . import heads
+from . import builtin_models, heads
 from .io import atomic_directory
 from .registry_table import Table
 
@@ -336,6 +336,8 @@ BUILTIN_MODELS: Table[tuple[Optional[Callable[[], Path]], str]] = Table("built-i
     "tiny_llama": (None, "decoder"),
     SCRATCH_LLAMA: (None, "decoder"),
 })
+if set(BUILTIN_MODELS) != builtin_models.NAMES:  # the run hash tells built-ins from directories by that list
+    raise RuntimeError(f"lrzoo.builtin_models.NAMES must list the built-in models: {', '.join(BUILTIN_MODELS)}")
 
 
 def load_model(

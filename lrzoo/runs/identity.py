@@ -21,6 +21,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from .data import DataPlan, data_plan, data_record, file_identity, model_data_files
+from .model_source import local_model_dir, model_record
 
 #: keys that do not change what a run computes: excluded from the config hash, so a resumed
 #: run (which differs in them) still matches its checkpoint.
@@ -56,8 +57,9 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
 def hashed_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without the ``hydra`` node, :data:`HASH_EXCLUDED` and the options of
     :data:`HASH_DEFAULTS` at their default, plus ``data``: the size and SHA-256 of every local data file the
-    run reads (:mod:`lrzoo.runs.data`: the task's files and ``model.tokenizer_corpus``), so an edited file makes
-    another run. Paths are the files, not their spelling: ``task.data_dir`` its real path, the corpus
+    run reads (:mod:`lrzoo.runs.data`: the task's files and ``model.tokenizer_corpus``; the files of a local
+    ``model.source`` directory, :mod:`lrzoo.runs.model_source`), so an edited file makes another run. Paths are
+    the files, not their spelling: ``task.data_dir`` and a local ``model.source`` their real path, the corpus
     :func:`lrzoo.runs.data.file_identity` (``../shared/data/<its place in the layout>`` inside the data folder,
     the spelling the runs made before it was normalised have). What the run computes from
     (also saved in ``results.json`` as ``config``, which ``lrzoo-report`` groups runs by)."""
@@ -81,6 +83,11 @@ def hashed_config(cfg: DictConfig) -> dict[str, Any]:
         model["tokenizer_corpus"] = file_identity(extra[0], data_dir)[1]
         if data_dir is None and (record := data_record(DataPlan(None), extra)):
             data["data"] = record
+    if (directory := local_model_dir(model.get("source") if isinstance(model, dict) else None)) is not None:
+        # a local model directory as its real path and its bytes (lrzoo.runs.model_source): another spelling finds
+        # the run, weights re-saved in place are another run. Built-ins and hub ids stay as spelled.
+        model["source"] = directory
+        data.setdefault("data", {}).update(model_record(model))
     for dotted in HASH_EXCLUDED:
         pop_dotted(data, dotted)
     for dotted, default in HASH_DEFAULTS.items():

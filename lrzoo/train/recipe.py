@@ -23,6 +23,7 @@ from ..runs.data import (check_checkpoint_data, check_recorded_data, check_task_
                          model_data_files)
 from ..runs.files import DATA_RECORD, HELDOUT_PREFIX, LOCK_NAME
 from ..runs.identity import config_hash, drop_ignored_adapter_options, hashed_config, plain_config
+from ..runs.model_source import model_record
 
 #: the held-out slice's permutation seed: fixed, independent of the run's ``seed``
 HELDOUT_SEED = 1234
@@ -147,7 +148,8 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
             if is_main:
                 print(f"[lrzoo] {run_dir} already finished with this configuration; resume=never re-runs it")
             return previous
-    fingerprint = data_record(plan, model_data_files(model_cfg))  # the tokenizer corpus is data the run reads too
+    # the tokenizer corpus and a local model directory's files are data the run reads too
+    fingerprint = {**data_record(plan, model_data_files(model_cfg)), **model_record(model_cfg)}
     if is_main:  # the data this run started on: resuming on edited files is refused with the file that changed
         check_recorded_data(run_dir, fingerprint, resuming=resume == "auto" and _has_checkpoint(run_dir))
     if resume not in ("auto", "never"):
