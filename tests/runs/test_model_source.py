@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrzoo import builtin_models
 from lrzoo.cli.train import run_recipe
 from lrzoo.errors import UserError
 from lrzoo.models import BUILTIN_MODELS, load_model
@@ -86,7 +85,7 @@ def test_a_presets_source_hashes_as_before_even_beside_a_directory_of_that_name(
         assert cfg.model.source in BUILTIN_MODELS
     # what the run hashed without the feature: the source as spelled, no model file among the data
     with monkeypatch.context() as without:
-        without.setattr(identity, "local_model_dir", lambda source: None)
+        without.setattr(identity, "local_model_dir", lambda source: None, raising=False)  # (absent before it)
         expected, expected_hash = hashed_config(cfg), run_hash(cfg)
     if preset == "roberta_base":  # a hub id that is a directory here is loaded from it: the directory's bytes
         assert run_hash(cfg) != expected_hash
@@ -100,4 +99,6 @@ def test_a_presets_source_hashes_as_before_even_beside_a_directory_of_that_name(
 
 
 def test_the_torch_free_list_of_built_ins_is_the_loaders():
+    from lrzoo import builtin_models
+
     assert builtin_models.NAMES == set(BUILTIN_MODELS)
