@@ -15,10 +15,10 @@ Why SHA-256 of everything and not a cheaper stamp: mtime changes when a director
 another run) and stays put under ``touch -r``; safetensors headers name shapes and dtypes, not values, so
 fine-tuned weights re-saved over the old ones would look the same. The cost is paid once per file version: the
 digests are cached by path, size, mtime, ctime and inode (:func:`lrzoo.tasks.data_identity.fingerprint`), so
-only the first run after a model is written reads it (about 1 s per GB on one core). Every file counts
-(tokenizer files, ``1_Pooling/config.json``, ``generation_config.json`` change what a run computes too), except
-hidden entries (``.git``, ``.cache`` of ``hf download --local-dir``) and Markdown model cards, which no loader
-reads.
+only the first run after a model is written reads it (SHA-256 ran at ~700 MB/s on one busy core here: ~1.5 s a
+GB, ~25 s for an 8B model in bf16). Every file counts (tokenizer files, ``1_Pooling/config.json`` and
+``generation_config.json`` change what a run computes too) but hidden entries (``.git``, the ``.cache`` of
+``hf download --local-dir``) and Markdown model cards, which no loader reads.
 """
 
 from __future__ import annotations
