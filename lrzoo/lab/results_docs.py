@@ -59,8 +59,8 @@ class Section:
 SECTIONS = (
     Section("tuned-glue", "runs/glue-tuned", "recipes/sweeps/glue_tuned_issue28.yaml", "results_glue_tuned.png",
             "Tuned GLUE",
-            "`lrzoo-sweep recipes/sweeps/glue_tuned_issue28.yaml`: MiniLM-L6 pooled by mean, STS-B and MRPC read as a "
-            "bi-encoder (the cosine, no head to tune), r = 8 on query/value, 200 steps, lr chosen on 400 held-out "
+            "`lrzoo-sweep recipes/sweeps/glue_tuned_issue28.yaml`: MiniLM-L6 pooled by mean (SST-2 classified from the "
+            "pooled embedding), STS-B and MRPC read as a bi-encoder (the cosine, no head to tune), r = 8 on query/value, 200 steps, lr chosen on 400 held-out "
             "training rows, 3 seeds, dev ×100 with 95% bootstrap intervals and the verdict against the column's best; "
             "[results.md](../results.md#the-method-comparison-glue-on-minilm-l6-issue-28)", True),
     Section("mrpc-cosent", "runs/mrpc-cosent", "recipes/sweeps/probes/mrpc_cosent.yaml", "results_mrpc_cosent.png",
