@@ -65,8 +65,11 @@ _PRECISION_COMPUTE_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float
 
 
 def cache_dir() -> Path:
-    """Where converted models are cached (``$LRZOO_CACHE``, default ``~/.cache/lrzoo``)."""
-    return Path(os.environ.get("LRZOO_CACHE", Path.home() / ".cache" / "lrzoo"))
+    """Where converted models are cached: :func:`lrzoo.cache.cache_root` (``$LRZOO_CACHE``, default
+    ``$XDG_CACHE_HOME/lrzoo`` or ``~/.cache/lrzoo``)."""
+    from .cache import cache_root
+
+    return cache_root()
 
 
 def _wheel_dir(package: str, install_hint: str) -> Path:

@@ -24,12 +24,12 @@ PACKAGE = REPO / "lrzoo"
 #: The experiment wing: runs/ (a run's identity and files) sits under the trainer, which writes runs through it;
 #: compose (a run's config from a command line, checked by the trainer's schema) above the trainer; the lab (plans,
 #: sweeps, reports) and bench/ above both; cli/ (thin entry points) on top. Imports inside functions count.
-LEAVES = {"builtin_models", "configs", "decompositions", "errors", "fingerprint", "io", "offline_notices",
+LEAVES = {"builtin_models", "cache", "configs", "decompositions", "errors", "fingerprint", "io", "offline_notices",
           "registry_table", "targets"}
 ALLOWED = {
-    "kernels": {"io", "registry_table"},  # the kernel verdict cache is written atomically (kernels/verify.py)
-    "tasks": {"io", "errors", "registry_table"},
-    "builtin_models": set(), "configs": set(), "decompositions": set(), "errors": set(), "fingerprint": set(),
+    "kernels": {"cache", "io", "registry_table"},  # the kernel verdict cache is written atomically (kernels/verify.py)
+    "tasks": {"cache", "io", "errors", "registry_table"},
+    "builtin_models": set(), "cache": set(), "configs": set(), "decompositions": set(), "errors": set(), "fingerprint": set(),
     "io": set(),
     "offline_notices": set(), "registry_table": {"errors"},
     "targets": set(),

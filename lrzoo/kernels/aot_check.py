@@ -213,7 +213,10 @@ def uncovered(sources: dict[str, str], launched: set) -> list[str]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LRZOO_AOT_CACHE") or Path.home() / ".cache" / "lrzoo" / "aot")
+    from ..cache import cache_root
+
+    explicit = os.environ.get("LRZOO_AOT_CACHE", "").strip()
+    return Path(explicit).expanduser() if explicit else cache_root() / "aot"
 
 
 _PTXAS = {

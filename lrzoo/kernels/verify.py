@@ -75,8 +75,9 @@ def cache_path() -> Path:
     explicit = os.environ.get(CACHE_ENV, "").strip()
     if explicit:
         return Path(explicit).expanduser()
-    root = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "lrzoo" / "kernel-verdicts.json"
+    from ..cache import cache_root
+
+    return cache_root() / "kernel-verdicts.json"
 
 
 @functools.lru_cache(maxsize=None)

@@ -50,9 +50,10 @@ def local_data_dirs() -> list[tuple[str, Path]]:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("LRZOO_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lrzoo")
-    return Path(root) / CACHE_FILE
+    from ..cache import cache_root
+
+    explicit = os.environ.get("LRZOO_CACHE_DIR", "").strip()  # the older name of this one cache's folder
+    return (Path(explicit).expanduser() if explicit else cache_root()) / CACHE_FILE
 
 
 def fingerprint(paths: list[Path], root: Path) -> dict[str, dict[str, object]]:
