@@ -140,17 +140,22 @@ def _head_names(model: nn.Module) -> set[str]:
         or set(record_of(model).head_modules)
 
 
+def _head_tensors(model: nn.Module, every_name: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the task head's tensors, trainable or not. ``every_name``: a tensor under each of its
+    names (``named_parameters(remove_duplicate=False)``), so an output layer tied to the input embeddings is found
+    under the head's name too; else under its first name only."""
+    head_names = _head_names(model)
+    return [(name, param) for name, param in model.named_parameters(remove_duplicate=not every_name)
+            if any(name.startswith(head + ".") for head in head_names)]
+
+
 def head_parameter_ids(model: nn.Module) -> set[int]:
     """The ids of the trainable parameters of the task head: the ``modules_to_save`` copies, or the
     modules a baseline (:mod:`lrzoo.train.baselines`) records as :attr:`TrainingRecord.head_modules`.
 
     A parameter counts under its first name only (``named_parameters`` drops repeats): an output layer tied to the
     input embedding is not the head here: a ``head_lr`` that reaches it only so is refused (:func:`checked_rates`)."""
-    head_names = _head_names(model)
-    return {
-        id(param) for name, param in model.named_parameters()
-        if param.requires_grad and any(name.startswith(head + ".") for head in head_names)
-    }
+    return {id(param) for _, param in _head_tensors(model) if param.requires_grad}
 
 
 @dataclass(frozen=True)
@@ -208,9 +213,7 @@ def checked_rates(model: nn.Module, lr: float, head_lr: Optional[float] = None,
         embeddings = found
         if head_lr is not None and head_lr != embedding_lr:
             # a tied output layer is the embedding under a second name: compare every name of the head's tensors
-            head_names = _head_names(model)
-            shared = [name for name, param in model.named_parameters(remove_duplicate=False)
-                      if id(param) in embeddings and any(name.startswith(h + ".") for h in head_names)]
+            shared = [name for name, param in _head_tensors(model, every_name=True) if id(param) in embeddings]
             if shared:
                 raise ValueError(f"head_lr={head_lr:g} and embedding_lr={embedding_lr:g} both apply to {shared[0]}, "
                                  "an input embedding that is also the task head (tied to the output layer, or a "
@@ -237,9 +240,7 @@ def refuse_unreached_head(model: nn.Module, head_lr: float, embedding_lr: Option
 
     Accepted only where the head's tensors are all the input embeddings (tied) and ``embedding_lr`` equals
     ``head_lr``: the shared matrix then trains at the rate asked for."""
-    head_names = _head_names(model)
-    tensors = [(name, param) for name, param in model.named_parameters(remove_duplicate=False)
-               if any(name.startswith(h + ".") for h in head_names)]
+    tensors = _head_tensors(model, every_name=True)
     trained = [(name, param) for name, param in tensors if param.requires_grad]
     drop = "or set head_lr=None (trainer.head_lr=null)."
     if trained and all(id(param) in embeddings for _, param in trained) and embedding_lr == head_lr:
