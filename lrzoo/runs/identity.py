@@ -44,6 +44,13 @@ HASH_DEFAULTS = {"eval.mode": "generate", "eval.choices": "label", "eval.forgett
                   "trainer.embedding_lr": None}
 
 
+def run_files_record(plan: Optional[DataPlan], model_cfg: Any) -> dict[str, Any]:
+    """``{file: {"bytes", "sha256"}}`` of every local file a run reads: the task's data (``plan``; ``None``: no local
+    data), ``model.tokenizer_corpus`` and a local ``model.source`` directory's files. The run hash digests it and
+    ``data.json`` records it, so the two cannot disagree on what the run read."""
+    return {**data_record(plan or DataPlan(None), model_data_files(model_cfg)), **model_record(model_cfg)}
+
+
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain containers, without the ``hydra`` node (dropped before resolving: it has
     values Hydra fills in only inside a job)."""
@@ -65,29 +72,28 @@ def hashed_config(cfg: DictConfig) -> dict[str, Any]:
     (also saved in ``results.json`` as ``config``, which ``lrzoo-report`` groups runs by)."""
     data = plain_config(cfg)
     task, model = data.get("task"), data.get("model")
-    extra = model_data_files(model)
     plan = _data_plan_or_none(task) if isinstance(task, dict) else None
     data_dir = plan.data_dir if plan is not None else None
+    # the bytes of every file the run reads (task data, tokenizer corpus, a local model's files): an edited one is
+    # another run; a run with a local data folder records its files even when none exists yet
+    record = run_files_record(plan, model)
+    if data_dir is not None or record:
+        data["data"] = record
     if isinstance(task, dict):
         if data_dir is not None:
             # the folder, not its spelling: ``../shared/data`` and LRZOO_DATA_DIR=/abs/shared/data are the same
             # data, and a sweep resumed under the other spelling must still find its finished runs; a null
             # data_dir read offline from a local copy is that copy
             task["data_dir"] = os.path.realpath(os.path.expanduser(data_dir))
-            data["data"] = data_record(plan, extra)
         elif isinstance(task.get("data_dir"), str):
             task["data_dir"] = os.path.realpath(os.path.expanduser(task["data_dir"]))
-    if extra:
-        # the file, not its spelling (the corpus of experiment=pretrain_cpu interpolates task.data_dir), and its
-        # bytes: an edited corpus trains another tokenizer, so it is another run
+    if extra := model_data_files(model):
+        # the file, not its spelling (the corpus of experiment=pretrain_cpu interpolates task.data_dir)
         model["tokenizer_corpus"] = file_identity(extra[0], data_dir)[1]
-        if data_dir is None and (record := data_record(DataPlan(None), extra)):
-            data["data"] = record
     if (directory := local_model_dir(model.get("source") if isinstance(model, dict) else None)) is not None:
-        # a local model directory as its real path and its bytes (lrzoo.runs.model_source): another spelling finds
-        # the run, weights re-saved in place are another run. Built-ins and hub ids stay as spelled.
+        # a local model directory as its real path (lrzoo.runs.model_source): another spelling finds the run.
+        # Built-ins and hub ids stay as spelled.
         model["source"] = directory
-        data.setdefault("data", {}).update(model_record(model))
     for dotted in HASH_EXCLUDED:
         pop_dotted(data, dotted)
     for dotted, default in HASH_DEFAULTS.items():

@@ -19,11 +19,9 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError, input_phase, message
-from ..runs.data import (check_checkpoint_data, check_recorded_data, check_task_sets, data_plan, data_record,
-                         model_data_files)
+from ..runs.data import check_checkpoint_data, check_recorded_data, check_task_sets, data_plan
 from ..runs.files import DATA_RECORD, HELDOUT_PREFIX, LOCK_NAME
-from ..runs.identity import config_hash, drop_ignored_adapter_options, hashed_config, plain_config
-from ..runs.model_source import model_record
+from ..runs.identity import config_hash, drop_ignored_adapter_options, hashed_config, plain_config, run_files_record
 
 #: the held-out slice's permutation seed: fixed, independent of the run's ``seed``
 HELDOUT_SEED = 1234
@@ -149,7 +147,7 @@ def _prepare(cfg: DictConfig, run_dir: str, is_main: bool) -> Any:
                 print(f"[lrzoo] {run_dir} already finished with this configuration; resume=never re-runs it")
             return previous
     # the tokenizer corpus and a local model directory's files are data the run reads too
-    fingerprint = {**data_record(plan, model_data_files(model_cfg)), **model_record(model_cfg)}
+    fingerprint = run_files_record(plan, model_cfg)
     if is_main:  # the data this run started on: resuming on edited files is refused with the file that changed
         check_recorded_data(run_dir, fingerprint, resuming=resume == "auto" and _has_checkpoint(run_dir))
     if resume not in ("auto", "never"):
